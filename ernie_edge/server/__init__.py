@@ -1,0 +1,1 @@
+"""The localhost OpenAI-compatible HTTP API over the engine."""

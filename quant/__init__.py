@@ -1,0 +1,1 @@
+"""ernie_edge.quant: the offline converter and THE on-disk quantization format (formats.py)."""
