@@ -1,0 +1,88 @@
+"""Every numba option of ernie-edge in one place (the stumpy habit).
+
+Import this module before any kernel: it fixes the on-disk cache directory, the threading layer
+and the OpenMP wait policy, which must be chosen before numba starts its thread pool.
+
+- `JIT` / `PARALLEL`: the options every `@njit` in kernels/ uses. fastmath keeps `reassoc` and
+  `contract` (needed to vectorise reductions and to fuse multiply-adds) but not `nnan` / `ninf`,
+  because the attention softmax relies on -inf and exp(-inf) = 0.
+- Cache: `cache=True`; compiled kernels go to $NUMBA_CACHE_DIR, by default
+  `<platformdirs user cache>/ernie-edge/numba` (site-packages may be read-only).
+- Threads: GNU OpenMP with OMP_WAIT_POLICY=PASSIVE. With the default spin policy an OpenMP worker
+  spins between regions; when another process uses the other core the spinning worker is
+  descheduled and every parallel region can stall for milliseconds (TOOLCHAIN.md "Thread stalls").
+  Passive waiting costs ~10-20 µs per region instead; kernels are written with few, coarse
+  parallel regions (one per projection or expert group). Both can be overridden from the
+  environment (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY) before ernie_edge is imported.
+- Integer SIMD path: `SIMD` is "avx2" when the host CPU has AVX2 (x86-64 since 2013): int4/int8
+  dot products run on vpmaddubsw/vpmaddwd through llvmlite intrinsics (kernels/simd.py). Elsewhere
+  (ARM, old x86) it is "generic": the same integer arithmetic in plain numba loops. Override with
+  ERNIE_EDGE_SIMD=generic to test or benchmark the portable path on an AVX2 machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import platformdirs
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(platformdirs.user_cache_dir("ernie-edge"), "numba"))
+
+import llvmlite.binding as _llvm  # noqa: E402
+import numba  # noqa: E402
+
+# numba reads these at import; if numba was imported before us, set them on its config directly.
+numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "omp"
+
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+JIT = dict(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False)
+PARALLEL = dict(JIT, parallel=True)
+
+# Activations are quantized to int8 in blocks of this many values (llama.cpp Q8_0 style).
+ACT_BLOCK = 32
+
+
+def _host_has_avx2() -> bool:
+    features = _llvm.get_host_cpu_features()
+    return bool(features.get("avx2", False)) and bool(features.get("fma", False))
+
+
+def _choose_simd() -> str:
+    wanted = os.environ.get("ERNIE_EDGE_SIMD", "").strip().lower()
+    if wanted in ("generic", "avx2"):
+        if wanted == "avx2" and not _host_has_avx2():
+            return "generic"
+        return wanted
+    return "avx2" if _host_has_avx2() else "generic"
+
+
+SIMD = _choose_simd()
+
+
+def njit(**extra):
+    """`numba.njit` with the project's options (`JIT`), plus any `extra` (e.g. parallel=True)."""
+    return numba.njit(**dict(JIT, **extra))
+
+
+def pnjit(**extra):
+    """`numba.njit` with the project's parallel options (`PARALLEL`)."""
+    return numba.njit(**dict(PARALLEL, **extra))
+
+
+def max_threads() -> int:
+    """The number of threads numba started with (NUMBA_NUM_THREADS, default: CPU count)."""
+    return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def set_threads(n: int) -> int:
+    """Use `n` threads in the parallel kernels (clipped to 1..max_threads()); returns the value set."""
+    n = max(1, min(int(n), max_threads()))
+    numba.set_num_threads(n)
+    return n
+
+
+def get_threads() -> int:
+    return int(numba.get_num_threads())

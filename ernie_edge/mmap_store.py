@@ -1,0 +1,203 @@
+"""The only place that knows about mmap: open safetensors files, validate every header, and hand
+out read-only numpy views of the tensors (zero copy).
+
+Every byte is treated as hostile (RELIABILITY.md A1-A5): the header length, the JSON, each name,
+dtype, shape and offset are checked with Python integers (no overflow) before a single tensor
+byte is touched, and the tensors must tile the data section exactly (no holes, no overlaps, no
+trailing bytes), as the safetensors spec requires.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_NAME_CHARS = 1024
+
+# safetensors dtype -> numpy dtype of the raw view. BF16 is exposed as its raw uint16 bits.
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"), "U32": np.dtype("<u4"), "U16": np.dtype("<u2"), "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def _printable(name: str) -> str:
+    """Names go into error messages: escape control characters (no log injection)."""
+    return name.encode("unicode_escape", "backslashreplace").decode("ascii")[:200]
+
+
+def read_header(path: Path, file_size: int, fobj) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+    """Parse and validate the header of an open safetensors file.
+
+    Returns (tensors by name, __metadata__, start of the data section)."""
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a valid safetensors file: {why}")
+
+    if file_size < 8:
+        raise bad(f"file is {file_size} bytes, shorter than the 8-byte header length")
+    n = int.from_bytes(fobj.read(8), "little")
+    if n < 2:
+        raise bad(f"header length {n} is too small")
+    if n > MAX_HEADER_BYTES:
+        raise bad(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit "
+                  "(is this a pickle or another format renamed .safetensors?)")
+    if 8 + n > file_size:
+        raise bad(f"header length {n} runs past the end of the file ({file_size} bytes): truncated?")
+    raw = fobj.read(n)
+    if raw[:1] != b"{":
+        raise bad("header does not start with '{'")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise bad(f"duplicate key {_printable(k)!r} in header")
+            seen[k] = v
+        return seen
+
+    try:
+        header = json.loads(text.rstrip(" "), object_pairs_hook=no_duplicates)
+    except json.JSONDecodeError as e:
+        raise bad(f"header is not valid JSON: {e.msg} at char {e.pos}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise bad("__metadata__ must map strings to strings")
+
+    data_start = 8 + n
+    data_size = file_size - data_start
+    tensors = {name: _tensor_info(name, entry, data_start, bad) for name, entry in header.items()}
+
+    # The tensors must tile [0, data_size) exactly: sorted by offset, each starts where the last ended.
+    pos = data_start
+    for t in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+        if t.offset != pos:
+            why = "overlaps the previous tensor" if t.offset < pos else f"leaves a hole of {t.offset - pos} bytes"
+            raise bad(f"tensor {_printable(t.name)!r} at data offset {t.offset - data_start} {why}")
+        pos += t.nbytes
+    if pos != file_size:
+        if pos > file_size:
+            raise bad(f"tensors need {pos - data_start} data bytes but the file has {data_size}: truncated?")
+        raise bad(f"{file_size - pos} unexpected trailing bytes after the last tensor")
+    return tensors, metadata, data_start
+
+
+def _tensor_info(name, entry, data_start: int, bad) -> TensorInfo:
+    if not name or len(name) > MAX_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise bad(f"invalid tensor name {_printable(name)!r} (empty, too long, or control characters)")
+    where = f"tensor {name!r}"
+    if not isinstance(entry, dict):
+        raise bad(f"{where}: entry is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise bad(f"{where}: unknown dtype {str(dtype)[:20]!r}")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise bad(f"{where}: shape must be a list of at most 8 non-negative integers, got {str(shape)[:80]}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+        raise bad(f"{where}: data_offsets must be [begin, end] integers")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise bad(f"{where}: data_offsets [{begin}, {end}] are out of order or negative")
+    count = 1
+    for d in shape:  # Python ints: no overflow however large the claimed shape
+        count *= d
+    nbytes = count * DTYPES[dtype].itemsize
+    if nbytes != end - begin:
+        raise bad(f"{where}: shape {shape} x {dtype} is {nbytes} bytes but data_offsets span {end - begin}")
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, nbytes)
+
+
+class SafetensorsFile:
+    """A validated, read-only memory map of one safetensors file."""
+
+    def __init__(self, path: str | Path, alignment: int = 1):
+        self.path = Path(path)
+        try:
+            fobj = open(self.path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open: {e.strerror}") from None
+        with fobj:
+            size = os.fstat(fobj.fileno()).st_size
+            self.tensors, self.metadata, self.data_start = read_header(self.path, size, fobj)
+            for t in self.tensors.values():
+                if t.offset % alignment:
+                    raise CheckpointError(f"{self.path}: tensor {t.name!r} starts at byte {t.offset}, "
+                                          f"not a multiple of {alignment}; the file was not written by "
+                                          "ernie-edge convert (re-run the conversion)")
+            self.file_size = size
+            # mmap of a 0-byte data section is not allowed; such a file has no tensor bytes to view.
+            self._map = mmap.mmap(fobj.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def view(self, name: str) -> np.ndarray:
+        """A read-only numpy view of the tensor's bytes (BF16 comes back as uint16 bits)."""
+        t = self.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}")
+        dtype = DTYPES[t.dtype]
+        count = t.nbytes // dtype.itemsize
+        if count == 0:
+            return np.zeros(t.shape, dtype)
+        arr = np.frombuffer(self._map, dtype=dtype, count=count, offset=t.offset)
+        return arr.reshape(t.shape)
+
+    def advise(self, name: str, advice: int) -> None:
+        """madvise() the pages of one tensor (e.g. mmap.MADV_WILLNEED before it is read)."""
+        t = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = (t.offset // page) * page
+        if self._map is not None and t.nbytes and hasattr(self._map, "madvise"):
+            self._map.madvise(advice, start, t.offset + t.nbytes - start)
+
+    def close(self) -> None:
+        # Views may still reference the map; dropping our handle lets it close when they go.
+        self._map = None
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Widen raw bfloat16 bits (uint16) to float32 exactly: the bf16 bits are the high half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Any floating safetensors tensor as float32 (a new array; the view stays read-only)."""
+    if dtype == "BF16":
+        return bf16_to_f32(arr)
+    if dtype in ("F32", "F16", "F64"):
+        return arr.astype(np.float32)
+    raise CheckpointError(f"dtype {dtype} is not a floating-point weight type")

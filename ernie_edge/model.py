@@ -1,0 +1,102 @@
+"""`Model`: the public face of a loaded ERNIE model, whatever its storage or backend.
+
+    model = ernie_edge.load(path)
+    model.logits(ids)                      # [T, V] float32, full prefill from position 0, no state
+    cache = model.new_cache()
+    last = model.prefill(prompt_ids, cache)  # [V] logits after the prompt
+    nxt = model.decode(token_id, cache)      # [V] logits after one more token
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .config import ErnieConfig
+from .errors import ContextLengthError, ErnieEdgeError
+from .model_dir import ModelLocation, resolve
+from .reference import ReferenceModel, RoutingTrace
+
+
+class Model:
+    """A loaded model. Not thread-safe: one generation at a time per cache (the engine serialises)."""
+
+    def __init__(self, location: ModelLocation, weights, *, use_correction_bias: bool = True):
+        self.location = location
+        self.path = location.path
+        self.weights = weights
+        self.config: ErnieConfig = weights.config
+        self._ref = ReferenceModel(weights, use_correction_bias=use_correction_bias)
+        self._tokenizer = None
+
+    # ---- tokens in, logits out -----------------------------------------------------------------
+
+    def new_cache(self):
+        """An empty KV cache for prefill/decode."""
+        return self._ref.new_cache()
+
+    def forward(self, token_ids, cache, trace: RoutingTrace | None = None) -> np.ndarray:
+        """Run new tokens after what the cache holds; returns final-normed hidden states [T, H]."""
+        ids = self._check_ids(token_ids, cache.length)
+        return self._ref.forward(ids, cache, trace)
+
+    def prefill(self, token_ids, cache, trace: RoutingTrace | None = None) -> np.ndarray:
+        """Feed a prompt (or the next chunk of one); returns the logits of its last token [V]."""
+        hidden = self.forward(token_ids, cache, trace)
+        return self._ref.logits(hidden[-1:])[0]
+
+    def decode(self, token_id: int, cache, trace: RoutingTrace | None = None) -> np.ndarray:
+        """Feed one token; returns the next-token logits [V]."""
+        return self.prefill([token_id], cache, trace)
+
+    def logits(self, token_ids, trace: RoutingTrace | None = None) -> np.ndarray:
+        """Full prefill from position 0 with a fresh cache: float32 [T, vocab]. Keeps no state."""
+        hidden = self.forward(token_ids, self.new_cache(), trace)
+        return self._ref.logits(hidden).astype(np.float32, copy=False)
+
+    # ---- text ----------------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer (loaded on first use from the model folder)."""
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_dir(self.path)
+        return self._tokenizer
+
+    # ---- checks --------------------------------------------------------------------------------
+
+    def _check_ids(self, token_ids, start: int) -> np.ndarray:
+        try:
+            ids = np.asarray(token_ids)
+        except (TypeError, ValueError):
+            raise ErnieEdgeError("token_ids: expected a sequence of integers") from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise ErnieEdgeError(f"token_ids: expected a non-empty 1-D sequence, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ErnieEdgeError(f"token_ids: expected integers, got dtype {ids.dtype}")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            j = int(np.argmax(bad))
+            raise ErnieEdgeError(f"token_ids[{j}] = {int(ids[j])} is outside the vocabulary "
+                                 f"[0, {self.config.vocab_size})")
+        end = start + ids.size
+        if end > self.config.max_position_embeddings:
+            raise ContextLengthError(f"{end} tokens (cache {start} + {ids.size} new) exceed the model's "
+                                     f"context of {self.config.max_position_embeddings}")
+        return ids.astype(np.int64)
+
+
+def load(path: str | os.PathLike, *, use_correction_bias: bool = True) -> Model:
+    """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
+    local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason."""
+    location = resolve(path)
+    if location.kind == "hf":
+        from .hf_checkpoint import HFCheckpoint
+        weights = HFCheckpoint(location.path)
+    else:
+        from .edge_checkpoint import EdgeCheckpoint
+        weights = EdgeCheckpoint(location.path)
+    return Model(location, weights, use_correction_bias=use_correction_bias)

@@ -1,0 +1,321 @@
+"""THE ernie-edge quantization formats. The numpy functions here are the specification; every
+kernel (numba CPU, numba.cuda) is tested against `dequantize_*` below.
+
+Formats (all symmetric, group-wise along the input dimension, one fp16 scale per group):
+
+  q4  ("int4-sym-g{G}")   4.5 bits/weight at G=32 (4 + 16/32).
+      A weight row W[o, :] of length K (K % G == 0) is cut into K/G groups of G consecutive
+      elements. Group g of row o has scale s = scales[o, g] (float16) and G integer codes
+      q[j] in [-8, 7]; the weight is  w = s * q.
+      Packing: the group's G codes become G/2 bytes. Byte j (0 <= j < G/2) holds
+        low  nibble = q[j]       + 8
+        high nibble = q[j + G/2] + 8
+      (llama.cpp Q4_0 order: a SIMD load of the group's bytes gives elements 0..G/2-1 from the low
+      nibbles and G/2..G-1 from the high nibbles, with no shuffles.)
+      Arrays:  packed uint8 [..., O, K/2]   scales float16 [..., O, K/G]
+  q8  ("int8-sym-g{G}")   8.5 bits/weight at G=32.
+      codes int8 [..., O, K] in [-127, 127], w = s * q;  scales float16 [..., O, K/G]
+
+Leading axes ("...") are the expert axis for expert banks: [E, O, K/2] with the expert axis
+outermost, so one expert's projection is one contiguous slice. Kernels read exactly this layout;
+nothing is repacked at load time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 32
+Q4_MIN, Q4_MAX = -8, 7
+Q8_MAX = 127
+FP16_MAX = 65504.0
+
+
+def format_name(bits: int, group_size: int) -> str:
+    return f"int{bits}-sym-g{group_size}"
+
+
+def bits_per_weight(bits: int, group_size: int) -> float:
+    return bits + 16.0 / group_size
+
+
+def check_group_size(k: int, group_size: int, what: str = "tensor") -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size {group_size} not supported (choose one of {GROUP_SIZES})")
+    if k % group_size:
+        raise ValueError(f"{what}: input dimension {k} is not a multiple of group_size {group_size}")
+
+
+# ---- int4 ------------------------------------------------------------------------------------
+
+def pack_q4(codes: np.ndarray, group_size: int) -> np.ndarray:
+    """codes int [..., K] in [-8, 7] -> packed uint8 [..., K/2] (layout in the module doc)."""
+    *lead, k = codes.shape
+    g = codes.reshape(*lead, k // group_size, group_size).astype(np.int16) + 8
+    half = group_size // 2
+    packed = (g[..., :half] | (g[..., half:] << 4)).astype(np.uint8)
+    return packed.reshape(*lead, k // 2)
+
+
+def unpack_q4(packed: np.ndarray, group_size: int) -> np.ndarray:
+    """packed uint8 [..., K/2] -> codes int8 [..., K] in [-8, 7]."""
+    *lead, k2 = packed.shape
+    half = group_size // 2
+    b = packed.reshape(*lead, k2 // half, half)
+    lo = (b & 0x0F).astype(np.int8) - 8
+    hi = (b >> 4).astype(np.int8) - 8
+    return np.concatenate([lo, hi], axis=-1).reshape(*lead, k2 * 2)
+
+
+def dequantize_q4(packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """The spec: float32 [..., K] = scale[group] * code."""
+    codes = unpack_q4(packed, group_size).astype(np.float32)
+    *lead, k = codes.shape
+    s = scales.astype(np.float32)[..., :, None]
+    return (codes.reshape(*lead, k // group_size, group_size) * s).reshape(*lead, k)
+
+
+# ---- int8 ------------------------------------------------------------------------------------
+
+def dequantize_q8(codes: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    *lead, k = codes.shape
+    s = scales.astype(np.float32)[..., :, None]
+    return (codes.astype(np.float32).reshape(*lead, k // group_size, group_size) * s).reshape(*lead, k)
+
+
+# ---- reference quantizers ----------------------------------------------------------------------
+#
+# Scale search (llama.cpp `make_qx_quants` style, checked against the fp16 scale dequant will use).
+# For each group and each candidate divisor d:
+#   1. codes   q = clamp(rint(w * d / m))       m = the group's pivot (see below)
+#   2. scale   s = fp16( sum(w q) / sum(q q) )   least-squares scale for those codes, fp16-rounded
+#   3. error   sum((w - s q)^2) = sum(w^2) - 2 s sum(w q) + s^2 sum(q q)     (float64)
+# and the candidate with the smallest error wins (the first one on ties). The stored codes are then
+# recomputed as clamp(rint(w / s)), the best codes for that fp16 scale, so the stored error is at
+# most the searched one and every unclamped element is within |s|/2 of its weight.
+#
+# q4: the pivot m is the group's largest-magnitude element WITH its sign and the divisors are
+#     -7.1 .. -8.9: m maps near code -8, the end of [-8, 7] that has the extra step. The scale is
+#     therefore negative when m > 0 (as in llama.cpp Q4_0, d = max / -8); w = s * q is unchanged.
+#     This lowers the RMS error by ~7% against scales forced positive.
+# q8: the range [-127, 127] is symmetric, so m = max|w|, the scale is >= 0, and the divisors are
+#     127 .. 112 (values past 127 * s clip; integer divisors line the codes up with the max).
+#
+# All arithmetic is sequential per group (no reassociation, no threads), so the result is
+# bit-identical for the same input on every run.
+
+Q4_DIVISORS = tuple(-(80 + k) / 10 for k in range(-9, 10))  # -7.1 .. -8.9
+Q8_DIVISORS = tuple(float(127 - k) for k in range(16))  # 127 .. 112
+Q4_VALUE_LIMIT = FP16_MAX * 8  # |w| above this needs an fp16 scale above FP16_MAX
+Q8_VALUE_LIMIT = FP16_MAX * Q8_MAX
+_BLOCK = 64  # groups searched together (transposed, so the inner loops run across groups)
+
+
+class QuantizationError(ValueError):
+    """A tensor cannot be quantized: non-finite values, or magnitudes an fp16 scale cannot reach.
+
+    `index` is the position (a tuple into the input array) of the first offending element; the
+    converter adds the tensor name."""
+
+    def __init__(self, message: str, index: tuple[int, ...] | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+def quantize_q4(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., K] -> (packed uint8 [..., K/2], scales float16 [..., K/G]) in the q4 layout.
+
+    Raises ValueError (QuantizationError) for NaN/Inf, |w| > Q4_VALUE_LIMIT, or K % G != 0."""
+    w32 = _prepare(w, group_size, Q4_VALUE_LIMIT, "int4")
+    *lead, k = w32.shape
+    groups = w32.reshape(-1, group_size)  # [N, G]
+    k4 = _kernels()
+    scales = k4.search_scales(groups, np.asarray(Q4_DIVISORS), True, Q4_MIN, Q4_MAX)  # [N] f32
+    packed = np.empty((groups.shape[0], group_size // 2), np.uint8)
+    k4.encode_q4(groups, scales, packed)
+    return packed.reshape(*lead, k // 2), scales.astype(np.float16).reshape(*lead, k // group_size)
+
+
+def quantize_q8(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., K] -> (codes int8 [..., K] in [-127, 127], scales float16 [..., K/G]).
+
+    Raises ValueError (QuantizationError) for NaN/Inf, |w| > Q8_VALUE_LIMIT, or K % G != 0."""
+    w32 = _prepare(w, group_size, Q8_VALUE_LIMIT, "int8")
+    *lead, k = w32.shape
+    groups = w32.reshape(-1, group_size)  # [N, G]
+    k8 = _kernels()
+    scales = k8.search_scales(groups, np.asarray(Q8_DIVISORS), False, -Q8_MAX, Q8_MAX)  # [N] f32
+    codes = np.empty(groups.shape, np.int8)
+    k8.encode_q8(groups, scales, codes)
+    return codes.reshape(*lead, k), scales.astype(np.float16).reshape(*lead, k // group_size)
+
+
+def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
+    """Bytes a tensor of `shape` [..., K] takes on disk: codes plus fp16 scales for bits 4 / 8,
+    plain elements for bits 16 (f16) / 32 (f32), where group_size is not used."""
+    n = int(np.prod(shape, dtype=np.int64))
+    if bits in (16, 32):
+        return n * bits // 8
+    if bits not in (4, 8):
+        raise ValueError(f"bits {bits} not supported (choose 4, 8, 16 or 32)")
+    if not shape:
+        raise ValueError("a quantized tensor needs at least one dimension")
+    check_group_size(shape[-1], group_size)
+    return n * bits // 8 + (n // group_size) * 2
+
+
+def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
+    """Quantize and dequantize `w`; report {"rel_rms", "max_abs", "bits_per_weight"}.
+
+    rel_rms = ||w - deq|| / ||w|| (0 for an all-zero tensor); max_abs = max |w - deq|."""
+    w32 = np.asarray(w, np.float32)
+    if bits == 4:
+        deq = dequantize_q4(*quantize_q4(w32, group_size), group_size)
+    elif bits == 8:
+        deq = dequantize_q8(*quantize_q8(w32, group_size), group_size)
+    else:
+        raise ValueError(f"bits {bits} not supported (choose 4 or 8)")
+    diff = (w32 - deq).astype(np.float64)
+    norm = float(np.sqrt(np.sum(np.square(w32, dtype=np.float64))))
+    err = float(np.sqrt(np.sum(diff * diff)))
+    return {"rel_rms": err / norm if norm else 0.0,
+            "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
+            "bits_per_weight": bits_per_weight(bits, group_size)}
+
+
+def _prepare(w: np.ndarray, group_size: int, limit: float, what: str) -> np.ndarray:
+    """Check the input and return it as C-contiguous float32 [..., K]."""
+    w = np.asarray(w)
+    if w.ndim == 0:
+        raise ValueError("cannot quantize a scalar: the input needs a last (input) dimension")
+    if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+        raise ValueError(f"cannot quantize dtype {w.dtype}: expected a floating-point array")
+    check_group_size(w.shape[-1], group_size)
+    finite = np.isfinite(w)
+    if not finite.all():
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), w.shape))
+        raise QuantizationError(f"non-finite value {w[index]} at index {list(index)}: NaN/Inf "
+                                "weights cannot be quantized", index)
+    w32 = np.ascontiguousarray(w, dtype=np.float32)
+    if w32.size and max(float(w32.max()), -float(w32.min())) > limit:
+        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(w32) > limit)), w.shape))
+        raise QuantizationError(
+            f"value {w32[index]} at index {list(index)} is too large for {what} with an fp16 scale "
+            f"(|w| must be <= {limit:g}); keep this tensor in f32", index)
+    return w32
+
+
+# ---- numba kernels (compiled on first use, so importing this module needs numpy only) -----------
+
+def _round_f16(x):
+    """float64 -> the nearest float16 value (round half to even), as float64; inf past FP16_MAX."""
+    a = abs(x)
+    if a < 6.103515625e-05:  # below 2**-14: float16 subnormals are multiples of 2**-24
+        r = np.rint(a * 16777216.0) / 16777216.0
+    else:  # keep 10 of float64's 52 fraction bits, rounding half to even
+        bits = np.float64(a).view(np.uint64)
+        bits = (bits + np.uint64(0x1FFFFFFFFFF) + ((bits >> np.uint64(42)) & np.uint64(1))) \
+            & np.uint64(0xFFFFFC0000000000)
+        r = np.uint64(bits).view(np.float64)
+        if r > FP16_MAX:
+            r = np.inf
+    return -r if x < 0 else r
+
+
+def _search_block(wt, pivot, n, divisors, signed, qmin, qmax, out):
+    """Best fp16 scale for each of the n groups in wt[:, :n] (float32 [G, BLOCK], transposed)."""
+    G = wt.shape[0]
+    sw2 = np.zeros(n)
+    for j in range(G):
+        for b in range(n):
+            v = np.float64(wt[j, b])
+            sw2[b] += v * v
+    best = np.full(n, np.inf)
+    inv = np.empty(n, np.float32)
+    slx = np.empty(n)
+    sl2 = np.empty(n)
+    for b in range(n):  # fallback if every candidate overflows: the plain llama.cpp scale
+        base = pivot[b] / divisors[0 if signed else 0]
+        out[b] = _round_f16(np.float64(pivot[b]) / (-8.0 if signed else float(qmax)))
+    for d in divisors:
+        for b in range(n):
+            inv[b] = np.float32(d / pivot[b]) if pivot[b] != 0 else np.float32(0.0)
+            slx[b] = 0.0
+            sl2[b] = 0.0
+        for j in range(G):
+            for b in range(n):
+                v = wt[j, b]
+                q = min(max(np.rint(v * inv[b]), np.float32(qmin)), np.float32(qmax))
+                slx[b] += np.float64(v) * q
+                sl2[b] += np.float64(q * q)
+        for b in range(n):
+            if sl2[b] > 0:
+                s = _round_f16(slx[b] / sl2[b])
+                err = sw2[b] - 2.0 * s * slx[b] + s * s * sl2[b]
+                if abs(s) <= FP16_MAX and err < best[b]:
+                    best[b] = err
+                    out[b] = s
+
+
+def _search_scales(groups, divisors, signed, qmin, qmax):
+    """groups float32 [N, G] -> scales float32 [N] (each exactly a float16 value, never -0)."""
+    N, G = groups.shape
+    scales = np.zeros(N, np.float32)
+    wt = np.empty((G, _BLOCK), np.float32)
+    pivot = np.empty(_BLOCK, np.float32)
+    best = np.empty(_BLOCK)
+    for start in range(0, N, _BLOCK):
+        n = min(_BLOCK, N - start)
+        for b in range(n):
+            row = groups[start + b]
+            m = np.float32(0.0)
+            for j in range(G):
+                wt[j, b] = row[j]
+                if abs(row[j]) > abs(m):
+                    m = row[j]
+            pivot[b] = m if signed else abs(m)
+        _search_block(wt, pivot, n, divisors, signed, qmin, qmax, best)
+        for b in range(n):
+            scales[start + b] = np.float32(best[b]) if best[b] != 0 else np.float32(0.0)
+    return scales
+
+
+def _encode_q4(groups, scales, packed):
+    """codes = clamp(rint(w / s), -8, 7), packed in the q4 nibble order into packed [N, G/2]."""
+    N, G = groups.shape
+    half = G // 2
+    codes = np.empty(G, np.int32)
+    for i in range(N):
+        s = scales[i]
+        for j in range(G):
+            q = np.rint(groups[i, j] / s) if s != 0 else np.float32(0.0)
+            codes[j] = np.int32(min(max(q, np.float32(Q4_MIN)), np.float32(Q4_MAX))) + 8
+        for j in range(half):
+            packed[i, j] = np.uint8(codes[j] | (codes[j + half] << 4))
+
+
+def _encode_q8(groups, scales, codes):
+    """codes int8 [N, G] = clamp(rint(w / s), -127, 127)."""
+    N, G = groups.shape
+    for i in range(N):
+        s = scales[i]
+        for j in range(G):
+            q = np.rint(groups[i, j] / s) if s != 0 else np.float32(0.0)
+            codes[i, j] = np.int8(min(max(q, np.float32(-Q8_MAX)), np.float32(Q8_MAX)))
+
+
+class _Kernels:
+    def __init__(self, jit):
+        global _round_f16_jit
+        self.round_f16 = jit(_round_f16)
+        self.search_scales = jit(_search_scales)
+        self.encode_q4 = jit(_encode_q4)
+        self.encode_q8 = jit(_encode_q8)
+
+
+_KERNELS = None
+
+
+def _kernels():
+    ...
