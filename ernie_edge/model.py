@@ -33,9 +33,13 @@ class Model:
 
     # ---- tokens in, logits out -----------------------------------------------------------------
 
-    def new_cache(self):
-        """An empty KV cache for prefill/decode."""
-        return self._ref.new_cache()
+    def new_cache(self, start_position: int = 0):
+        """An empty KV cache for prefill/decode. start_position > 0 makes the first token sit at
+        that position with nothing before it (for tests of long-range positions)."""
+        if not 0 <= start_position < self.config.max_position_embeddings:
+            raise ErnieEdgeError(f"start_position {start_position} is outside the context "
+                                 f"[0, {self.config.max_position_embeddings})")
+        return self._ref.new_cache(start_position)
 
     def forward(self, token_ids, cache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Run new tokens after what the cache holds; returns final-normed hidden states [T, H]."""

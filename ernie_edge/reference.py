@@ -61,8 +61,9 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
-def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray) -> np.ndarray:
-    """Causal GQA attention. q [T, Nq, D]; k, v [S, Nkv, D] for key positions 0..S-1.
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarray,
+              k_start: int = 0) -> np.ndarray:
+    """Causal GQA attention. q [T, Nq, D]; k, v [S, Nkv, D] for key positions k_start..k_start+S-1.
 
     Query head h reads KV head h // (Nq / Nkv) (ERNIE_SPEC P10). Returns [T, Nq * D]."""
     T, Nq, D = q.shape
@@ -72,7 +73,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_positions: np.ndarr
     k_h = k[:, kv_head, :].transpose(1, 2, 0)  # [Nq, D, S]
     v_h = v[:, kv_head, :].transpose(1, 0, 2)  # [Nq, S, D]
     scores = (q.transpose(1, 0, 2) @ k_h) * np.float32(D ** -0.5)  # [Nq, T, S]
-    visible = np.arange(S)[None, :] <= q_positions[:, None]  # [T, S]
+    visible = (k_start + np.arange(S))[None, :] <= q_positions[:, None]  # [T, S]
     scores = np.where(visible[None], scores, np.float32(-np.inf))
     p = softmax(scores.astype(np.float32), axis=-1)
     out = p @ v_h  # [Nq, T, D]
@@ -107,9 +108,14 @@ def route(x: np.ndarray, wg: np.ndarray, bias: np.ndarray | None, k: int,
 
 @dataclass
 class ReferenceCache:
-    """Post-RoPE keys and values per layer, [S, Nkv, D] each, grown by concatenation."""
+    """Post-RoPE keys and values per layer, [S, Nkv, D] each, grown by concatenation.
+
+    `length` is the position of the next token. A cache made with start > 0 runs the model as if
+    the sequence began at that position with nothing before it (what transformers does for
+    position_ids offset and no past); tests use it to check RoPE at large positions."""
     k: list[np.ndarray] = field(default_factory=list)
     v: list[np.ndarray] = field(default_factory=list)
+    start: int = 0
     length: int = 0
 
 
@@ -135,11 +141,11 @@ class ReferenceModel:
         self.use_correction_bias = use_correction_bias
         self.inv_freq = rope_inv_freq(self.config.dim_head, self.config.rope_theta)
 
-    def new_cache(self) -> ReferenceCache:
-        n = self.config.num_hidden_layers
+    def new_cache(self, start_position: int = 0) -> ReferenceCache:
         cfg = self.config
+        n = cfg.num_hidden_layers
         empty = np.zeros((0, cfg.num_key_value_heads, cfg.dim_head), np.float32)
-        return ReferenceCache(k=[empty] * n, v=[empty] * n)
+        return ReferenceCache(k=[empty] * n, v=[empty] * n, start=start_position, length=start_position)
 
     def forward(self, token_ids, cache: ReferenceCache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Run T new tokens after the cache's S positions. Returns the final-normed hidden [T, H]."""
@@ -174,7 +180,7 @@ class ReferenceModel:
         k = apply_rope(k, positions, self.inv_freq)
         cache.k[i] = np.concatenate([cache.k[i], k])  # the cache holds post-RoPE keys
         cache.v[i] = np.concatenate([cache.v[i], v])
-        a = attention(q, cache.k[i], cache.v[i], positions)  # [T, Nq * D]
+        a = attention(q, cache.k[i], cache.v[i], positions, cache.start)  # [T, Nq * D]
         return a @ self.w.dense(p + "o_proj.weight").T
 
     def _moe(self, i: int, h: np.ndarray, trace: RoutingTrace | None) -> np.ndarray:
