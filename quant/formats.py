@@ -16,13 +16,21 @@ Formats (all symmetric, group-wise along the input dimension, one fp16 scale per
   q8  ("int8-sym-g{G}")   8.5 bits/weight at G=32.
       codes int8 [..., O, K] in [-127, 127], w = s * q;  scales float16 [..., O, K/G]
 
+Scales are finite float16. In q4 they may be NEGATIVE (the group's largest-magnitude weight goes
+to code -8 whatever its sign, as in llama.cpp Q4_0), so kernels must keep the scale's sign bit;
+q8 scales are >= 0. A group that quantizes to zero has scale +0.
+
 Leading axes ("...") are the expert axis for expert banks: [E, O, K/2] with the expert axis
 outermost, so one expert's projection is one contiguous slice. Kernels read exactly this layout;
 nothing is repacked at load time.
+
+`quantize_q4` / `quantize_q8` are the reference quantizers the converter uses (numba, compiled on
+first call and cached); the method is described above them.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 GROUP_SIZES = (32, 64, 128)
@@ -84,41 +92,43 @@ def dequantize_q8(codes: np.ndarray, scales: np.ndarray, group_size: int) -> np.
     return (codes.astype(np.float32).reshape(*lead, k // group_size, group_size) * s).reshape(*lead, k)
 
 
-# ---- reference quantizers ----------------------------------------------------------------------
+# ---- reference quantizers ------------------------------------------------------------------------
 #
-# Scale search (llama.cpp `make_qx_quants` style, checked against the fp16 scale dequant will use).
+# Scale search, llama.cpp `make_qx_quants` style, judged with the fp16 scale dequant will use.
 # For each group and each candidate divisor d:
-#   1. codes   q = clamp(rint(w * d / m))       m = the group's pivot (see below)
-#   2. scale   s = fp16( sum(w q) / sum(q q) )   least-squares scale for those codes, fp16-rounded
-#   3. error   sum((w - s q)^2) = sum(w^2) - 2 s sum(w q) + s^2 sum(q q)     (float64)
-# and the candidate with the smallest error wins (the first one on ties). The stored codes are then
-# recomputed as clamp(rint(w / s)), the best codes for that fp16 scale, so the stored error is at
-# most the searched one and every unclamped element is within |s|/2 of its weight.
+#   1. codes  q = clamp(rint(w * d / m))        m: the group's pivot (below)
+#   2. scale  s = fp16(sum(w q) / sum(q q))      least-squares scale for those codes, fp16-rounded
+#   3. error  sum((w - s q)^2) = sum(w^2) - 2 s sum(w q) + s^2 sum(q q)      (float64)
+# The candidate with the smallest error wins (the first on ties). The stored codes are then
+# clamp(rint(w / s)), the best codes for that fp16 scale: the stored error is at most the searched
+# one, and every element that is not clamped lies within |s|/2 of its weight.
 #
-# q4: the pivot m is the group's largest-magnitude element WITH its sign and the divisors are
-#     -7.1 .. -8.9: m maps near code -8, the end of [-8, 7] that has the extra step. The scale is
-#     therefore negative when m > 0 (as in llama.cpp Q4_0, d = max / -8); w = s * q is unchanged.
-#     This lowers the RMS error by ~7% against scales forced positive.
-# q8: the range [-127, 127] is symmetric, so m = max|w|, the scale is >= 0, and the divisors are
-#     127 .. 112 (values past 127 * s clip; integer divisors line the codes up with the max).
+# q4: the pivot is the group's largest-magnitude element WITH its sign, and the divisors are
+#     -7.1 .. -8.9, so the pivot lands near code -8, the end of [-8, 7] with the extra step.
+#     The scale is negative when the pivot is positive (as in llama.cpp Q4_0, d = max / -8);
+#     w = s * q is unchanged. This lowers the RMS error by ~7% against scales kept positive.
+# q8: [-127, 127] is symmetric: the pivot is max|w|, scales are >= 0, divisors 127 .. 112
+#     (past 112, clipping the largest values costs more than the finer step gains).
 #
-# All arithmetic is sequential per group (no reassociation, no threads), so the result is
-# bit-identical for the same input on every run.
+# No fastmath and no threads: every sum runs in a fixed order with plain IEEE operations (no
+# reassociation, no fused multiply-add), so the output is bit-identical for the same input, with
+# or without the JIT. The kernels release the GIL: the converter may quantize tensors in threads.
 
-Q4_DIVISORS = tuple(-(80 + k) / 10 for k in range(-9, 10))  # -7.1 .. -8.9
-Q8_DIVISORS = tuple(float(127 - k) for k in range(16))  # 127 .. 112
-Q4_VALUE_LIMIT = FP16_MAX * 8  # |w| above this needs an fp16 scale above FP16_MAX
+Q4_DIVISORS = np.array([-(80 + k) / 10 for k in range(-9, 10)])  # -7.1 .. -8.9
+Q8_DIVISORS = np.array([float(Q8_MAX - k) for k in range(16)])  # 127 .. 112
+Q4_VALUE_LIMIT = FP16_MAX * 8  # a larger |w| would need an fp16 scale above FP16_MAX
 Q8_VALUE_LIMIT = FP16_MAX * Q8_MAX
-_BLOCK = 64  # groups searched together (transposed, so the inner loops run across groups)
+_BLOCK = 64  # groups searched together, transposed so the inner loops run across groups
+_jit = numba.njit(nogil=True, cache=True)
 
 
 class QuantizationError(ValueError):
-    """A tensor cannot be quantized: non-finite values, or magnitudes an fp16 scale cannot reach.
+    """A tensor cannot be quantized: a NaN/Inf, or a magnitude no fp16 scale reaches.
 
     `index` is the position (a tuple into the input array) of the first offending element; the
     converter adds the tensor name."""
 
-    def __init__(self, message: str, index: tuple[int, ...] | None = None):
+    def __init__(self, message: str, index: tuple[int, ...]):
         super().__init__(message)
         self.index = index
 
@@ -126,35 +136,37 @@ class QuantizationError(ValueError):
 def quantize_q4(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """float [..., K] -> (packed uint8 [..., K/2], scales float16 [..., K/G]) in the q4 layout.
 
-    Raises ValueError (QuantizationError) for NaN/Inf, |w| > Q4_VALUE_LIMIT, or K % G != 0."""
+    Raises ValueError: K % group_size != 0, unsupported group size, and (QuantizationError)
+    NaN/Inf or |w| > Q4_VALUE_LIMIT."""
     w32 = _prepare(w, group_size, Q4_VALUE_LIMIT, "int4")
     *lead, k = w32.shape
     groups = w32.reshape(-1, group_size)  # [N, G]
-    k4 = _kernels()
-    scales = k4.search_scales(groups, np.asarray(Q4_DIVISORS), True, Q4_MIN, Q4_MAX)  # [N] f32
-    packed = np.empty((groups.shape[0], group_size // 2), np.uint8)
-    k4.encode_q4(groups, scales, packed)
+    scales = _search_scales(groups, Q4_DIVISORS, True, -8.0, Q4_MIN, Q4_MAX)  # [N], fp16 values
+    packed = np.empty((groups.shape[0], group_size // 2), np.uint8)  # [N, G/2]
+    _encode_q4(groups, scales, packed)
     return packed.reshape(*lead, k // 2), scales.astype(np.float16).reshape(*lead, k // group_size)
 
 
 def quantize_q8(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """float [..., K] -> (codes int8 [..., K] in [-127, 127], scales float16 [..., K/G]).
 
-    Raises ValueError (QuantizationError) for NaN/Inf, |w| > Q8_VALUE_LIMIT, or K % G != 0."""
+    Raises ValueError: K % group_size != 0, unsupported group size, and (QuantizationError)
+    NaN/Inf or |w| > Q8_VALUE_LIMIT."""
     w32 = _prepare(w, group_size, Q8_VALUE_LIMIT, "int8")
     *lead, k = w32.shape
     groups = w32.reshape(-1, group_size)  # [N, G]
-    k8 = _kernels()
-    scales = k8.search_scales(groups, np.asarray(Q8_DIVISORS), False, -Q8_MAX, Q8_MAX)  # [N] f32
-    codes = np.empty(groups.shape, np.int8)
-    k8.encode_q8(groups, scales, codes)
+    scales = _search_scales(groups, Q8_DIVISORS, False, 127.0, -Q8_MAX, Q8_MAX)  # [N], fp16 values
+    codes = np.empty(groups.shape, np.int8)  # [N, G]
+    _encode_q8(groups, scales, codes)
     return codes.reshape(*lead, k), scales.astype(np.float16).reshape(*lead, k // group_size)
 
 
 def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Bytes a tensor of `shape` [..., K] takes on disk: codes plus fp16 scales for bits 4 / 8,
-    plain elements for bits 16 (f16) / 32 (f32), where group_size is not used."""
-    n = int(np.prod(shape, dtype=np.int64))
+    """Bytes a tensor of `shape` [..., K] takes on disk: codes plus fp16 scales for bits 4 / 8;
+    plain elements for bits 16 (f16) and 32 (f32), where group_size plays no part."""
+    n = 1
+    for d in shape:
+        n *= int(d)
     if bits in (16, 32):
         return n * bits // 8
     if bits not in (4, 8):
@@ -166,9 +178,8 @@ def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int = DEFAUL
 
 
 def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
-    """Quantize and dequantize `w`; report {"rel_rms", "max_abs", "bits_per_weight"}.
-
-    rel_rms = ||w - deq|| / ||w|| (0 for an all-zero tensor); max_abs = max |w - deq|."""
+    """Quantize and dequantize `w`: {"rel_rms": ||w - deq|| / ||w|| (0 for all zeros),
+    "max_abs": max |w - deq|, "bits_per_weight": ...}."""
     w32 = np.asarray(w, np.float32)
     if bits == 4:
         deq = dequantize_q4(*quantize_q4(w32, group_size), group_size)
@@ -185,59 +196,63 @@ def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GR
 
 
 def _prepare(w: np.ndarray, group_size: int, limit: float, what: str) -> np.ndarray:
-    """Check the input and return it as C-contiguous float32 [..., K]."""
+    """Check a quantizer's input; return it as C-contiguous float32 [..., K]."""
     w = np.asarray(w)
     if w.ndim == 0:
         raise ValueError("cannot quantize a scalar: the input needs a last (input) dimension")
-    if not np.issubdtype(w.dtype, np.floating) and w.dtype.name != "bfloat16":
+    if w.dtype.kind != "f" and w.dtype.name != "bfloat16":
         raise ValueError(f"cannot quantize dtype {w.dtype}: expected a floating-point array")
     check_group_size(w.shape[-1], group_size)
     finite = np.isfinite(w)
     if not finite.all():
-        index = tuple(int(i) for i in np.unravel_index(int(np.argmin(finite)), w.shape))
-        raise QuantizationError(f"non-finite value {w[index]} at index {list(index)}: NaN/Inf "
-                                "weights cannot be quantized", index)
+        index = np.unravel_index(int(np.argmin(finite)), w.shape)
+        index = tuple(int(i) for i in index)
+        raise QuantizationError(f"non-finite value {w[index]} at index {list(index)}: "
+                                "NaN/Inf weights cannot be quantized", index)
     w32 = np.ascontiguousarray(w, dtype=np.float32)
     if w32.size and max(float(w32.max()), -float(w32.min())) > limit:
-        index = tuple(int(i) for i in np.unravel_index(int(np.argmax(np.abs(w32) > limit)), w.shape))
+        index = np.unravel_index(int(np.argmax(np.abs(w32) > limit)), w.shape)
+        index = tuple(int(i) for i in index)
         raise QuantizationError(
-            f"value {w32[index]} at index {list(index)} is too large for {what} with an fp16 scale "
-            f"(|w| must be <= {limit:g}); keep this tensor in f32", index)
+            f"value {w32[index]} at index {list(index)} is too large for {what} with an fp16 "
+            f"scale (|w| must be <= {limit:g}); keep this tensor in f32", index)
     return w32
 
 
-# ---- numba kernels (compiled on first use, so importing this module needs numpy only) -----------
+# ---- numba kernels of the quantizers (strict IEEE arithmetic, see above) -------------------------
 
+@_jit
 def _round_f16(x):
-    """float64 -> the nearest float16 value (round half to even), as float64; inf past FP16_MAX."""
+    """float64 -> the nearest float16 value (ties to even), as float64; +-inf past FP16_MAX."""
     a = abs(x)
-    if a < 6.103515625e-05:  # below 2**-14: float16 subnormals are multiples of 2**-24
+    if a < 6.103515625e-05:  # below 2**-14 float16 values are multiples of 2**-24
         r = np.rint(a * 16777216.0) / 16777216.0
-    else:  # keep 10 of float64's 52 fraction bits, rounding half to even
+    else:  # keep 10 of float64's 52 fraction bits, ties to even (a carry may bump the exponent)
         bits = np.float64(a).view(np.uint64)
-        bits = (bits + np.uint64(0x1FFFFFFFFFF) + ((bits >> np.uint64(42)) & np.uint64(1))) \
-            & np.uint64(0xFFFFFC0000000000)
+        odd = (bits >> np.uint64(42)) & np.uint64(1)
+        bits = (bits + np.uint64(0x1FFFFFFFFFF) + odd) & np.uint64(0xFFFFFC0000000000)
         r = np.uint64(bits).view(np.float64)
         if r > FP16_MAX:
             r = np.inf
     return -r if x < 0 else r
 
 
-def _search_block(wt, pivot, n, divisors, signed, qmin, qmax, out):
-    """Best fp16 scale for each of the n groups in wt[:, :n] (float32 [G, BLOCK], transposed)."""
+@_jit
+def _search_block(wt, pivot, n, divisors, fallback, qmin, qmax, best_scale):
+    """Best fp16 scale for each of the first n groups of wt (float32 [G, BLOCK], transposed)."""
     G = wt.shape[0]
-    sw2 = np.zeros(n)
+    sw2 = np.zeros(n)  # [n] sum w^2
     for j in range(G):
         for b in range(n):
             v = np.float64(wt[j, b])
             sw2[b] += v * v
-    best = np.full(n, np.inf)
-    inv = np.empty(n, np.float32)
-    slx = np.empty(n)
-    sl2 = np.empty(n)
-    for b in range(n):  # fallback if every candidate overflows: the plain llama.cpp scale
-        base = pivot[b] / divisors[0 if signed else 0]
-        out[b] = _round_f16(np.float64(pivot[b]) / (-8.0 if signed else float(qmax)))
+    best_err = np.full(n, np.inf)
+    for b in range(n):  # used only if every candidate overflows fp16 (|w| near the limit)
+        best_scale[b] = _round_f16(np.float64(pivot[b]) / fallback)
+    inv = np.empty(n, np.float32)  # [n] d / pivot
+    slx = np.empty(n)  # [n] sum w q
+    sl2 = np.empty(n)  # [n] sum q q
+    lo, hi = np.float32(qmin), np.float32(qmax)
     for d in divisors:
         for b in range(n):
             inv[b] = np.float32(d / pivot[b]) if pivot[b] != 0 else np.float32(0.0)
@@ -246,76 +261,66 @@ def _search_block(wt, pivot, n, divisors, signed, qmin, qmax, out):
         for j in range(G):
             for b in range(n):
                 v = wt[j, b]
-                q = min(max(np.rint(v * inv[b]), np.float32(qmin)), np.float32(qmax))
-                slx[b] += np.float64(v) * q
+                q = min(max(np.rint(v * inv[b]), lo), hi)
+                slx[b] += np.float64(v) * np.float64(q)
                 sl2[b] += np.float64(q * q)
         for b in range(n):
             if sl2[b] > 0:
                 s = _round_f16(slx[b] / sl2[b])
                 err = sw2[b] - 2.0 * s * slx[b] + s * s * sl2[b]
-                if abs(s) <= FP16_MAX and err < best[b]:
-                    best[b] = err
-                    out[b] = s
+                if abs(s) <= FP16_MAX and err < best_err[b]:
+                    best_err[b] = err
+                    best_scale[b] = s
 
 
-def _search_scales(groups, divisors, signed, qmin, qmax):
-    """groups float32 [N, G] -> scales float32 [N] (each exactly a float16 value, never -0)."""
+@_jit
+def _search_scales(groups, divisors, signed, fallback, qmin, qmax):
+    """groups float32 [N, G] -> scales float32 [N], each exactly a float16 value (0, never -0,
+    for a group that quantizes to zero). signed: pivot keeps its sign (q4); fallback: the plain
+    scale is pivot / fallback, used only where every candidate overflows."""
     N, G = groups.shape
     scales = np.zeros(N, np.float32)
-    wt = np.empty((G, _BLOCK), np.float32)
-    pivot = np.empty(_BLOCK, np.float32)
-    best = np.empty(_BLOCK)
+    wt = np.empty((G, _BLOCK), np.float32)  # [G, B]
+    pivot = np.empty(_BLOCK, np.float32)  # [B]
+    best = np.empty(_BLOCK)  # [B]
     for start in range(0, N, _BLOCK):
         n = min(_BLOCK, N - start)
         for b in range(n):
-            row = groups[start + b]
             m = np.float32(0.0)
             for j in range(G):
-                wt[j, b] = row[j]
-                if abs(row[j]) > abs(m):
-                    m = row[j]
+                v = groups[start + b, j]
+                wt[j, b] = v
+                if abs(v) > abs(m):
+                    m = v
             pivot[b] = m if signed else abs(m)
-        _search_block(wt, pivot, n, divisors, signed, qmin, qmax, best)
+        _search_block(wt, pivot, n, divisors, fallback, qmin, qmax, best)
         for b in range(n):
             scales[start + b] = np.float32(best[b]) if best[b] != 0 else np.float32(0.0)
     return scales
 
 
+@_jit
 def _encode_q4(groups, scales, packed):
-    """codes = clamp(rint(w / s), -8, 7), packed in the q4 nibble order into packed [N, G/2]."""
+    """packed uint8 [N, G/2] <- codes clamp(rint(w / s), -8, 7) of groups [N, G], q4 nibble order."""
     N, G = groups.shape
     half = G // 2
-    codes = np.empty(G, np.int32)
+    codes = np.empty(G, np.uint8)  # [G] q + 8
     for i in range(N):
         s = scales[i]
         for j in range(G):
             q = np.rint(groups[i, j] / s) if s != 0 else np.float32(0.0)
-            codes[j] = np.int32(min(max(q, np.float32(Q4_MIN)), np.float32(Q4_MAX))) + 8
+            codes[j] = np.uint8(np.int32(min(max(q, np.float32(Q4_MIN)), np.float32(Q4_MAX))) + 8)
         for j in range(half):
-            packed[i, j] = np.uint8(codes[j] | (codes[j + half] << 4))
+            packed[i, j] = codes[j] | (codes[j + half] << np.uint8(4))
 
 
+@_jit
 def _encode_q8(groups, scales, codes):
-    """codes int8 [N, G] = clamp(rint(w / s), -127, 127)."""
+    """codes int8 [N, G] <- clamp(rint(w / s), -127, 127) of groups [N, G]."""
     N, G = groups.shape
+    lo, hi = np.float32(-Q8_MAX), np.float32(Q8_MAX)
     for i in range(N):
         s = scales[i]
         for j in range(G):
             q = np.rint(groups[i, j] / s) if s != 0 else np.float32(0.0)
-            codes[i, j] = np.int8(min(max(q, np.float32(-Q8_MAX)), np.float32(Q8_MAX)))
-
-
-class _Kernels:
-    def __init__(self, jit):
-        global _round_f16_jit
-        self.round_f16 = jit(_round_f16)
-        self.search_scales = jit(_search_scales)
-        self.encode_q4 = jit(_encode_q4)
-        self.encode_q8 = jit(_encode_q8)
-
-
-_KERNELS = None
-
-
-def _kernels():
-    ...
+            codes[i, j] = np.int8(min(max(q, lo), hi))
