@@ -1,0 +1,80 @@
+"""quant/recipe.py: precision per tensor role, option validation, manifest round trip."""
+
+import json
+
+import pytest
+
+from ernie_edge.config import ErnieConfig
+from ernie_edge.errors import ErnieEdgeError
+from ernie_edge.quant.hf_ernie import expected_tensors
+from ernie_edge.quant.recipe import ROLES, Recipe, RecipeError
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, moe_intermediate_size=32, moe_num_experts=4,
+            moe_k=2, moe_num_shared_experts=1, architectures=["Ernie4_5_MoeForCausalLM"],
+            model_type="ernie4_5_moe")
+
+
+def test_defaults():
+    r = Recipe()
+    assert (r.expert_bits, r.dense_bits, r.group_size) == (4, 8, 32)
+    assert {role: r.precision_for(role) for role in ROLES} == {
+        "expert": "q4", "attn": "q8", "dense_mlp": "q8", "shared_expert": "q8", "embed": "q8",
+        "router": "f32", "router_bias": "f32", "norm": "f32"}
+
+
+@pytest.mark.parametrize("expert_bits,dense_bits,expert,dense", [
+    (4, 4, "q4", "q4"), (8, 8, "q8", "q8"), (4, 16, "q4", "f16"), (8, 16, "q8", "f16")])
+def test_options_map_to_precisions(expert_bits, dense_bits, expert, dense):
+    r = Recipe(expert_bits=expert_bits, dense_bits=dense_bits, group_size=128)
+    assert r.precision_for("expert") == expert
+    for role in ("attn", "dense_mlp", "shared_expert", "embed"):
+        assert r.precision_for(role) == dense
+    for role in ("router", "router_bias", "norm"):  # never quantized (ERNIE_SPEC P3)
+        assert r.precision_for(role) == "f32"
+
+
+def test_every_checkpoint_role_has_a_precision():
+    cfg = ErnieConfig.from_dict(TINY)
+    roles = {spec.role for spec in expected_tensors(cfg).values()}
+    assert roles == set(ROLES)
+    for role in roles:
+        assert Recipe().precision_for(role) in ("q4", "q8", "f16", "f32")
+
+
+@pytest.mark.parametrize("kwargs,option", [
+    ({"expert_bits": 16}, "--expert-bits"), ({"expert_bits": 2}, "--expert-bits"),
+    ({"dense_bits": 32}, "--dense-bits"), ({"dense_bits": "8"}, "--dense-bits"),
+    ({"group_size": 16}, "--group-size"), ({"group_size": 32.0}, "--group-size"),
+    ({"expert_bits": True}, "--expert-bits")])
+def test_bad_options_name_the_option(kwargs, option):
+    with pytest.raises(RecipeError, match=option) as e:
+        Recipe(**kwargs)
+    assert isinstance(e.value, ErnieEdgeError) and isinstance(e.value, ValueError)
+
+
+def test_unknown_role():
+    with pytest.raises(ValueError, match="unknown tensor role 'lm_head'.*expert"):
+        Recipe().precision_for("lm_head")
+
+
+def test_frozen():
+    with pytest.raises(AttributeError):
+        Recipe().expert_bits = 8
+
+
+def test_manifest_round_trip():
+    r = Recipe(expert_bits=8, dense_bits=16, group_size=64)
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d == {"expert_bits": 8, "dense_bits": 16, "group_size": 64}
+    assert Recipe.from_dict(d) == r
+
+
+@pytest.mark.parametrize("d,match", [
+    ({"expert_bits": 4, "dense_bits": 8}, "missing field.*group_size"),
+    ({"expert_bits": 4, "dense_bits": 8, "group_size": 32, "lm_head_bits": 4}, "unknown field.*lm_head_bits"),
+    ({"expert_bits": 3, "dense_bits": 8, "group_size": 32}, "--expert-bits"),
+    ([4, 8, 32], "JSON object")])
+def test_bad_manifest_recipe(d, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict(d)
