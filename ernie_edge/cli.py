@@ -115,6 +115,107 @@ def _run_eval(a) -> int:
     return 0
 
 
+# ---- generate / chat / demo ----------------------------------------------------------------------
+
+def _add_sampling_flags(p) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    g.add_argument("--max-tokens", type=_positive_int, default=None)
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--top-k", type=_positive_int, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--reasoning-budget", type=_positive_int, default=None,
+                   help="at most this many thinking tokens, then the model is made to answer")
+
+
+def _sampling(a, model):
+    from .sampling import SamplingParams
+    return SamplingParams.from_generation_config(
+        model.path, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def _read_json_file(path: Path, what: str):
+    from .errors import ErnieEdgeError
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ErnieEdgeError(f"{what} {path}: cannot read JSON: {e}") from None
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="one chat turn: render the template, generate, print the answer")
+    p.add_argument("--model", required=True, help="model folder (converted or HF) or cached repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the user message")
+    src.add_argument("--messages", type=Path, help="JSON file: a list of OpenAI-style messages")
+    p.add_argument("--system", default=None, help="system prompt (with --prompt)")
+    p.add_argument("--tools", type=Path, default=None, help="JSON file: a list of OpenAI tool definitions")
+    p.add_argument("--json", action="store_true", help="print one JSON object with reasoning, content, "
+                                                       "tool_calls, finish_reason, usage, timings")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(a) -> int:
+    from . import load
+    from .generate import generate, render_prompt
+    model = load(a.model)
+    if a.messages is not None:
+        messages = _read_json_file(a.messages, "--messages")
+    else:
+        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
+            {"role": "user", "content": a.prompt}]
+    tools = _read_json_file(a.tools, "--tools") if a.tools else None
+    ids = render_prompt(model, messages, tools=tools)
+    result = generate(model, ids, _sampling(a, model), reasoning_budget=a.reasoning_budget)
+    if a.json:
+        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    for call in result.tool_calls:
+        print(f"[tool call] {call.name}({call.arguments})")
+    if result.content is not None:
+        print(result.content)
+    elif not result.tool_calls:
+        print(f"(no answer: the model was still thinking when it stopped ({result.finish_reason}); "
+              "raise --max-tokens or set --reasoning-budget)", file=sys.stderr)
+    return 0
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="interactive chat in the terminal")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", default=None)
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    _add_sampling_flags(p)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(a) -> int:
+    from . import load
+    from .terminal_chat import ChatSettings, TerminalChat
+    model = load(a.model)
+    settings = ChatSettings(system=a.system, show_thinking=not a.hide_thinking,
+                            reasoning_budget=a.reasoning_budget, params=_sampling(a, model))
+    TerminalChat(model, settings).run()
+    return 0
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline demo: build the tiny synthetic model (first run) and chat with it")
+    p.add_argument("--prompt", default=None, help="answer one prompt and exit (default when stdin is not a terminal)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the demo model")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(a) -> int:
+    from .demo import DemoSettings, run_demo
+    run_demo(DemoSettings(prompt=a.prompt, rebuild=a.rebuild, interactive=sys.stdin.isatty()))
+    return 0
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"ernie-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_synth, _add_convert, _add_verify, _add_info, _add_eval):
+    for add in (_add_demo, _add_generate, _add_chat, _add_synth, _add_convert, _add_verify,
+                _add_info, _add_eval):
         add(sub)
     return parser
 

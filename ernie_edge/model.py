@@ -30,6 +30,7 @@ class Model:
         self.config: ErnieConfig = weights.config
         self._ref = ReferenceModel(weights, use_correction_bias=use_correction_bias)
         self._tokenizer = None
+        self._chat_template = None
 
     # ---- tokens in, logits out -----------------------------------------------------------------
 
@@ -69,6 +70,14 @@ class Model:
             from .tokenizer import Tokenizer
             self._tokenizer = Tokenizer.from_dir(self.path)
         return self._tokenizer
+
+    @property
+    def chat_template(self):
+        """The model's chat template (its own, sandboxed; the built-in ERNIE one if it has none)."""
+        if self._chat_template is None:
+            from .chat_template import ChatTemplate
+            self._chat_template = ChatTemplate.from_model_dir(self.path)
+        return self._chat_template
 
     # ---- checks --------------------------------------------------------------------------------
 

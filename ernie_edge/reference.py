@@ -118,6 +118,13 @@ class ReferenceCache:
     start: int = 0
     length: int = 0
 
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length (reuse of a shared prompt prefix)."""
+        keep = max(0, min(length, self.length) - self.start)
+        self.k = [k[:keep] for k in self.k]
+        self.v = [v[:keep] for v in self.v]
+        self.length = self.start + keep
+
 
 @dataclass
 class RoutingTrace:
