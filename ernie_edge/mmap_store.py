@@ -21,6 +21,8 @@ from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_NAME_CHARS = 1024
+# Filler tensors our writer inserts to keep the next tensor aligned (quant/safetensors_writer.py).
+PAD_PREFIX = "__pad__."
 
 # safetensors dtype -> numpy dtype of the raw view. BF16 is exposed as its raw uint16 bits.
 DTYPES: dict[str, np.dtype] = {
@@ -149,6 +151,9 @@ class SafetensorsFile:
         with fobj:
             size = os.fstat(fobj.fileno()).st_size
             self.tensors, self.metadata, self.data_start = read_header(self.path, size, fobj)
+            pads = [name for name in self.tensors if name.startswith(PAD_PREFIX)]
+            for name in pads:
+                del self.tensors[name]  # byte filler, not model data
             for t in self.tensors.values():
                 if t.offset % alignment:
                     raise CheckpointError(f"{self.path}: tensor {t.name!r} starts at byte {t.offset}, "

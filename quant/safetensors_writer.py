@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie_edge.mmap_store import DTYPES
+from ernie_edge.mmap_store import DTYPES, PAD_PREFIX
 
-_NP_TO_ST = {np.dtype(v).str: k for k, v in DTYPES.items() if k not in ("BF16",)}
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,6 @@ class PlannedTensor:
         return n
 
 
-PAD_PREFIX = "__pad__."
 
 
 def plan_layout(tensors: list[PlannedTensor], alignment: int) -> list[PlannedTensor]:
