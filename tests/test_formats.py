@@ -392,7 +392,9 @@ def test_odd_shapes_and_leading_expert_axes(shape, size):
 def test_input_dtypes_and_layouts_give_the_same_result():
     w = gaussian((64, 96), 19)
     base = quantize_q4(w, 32)
-    for variant in (w.astype(np.float64), np.asfortranarray(w), w.T.copy().T):
+    read_only = w.copy()
+    read_only.setflags(write=False)  # as from a memory-mapped checkpoint
+    for variant in (w.astype(np.float64), np.asfortranarray(w), w.T.copy().T, read_only):
         for got, want in zip(quantize_q4(variant, 32), base):
             np.testing.assert_array_equal(got, want)
     half = w.astype(np.float16)
