@@ -49,13 +49,14 @@ def resolve(path_or_repo: str | os.PathLike) -> ModelLocation:
     if path.exists():
         if not path.is_dir():
             raise ModelNotFoundError(f"{path}: is a file; give the model folder (with config.json)")
-        if (path / MANIFEST_NAME).is_file():
+        unfinished = path.name.endswith(".partial") or any(path.glob("experts-*.safetensors*"))
+        if (path / MANIFEST_NAME).is_file() and not path.name.endswith(".partial"):
             return ModelLocation("edge", path)
-        if (path / "config.json").is_file():
-            return ModelLocation("hf", path)
-        if path.name.endswith(".partial") or any(path.glob("experts-*.safetensors")):
+        if unfinished:  # checked before config.json: a staging folder has one too
             raise ModelNotFoundError(f"{path}: an unfinished conversion (no {MANIFEST_NAME}); run "
                                      "`ernie-edge convert` again to resume it")
+        if (path / "config.json").is_file():
+            return ModelLocation("hf", path)
         raise ModelNotFoundError(f"{path}: neither a converted model ({MANIFEST_NAME}) nor an HF "
                                  "checkpoint (config.json)")
     if _REPO_ID.match(text):
