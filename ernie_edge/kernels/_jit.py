@@ -14,10 +14,11 @@ and the OpenMP wait policy, which must be chosen before numba starts its thread 
   Passive waiting costs ~10-20 µs per region instead; kernels are written with few, coarse
   parallel regions (one per projection or expert group). Both can be overridden from the
   environment (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY) before ernie_edge is imported.
-- Integer SIMD path: `SIMD` is "avx2" when the host CPU has AVX2 (x86-64 since 2013): int4/int8
-  dot products run on vpmaddubsw/vpmaddwd through llvmlite intrinsics (kernels/simd.py). Elsewhere
-  (ARM, old x86) it is "generic": the same integer arithmetic in plain numba loops. Override with
-  ERNIE_EDGE_SIMD=generic to test or benchmark the portable path on an AVX2 machine.
+- Integer SIMD path (`SIMD`, see kernels/simd.py): "avxvnni" when the CPU has AVX-VNNI or
+  AVX512-VNNI (vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else
+  "generic" (portable LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks
+  one explicitly (a path the CPU lacks falls back to the best it has). Compiled kernels are cached
+  per path (a subfolder of the cache dir), since the path is baked in at compile time.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import llvmlite.binding as _llvm  # noqa: E402
 import numba  # noqa: E402
 
 # numba reads these at import; if numba was imported before us, set them on its config directly.
-numba.config.CACHE_DIR = os.environ["NUMBA_CACHE_DIR"]
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "omp"
 
@@ -45,21 +45,30 @@ PARALLEL = dict(JIT, parallel=True)
 ACT_BLOCK = 32
 
 
-def _host_has_avx2() -> bool:
-    features = _llvm.get_host_cpu_features()
-    return bool(features.get("avx2", False)) and bool(features.get("fma", False))
+def _host_paths() -> list[str]:
+    """SIMD paths this CPU supports, best first."""
+    f = _llvm.get_host_cpu_features()
+    paths = []
+    if f.get("avx2") and f.get("fma") and f.get("f16c"):
+        if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
+            paths.append("avxvnni")
+        paths.append("avx2")
+    paths.append("generic")
+    return paths
 
 
 def _choose_simd() -> str:
+    paths = _host_paths()
     wanted = os.environ.get("ERNIE_EDGE_SIMD", "").strip().lower()
-    if wanted in ("generic", "avx2"):
-        if wanted == "avx2" and not _host_has_avx2():
-            return "generic"
+    if wanted in paths:
         return wanted
-    return "avx2" if _host_has_avx2() else "generic"
+    if wanted == "avxvnni" and "avx2" in paths:
+        return "avx2"
+    return paths[0]
 
 
 SIMD = _choose_simd()
+numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], SIMD)
 
 
 def njit(**extra):

@@ -1,0 +1,354 @@
+"""int8 kernels, and the quantized matvec kernels shared by the int4 and int8 formats.
+
+Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
+blocks, E experts in a bank, k routed slots per token, I expert intermediate size, H hidden size.
+
+Weights are read exactly as quant/formats.py stores them (no repacking):
+  int8  codes int8 [.., O, K]      scales fp16 [.., O, K/G]
+  int4  packed uint8 [.., O, K/2]  scales fp16 [.., O, K/G]   (q4.py)
+fp16 scales are passed as their uint16 view (numba cannot take float16 arrays); the wrappers accept
+either and take the view themselves.
+
+Decode (one token): the activation x is quantized to int8 in blocks of 32 (`quantize_act`, llama.cpp
+Q8_0 style) and every weight block is an exact integer dot (kernels/simd.py). Error bound, per
+output row o (tested in tests/test_kernels_q8.py):
+
+    |y_approx[o] - y_exact[o]| <= sum_b  (max_{j in b} |x_j| / 254) * sum_{j in b} |W[o, j]|
+
+(rounding each x_j to the nearest multiple of d_b = max|x_b|/127 moves it by at most d_b/2), plus
+float32 rounding. Prefill (`*_matmul`) is exact float32: weight rows are dequantized into a small
+fp32 tile that stays in cache and multiplied with all T tokens by BLAS sgemm (numpy).
+
+All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors views are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from . import simd
+from ._jit import ACT_BLOCK, njit, pnjit
+
+
+
+# ---- activation quantization (shared) ---------------------------------------------------------
+
+class ActScratch:
+    """Preallocated int8 activation buffers for up to `rows` vectors of length up to `k`.
+
+    xq int8 [rows, k], xd float32 [rows, k/32] (block scales), xs float32 [rows, k/32] (int4 offset
+    term 8 * xd * sum(xq) per block). Allocate once per shape; kernels overwrite them.
+    """
+
+    def __init__(self, k: int, rows: int = 1):
+        if k % ACT_BLOCK:
+            raise ValueError(f"activation length {k} is not a multiple of {ACT_BLOCK}")
+        self.k, self.rows = k, rows
+        self.xq = np.zeros((rows, k), np.int8)
+        self.xd = np.zeros((rows, k // ACT_BLOCK), np.float32)
+        self.xs = np.zeros((rows, k // ACT_BLOCK), np.float32)
+
+    def views(self, k: int, rows: int = 1):
+        """(xq [rows, k], xd [rows, k/32], xs [rows, k/32]) C-contiguous views for a k-long input."""
+        if k > self.k or rows > self.rows or k % ACT_BLOCK:
+            raise ValueError(f"ActScratch({self.k}, rows={self.rows}) too small for {rows} x {k}")
+        nb = k // ACT_BLOCK
+        xq = self.xq.reshape(-1)[: rows * k].reshape(rows, k)
+        xd = self.xd.reshape(-1)[: rows * nb].reshape(rows, nb)
+        xs = self.xs.reshape(-1)[: rows * nb].reshape(rows, nb)
+        return xq, xd, xs
+
+
+@njit()
+def quantize_act(x, xq, xd, xs, gs):
+    """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs float32 [K/32] (round to nearest).
+
+    Block b holds the 32 values one 16-byte chunk of an int4 row multiplies: with weight group size
+    gs, block b = (group g, chunk c) takes x[g*gs + 16c : +16] (low nibbles) then
+    x[g*gs + gs/2 + 16c : +16] (high nibbles). For gs = 32 (and for int8 weights, which pass 32)
+    that is simply x[32b : 32b + 32]. xd[b] = max|block| / 127, xs[b] = 8 * xd[b] * sum(xq block).
+    """
+    nb = x.shape[0] // 32
+    half = gs // 2
+    chunks = gs // 32
+    for b in range(nb):
+        g, c = b // chunks, b % chunks
+        lo = g * gs + 16 * c
+        hi = lo + half
+        amax = np.float32(0.0)
+        for j in range(16):
+            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
+        d = amax / np.float32(127.0)
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        total = 0
+        for j in range(16):
+            q0 = np.int32(np.rint(x[lo + j] * inv))
+            q1 = np.int32(np.rint(x[hi + j] * inv))
+            xq[32 * b + j] = q0
+            xq[32 * b + 16 + j] = q1
+            total += q0 + q1
+        xd[b] = d
+        xs[b] = np.float32(8.0) * d * np.float32(total)
+
+
+@njit()
+def _log2_sub(nb, nsg):
+    """log2(G / 32) for K/32 = nb activation blocks and nsg weight groups per row."""
+    sub = nb // nsg
+    l2 = 0
+    while (1 << l2) < sub:
+        l2 += 1
+    return l2
+
+
+@njit(inline="always")
+def _silu_mul(g, u):
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+# ---- shared decode kernels (w: uint8 packed int4 or int8 codes) ------------------------------
+
+@pnjit()
+def _matvec(x, w, s, out, xq, xd, xs, gs):
+    """out [O] = W x, one parallel region; rows split across threads four at a time."""
+    K, O, kw, nsg = x.shape[0], w.shape[0], w.shape[1], s.shape[1]
+    nb = K // 32
+    l2 = _log2_sub(nb, nsg)
+    quantize_act(x, xq, xd, xs, gs)
+    nq = O // 4
+    for p in prange(nq):
+        r = 4 * p
+        a, b, c, d = simd.rows_dot4(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
+    for r in range(4 * nq, O):
+        out[r] = simd.rows_dot1(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
+
+
+@pnjit()
+def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs):
+    """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
+    K = x.shape[0]
+    inter, kw, nsg = wg.shape[1], wg.shape[2], sg.shape[2]
+    nb = K // 32
+    l2 = _log2_sub(nb, nsg)
+    quantize_act(x, xq, xd, xs, gs)
+    nslot = ids.shape[0]
+    nq = inter // 4
+    for p in prange(nslot * nq):
+        j = p // nq
+        r = 4 * (p % nq)
+        row = ids[j] * inter + r
+        g0, g1, g2, g3 = simd.rows_dot4(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
+        u0, u1, u2, u3 = simd.rows_dot4(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
+        out_h[j, r] = _silu_mul(g0, u0)
+        out_h[j, r + 1] = _silu_mul(g1, u1)
+        out_h[j, r + 2] = _silu_mul(g2, u2)
+        out_h[j, r + 3] = _silu_mul(g3, u3)
+    for j in range(nslot):
+        for r in range(4 * nq, inter):
+            row = ids[j] * inter + r
+            g = simd.rows_dot1(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
+            u = simd.rows_dot1(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
+            out_h[j, r] = _silu_mul(g, u)
+
+
+@njit(inline="always")
+def _nth_slot(ids, prev_key):
+    """The slot whose key ids[j] * k + j is the smallest above prev_key (ascending expert order)."""
+    n = ids.shape[0]
+    best, best_key = -1, -1
+    for j in range(n):
+        key = ids[j] * n + j
+        if key > prev_key and (best < 0 or key < best_key):
+            best, best_key = j, key
+    return best, best_key
+
+
+@pnjit()
+def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs):
+    """out [H] = sum over slots in ascending expert id of weights[j] * Wd[ids[j]] h[j]."""
+    nslot, inter = h.shape
+    hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
+    nb = inter // 32
+    l2 = _log2_sub(nb, nsg)
+    for j in range(nslot):
+        quantize_act(h[j], hq[j], hd[j], hs[j], gs)
+    nq = hid // 4
+    for p in prange(nq):
+        r = 4 * p
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        key = -1
+        for _ in range(nslot):
+            j, key = _nth_slot(ids, key)
+            row = ids[j] * hid + r
+            y0, y1, y2, y3 = simd.rows_dot4(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
+            wj = weights[j]
+            a0 += wj * y0
+            a1 += wj * y1
+            a2 += wj * y2
+            a3 += wj * y3
+        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    for r in range(4 * nq, hid):
+        acc = np.float32(0.0)
+        key = -1
+        for _ in range(nslot):
+            j, key = _nth_slot(ids, key)
+            row = ids[j] * hid + r
+            acc += weights[j] * simd.rows_dot1(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
+        out[r] = acc
+
+
+# ---- argument checks shared by the q4 / q8 wrappers ------------------------------------------
+
+def as_u16(scales: np.ndarray) -> np.ndarray:
+    """fp16 scales as the uint16 view the kernels take (accepts float16 or uint16)."""
+    if scales.dtype == np.float16:
+        return scales.view(np.uint16)
+    if scales.dtype != np.uint16:
+        raise TypeError(f"scales must be float16 or their uint16 view, got {scales.dtype}")
+    return scales
+
+
+def check_contig(**arrays: np.ndarray) -> None:
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight") -> None:
+    """w [.., O, K*bits/8] and s [.., O, K/G] agree with an input of length k."""
+    kw = k // 2 if bits == 4 else k
+    if k % ACT_BLOCK or w.shape[-1] != kw:
+        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
+    if s.shape[:-1] != w.shape[:-1] or s.shape[-1] == 0 or k % s.shape[-1]:
+        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape}")
+    g = k // s.shape[-1]
+    if g not in (32, 64, 128):
+        raise ValueError(f"{what}: group size {g} not supported (32, 64 or 128)")
+    check_contig(**{what: w, f"{what} scales": s})
+
+
+def act_group(k: int, s: np.ndarray, bits: int) -> int:
+    """The `gs` argument of quantize_act: the weight group size for int4, 32 for int8."""
+    return k // s.shape[-1] if bits == 4 else 32
+
+
+def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
+    k = x.shape[0]
+    s = as_u16(s)
+    check_weight(w, s, k, bits)
+    if out.shape != (w.shape[0],) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
+    xq, xd, xs = act.views(k)
+    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits))
+    return out
+
+
+def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
+    k = x.shape[0]
+    sg, su = as_u16(sg), as_u16(su)
+    check_weight(wg, sg, k, bits, "gate bank")
+    check_weight(wu, su, k, bits, "up bank")
+    if wg.shape != wu.shape or wg.ndim != 3:
+        raise ValueError(f"gate bank {wg.shape} and up bank {wu.shape} must both be [E, I, K']")
+    ids = _check_ids(ids, wg.shape[0])
+    if out_h.shape != (ids.shape[0], wg.shape[1]) or out_h.dtype != np.float32:
+        raise ValueError(f"out_h must be float32 [{ids.shape[0]}, {wg.shape[1]}], got {out_h.dtype} {out_h.shape}")
+    check_contig(out_h=out_h)
+    xq, xd, xs = act.views(k)
+    _experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0],
+                          act_group(k, sg, bits))
+    return out_h
+
+
+def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int) -> np.ndarray:
+    nslot, inter = h.shape
+    sd = as_u16(sd)
+    check_weight(wd, sd, inter, bits, "down bank")
+    ids = _check_ids(ids, wd.shape[0])
+    if ids.shape[0] != nslot or weights.shape != (nslot,):
+        raise ValueError(f"h {h.shape}, expert_ids {ids.shape} and weights {weights.shape} disagree")
+    if out.shape != (wd.shape[1],) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{wd.shape[1]}], got {out.dtype} {out.shape}")
+    hq, hd, hs = act.views(inter, nslot)
+    _experts_down_weighted(np.ascontiguousarray(h, np.float32), wd, sd, ids,
+                           np.ascontiguousarray(weights, np.float32), out, hq, hd, hs, act_group(inter, sd, bits))
+    return out
+
+
+def _check_ids(ids, n_experts: int) -> np.ndarray:
+    ids = np.ascontiguousarray(ids, np.int64)
+    if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= n_experts:
+        raise ValueError(f"expert_ids {ids} must be a non-empty 1-D array of ids in [0, {n_experts})")
+    return ids
+
+
+# ---- int8 public API --------------------------------------------------------------------------
+
+def q8_matvec(x, codes, scales, out, act: ActScratch) -> np.ndarray:
+    """out float32 [O] = W x for int8 W (codes int8 [O, K], scales fp16 [O, K/G]); x float32 [K].
+
+    Decode path: x is quantized to int8 per block of 32 into `act` (ActScratch(K) or larger), so
+    the result carries the int8-activation error bound in the module doc. One parallel region.
+    """
+    return matvec(x, codes, scales, out, act, bits=8)
+
+
+def q8_experts_gate_up_silu(x, gate_codes, gate_scales, up_codes, up_scales, expert_ids, out_h,
+                            act: ActScratch) -> np.ndarray:
+    """out_h [k, I] = silu(G_e x) * (U_e x) for e = expert_ids[j]; banks int8 [E, I, K]."""
+    return experts_gate_up_silu(x, gate_codes, gate_scales, up_codes, up_scales, expert_ids, out_h, act, 8)
+
+
+def q8_experts_down_weighted(h, down_codes, down_scales, expert_ids, weights, out,
+                             act: ActScratch) -> np.ndarray:
+    """out [H] = sum_j weights[j] * D_e h[j] in ascending expert id; bank int8 [E, H, I]."""
+    return experts_down_weighted(h, down_codes, down_scales, expert_ids, weights, out, act, 8)
+
+
+# ---- prefill: dequantize row tiles + BLAS ------------------------------------------------------
+
+@pnjit()
+def _q8_dequant_rows(codes, s, r0, tile):
+    """tile[i, :] = dequantized row r0 + i of int8 codes [O, K] (float32)."""
+    n, K = tile.shape[0], codes.shape[1]
+    nsg = s.shape[1]
+    gs = K // nsg
+    for i in prange(n):
+        for g in range(nsg):
+            sc = simd.f16_to_f32(s[r0 + i, g])
+            for j in range(gs):
+                tile[i, g * gs + j] = np.float32(codes[r0 + i, g * gs + j]) * sc
+
+
+def tiled_matmul(X, w, s, out, dequant_rows, tile_bytes: int = 1 << 20) -> np.ndarray:
+    """out [T, O] = X [T, K] W^T, dequantizing W a tile of rows at a time (each row read once)."""
+    T, K = X.shape
+    O = w.shape[0]
+    rows = max(8, min(O, tile_bytes // (4 * K)))
+    tile = np.empty((rows, K), np.float32)
+    part = np.empty(T * rows, np.float32)
+    for r0 in range(0, O, rows):
+        n = min(rows, O - r0)
+        dequant_rows(w, s, r0, tile[:n])
+        y = part[: T * n].reshape(T, n)
+        np.matmul(X, tile[:n].T, out=y)
+        out[:, r0:r0 + n] = y
+    return out
+
+
+def check_matmul(X, w, s, out, bits: int):
+    if X.ndim != 2 or X.dtype != np.float32:
+        raise ValueError(f"X must be float32 [T, K], got {X.dtype} {X.shape}")
+    s = as_u16(s)
+    check_weight(w, s, X.shape[1], bits)
+    if out.shape != (X.shape[0], w.shape[0]) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{X.shape[0]}, {w.shape[0]}], got {out.dtype} {out.shape}")
+    return s
+
+
+def q8_matmul(X, codes, scales, out) -> np.ndarray:
+    """out float32 [T, O] = X W^T for int8 W [O, K]; exact float32 (dequantized tiles + sgemm)."""
+    s = check_matmul(X, codes, scales, out, 8)
+    return tiled_matmul(X, codes, s, out, _q8_dequant_rows)
