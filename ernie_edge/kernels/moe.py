@@ -1,0 +1,100 @@
+"""MoE routing and the grouped (prefill) expert execution (ERNIE_SPEC §3.5).
+
+Legend: T tokens, H hidden size, E experts, k experts per token, I expert intermediate size.
+
+Decode uses q4.q4_experts_gate_up_silu / q4_experts_down_weighted (one parallel region each).
+Prefill groups tokens by expert so each routed expert's weights are read once per batch, and adds
+each token's expert outputs in ascending expert id (P13), starting from zero.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import q4, q8
+from ._jit import njit
+
+
+@njit()
+def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p):
+    T, H = x.shape
+    E = wg.shape[0]
+    for t in range(T):
+        for e in range(E):
+            s = np.float32(0.0)
+            for j in range(H):
+                s += x[t, j] * wg[e, j]
+            logits[e] = s
+        mx = logits.max()
+        tot = np.float32(0.0)
+        for e in range(E):
+            p[e] = np.exp(logits[e] - mx)
+            tot += p[e]
+        for e in range(E):
+            p[e] = p[e] / tot
+        # top-k of p + bias by repeated argmax; ties go to the lower index (stable sort order)
+        for e in range(E):
+            logits[e] = p[e] + bias[e] if use_bias else p[e]
+        wsum = np.float32(0.0)
+        for slot in range(k):
+            best = 0
+            for e in range(1, E):
+                if logits[e] > logits[best]:
+                    best = e
+            idx[t, slot] = best
+            logits[best] = -np.inf
+            w[t, slot] = p[best]
+            wsum += p[best]
+        denom = max(wsum, norm_min)
+        for slot in range(k):
+            w[t, slot] = w[t, slot] / denom
+
+
+def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12):
+    """Router in float32: logits = x wg^T, p = softmax over all E, slots = top-k of p + bias (bias
+    only selects), weights = p[slots] / max(sum, norm_min). x float32 [T, H] or [H]; wg float32
+    [E, H]; bias float32 [E] or None; writes idx_out int64 [T, k] (in descending p + bias) and
+    w_out float32 [T, k]; returns them."""
+    x2 = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    T, H = x2.shape
+    E = wg.shape[0]
+    if wg.dtype != np.float32 or wg.shape != (E, H) or not wg.flags.c_contiguous:
+        raise ValueError(f"router weight must be C-contiguous float32 [E, {H}], got {wg.dtype} {wg.shape}")
+    if not 1 <= k <= E or idx_out.shape != (T, k) or w_out.shape != (T, k):
+        raise ValueError(f"route: k={k}, idx_out {idx_out.shape}, w_out {w_out.shape} for T={T}, E={E}")
+    if idx_out.dtype != np.int64 or w_out.dtype != np.float32:
+        raise ValueError("idx_out must be int64 and w_out float32")
+    use_bias = bias is not None
+    b = np.ascontiguousarray(bias, np.float32) if use_bias else np.zeros(E, np.float32)
+    _route(x2, wg, b, use_bias, k, np.float32(norm_min), idx_out.reshape(T, k), w_out.reshape(T, k),
+           np.empty(E, np.float32), np.empty(E, np.float32))
+    return idx_out, w_out
+
+
+def experts_prefill(x, idx, weights, gate, gate_scales, up, up_scales, down, down_scales, out,
+                    bits: int = 4) -> np.ndarray:
+    """Routed-expert output for a batch, exact float32: out [T, H] = sum over each token's slots, in
+    ascending expert id, of weights[t, j] * expert_e(x[t]). x float32 [T, H]; idx int [T, k];
+    weights float32 [T, k]; banks int4 packed uint8 [E, I, H/2] / [E, H, I/2] (bits=4) or int8
+    codes [E, I, H] / [E, H, I] (bits=8) with fp16 scales. Overwrites out.
+
+    Tokens are grouped by expert: each hit expert's gate, up and down weights are dequantized a
+    tile at a time and multiplied with all of its tokens at once (q4_matmul / q8_matmul).
+    """
+    matmul = q4.q4_matmul if bits == 4 else q8.q8_matmul
+    T, H = x.shape
+    inter = gate.shape[1]
+    idx = np.asarray(idx)
+    out[...] = 0.0
+    for e in np.unique(idx):  # ascending expert id
+        rows, slots = np.nonzero(idx == e)
+        xe = np.ascontiguousarray(x[rows])  # [n, H]
+        g = np.empty((len(rows), inter), np.float32)
+        u = np.empty_like(g)
+        matmul(xe, gate[e], gate_scales[e], g)
+        matmul(xe, up[e], up_scales[e], u)
+        h = g / (np.float32(1.0) + np.exp(-g)) * u  # [n, I]
+        y = np.empty((len(rows), H), np.float32)
+        matmul(h, down[e], down_scales[e], y)
+        out[rows] += y * weights[rows, slots][:, None].astype(np.float32)
+    return out
