@@ -1,0 +1,160 @@
+"""Load a converted edge folder (docs/FORMAT.md): validate the manifest and every header, map the
+files read-only, and hand out zero-copy views (`qtensor`, `expert_bank`) for the kernels, or
+dequantized float32 weights (`dense`, `expert`) for the reference forward pass.
+
+Only cheap checks run at load (manifest, file sizes, headers, every tensor's dtype, shape and
+alignment); the sha256 of each file is `ernie-edge verify` (ernie_edge.manifest.verify).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CheckpointError
+from .manifest import PROJECTIONS, TensorEntry, bank_name, read_manifest, stored_names, stored_shapes
+from .mmap_store import SafetensorsFile
+from .quant.hf_ernie import expected_tensors
+from .weights import ExpertBank, QTensor
+
+ALIGNMENT = 64
+# Dequantized fp32 copies are cached when the whole model fits in this much memory (tiny/small
+# models); for larger ones only tensors up to SMALL_TENSOR_BYTES are cached (norms, routers).
+CACHE_LIMIT_BYTES = 2 << 30
+SMALL_TENSOR_BYTES = 16 << 20
+
+
+class EdgeCheckpoint:
+    """A validated, memory-mapped edge folder. Implements the reference WeightSource protocol."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if self.folder.name.endswith(".partial"):
+            raise CheckpointError(f"{self.folder}: an unfinished conversion (staging folder); run "
+                                  "`ernie-edge convert` again to finish it")
+        self.manifest = read_manifest(self.folder)
+        self.config = self.manifest.erniecfg()
+        self.skipped = self.manifest.skipped
+        self._check_table()
+        self._check_file_sizes()
+        self.files = {name: SafetensorsFile(self.folder / name)
+                      for name in sorted({t.file for t in self.manifest.tensors.values()})}
+        for entry in self.manifest.tensors.values():
+            self._check_stored(entry)
+        fp32_bytes = 4 * sum(t.parameters for t in self.manifest.tensors.values())
+        self._cache_all = fp32_bytes <= CACHE_LIMIT_BYTES
+        self._cache: dict = {}
+
+    # ---- load-time checks --------------------------------------------------------------------
+
+    def _where(self) -> str:
+        return str(self.folder / "manifest.json")
+
+    def _check_table(self) -> None:
+        """The manifest's tensors are exactly the ones config.json implies, with their shapes."""
+        cfg = self.config
+        want: dict[str, tuple[int, ...]] = {}
+        for name, spec in expected_tensors(cfg).items():
+            if spec.role != "expert":
+                want[name] = spec.shape
+        E, I, H = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        for layer in cfg.moe_layers:
+            want[bank_name(layer, "gate")] = (E, I, H)
+            want[bank_name(layer, "up")] = (E, I, H)
+            want[bank_name(layer, "down")] = (E, H, I)
+        have = self.manifest.tensors
+        missing = [n for n in want if n not in have]
+        unexpected = [n for n in have if n not in want]
+        if missing or unexpected:
+            raise CheckpointError(f"{self._where()}: the tensor table does not match the config "
+                                  f"({cfg.num_hidden_layers} layers, {E} experts): missing {missing[:10]}, "
+                                  f"unexpected {unexpected[:10]}")
+        for name, shape in want.items():
+            if have[name].shape != shape:
+                raise CheckpointError(f"{self._where()}: tensor {name!r} has shape {list(have[name].shape)}, "
+                                      f"but the config implies {list(shape)}")
+
+    def _check_file_sizes(self) -> None:
+        root = os.path.realpath(self.folder)
+        for entry in self.manifest.files.values():
+            path = self.folder / entry.name
+            if os.path.commonpath([os.path.realpath(path), root]) != root:
+                raise CheckpointError(f"{path}: resolves outside the model folder (symlink?); refused")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}: missing (listed in manifest.json); the folder is "
+                                      "incomplete: convert the model again") from None
+            if size != entry.bytes:
+                raise CheckpointError(f"{path}: {size} bytes, manifest.json says {entry.bytes}: truncated "
+                                      "or replaced; run `ernie-edge verify` or convert the model again")
+
+    def _check_stored(self, t: TensorEntry) -> None:
+        f = self.files[t.file]
+        data_shape, scales_shape = stored_shapes(t.shape, t.quant, t.group_size)
+        data_name, scales_name = stored_names(t.name, t.quant)
+        self._check_one(f, data_name, t.dtype, data_shape)
+        if scales_name is not None:
+            self._check_one(f, scales_name, "F16", scales_shape)
+
+    def _check_one(self, f: SafetensorsFile, name: str, dtype: str, shape: tuple[int, ...]) -> None:
+        info = f.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{f.path}: tensor {name!r} (listed in manifest.json) is missing")
+        if info.dtype != dtype or info.shape != tuple(shape):
+            raise CheckpointError(f"{f.path}: tensor {name!r} is {info.dtype} {list(info.shape)}, "
+                                  f"manifest.json says {dtype} {list(shape)}")
+        # Checked here rather than with SafetensorsFile(alignment=64): the writer's `__pad__.N`
+        # filler tensors are unaligned by design.
+        if info.offset % ALIGNMENT:
+            raise CheckpointError(f"{f.path}: tensor {name!r} starts at byte {info.offset}, not a "
+                                  f"multiple of {ALIGNMENT}; convert the model again")
+
+    # ---- raw access for the kernels ------------------------------------------------------------
+
+    def qtensor(self, name: str) -> QTensor:
+        """The stored form of a tensor (HF name, or `layers.LL.experts.PROJ`): read-only views."""
+        t = self.manifest.tensors.get(name)
+        if t is None:
+            raise CheckpointError(f"{self._where()}: no tensor named {name!r}")
+        f = self.files[t.file]
+        data_name, scales_name = stored_names(t.name, t.quant)
+        data = f.view(data_name)
+        scales = None if scales_name is None else f.view(scales_name).view(np.uint16)
+        return QTensor(t.quant, data, scales, t.group_size or 0, t.shape)
+
+    def expert_bank(self, layer: int, proj: str) -> QTensor:
+        """One projection ("gate", "up", "down") of a layer's routed experts: [E, O, ...] views."""
+        if proj not in PROJECTIONS:
+            raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
+        return self.qtensor(bank_name(layer, proj))
+
+    def experts(self, layer: int) -> ExpertBank:
+        return ExpertBank(layer, *(self.expert_bank(layer, p) for p in PROJECTIONS))
+
+    # ---- WeightSource: dequantized float32 ----------------------------------------------------
+
+    def dense(self, name: str) -> np.ndarray:
+        """A non-expert tensor by its HF name, dequantized to float32."""
+        if name in self._cache:
+            return self._cache[name]
+        out = self.qtensor(name).dequantize()
+        if self._cache_all or out.nbytes <= SMALL_TENSOR_BYTES:
+            self._cache[name] = out
+        return out
+
+    def expert(self, layer: int, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(gate [I, H], up [I, H], down [H, I]) of expert e, dequantized from its bank slices."""
+        key = (layer, e)
+        if key in self._cache:
+            return self._cache[key]
+        out = tuple(self.expert_bank(layer, p).expert(e).dequantize() for p in PROJECTIONS)
+        if self._cache_all:
+            self._cache[key] = out
+        return out
+
+    def total_bytes(self) -> int:
+        return sum(f.bytes for f in self.manifest.files.values())
+

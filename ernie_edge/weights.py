@@ -1,0 +1,81 @@
+"""Typed containers for stored weights: what a kernel needs to read one tensor of an edge folder.
+
+A `QTensor` holds read-only numpy views straight into the memory-mapped files (zero copy): the
+codes (or plain values) and, for q4/q8, the fp16 scales as their uint16 bits (numba cannot take
+float16 arrays; TOOLCHAIN.md). The layout is quant/formats.py's, unchanged:
+
+  quant  data                        scales
+  q4     uint8  [..., O, K/2]        uint16 [..., O, K/G]   (fp16 bits)
+  q8     int8   [..., O, K]          uint16 [..., O, K/G]
+  f16    float16 [...]               None
+  f32    float32 [...]               None
+
+For an expert bank the leading axis is the expert: [E, O, ...], one expert one contiguous slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .quant.formats import dequantize_q4, dequantize_q8
+
+QUANTS = ("q4", "q8", "f16", "f32")
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """One stored weight. `shape` is the logical (dequantized) shape; group_size is 0 for f16/f32."""
+
+    quant: str
+    data: np.ndarray
+    scales: np.ndarray | None
+    group_size: int
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk (codes + scales)."""
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+
+    @property
+    def bits_per_weight(self) -> float:
+        count = int(np.prod(self.shape, dtype=np.int64))
+        return 8.0 * self.nbytes / count if count else 0.0
+
+    def expert(self, e: int) -> "QTensor":
+        """Slice expert e of a bank [E, O, ...] (a view, no copy)."""
+        if len(self.shape) != 3:
+            raise ValueError(f"expert() needs a bank [E, O, K]; this tensor has shape {self.shape}")
+        scales = None if self.scales is None else self.scales[e]
+        return QTensor(self.quant, self.data[e], scales, self.group_size, self.shape[1:])
+
+    def dequantize(self) -> np.ndarray:
+        """The weight as a new float32 array of `shape` (quant/formats.py is the spec)."""
+        if self.quant == "q4":
+            out = dequantize_q4(self.data, self.scales.view(np.float16), self.group_size)
+        elif self.quant == "q8":
+            out = dequantize_q8(self.data, self.scales.view(np.float16), self.group_size)
+        elif self.quant in ("f16", "f32"):
+            out = self.data.astype(np.float32)
+        else:
+            raise ValueError(f"unknown quant {self.quant!r} (known: {', '.join(QUANTS)})")
+        return out.reshape(self.shape)
+
+
+@dataclass(frozen=True)
+class ExpertBank:
+    """The routed experts of one MoE layer: gate/up [E, I, H], down [E, H, I] (logical shapes)."""
+
+    layer: int
+    gate: QTensor
+    up: QTensor
+    down: QTensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    def expert(self, e: int) -> tuple[QTensor, QTensor, QTensor]:
+        return self.gate.expert(e), self.up.expert(e), self.down.expert(e)
