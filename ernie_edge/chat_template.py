@@ -52,7 +52,7 @@ _ESTIMATE_SLACK = 8  # one operation may build up to 8 x the output limit before
 _MAX_POWER_BITS = 1 << 16  # largest integer `**` may produce
 _TEMPLATE_FILENAME = "<ernie-edge chat template>"
 _BIG_FORMAT_WIDTH = re.compile(r"\d{6,}")
-_BIG_PERCENT_WIDTH = re.compile(r"%[-#0 +]*(?:\d{6,}|\d*\.\d{6,})")
+_BIG_PERCENT_WIDTH = re.compile(r"%[-#0 +]*(?:\d{6,}|\d*\.\d{6,}|\*|\d*\.\*)")
 _UNSAFE_STR_METHODS = frozenset({"translate", "maketrans", "expandtabs"})  # amplify, never needed
 
 
@@ -62,6 +62,10 @@ class TemplateError(ErnieEdgeError):
 
 class _LimitExceeded(SecurityError):
     """Raised inside a render that ran past its time, output or memory limit."""
+
+
+class _TemplateRaised(jinja2.TemplateError):
+    """Raised by the template's own raise_exception(message): it refuses the messages."""
 
 
 def builtin_template_source() -> str:
@@ -90,27 +94,34 @@ class _Limits:
 
     def check_time(self) -> None:
         if time.monotonic() > self.deadline:
-            raise _LimitExceeded(f"rendering took longer than {self.time_limit_s:g} s")
+            raise _LimitExceeded(f"rendering took longer than {self.time_limit_s:.3g} s")
 
     def check_size(self, size: int, what: str) -> None:
         if size > self.max_estimate:
             raise _LimitExceeded(f"{what} would produce about {size} characters or items")
 
 
-def _size(value: Any) -> int:
-    """Characters of a string, elements of a container, magnitude of an int; else 0."""
-    if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)):
-        return len(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return min(abs(value), sys.maxsize)
-    return 0
+_SEQUENCES = (str, bytes, list, tuple, dict, set, frozenset)
+# Callables whose integer arguments are widths or counts of the output they build.
+_WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill", "to_bytes"})
+_WIDTH_FILTERS = frozenset({"center", "indent", "wordwrap", "batch", "slice"})
 
 
-def _product_of_two_largest(values: list[Any]) -> int:
-    """Upper bound for what one operation can build from these operands: it can repeat the
-    biggest one about as many times as the second biggest says (join, replace, centre, format)."""
-    sizes = sorted((_size(v) for v in values), reverse=True) + [0, 0]
-    return (sizes[0] + 1) * (sizes[1] + 1)
+def _length(value: Any) -> int:
+    """Characters of a string, elements of a container; 0 for anything else."""
+    return len(value) if isinstance(value, _SEQUENCES) else 0
+
+
+def _estimate(operands: list[Any], widths: bool = False) -> int:
+    """Upper bound for what one operation can build from its operands: it can repeat its
+    biggest operand about as often as the next biggest says (join, replace, format), or as an
+    integer width says when the operation takes one (`widths`). Integers as data do not count."""
+    lengths = sorted((_length(v) for v in operands), reverse=True) + [0, 0]
+    largest_int = 0
+    if widths:
+        ints = (abs(v) for v in operands if isinstance(v, int) and not isinstance(v, bool))
+        largest_int = max(ints, default=0)
+    return (lengths[0] + 1) * (max(lengths[1], largest_int) + 1)
 
 
 def _materialise(value: Any) -> Any:
@@ -188,10 +199,12 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja's signature)
         args = tuple(_materialise(a) for a in args)
         bound_to = getattr(__obj, "__self__", None)
+        widths = (isinstance(bound_to, (str, bytes, int))
+                  and getattr(__obj, "__name__", "") in _WIDTH_METHODS)
         operands = [bound_to, *args, *kwargs.values()]
-        __self.limits.check_size(_product_of_two_largest(operands), "a call")
+        __self.limits.check_size(_estimate(operands, widths), "a call")
         result = super().call(__context, __obj, *args, **kwargs)
-        __self.limits.check_size(_size(result), "a call")
+        __self.limits.check_size(_length(result), "a call")
         return result
 
     def unsafe_undefined(self, obj: Any, attribute: str):
@@ -208,9 +221,10 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
             if name == "format" and any(isinstance(a, str) for a in args):
                 _check_percent_format(next(a for a in args if isinstance(a, str)))
             operands = [*args, *kwargs.values()]
-            self.limits.check_size(_product_of_two_largest(operands), f"filter {name!r}")
+            widths = name in _WIDTH_FILTERS
+            self.limits.check_size(_estimate(operands, widths), f"filter {name!r}")
             result = function(*args, **kwargs)
-            self.limits.check_size(_size(result), f"filter {name!r}")
+            self.limits.check_size(_length(result), f"filter {name!r}")
             return result
 
         return checked
@@ -220,11 +234,12 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
             self._check_power(left, right)
         elif operator_name == "%" and isinstance(left, str):
             _check_percent_format(left)
-            self.limits.check_size(_product_of_two_largest([left, right]), "'%' formatting")
-        elif operator_name == "*":
-            self.limits.check_size(_product_of_two_largest([left, right]), "'*'")
+            operands = [left, *(right if isinstance(right, tuple) else (right,))]
+            self.limits.check_size(_estimate(operands), "'%' formatting")
+        elif operator_name == "*" and (isinstance(left, _SEQUENCES) or isinstance(right, _SEQUENCES)):
+            self.limits.check_size(_estimate([left, right], widths=True), "'*'")
         elif operator_name == "+":
-            self.limits.check_size(_size(left) + _size(right), "'+'")
+            self.limits.check_size(_length(left) + _length(right), "'+'")
         return super().call_binop(context, operator_name, left, right)
 
     def _check_power(self, base: Any, exponent: Any) -> None:
@@ -250,7 +265,7 @@ class _LimitedSandbox(ImmutableSandboxedEnvironment):
 
 
 def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
+    raise _TemplateRaised(str(message))
 
 
 def _strftime_now(fmt: str) -> str:
@@ -368,12 +383,15 @@ def _message(message: Any, i: int) -> dict:
         out["content"] = _content_text(content, f"{where}.content")
     if role == "assistant":
         reasoning = message.get("reasoning_content", message.get("reasoning"))
-        out["reasoning_content"] = "" if reasoning is None else _check_text(
-            reasoning, f"{where}.reasoning_content")
+        if reasoning is not None:
+            out["reasoning_content"] = _check_text(reasoning, f"{where}.reasoning_content")
         calls = message.get("tool_calls") or []
         if not isinstance(calls, list):
             raise TemplateError(f"{where}.tool_calls must be a list")
-        out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]") for j, c in enumerate(calls)]
+        out.pop("tool_calls", None)  # absent rather than empty: templates test "is defined"
+        if calls:
+            out["tool_calls"] = [_tool_call(c, f"{where}.tool_calls[{j}]")
+                                 for j, c in enumerate(calls)]
     for key in ("name", "tool_call_id"):
         if message.get(key) is not None:
             out[key] = _check_text(message[key], f"{where}.{key}")
@@ -383,9 +401,10 @@ def _message(message: Any, i: int) -> dict:
 def validate_messages(messages: Any) -> list[dict]:
     """Check OpenAI-style messages and return normalised copies (the input is not modified).
 
-    Content becomes a string (text parts joined; None allowed for assistant turns), assistant
-    turns always have `reasoning_content` (str) and `tool_calls` (list) with `arguments` parsed
-    into dicts. Raises TemplateError naming the first bad message.
+    Content becomes a string (text parts joined; None allowed for assistant turns, becoming "").
+    Assistant turns: `reasoning` is accepted as an alias of `reasoning_content`; `tool_calls`,
+    when non-empty, become {"type": "function", "function": {"name", "arguments": dict}} with
+    JSON-string arguments parsed. Raises TemplateError naming the first bad message.
     """
     if not isinstance(messages, list) or not messages:
         raise TemplateError("messages must be a non-empty list")
@@ -400,13 +419,16 @@ def validate_tools(tools: Any) -> list[dict] | None:
         raise TemplateError("tools must be a list")
     out = []
     for i, tool in enumerate(tools):
-        function = tool.get("function") if isinstance(tool, Mapping) else None
-        if isinstance(tool, Mapping) and tool.get("type", "function") != "function":
-            raise TemplateError(f"tools[{i}].type must be 'function'")
-        if not isinstance(function, Mapping) and isinstance(tool, Mapping) and "name" in tool:
-            function = tool  # a bare function description
-        if not isinstance(function, Mapping):
+        if not isinstance(tool, Mapping):
             raise TemplateError(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}")
+        if "function" in tool or "type" in tool:
+            if tool.get("type", "function") != "function":
+                raise TemplateError(f"tools[{i}].type must be 'function'")
+            function = tool.get("function")
+        else:
+            function = tool  # a bare function description: {"name": ..., "parameters": ...}
+        if not isinstance(function, Mapping):
+            raise TemplateError(f"tools[{i}].function must be an object")
         _check_text(function.get("name"), f"tools[{i}].function.name")
         out.append(dict(tool))
     return out or None
@@ -499,6 +521,11 @@ class ChatTemplate:
             return self._generate(self._template, variables, limits)
         except TemplateError:
             raise
+        except _LimitExceeded as exc:
+            raise TemplateError(f"chat template from {self.origin} was stopped: {exc}") from None
+        except _TemplateRaised as exc:
+            raise TemplateError(f"chat template from {self.origin} refused the messages: "
+                                f"{str(exc)[:300]}") from None
         except (jinja2.TemplateError, RecursionError, ArithmeticError, TypeError, ValueError,
                 LookupError, AttributeError, MemoryError) as exc:
             raise TemplateError(f"chat template from {self.origin} failed: "

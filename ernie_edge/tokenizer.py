@@ -439,6 +439,10 @@ class Tokenizer:
         """True for special added tokens (the ones `skip_special_tokens` drops)."""
         return token_id in self._special_ids
 
+    def stream_detokenizer(self, skip_special_tokens: bool = False) -> StreamDetokenizer:
+        """A new StreamDetokenizer over this tokenizer (one per generated sequence)."""
+        return StreamDetokenizer(self, skip_special_tokens)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids (max id + 1). The model's embedding may have more rows; never

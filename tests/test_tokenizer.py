@@ -372,6 +372,6 @@ def test_stream_skip_special_tokens_and_flush(tok):
     unfinished = tok.encode("a😀")[:-1]  # the emoji's last byte never comes
     deltas = stream(tok, unfinished)
     assert deltas[:-1] == ["a", "", "", ""] and deltas[-1] == "\ufffd" * 3
-    detok = StreamDetokenizer(tok)
-    assert detok.flush() == ""
+    detok = tok.stream_detokenizer()
+    assert isinstance(detok, StreamDetokenizer) and detok.flush() == ""
     assert [detok.feed(i) for i in tok.encode("hi")] and detok.flush() == ""
