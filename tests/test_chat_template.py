@@ -268,8 +268,12 @@ def test_sha256_and_builtin_flags(tmp_path, caplog):
     assert same.sha256 == builtin.sha256 and len(same.sha256) == 64
     assert same.matches_builtin and not same.is_builtin
     assert same.sha256 in caplog.text
-    other = ChatTemplate.from_model_dir(write_config(tmp_path / "other", chat_template="x"))
+    one_char = builtin_template_source().replace("think_mode=True", "think_mode=Trve")
+    with caplog.at_level(logging.INFO, logger="ernie_edge.chat_template"):
+        other = ChatTemplate.from_model_dir(write_config(tmp_path / "other", chat_template=one_char))
     assert not other.matches_builtin and other.sha256 != builtin.sha256
+    assert f"{other.sha256} (differs from the built-in template)" in caplog.text
+    assert other.render([user("x")]).count("think_mode=Trve") == 1  # still loads, sandboxed
 
 
 def test_bad_template_files(tmp_path):
