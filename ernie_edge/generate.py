@@ -1,0 +1,247 @@
+"""Generation, layered as in mlx-lm: `generate_step` (token ids) -> `stream_generate` (chunks with
+text, reasoning/content/tool-call deltas and timings) -> `generate` (one result).
+
+A `Session` owns a KV cache and the ids it holds; a new prompt that shares a prefix with them
+(the next turn of a chat) reuses those positions instead of recomputing them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .errors import ContextLengthError, ErnieEdgeError
+from .parsers import StreamParser, ToolCall
+from .sampling import Sampler, SamplingParams, StopChecker
+
+FINISH_STOP, FINISH_LENGTH, FINISH_TOOLS = "stop", "length", "tool_calls"
+DEFAULT_MAX_TOKENS = 4096
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the session's KV cache
+    completion_tokens: int = 0
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # request start -> first generated token
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = self.completion_tokens - 1  # the first token comes out of prefill
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["prefill_tok_s"] = round(self.prefill_tok_s, 3)
+        d["decode_tok_s"] = round(self.decode_tok_s, 3)
+        return d
+
+
+@dataclass
+class GenerationChunk:
+    """One step of a stream. Deltas may be empty (e.g. a token held back mid-tag)."""
+    text: str = ""  # raw text delta, tags included
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # set on the last chunk only
+    malformed: bool = False  # a tool-call block was invalid and went to content
+    timings: Timings | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    reasoning: str | None
+    content: str | None
+    tool_calls: list[ToolCall]
+    finish_reason: str
+    timings: Timings
+    token_ids: list[int]
+    malformed: bool = False
+
+    @property
+    def usage(self) -> dict:
+        t = self.timings
+        return {"prompt_tokens": t.prompt_tokens, "completion_tokens": t.completion_tokens,
+                "total_tokens": t.prompt_tokens + t.completion_tokens,
+                "cached_tokens": t.cached_tokens}
+
+    def to_dict(self) -> dict:
+        return {"reasoning": self.reasoning, "content": self.content,
+                "tool_calls": [{"id": c.id, "type": "function",
+                                "function": {"name": c.name, "arguments": c.arguments}}
+                               for c in self.tool_calls],
+                "finish_reason": self.finish_reason, "usage": self.usage,
+                "timings": self.timings.to_dict()}
+
+
+class Session:
+    """A KV cache plus the token ids it holds, reused across the turns of one conversation."""
+
+    def __init__(self, model, max_context: int | None = None):
+        self.model = model
+        self.max_context = min(max_context or model.config.max_position_embeddings,
+                               model.config.max_position_embeddings)
+        self.cache = model.new_cache()
+        self.ids: list[int] = []
+
+    def reset(self) -> None:
+        self.cache = self.model.new_cache()
+        self.ids = []
+
+    def reuse_prefix(self, prompt: Sequence[int]) -> int:
+        """Keep the longest cached prefix of `prompt` (at least one token is left to compute, since
+        its logits are needed); returns how many positions were kept."""
+        n = 0
+        limit = min(len(self.ids), len(prompt) - 1)
+        while n < limit and self.ids[n] == prompt[n]:
+            n += 1
+        if n < len(self.ids):
+            self.cache.truncate(n)
+            del self.ids[n:]
+        return n
+
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Run new tokens; returns the logits after the last one [V]."""
+        logits = self.model.prefill(list(ids), self.cache)
+        self.ids.extend(int(i) for i in ids)
+        return logits
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    if prompt_tokens >= context:
+        raise ContextLengthError(f"the prompt is {prompt_tokens} tokens; the context holds {context}")
+    if prompt_tokens + max_tokens > context:
+        raise ContextLengthError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is "
+                                 f"{prompt_tokens + max_tokens} tokens; the context holds {context}. "
+                                 f"Lower max_tokens to at most {context - prompt_tokens}")
+
+
+def generate_step(session: Session, prompt: Sequence[int], sampler: Sampler,
+                  forced: list[int] | None = None) -> Iterator[int]:
+    """Yield generated token ids forever (the caller stops). `forced` is a queue the caller may
+    fill with ids to emit next instead of sampling (used for the reasoning budget)."""
+    logits = session.feed(prompt[session.reuse_prefix(prompt):])
+    history = np.empty(256, dtype=np.int64)  # generated ids, grown by doubling (no per-token list)
+    n = 0
+    while True:
+        token = forced.pop(0) if forced else sampler.sample(logits, history[:n])
+        if n == len(history):
+            history = np.concatenate([history, np.empty_like(history)])
+        history[n] = token
+        n += 1
+        yield token
+        logits = session.feed([token])
+
+
+def render_prompt(model, messages: list[dict] | None = None, prompt: str | None = None,
+                  tools: list[dict] | None = None) -> list[int]:
+    """Chat messages (or a single user prompt) -> token ids, through the model's chat template."""
+    if messages is None:
+        if prompt is None:
+            raise ErnieEdgeError("give either messages or a prompt")
+        messages = [{"role": "user", "content": prompt}]
+    text = model.chat_template.render(messages, tools=tools, add_generation_prompt=True)
+    return model.tokenizer.encode(text)
+
+
+def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
+                    session: Session | None = None, reasoning_budget: int | None = None,
+                    strict_response: bool = False) -> Iterator[GenerationChunk]:
+    """Generate from prompt token ids, streaming. The last chunk has finish_reason and timings.
+
+    reasoning_budget: at most this many tokens of thinking; then `</think>` and `<response>` are
+    inserted so the model answers (like llama.cpp's --reasoning-budget)."""
+    t0 = time.perf_counter()
+    params = params or SamplingParams.from_generation_config(model.path)
+    tok = model.tokenizer
+    session = session or Session(model)
+    prompt_ids = [int(i) for i in prompt_ids]
+    max_tokens = params.max_tokens or min(DEFAULT_MAX_TOKENS, session.max_context - len(prompt_ids))
+    check_context(len(prompt_ids), max_tokens, session.max_context)
+
+    sampler = Sampler(params, vocab_size=tok.vocab_size, prompt_ids=prompt_ids)
+    stop_ids = set(tok.stop_ids()) | set(params.stop_token_ids)
+    stops = StopChecker(list(params.stop))
+    parser = StreamParser(strict_response=strict_response)
+    detok = tok.stream_detokenizer()
+    timings = Timings(prompt_tokens=len(prompt_ids))
+    timings.cached_tokens = session.reuse_prefix(prompt_ids)
+    forced: list[int] = []
+    budget_spent = False
+    finish = FINISH_LENGTH
+    in_reasoning = True  # until `</think>` has been generated
+    any_calls = False
+
+    steps = generate_step(session, prompt_ids, sampler, forced)
+    t_first = None
+    for n, token in enumerate(steps, start=1):
+        if t_first is None:
+            t_first = time.perf_counter()
+            timings.prefill_s = timings.ttft_s = t_first - t0
+        timings.completion_tokens = n
+        if token in stop_ids:
+            finish = FINISH_STOP
+            break
+        if token == tok.think_end_id:
+            in_reasoning = False
+        text, stopped = stops.feed(detok.feed(token))
+        delta = parser.feed(text)
+        any_calls |= bool(delta.tool_calls)
+        yield GenerationChunk(text=text, reasoning=delta.reasoning, content=delta.content,
+                              tool_calls=delta.tool_calls, token_ids=[token], malformed=delta.malformed)
+        if stopped:
+            finish = FINISH_STOP
+            break
+        if n >= max_tokens:
+            break
+        if (reasoning_budget is not None and not budget_spent and in_reasoning
+                and n >= reasoning_budget and not forced):
+            forced.extend(tok.encode("\n</think>\n\n<response>\n"))
+            budget_spent = True
+    steps.close()
+    timings.decode_s = time.perf_counter() - (t_first or t0)
+
+    tail, _ = stops.feed(detok.flush())
+    tail += stops.flush()
+    last = parser.feed(tail)
+    end = parser.finish()
+    calls = last.tool_calls + end.tool_calls
+    if finish == FINISH_STOP and (calls or any_calls):
+        finish = FINISH_TOOLS
+    yield GenerationChunk(text=tail, reasoning=last.reasoning + end.reasoning,
+                          content=last.content + end.content, tool_calls=calls,
+                          finish_reason=finish, malformed=last.malformed or end.malformed,
+                          timings=timings)
+
+
+def generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+             **kwargs) -> GenerationResult:
+    """Generate to the end and return one result (see stream_generate for the options)."""
+    text, reasoning, content, calls, ids = [], [], [], [], []
+    malformed = False
+    last = None
+    for chunk in stream_generate(model, prompt_ids, params, **kwargs):
+        text.append(chunk.text)
+        reasoning.append(chunk.reasoning)
+        content.append(chunk.content)
+        calls.extend(chunk.tool_calls)
+        ids.extend(chunk.token_ids)
+        malformed |= chunk.malformed
+        last = chunk
+    return GenerationResult(text="".join(text), reasoning="".join(reasoning) or None,
+                            content="".join(content) or None, tool_calls=calls,
+                            finish_reason=last.finish_reason, timings=last.timings,
+                            token_ids=ids, malformed=malformed)
