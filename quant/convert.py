@@ -348,11 +348,20 @@ class _Conversion:
         self.nonfinite: dict[str, tuple[int, tuple]] = {}
         self.threads = settings.threads or os.cpu_count() or 1
         self.bar = None
+        self._lock_fd: int | None = None
 
     # ---- top level --------------------------------------------------------------------------
 
     def run(self) -> Path:
+        try:
+            return self._run()
+        finally:
+            self._unlock_staging()
+
+    def _run(self) -> Path:
         self._check_dest()
+        if self.staging.is_dir():
+            self._lock_staging()
         if self._staging_is_finalized():
             self._finish()
             return self.dest
@@ -413,6 +422,7 @@ class _Conversion:
         if not self.staging.exists():
             self.staging.mkdir(parents=True)
             _fsync_dir(self.staging.parent)
+            self._lock_staging()
         elif not self.staging.is_dir():
             raise ConvertError(f"{self.staging}: exists and is not a folder; remove it")
         elif progress_path.is_file():
@@ -426,6 +436,27 @@ class _Conversion:
                                f"(no {PROGRESS_NAME}); delete it or choose another DST")
         self.fingerprint = fingerprint
         self._save_progress()
+
+    def _lock_staging(self) -> None:
+        """Hold an exclusive lock on the staging folder for this process's lifetime, so that two
+        conversions never write the same folder (the lock follows the folder through the rename)."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no flock; concurrent conversions are the user's problem
+            return
+        fd = os.open(self.staging, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConvertError(f"{self.staging}: another ernie-edge convert is writing this folder; "
+                               "wait for it to finish") from None
+        self._lock_fd = fd
+
+    def _unlock_staging(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def _resume(self, recorded: dict) -> None:
         """Keep recorded files whose size and sha256 still match; remove everything else."""
@@ -653,6 +684,9 @@ def _fsync_file(path: Path) -> None:
 
 
 def _fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (POSIX; Windows has no directory fsync)."""
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

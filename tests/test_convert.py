@@ -240,6 +240,23 @@ def test_staging_of_another_recipe_is_refused(source, tmp_path, monkeypatch):
         run(source, dest, recipe=Recipe(expert_bits=8))
 
 
+def test_concurrent_conversion_refused(source, tmp_path, monkeypatch):
+    import fcntl
+    dest = tmp_path / "out"
+    monkeypatch.setattr(convert_mod, "_hook", lambda e: (_ for _ in ()).throw(Interrupt()) if e.startswith("file:") else None)
+    with pytest.raises(Interrupt):
+        run(source, dest)
+    monkeypatch.setattr(convert_mod, "_hook", lambda e: None)
+    fd = os.open(dest.with_name("out.partial"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # what a running conversion holds
+        with pytest.raises(ConvertError, match="another ernie-edge convert is writing"):
+            run(source, dest)
+    finally:
+        os.close(fd)
+    assert verify(run(source, dest)) == []
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 from pathlib import Path

@@ -257,20 +257,28 @@ def test_tensor_table_must_match_config(folder):
     refused(folder, r"unexpected \['extra'\]")
 
 
-def test_stored_tensor_missing_or_mismatched(folder, tmp_path):
-    # rewrite dense.safetensors without model.norm.weight, and fix up the manifest's size
+def rewrite_dense(folder: Path, keep=lambda name: True, alignment: int = 64) -> None:
+    """Rewrite dense.safetensors with the tensors `keep` accepts, and fix the manifest's size."""
     from ernie_edge.mmap_store import SafetensorsFile
     path = folder / "dense.safetensors"
     f = SafetensorsFile(path)
-    items = [(n, i.dtype, np.array(f.view(n))) for n, i in f.tensors.items()
-             if n != "model.norm.weight" and not n.startswith("__pad__")]
+    items = [(n, i.dtype, np.array(f.view(n))) for n, i in f.tensors.items() if keep(n)]
     f.close()
-    w = StreamingWriter(path, [PlannedTensor(n, d, a.shape) for n, d, a in items], alignment=64)
+    w = StreamingWriter(path, [PlannedTensor(n, d, a.shape) for n, d, a in items], alignment=alignment)
     for n, _, a in items:
         w.write(n, a)
     w.close()
     edit_manifest(folder, lambda m: m["files"]["dense.safetensors"].update(bytes=path.stat().st_size))
+
+
+def test_stored_tensor_missing(folder):
+    rewrite_dense(folder, keep=lambda name: name != "model.norm.weight")
     refused(folder, "dense.safetensors: tensor 'model.norm.weight' .*is missing")
+
+
+def test_misaligned_file(folder):
+    rewrite_dense(folder, alignment=4)
+    refused(folder, "dense.safetensors: tensor .* not a multiple of 64")
 
 
 def test_config_in_manifest_validated(folder):
