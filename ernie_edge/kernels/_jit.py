@@ -18,11 +18,12 @@ and the OpenMP wait policy, which must be chosen before numba starts its thread 
   AVX512-VNNI (vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else
   "generic" (portable LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks
   one explicitly (a path the CPU lacks falls back to the best it has). Compiled kernels are cached
-  per path (a subfolder of the cache dir), since the path is baked in at compile time.
+  per path and per version of simd.py (a subfolder of the cache dir), since both are baked in.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import platformdirs
@@ -67,8 +68,15 @@ def _choose_simd() -> str:
     return paths[0]
 
 
+def _intrinsics_digest() -> str:
+    """Short hash of simd.py: numba's cache only tracks the file of each cached function, so a
+    changed intrinsic would otherwise keep serving stale machine code from the cache."""
+    with open(os.path.join(os.path.dirname(__file__), "simd.py"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:10]
+
+
 SIMD = _choose_simd()
-numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], SIMD)
+numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], f"{SIMD}-{_intrinsics_digest()}")
 
 
 def njit(**extra):

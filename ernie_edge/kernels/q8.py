@@ -62,7 +62,8 @@ class ActScratch:
 
 @njit()
 def quantize_act(x, xq, xd, xs, gs):
-    """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs float32 [K/32] (round to nearest).
+    """x float32 [K] -> xq int8 [K], xd float32 [K/32], xs float32 [K/32] (round half to even of
+    x * 127 / max|block| computed in float64, so denormal blocks quantize correctly too).
 
     Block b holds the 32 values one 16-byte chunk of an int4 row multiplies: with weight group size
     gs, block b = (group g, chunk c) takes x[g*gs + 16c : +16] (low nibbles) then
@@ -80,11 +81,12 @@ def quantize_act(x, xq, xd, xs, gs):
         for j in range(16):
             amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
         d = amax / np.float32(127.0)
-        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        # float64: 127 / amax overflows float32 when amax is a float32 denormal
+        inv = 127.0 / np.float64(amax) if amax > 0 else 0.0
         total = 0
         for j in range(16):
-            q0 = np.int32(np.rint(x[lo + j] * inv))
-            q1 = np.int32(np.rint(x[hi + j] * inv))
+            q0 = np.int32(np.rint(np.float64(x[lo + j]) * inv))
+            q1 = np.int32(np.rint(np.float64(x[hi + j]) * inv))
             xq[32 * b + j] = q0
             xq[32 * b + 16 + j] = q1
             total += q0 + q1

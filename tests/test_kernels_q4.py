@@ -1,0 +1,250 @@
+"""int4 kernels against the spec (quant.formats.dequantize_q4) and against a numpy twin of the
+int8-activation arithmetic (which must agree to float32 rounding)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ernie_edge.kernels import _jit, q4
+from ernie_edge.kernels.q8 import ActScratch
+from ernie_edge.quant.formats import FP16_MAX, dequantize_q4, pack_q4, unpack_q4
+
+RNG = np.random.default_rng(1234)
+
+
+# ---- numpy twin of the decode arithmetic -----------------------------------------------------
+
+def act_perm(k: int, gs: int) -> np.ndarray:
+    """Order in which quantize_act lays out x: block b = (group g, chunk c) = low then high half."""
+    idx = []
+    for b in range(k // 32):
+        g, c = divmod(b, gs // 32)
+        lo = g * gs + 16 * c + np.arange(16)
+        idx.append(np.concatenate([lo, lo + gs // 2]))
+    return np.concatenate(idx)
+
+
+def quantize_act_np(x: np.ndarray, gs: int):
+    """(xq int [K] in kernel order, xd float32 [B], perm) exactly as the kernel rounds."""
+    perm = act_perm(x.shape[0], gs)
+    xb = x[perm].reshape(-1, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
+    xq = np.rint(xb.astype(np.float64) * inv[:, None]).astype(np.int64)
+    return xq.reshape(-1), d, perm
+
+
+def twin_matvec(x, codes, scales, gs):
+    """(y float64 [O], magnitude scale [O]) of sum_b ws * xd * sum_j code * xq, codes int [O, K]."""
+    xq, xd, perm = quantize_act_np(x, gs)
+    c = codes[:, perm].astype(np.int64).reshape(codes.shape[0], -1, 32)  # [O, B, 32]
+    isum = (c * xq.reshape(-1, 32)[None]).sum(axis=2)  # [O, B]
+    ws = scales.astype(np.float64)[:, np.arange(len(xd)) // (gs // 32)]  # [O, B]
+    y = (ws * xd[None] * isum).sum(axis=1)
+    # magnitude of the terms the kernel adds (stored nibbles are code + 8, at most 15 < 16)
+    mag = (np.abs(ws) * xd[None] * (16 * np.abs(xq.reshape(-1, 32)).sum(axis=1))[None]).sum(axis=1)
+    return y, mag
+
+
+def act_error_bound(x, w_deq, gs):
+    """sum_b max|x_b| / 254 * sum_{j in b} |W[o, j]| (blocks in kernel order)."""
+    perm = act_perm(x.shape[0], gs)
+    amax = np.abs(x[perm].reshape(-1, 32)).max(axis=1).astype(np.float64)
+    wabs = np.abs(w_deq[:, perm]).reshape(w_deq.shape[0], -1, 32).sum(axis=2)
+    return (wabs * amax[None] / 254.0).sum(axis=1)
+
+
+def random_q4(o, k, gs, scale=0.05, rng=RNG):
+    codes = rng.integers(-8, 8, size=(o, k))
+    scales = (rng.random((o, k // gs)) * scale + scale / 10).astype(np.float16)
+    return codes, pack_q4(codes, gs), scales
+
+
+def check_matvec(x, codes, packed, scales, gs):
+    out = np.full(codes.shape[0], np.nan, np.float32)
+    q4.q4_matvec(x, packed, scales, out, ActScratch(x.shape[0]))
+    y, mag = twin_matvec(x, codes, scales, gs)
+    np.testing.assert_array_less(np.abs(out - y), 1e-5 * mag + 1e-30)
+    w = dequantize_q4(packed, scales, gs).astype(np.float64)
+    exact = w @ x.astype(np.float64)
+    np.testing.assert_array_less(np.abs(out - exact), act_error_bound(x, w, gs) + 1e-5 * mag + 1e-30)
+    return out
+
+
+# ---- decode matvec -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("o", [1, 3, 4, 5, 37])
+@pytest.mark.parametrize("k,gs", [(32, 32), (64, 32), (64, 64), (2560, 32), (2560, 64), (2560, 128)])
+def test_q4_matvec_matches_twin_and_bound(o, k, gs):
+    codes, packed, scales = random_q4(o, k, gs)
+    x = RNG.standard_normal(k).astype(np.float32)
+    check_matvec(x, codes, packed, scales, gs)
+
+
+def test_q4_matvec_extreme_codes_and_scales():
+    o, k, gs = 9, 256, 32
+    codes = np.where(RNG.random((o, k)) < 0.5, -8, 7)
+    codes[3] = -8
+    codes[4] = 7
+    scales = np.full((o, k // gs), 1.0, np.float16)
+    scales[0] = FP16_MAX
+    scales[1] = np.float16(6e-8)  # subnormal fp16
+    scales[2] = 0.0  # all-zero groups by scale
+    scales[5] = -0.5  # negative scales are legal in the format's arithmetic
+    codes[6, :32] = 0  # an all-zero group by codes
+    x = RNG.standard_normal(k).astype(np.float32)
+    out = check_matvec(x, codes, pack_q4(codes, gs), scales, gs)
+    assert out[2] == 0.0
+
+
+def test_q4_matvec_zero_and_constant_input():
+    codes, packed, scales = random_q4(8, 128, 32)
+    out = np.empty(8, np.float32)
+    q4.q4_matvec(np.zeros(128, np.float32), packed, scales, out, ActScratch(128))
+    assert np.all(out == 0.0)
+    x = np.full(128, 3.0, np.float32)  # constant blocks quantize exactly: result is exact
+    q4.q4_matvec(x, packed, scales, out, ActScratch(128))
+    w = dequantize_q4(packed, scales, 32).astype(np.float64)
+    np.testing.assert_allclose(out, w @ x, rtol=1e-5, atol=1e-6)
+
+
+def test_q4_matvec_accepts_uint16_scales_and_larger_scratch():
+    codes, packed, scales = random_q4(6, 64, 32)
+    x = RNG.standard_normal(64).astype(np.float32)
+    a, b = np.empty(6, np.float32), np.empty(6, np.float32)
+    q4.q4_matvec(x, packed, scales, a, ActScratch(64))
+    q4.q4_matvec(x, packed, scales.view(np.uint16), b, ActScratch(4096, rows=3))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_q4_matvec_rejects_bad_arguments():
+    codes, packed, scales = random_q4(6, 64, 32)
+    x = np.zeros(64, np.float32)
+    with pytest.raises(ValueError):
+        q4.q4_matvec(x, packed, scales, np.empty(5, np.float32), ActScratch(64))
+    with pytest.raises(ValueError):
+        q4.q4_matvec(np.zeros(32, np.float32), packed, scales, np.empty(6, np.float32), ActScratch(64))
+    with pytest.raises(ValueError):
+        q4.q4_matvec(x, packed, scales, np.empty(6, np.float32), ActScratch(32))
+    with pytest.raises(ValueError):
+        q4.q4_matvec(x, np.asfortranarray(packed), scales, np.empty(6, np.float32), ActScratch(64))
+    with pytest.raises(TypeError):
+        q4.q4_matvec(x, packed, scales.astype(np.float32), np.empty(6, np.float32), ActScratch(64))
+
+
+# ---- MoE expert decode kernels ----------------------------------------------------------------
+
+def silu(t):
+    return t / (1.0 + np.exp(-t))
+
+
+@pytest.mark.parametrize("inter", [64, 66])  # 66: rows not a multiple of 4
+def test_q4_experts_gate_up_silu(inter):
+    E, hid, gs = 5, 96, 32
+    gc, gp, gsc = random_q4(E * inter, hid, gs)
+    uc, up, usc = random_q4(E * inter, hid, gs)
+    gp, gsc, up, usc = (a.reshape(E, inter, -1) for a in (gp, gsc, up, usc))
+    gc, uc = gc.reshape(E, inter, hid), uc.reshape(E, inter, hid)
+    x = RNG.standard_normal(hid).astype(np.float32)
+    ids = np.array([4, 0, 2])
+    out = np.full((3, inter), np.nan, np.float32)
+    q4.q4_experts_gate_up_silu(x, gp, gsc, up, usc, ids, out, ActScratch(hid))
+    for j, e in enumerate(ids):
+        g, gmag = twin_matvec(x, gc[e], gsc[e], gs)
+        u, umag = twin_matvec(x, uc[e], usc[e], gs)
+        np.testing.assert_allclose(out[j], silu(g) * u, rtol=1e-4, atol=1e-5 * float((gmag * umag).max()) ** 0.5)
+
+
+@pytest.mark.parametrize("hid", [96, 98])
+def test_q4_experts_down_weighted_order_and_values(hid):
+    E, inter, gs = 6, 64, 32
+    dc, dp, dsc = random_q4(E * hid, inter, gs)
+    dp, dsc, dc = dp.reshape(E, hid, -1), dsc.reshape(E, hid, -1), dc.reshape(E, hid, inter)
+    ids = np.array([5, 1, 3, 0])
+    wts = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
+    h = RNG.standard_normal((4, inter)).astype(np.float32)
+    out = np.full(hid, np.nan, np.float32)
+    q4.q4_experts_down_weighted(h, dp, dsc, ids, wts, out, ActScratch(inter, rows=4))
+    want = np.zeros(hid)
+    mag = np.zeros(hid)
+    for j in np.argsort(ids):
+        y, m = twin_matvec(h[j], dc[ids[j]], dsc[ids[j]], gs)
+        want += wts[j] * y
+        mag += wts[j] * m
+    np.testing.assert_array_less(np.abs(out - want), 1e-5 * mag)
+    # slot order does not matter: the kernel always sums in ascending expert id
+    perm = np.array([2, 0, 3, 1])
+    out2 = np.empty(hid, np.float32)
+    q4.q4_experts_down_weighted(h[perm], dp, dsc, ids[perm], wts[perm], out2, ActScratch(inter, rows=4))
+    np.testing.assert_array_equal(out, out2)
+
+
+def test_q4_experts_reject_bad_ids():
+    dc, dp, dsc = random_q4(2 * 32, 64, 32)
+    with pytest.raises(ValueError):
+        q4.q4_experts_down_weighted(np.zeros((1, 64), np.float32), dp.reshape(2, 32, -1), dsc.reshape(2, 32, -1),
+                                    np.array([2]), np.ones(1, np.float32), np.empty(32, np.float32),
+                                    ActScratch(64))
+
+
+# ---- prefill (exact float32) -------------------------------------------------------------------
+
+@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("o,k,gs", [(5, 32, 32), (37, 64, 64), (300, 2560, 128), (129, 2560, 32)])
+def test_q4_matmul_exact(t, o, k, gs):
+    codes, packed, scales = random_q4(o, k, gs)
+    X = RNG.standard_normal((t, k)).astype(np.float32)
+    out = np.full((t, o), np.nan, np.float32)
+    q4.q4_matmul(X, packed, scales, out)
+    want = X.astype(np.float64) @ dequantize_q4(packed, scales, gs).astype(np.float64).T
+    scale = np.abs(X).astype(np.float64) @ np.abs(dequantize_q4(packed, scales, gs)).astype(np.float64).T
+    np.testing.assert_array_less(np.abs(out - want), 1e-5 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_q4_dequant_rows_is_the_spec(gs):
+    codes, packed, scales = random_q4(11, 256, gs)
+    scales[0, 0] = FP16_MAX
+    scales[1, 0] = np.float16(6e-8)
+    tile = np.empty((4, 256), np.float32)
+    q4.q4_dequant_rows(packed, scales, 5, tile)
+    np.testing.assert_array_equal(tile, dequantize_q4(packed, scales, gs)[5:9])
+    np.testing.assert_array_equal(unpack_q4(packed, gs), codes)
+
+
+# ---- the portable path -------------------------------------------------------------------------
+
+GENERIC_CHECK = """
+import numpy as np
+from ernie_edge.kernels import _jit, q4, q8
+from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
+assert _jit.SIMD == "generic", _jit.SIMD
+rng = np.random.default_rng(0)
+for gs in (32, 64):
+    codes = rng.integers(-8, 8, size=(7, 128)); sc = (rng.random((7, 128 // gs)) * 0.1).astype(np.float16)
+    x = rng.standard_normal(128).astype(np.float32)
+    out = np.empty(7, np.float32)
+    q4.q4_matvec(x, pack_q4(codes, gs), sc, out, q8.ActScratch(128))
+    want = dequantize_q4(pack_q4(codes, gs), sc, gs) @ x
+    assert np.abs(out - want).max() < 0.02 * np.abs(want).max(), (out, want)
+    c8 = rng.integers(-127, 128, size=(7, 128)).astype(np.int8)
+    q8.q8_matvec(x, c8, sc, out, q8.ActScratch(128))
+    want = dequantize_q8(c8, sc, gs) @ x
+    assert np.abs(out - want).max() < 0.02 * np.abs(want).max(), (out, want)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(_jit.SIMD == "generic", reason="already the generic path")
+def test_generic_path_in_subprocess():
+    env = dict(os.environ, ERNIE_EDGE_SIMD="generic")
+    res = subprocess.run([sys.executable, "-c", GENERIC_CHECK], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]

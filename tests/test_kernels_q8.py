@@ -1,0 +1,148 @@
+"""int8 kernels and the int8 activation quantization, against quant.formats.dequantize_q8 and a
+numpy twin of the integer arithmetic.
+
+The decode error bound tested here (ernie_edge/kernels/q8.py):
+    |y - W x| <= sum_b max|x_b| / 254 * sum_{j in b} |W[o, j]|   (+ float32 rounding)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ernie_edge.kernels import q8
+from ernie_edge.kernels.q8 import ActScratch
+from ernie_edge.quant.formats import FP16_MAX, dequantize_q8
+
+RNG = np.random.default_rng(99)
+
+
+def quantize_act_np(x):
+    xb = x.reshape(-1, 32).astype(np.float32)
+    amax = np.abs(xb).max(axis=1)
+    d = (amax / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, 127.0 / amax.astype(np.float64), 0.0)
+    return np.rint(xb.astype(np.float64) * inv[:, None]).astype(np.int64), d
+
+
+def twin(x, codes, scales, gs):
+    """(y float64 [O], magnitude [O]) = sum_b ws * xd * sum_j code * xq."""
+    xq, xd = quantize_act_np(x)
+    c = codes.astype(np.int64).reshape(codes.shape[0], -1, 32)
+    isum = (c * xq[None]).sum(axis=2)
+    ws = scales.astype(np.float64)[:, np.arange(len(xd)) // (gs // 32)]
+    mag = (np.abs(ws) * xd[None] * (np.abs(c) * np.abs(xq)[None]).sum(axis=2)).sum(axis=1)
+    return (ws * xd[None] * isum).sum(axis=1), mag
+
+
+def bound(x, w):
+    amax = np.abs(x.reshape(-1, 32)).max(axis=1).astype(np.float64)
+    return (np.abs(w).reshape(w.shape[0], -1, 32).sum(axis=2) * amax[None] / 254.0).sum(axis=1)
+
+
+def random_q8(o, k, gs, scale=0.01):
+    codes = RNG.integers(-127, 128, size=(o, k)).astype(np.int8)
+    scales = (RNG.random((o, k // gs)) * scale + scale / 10).astype(np.float16)
+    return codes, scales
+
+
+def check(x, codes, scales, gs):
+    out = np.full(codes.shape[0], np.nan, np.float32)
+    q8.q8_matvec(x, codes, scales, out, ActScratch(x.shape[0]))
+    y, mag = twin(x, codes, scales, gs)
+    np.testing.assert_array_less(np.abs(out - y), 1e-5 * mag + 1e-30)
+    w = dequantize_q8(codes, scales, gs).astype(np.float64)
+    np.testing.assert_array_less(np.abs(out - w @ x), bound(x, w) + 1e-5 * mag + 1e-30)
+    return out
+
+
+@pytest.mark.parametrize("o", [1, 3, 5, 37])
+@pytest.mark.parametrize("k,gs", [(32, 32), (64, 32), (64, 64), (2560, 32), (2560, 128)])
+def test_q8_matvec_matches_twin_and_bound(o, k, gs):
+    codes, scales = random_q8(o, k, gs)
+    check(RNG.standard_normal(k).astype(np.float32), codes, scales, gs)
+
+
+def test_q8_matvec_extremes():
+    o, k, gs = 8, 128, 32
+    codes = np.where(RNG.random((o, k)) < 0.5, -127, 127).astype(np.int8)
+    scales = np.ones((o, k // gs), np.float16)
+    scales[0] = FP16_MAX
+    scales[1] = np.float16(6e-8)
+    scales[2] = 0.0
+    codes[3, :32] = 0
+    x = RNG.standard_normal(k).astype(np.float32)
+    x[:32] *= 1e4  # one block much larger than the others
+    out = check(x, codes, scales, gs)
+    assert out[2] == 0.0
+
+
+def test_q8_matvec_tiny_and_zero_blocks():
+    codes, scales = random_q8(5, 96, 32)
+    x = RNG.standard_normal(96).astype(np.float32)
+    x[:32] = 0.0
+    x[32:64] *= 1e-30  # tiny blocks
+    x[64:96] *= 1e-40  # float32 denormals: 127 / max would overflow in float32
+    out = check(x, codes, scales, 32)
+    assert np.all(np.isfinite(out))
+
+
+def test_quantize_act_rounding_and_sums():
+    x = RNG.standard_normal(256).astype(np.float32) * 5
+    xq = np.empty(256, np.int8)
+    xd = np.empty(8, np.float32)
+    xs = np.empty(8, np.float32)
+    q8.quantize_act(x, xq, xd, xs, 32)
+    want_q, want_d = quantize_act_np(x)
+    np.testing.assert_array_equal(xq.reshape(-1, 32), want_q)
+    np.testing.assert_array_equal(xd, want_d)
+    np.testing.assert_allclose(xs, 8 * want_d * want_q.sum(axis=1), rtol=1e-6)
+    assert np.abs(xq).max() == 127
+
+
+def test_q8_experts_and_shared_gate_up():
+    E, inter, hid, gs = 3, 36, 64, 32
+    gc, gsc = random_q8(E * inter, hid, gs)
+    uc, usc = random_q8(E * inter, hid, gs)
+    x = RNG.standard_normal(hid).astype(np.float32)
+    ids = np.array([2, 0])
+    out = np.empty((2, inter), np.float32)
+    q8.q8_experts_gate_up_silu(x, gc.reshape(E, inter, hid), gsc.reshape(E, inter, -1), uc.reshape(E, inter, hid),
+                               usc.reshape(E, inter, -1), ids, out, ActScratch(hid))
+    for j, e in enumerate(ids):
+        g, _ = twin(x, gc.reshape(E, inter, hid)[e], gsc.reshape(E, inter, -1)[e], gs)
+        u, _ = twin(x, uc.reshape(E, inter, hid)[e], usc.reshape(E, inter, -1)[e], gs)
+        np.testing.assert_allclose(out[j], g / (1 + np.exp(-g)) * u, rtol=1e-4, atol=1e-4)
+    inter2 = 64  # the down projection's input must be a multiple of 32
+    dc, dsc = random_q8(E * hid, inter2, 32)
+    h = RNG.standard_normal((2, inter2)).astype(np.float32)
+    y = np.empty(hid, np.float32)
+    w = np.array([0.7, 0.3], np.float32)
+    q8.q8_experts_down_weighted(h, dc.reshape(E, hid, inter2), dsc.reshape(E, hid, -1), ids, w, y,
+                                ActScratch(inter2, rows=2))
+    want = sum(w[j] * twin(h[j], dc.reshape(E, hid, inter2)[e], dsc.reshape(E, hid, -1)[e], 32)[0]
+               for j, e in enumerate(ids))
+    np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("t", [1, 3, 17])
+@pytest.mark.parametrize("o,k,gs", [(3, 32, 32), (37, 64, 64), (259, 2560, 32)])
+def test_q8_matmul_exact(t, o, k, gs):
+    codes, scales = random_q8(o, k, gs)
+    X = RNG.standard_normal((t, k)).astype(np.float32)
+    out = np.full((t, o), np.nan, np.float32)
+    q8.q8_matmul(X, codes, scales, out)
+    w = dequantize_q8(codes, scales, gs).astype(np.float64)
+    scale = np.abs(X).astype(np.float64) @ np.abs(w).T
+    np.testing.assert_array_less(np.abs(out - X.astype(np.float64) @ w.T), 1e-5 * scale + 1e-30)
+
+
+def test_q8_rejects_bad_shapes():
+    codes, scales = random_q8(4, 64, 32)
+    with pytest.raises(ValueError):
+        q8.q8_matvec(np.zeros(64, np.float32), codes, scales[:, :1], np.empty(4, np.float32), ActScratch(64))
+    with pytest.raises(ValueError):
+        q8.q8_matmul(np.zeros((2, 64), np.float32), codes, scales, np.empty((2, 5), np.float32))
+    with pytest.raises(ValueError):
+        ActScratch(33)
