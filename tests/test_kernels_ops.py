@@ -1,0 +1,245 @@
+"""rmsnorm, RoPE, attention, router and grouped MoE kernels against plain numpy twins written here
+and against ernie_edge.reference (ERNIE_SPEC §3). float32 paths: relative error <= 1e-5."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ernie_edge import reference as ref
+from ernie_edge.kernels import attention, moe, norm, rope
+from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
+
+RNG = np.random.default_rng(7)
+
+
+def assert_rel(got, want, rel=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1e-30)
+    assert np.abs(got - want).max() <= rel * scale, (np.abs(got - want).max(), scale)
+
+
+# ---- rmsnorm / swiglu --------------------------------------------------------------------------
+
+def rmsnorm_np(x, w, eps):
+    x = x.astype(np.float64)
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)) * w
+
+
+@pytest.mark.parametrize("t,h", [(1, 2560), (3, 64), (17, 96)])
+def test_rmsnorm(t, h):
+    x = (RNG.standard_normal((t, h)) * 3).astype(np.float32)
+    w = RNG.standard_normal(h).astype(np.float32)
+    out = np.empty_like(x)
+    norm.rmsnorm(x, w, 1e-5, out)
+    assert_rel(out, rmsnorm_np(x, w, 1e-5))
+    assert_rel(out, ref.rms_norm(x, w, 1e-5))
+    norm.rmsnorm(x[0], w, 1e-5, out[0])  # 1-D form
+    assert_rel(out[0], rmsnorm_np(x[:1], w, 1e-5)[0])
+
+
+def test_rmsnorm_eps_inside_sqrt_and_zero_row():
+    x = np.zeros((1, 32), np.float32)
+    out = np.empty_like(x)
+    norm.rmsnorm(x, np.ones(32, np.float32), 1e-5, out)
+    assert np.all(out == 0.0)
+    x = np.full((1, 32), 1e-3, np.float32)
+    norm.rmsnorm(x, np.ones(32, np.float32), 1e-5, out)
+    assert_rel(out, 1e-3 / np.sqrt(1e-6 + 1e-5) * np.ones((1, 32)))
+
+
+def test_add_rmsnorm_updates_residual():
+    h = RNG.standard_normal((2, 64)).astype(np.float32)
+    d = RNG.standard_normal((2, 64)).astype(np.float32)
+    w = RNG.standard_normal(64).astype(np.float32)
+    h0 = h.copy()
+    out = np.empty_like(h)
+    norm.add_rmsnorm(h, d, w, 1e-5, out)
+    np.testing.assert_array_equal(h, h0 + d)
+    assert_rel(out, rmsnorm_np(h0 + d, w, 1e-5))
+
+
+def test_silu_mul():
+    g = (RNG.standard_normal(100) * 10).astype(np.float32)
+    u = RNG.standard_normal(100).astype(np.float32)
+    out = np.empty_like(g)
+    norm.silu_mul(g, u, out)
+    assert_rel(out, g / (1 + np.exp(-g.astype(np.float64))) * u)
+
+
+# ---- RoPE ------------------------------------------------------------------------------------
+
+def rope_np(x, positions, theta):
+    d = x.shape[-1]
+    inv = (np.float32(1.0) / (np.float32(theta) ** (np.arange(0, d, 2).astype(np.float32) / np.float32(d))))
+    ang = positions.astype(np.float32)[:, None] * inv[None, :].astype(np.float32)  # fp32, one multiply
+    c, s = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    out = x.copy()
+    out[..., 0::2] = x[..., 0::2] * c - x[..., 1::2] * s
+    out[..., 1::2] = x[..., 1::2] * c + x[..., 0::2] * s
+    return out
+
+
+def test_rope_inv_freq_matches_reference():
+    np.testing.assert_array_equal(rope.rope_inv_freq(128, 500000.0), ref.rope_inv_freq(128, 500000.0))
+
+
+def test_rope_interleaved_pairs():
+    positions = np.array([0, 1, 7, 1000, 65535, 131071])
+    x = RNG.standard_normal((6, 5, 128)).astype(np.float32)
+    cos, sin = rope.rope_tables(131072, 128, 500000.0)
+    got = x.copy()
+    rope.apply_rope(got, positions, cos, sin)
+    assert_rel(got, rope_np(x, positions, 500000.0))
+    assert_rel(got, ref.apply_rope(x, positions, ref.rope_inv_freq(128, 500000.0)))
+    np.testing.assert_array_equal(got[0], x[0])  # position 0 is the identity
+
+
+def test_rope_table_offset_and_range_check():
+    cos, sin = rope.rope_tables(16, 8, 10000.0, start=100)
+    x = RNG.standard_normal((2, 1, 8)).astype(np.float32)
+    got = x.copy()
+    rope.apply_rope(got, np.array([100, 115]), cos, sin, table_start=100)
+    assert_rel(got, rope_np(x, np.array([100, 115]), 10000.0))
+    with pytest.raises(ValueError):
+        rope.apply_rope(x.copy(), np.array([99, 100]), cos, sin, table_start=100)
+
+
+# ---- attention -------------------------------------------------------------------------------
+
+def attention_np(q, k, v, q_positions):
+    """softmax((q k^T) * D^-0.5 + causal mask) v with GQA head h -> kv head h // group; [T, Nq*D]."""
+    T, nq, d = q.shape
+    group = nq // k.shape[1]
+    out = np.zeros((T, nq, d))
+    for t in range(T):
+        for h in range(nq):
+            kk = k[: q_positions[t] + 1, h // group].astype(np.float64)
+            s = kk @ q[t, h].astype(np.float64) * d ** -0.5
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[: q_positions[t] + 1, h // group]
+    return out.reshape(T, nq * d)
+
+
+def fill_cache(S, nkv, d, cap):
+    k = RNG.standard_normal((S, nkv, d)).astype(np.float32)
+    v = RNG.standard_normal((S, nkv, d)).astype(np.float32)
+    kc = np.zeros((nkv, cap, d), np.uint16)
+    vc = np.zeros_like(kc)
+    attention.kv_write(k, v, kc, vc, 0)
+    return k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32), kc, vc
+
+
+def test_kv_write_round_trip():
+    k16, v16, kc, vc = fill_cache(9, 2, 16, 32)
+    np.testing.assert_array_equal(kc.view(np.float16)[:, :9].astype(np.float32), k16.transpose(1, 0, 2))
+    np.testing.assert_array_equal(vc.view(np.float16)[:, :9].astype(np.float32), v16.transpose(1, 0, 2))
+    with pytest.raises(ValueError):
+        attention.kv_write(np.zeros((4, 2, 16), np.float32), np.zeros((4, 2, 16), np.float32), kc, vc, 30)
+
+
+@pytest.mark.parametrize("length", [1, 5, 256, 257, 1000])
+def test_attention_decode(length):
+    nq, nkv, d = 20, 4, 128
+    k, v, kc, vc = fill_cache(length, nkv, d, 1024)
+    q = RNG.standard_normal((nq, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_decode(q, kc, vc, length, out, attention.DecodeScratch(nq, d, 1024))
+    want = attention_np(q[None], k, v, np.array([length - 1]))
+    assert_rel(out.reshape(1, -1), want)
+    assert_rel(out.reshape(1, -1), ref.attention(q[None], k, v, np.array([length - 1])))
+
+
+def test_attention_decode_large_scores_are_stable():
+    nq, nkv, d = 4, 2, 32
+    k, v, kc, vc = fill_cache(300, nkv, d, 512)
+    q = (RNG.standard_normal((nq, d)) * 200).astype(np.float32)  # exp would overflow without the max
+    out = np.empty_like(q)
+    attention.attention_decode(q, kc, vc, 300, out, attention.DecodeScratch(nq, d, 512))
+    assert np.all(np.isfinite(out))
+    assert_rel(out.reshape(1, -1), attention_np(q[None], k, v, np.array([299])), rel=1e-4)
+
+
+@pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70)])
+def test_attention_prefill_causal(start, T):
+    nq, nkv, d = 20, 4, 128
+    k, v, kc, vc = fill_cache(start + T, nkv, d, 256)
+    q = RNG.standard_normal((T, nq, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_prefill(q, kc, vc, start, out)
+    pos = np.arange(start, start + T)
+    assert_rel(out.reshape(T, -1), attention_np(q, k, v, pos))
+    assert_rel(out.reshape(T, -1), ref.attention(q, k, v, pos))
+
+
+def test_attention_rejects_bad_length():
+    k, v, kc, vc = fill_cache(4, 2, 16, 8)
+    with pytest.raises(ValueError):
+        attention.attention_decode(np.zeros((4, 16), np.float32), kc, vc, 9, np.empty((4, 16), np.float32),
+                                   attention.DecodeScratch(4, 16, 8))
+
+
+# ---- router ------------------------------------------------------------------------------------
+
+def route_np(x, wg, bias, k):
+    logits = x.astype(np.float64) @ wg.astype(np.float64).T
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    score = p + (0 if bias is None else bias)
+    idx = np.argsort(-score, axis=1, kind="stable")[:, :k]
+    w = np.take_along_axis(p, idx, axis=1)
+    return idx, w / np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_route(use_bias):
+    T, H, E, k = 5, 256, 64, 6
+    x = RNG.standard_normal((T, H)).astype(np.float32)
+    wg = (RNG.standard_normal((E, H)) * 0.05).astype(np.float32)
+    bias = (RNG.standard_normal(E) * 0.05).astype(np.float32) if use_bias else None
+    idx, w = np.empty((T, k), np.int64), np.empty((T, k), np.float32)
+    moe.route(x, wg, bias, k, idx, w)
+    want_idx, want_w = route_np(x, wg, bias, k)
+    np.testing.assert_array_equal(idx, want_idx)
+    assert_rel(w, want_w)
+    ridx, rw = ref.route(x, wg, bias, k)
+    np.testing.assert_array_equal(idx, ridx)
+    assert_rel(w, rw)
+
+
+def test_route_bias_only_selects_and_ties_pick_lower_index():
+    x = np.ones((1, 32), np.float32)
+    wg = np.zeros((8, 32), np.float32)  # all logits equal: p = 1/8 each, a full tie
+    idx, w = np.empty((1, 2), np.int64), np.empty((1, 2), np.float32)
+    moe.route(x, wg, None, 2, idx, w)
+    np.testing.assert_array_equal(idx, [[0, 1]])
+    bias = np.zeros(8, np.float32)
+    bias[6] = 1.0
+    moe.route(x, wg, bias, 2, idx, w)
+    np.testing.assert_array_equal(idx, [[6, 0]])
+    np.testing.assert_allclose(w, [[0.5, 0.5]])  # weights from the un-biased p
+
+
+# ---- grouped MoE prefill ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_experts_prefill_matches_per_token_sum(bits):
+    T, H, inter, E, k = 9, 64, 32, 5, 2
+    def bank(o, i):
+        codes = RNG.integers(-8, 8, size=(E, o, i)) if bits == 4 else RNG.integers(-127, 128, size=(E, o, i))
+        sc = (RNG.random((E, o, i // 32)) * (0.1 if bits == 4 else 0.01)).astype(np.float16)
+        if bits == 4:
+            return pack_q4(codes, 32), sc, dequantize_q4(pack_q4(codes, 32), sc, 32)
+        return codes.astype(np.int8), sc, dequantize_q8(codes.astype(np.int8), sc, 32)
+    g, u, d = bank(inter, H), bank(inter, H), bank(H, inter)
+    x = RNG.standard_normal((T, H)).astype(np.float32)
+    idx = np.stack([RNG.choice(E, k, replace=False) for _ in range(T)])
+    w = RNG.random((T, k)).astype(np.float32)
+    out = np.full((T, H), np.nan, np.float32)
+    moe.experts_prefill(x, idx, w, g[0], g[1], u[0], u[1], d[0], d[1], out, bits=bits)
+    want = np.zeros((T, H))
+    for t in range(T):
+        for j in np.argsort(idx[t]):
+            e = idx[t, j]
+            want[t] += w[t, j] * ref.mlp(x[t:t + 1].astype(np.float64), g[2][e], u[2][e], d[2][e])[0]
+    assert_rel(out, want)
