@@ -103,3 +103,57 @@ def set_threads(n: int) -> int:
 
 def get_threads() -> int:
     return int(numba.get_num_threads())
+
+
+# ---- BLAS threads and the prefill worker pool ----------------------------------------------------
+# The prefill matmuls call numpy's OpenBLAS between numba kernels. OpenBLAS worker threads spin for
+# a long time after each call, which stalls numba's threads and any other process (measured: a
+# [48, 2560] x [2560, 1536] sgemm fell from ~100 to 8 GFLOP/s with the other core busy). So the
+# prefill runs OpenBLAS single-threaded inside our own workers, which never spin.
+
+def _openblas_setter():
+    """ctypes handle of openblas_set_num_threads in numpy's bundled OpenBLAS, or None."""
+    import ctypes
+    import glob
+
+    import numpy as np
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in glob.glob(os.path.join(libs, "*openblas*")):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                return fn
+    return None
+
+
+_blas_state: dict = {}
+
+
+def single_threaded_blas() -> None:
+    """Make numpy's BLAS use one thread from now on (threadpoolctl if installed, else OpenBLAS via
+    ctypes; if neither is found, set OPENBLAS_NUM_THREADS=1 before starting Python)."""
+    if _blas_state.get("done"):
+        return
+    _blas_state["done"] = True
+    try:
+        import threadpoolctl
+
+        _blas_state["limiter"] = threadpoolctl.threadpool_limits(1, user_api="blas")
+        return
+    except ImportError:
+        pass
+    setter = _openblas_setter()
+    if setter is not None:
+        setter(1)
+
+
+def worker_pool():
+    """The prefill thread pool (max_threads() workers, created on first use, never spinning)."""
+    if "pool" not in _blas_state:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _blas_state["pool"] = ThreadPoolExecutor(max_workers=max_threads(), thread_name_prefix="ernie-prefill")
+    return _blas_state["pool"]

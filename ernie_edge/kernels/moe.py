@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import q4, q8
-from ._jit import njit
+from . import norm, q4, q8
+from ._jit import njit, single_threaded_blas, worker_pool
 
 
 @njit()
@@ -79,22 +79,43 @@ def experts_prefill(x, idx, weights, gate, gate_scales, up, up_scales, down, dow
     codes [E, I, H] / [E, H, I] (bits=8) with fp16 scales. Overwrites out.
 
     Tokens are grouped by expert: each hit expert's gate, up and down weights are dequantized a
-    tile at a time and multiplied with all of its tokens at once (q4_matmul / q8_matmul).
+    tile at a time and multiplied with all of its tokens at once, so every routed expert's weights
+    are read once per batch. Experts are shared out to the worker threads (single-threaded sgemm
+    each); their outputs are added here in ascending expert id.
     """
-    matmul = q4.q4_matmul if bits == 4 else q8.q8_matmul
-    T, H = x.shape
-    inter = gate.shape[1]
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if x.dtype != np.float32 or x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32:
+        raise ValueError(f"x and out must be float32 [T, H], got x {x.dtype} {x.shape}, out {out.dtype} {out.shape}")
     idx = np.asarray(idx)
+    if idx.ndim != 2 or idx.shape[0] != x.shape[0] or weights.shape != idx.shape:
+        raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={x.shape[0]}")
+    if idx.size and (idx.min() < 0 or idx.max() >= gate.shape[0]):
+        raise ValueError(f"expert ids must be in [0, {gate.shape[0]})")
+    banks = (gate, q8.as_u16(gate_scales), up, q8.as_u16(up_scales), down, q8.as_u16(down_scales))
+    experts = np.unique(idx)  # ascending expert id
+    groups = [np.nonzero(idx == e) for e in experts]  # (rows, slots) per expert
+    single_threaded_blas()
+    pool = worker_pool()
+    jobs = [pool.submit(_expert_ffn, x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups)]
     out[...] = 0.0
-    for e in np.unique(idx):  # ascending expert id
-        rows, slots = np.nonzero(idx == e)
-        xe = np.ascontiguousarray(x[rows])  # [n, H]
-        g = np.empty((len(rows), inter), np.float32)
-        u = np.empty_like(g)
-        matmul(xe, gate[e], gate_scales[e], g)
-        matmul(xe, up[e], up_scales[e], u)
-        h = g / (np.float32(1.0) + np.exp(-g)) * u  # [n, I]
-        y = np.empty((len(rows), H), np.float32)
-        matmul(h, down[e], down_scales[e], y)
-        out[rows] += y * weights[rows, slots][:, None].astype(np.float32)
+    for (rows, slots), job in zip(groups, jobs):
+        out[rows] += job.result() * weights[rows, slots][:, None].astype(np.float32)
     return out
+
+
+def _expert_ffn(x, rows, e, banks, bits) -> np.ndarray:
+    """down(silu(gate(x)) * up(x)) of expert e for tokens x[rows] -> float32 [n, H] (one thread)."""
+    gate, gs, up, us, down, ds = banks
+    dequant = q4._q4_dequant_rows if bits == 4 else q8._q8_dequant_rows
+    xe = np.ascontiguousarray(x[rows])  # [n, H]
+    n, inter = len(rows), gate.shape[1]
+    g = np.empty((n, inter), np.float32)
+    u = np.empty((n, inter), np.float32)
+    q8.tiled_matmul(xe, gate[e], gs[e], g, dequant, parallel=False)
+    q8.tiled_matmul(xe, up[e], us[e], u, dequant, parallel=False)
+    h = np.empty_like(g)
+    norm.silu_mul(g, u, h)
+    y = np.empty((n, x.shape[1]), np.float32)
+    q8.tiled_matmul(h, down[e], ds[e], y, dequant, parallel=False)
+    return y

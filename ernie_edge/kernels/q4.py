@@ -13,10 +13,9 @@ q8.py (they are shared: the int8-activation dot is the same for both formats).
 from __future__ import annotations
 
 import numpy as np
-from numba import prange
 
 from . import q8, simd
-from ._jit import pnjit
+from ._jit import njit
 from .q8 import ActScratch
 
 __all__ = ["ActScratch", "q4_matvec", "q4_experts_gate_up_silu", "q4_experts_down_weighted",
@@ -48,21 +47,15 @@ def q4_experts_down_weighted(h, down_packed, down_scales, expert_ids, weights, o
     return q8.experts_down_weighted(h, down_packed, down_scales, expert_ids, weights, out, act, 4)
 
 
-@pnjit()
+@njit()
 def _q4_dequant_rows(packed, s, r0, tile):
-    """tile[i, :] = dequantized row r0 + i of packed int4 [O, K/2] (float32, exact)."""
+    """tile[i, :] = dequantized row r0 + i of packed int4 [O, K/2] (float32, exact). Serial: the
+    prefill matmul runs it between multi-threaded sgemm calls, whose threads still spin."""
     n, K = tile.shape
     nsg = s.shape[1]
-    gs = K // nsg
-    half = gs // 2
-    for i in prange(n):
-        for g in range(nsg):
-            sc = simd.f16_to_f32(s[r0 + i, g])
-            base = g * half
-            for j in range(half):
-                b = np.int32(packed[r0 + i, base + j])
-                tile[i, g * gs + j] = np.float32((b & 15) - 8) * sc
-                tile[i, g * gs + half + j] = np.float32((b >> 4) - 8) * sc
+    kw = packed.shape[1]
+    for i in range(n):
+        simd.q4_dequant_row(packed, (r0 + i) * kw, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
 
 
 def q4_dequant_rows(packed, scales, r0: int, tile) -> np.ndarray:

@@ -28,7 +28,7 @@ import numpy as np
 from numba import prange
 
 from . import simd
-from ._jit import ACT_BLOCK, njit, pnjit
+from ._jit import ACT_BLOCK, get_threads, njit, pnjit, single_threaded_blas, worker_pool
 
 
 
@@ -311,33 +311,47 @@ def q8_experts_down_weighted(h, down_codes, down_scales, expert_ids, weights, ou
 
 # ---- prefill: dequantize row tiles + BLAS ------------------------------------------------------
 
-@pnjit()
+@njit()
 def _q8_dequant_rows(codes, s, r0, tile):
-    """tile[i, :] = dequantized row r0 + i of int8 codes [O, K] (float32)."""
-    n, K = tile.shape[0], codes.shape[1]
+    """tile[i, :] = dequantized row r0 + i of int8 codes [O, K] (float32, exact). Serial, see q4."""
+    n, K = tile.shape
     nsg = s.shape[1]
-    gs = K // nsg
-    for i in prange(n):
-        for g in range(nsg):
-            sc = simd.f16_to_f32(s[r0 + i, g])
-            for j in range(gs):
-                tile[i, g * gs + j] = np.float32(codes[r0 + i, g * gs + j]) * sc
+    for i in range(n):
+        simd.q8_dequant_row(codes, (r0 + i) * K, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
 
 
-def tiled_matmul(X, w, s, out, dequant_rows, tile_bytes: int = 1 << 20) -> np.ndarray:
-    """out [T, O] = X [T, K] W^T, dequantizing W a tile of rows at a time (each row read once)."""
+def tiled_matmul(X, w, s, out, dequant_rows, tile_bytes: int = 1 << 20, parallel: bool = True) -> np.ndarray:
+    """out [T, O] = X [T, K] W^T, dequantizing W a tile of rows at a time (each row read once).
+
+    The tiles are shared out dynamically to get_threads() workers; each dequantizes its tile
+    (numba, no GIL) and multiplies it with all T tokens by single-threaded sgemm (no GIL either).
+    """
     T, K = X.shape
     O = w.shape[0]
     rows = max(8, min(O, tile_bytes // (4 * K)))
+    starts = list(range(0, O, rows))
+    nworkers = min(get_threads(), len(starts)) if parallel else 1
+    if nworkers <= 1:
+        _matmul_tiles(X, w, s, out, dequant_rows, rows, iter(starts))
+        return out
+    single_threaded_blas()
+    todo = iter(starts)  # next() on a list iterator is atomic under the GIL
+    jobs = [worker_pool().submit(_matmul_tiles, X, w, s, out, dequant_rows, rows, todo) for _ in range(nworkers)]
+    for job in jobs:
+        job.result()
+    return out
+
+
+def _matmul_tiles(X, w, s, out, dequant_rows, rows, todo) -> None:
+    T, K = X.shape
     tile = np.empty((rows, K), np.float32)
     part = np.empty(T * rows, np.float32)
-    for r0 in range(0, O, rows):
-        n = min(rows, O - r0)
+    for r0 in todo:
+        n = min(rows, w.shape[0] - r0)
         dequant_rows(w, s, r0, tile[:n])
         y = part[: T * n].reshape(T, n)
         np.matmul(X, tile[:n].T, out=y)
         out[:, r0:r0 + n] = y
-    return out
 
 
 def check_matmul(X, w, s, out, bits: int):

@@ -264,3 +264,71 @@ def _rows_dot1_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2su
     dot = q4_dot1 if w.dtype == types.uint8 else q8_dot1
     return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub: dot(
         w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
+
+
+# ---- dequantization of whole rows (prefill tiles) ----------------------------------------------
+
+def _dequant_row(context, builder, sig, args, unpack):
+    """out[ooff + j] = float(code[j]) * scale[group(j)] for one row of K values, as vector ops.
+
+    args: (w, woff, s, soff, gs, out, ooff, k). For int4, 32-block b = (group g, chunk c) takes
+    bytes woff + g*gs/2 + 16c .. +16 whose low nibbles are values g*gs + 16c + (0..15) and high
+    nibbles the same + gs/2 (the Q4_0 order of quant/formats.py).
+    """
+    (w, woff, s, soff, gs, out, ooff, k) = args
+    wty, _, sty, _, _, oty, _, _ = sig.args
+    wptr = _data_ptr(context, builder, wty, w, ir.IntType(8))
+    sptr = _data_ptr(context, builder, sty, s, _I16)
+    optr = _data_ptr(context, builder, oty, out, _F32)
+    nblk = builder.udiv(k, ir.Constant(_I64, 32))
+    chunks = builder.udiv(gs, ir.Constant(_I64, 32))
+    half = builder.udiv(gs, ir.Constant(_I64, 2))
+    f16 = ir.VectorType(_F32, 16)
+    i16x32 = ir.VectorType(_I32, 16)
+
+    def store16(vals_i8, base, scale):
+        v = builder.sitofp(builder.sext(vals_i8, i16x32), f16)
+        sv = builder.insert_element(ir.Constant(f16, ir.Undefined), scale, ir.Constant(_I32, 0))
+        sv = builder.shuffle_vector(sv, sv, ir.Constant(i16x32, [0] * 16))
+        p = builder.bitcast(builder.gep(optr, [base]), f16.as_pointer())
+        builder.store(builder.fmul(v, sv), p, align=4)
+
+    with cgutils.for_range(builder, nblk) as loop:
+        b = loop.index
+        g = builder.udiv(b, chunks)
+        c = builder.urem(b, chunks)
+        scale = _fp16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)])))
+        obase = builder.add(ooff, builder.add(builder.mul(g, gs), builder.mul(c, ir.Constant(_I64, 16))))
+        if unpack:
+            wb = builder.add(woff, builder.add(builder.mul(g, half), builder.mul(c, ir.Constant(_I64, 16))))
+            raw = builder.load(builder.bitcast(builder.gep(wptr, [wb]), _I8x16.as_pointer()), align=1)
+            eight = ir.Constant(_I8x16, [8] * 16)
+            lo = builder.sub(builder.and_(raw, ir.Constant(_I8x16, [15] * 16)), eight)
+            hi = builder.sub(builder.lshr(raw, ir.Constant(_I8x16, [4] * 16)), eight)
+            store16(lo, obase, scale)
+            store16(hi, builder.add(obase, half), scale)
+        else:
+            wb = builder.add(woff, builder.mul(b, ir.Constant(_I64, 32)))
+            raw = builder.load(builder.bitcast(builder.gep(wptr, [wb]), _I8x32.as_pointer()), align=1)
+            ob = builder.add(ooff, builder.mul(b, ir.Constant(_I64, 32)))
+            store16(builder.shuffle_vector(raw, raw, _idx(range(16))), ob, scale)
+            store16(builder.shuffle_vector(raw, raw, _idx(range(16, 32))), builder.add(ob, ir.Constant(_I64, 16)),
+                    scale)
+    return context.get_dummy_value()
+
+
+def _make_dequant_row(unpack):
+    def typer(typingctx, w, woff, s, soff, gs, out, ooff, k):
+        sig = types.void(w, types.intp, s, types.intp, types.intp, out, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            return _dequant_row(context, builder, signature, args, unpack)
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+# (w, woff, s, soff, gs, out, ooff, k): one row of K weights -> float32 out[ooff : ooff + K]
+q4_dequant_row = _make_dequant_row(unpack=True)
+q8_dequant_row = _make_dequant_row(unpack=False)
