@@ -238,6 +238,15 @@ for gs in (32, 64):
     q8.q8_matvec(x, c8, sc, out, q8.ActScratch(128))
     want = dequantize_q8(c8, sc, gs) @ x
     assert np.abs(out - want).max() < 0.02 * np.abs(want).max(), (out, want)
+X = rng.standard_normal((3, 128)).astype(np.float32)
+y = np.empty((3, 7), np.float32)
+q4.q4_matmul(X, pack_q4(codes, 64), sc, y)
+assert np.abs(y - X @ dequantize_q4(pack_q4(codes, 64), sc, 64).T).max() < 1e-4
+from ernie_edge.kernels import attention
+kc = np.full((1, 8, 16), 0x3C00, np.uint16)  # fp16 1.0 everywhere
+out = np.empty((2, 16), np.float32)
+attention.attention_decode(np.ones((2, 16), np.float32), kc, kc, 8, out, attention.DecodeScratch(2, 16, 8))
+assert np.allclose(out, 1.0)
 print("ok")
 """
 

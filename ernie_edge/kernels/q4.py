@@ -72,7 +72,7 @@ def q4_dequant_rows(packed, scales, r0: int, tile) -> np.ndarray:
 def q4_matmul(X, packed, scales, out) -> np.ndarray:
     """out float32 [T, O] = X W^T for int4 W; X float32 [T, K] (any T >= 1).
 
-    Prefill path, exact float32: W is dequantized ~1 MB of rows at a time into a cache-resident
+    Prefill path, exact float32: W is dequantized ~2 MB of rows at a time into a cache-resident
     tile and multiplied with all T tokens by sgemm, so each weight byte is read once per batch.
     """
     s = q8.check_matmul(X, packed, scales, out, 4)

@@ -320,7 +320,7 @@ def _q8_dequant_rows(codes, s, r0, tile):
         simd.q8_dequant_row(codes, (r0 + i) * K, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
 
 
-def tiled_matmul(X, w, s, out, dequant_rows, tile_bytes: int = 1 << 20, parallel: bool = True) -> np.ndarray:
+def tiled_matmul(X, w, s, out, dequant_rows, tile_bytes: int = 1 << 21, parallel: bool = True) -> np.ndarray:
     """out [T, O] = X [T, K] W^T, dequantizing W a tile of rows at a time (each row read once).
 
     The tiles are shared out dynamically to get_threads() workers; each dequantizes its tile
