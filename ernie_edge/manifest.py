@@ -415,31 +415,39 @@ def _template_info(folder: Path) -> dict | None:
             "matches_builtin": t.matches_builtin}
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def format_description(info: dict) -> str:
     """`describe()` as the human-readable text `ernie-edge info` prints."""
-    gb = 1e9
-    mem = info["memory"]
-    r = info["recipe"]
+    mem, r, src = info["memory"], info["recipe"], info["source"]
     lines = [
         f"{info['path']}",
-        f"  format v{info['format_version']}, {info['created_by']}; source {info['source'].get('repo') or info['source'].get('path')}"
-        + (f" @ {info['source']['revision']}" if info['source'].get('revision') else ""),
+        f"  format v{info['format_version']}, {info['created_by']}; source {src.get('repo') or src.get('path')}"
+        + (f" @ {src['revision']}" if src.get("revision") else ""),
         f"  recipe: experts int{r.get('expert_bits')}, dense {r.get('dense_bits')}-bit, group {r.get('group_size')}",
         f"  {info['layers']} layers, {info['experts']} experts ({info['experts_per_token']} per token), "
-        f"{info['parameters'] / 1e9:.2f} B parameters, {info['bits_per_weight']:.2f} bits/weight",
-        f"  files: {info['total_bytes'] / gb:.2f} GB",
+        f"{_count(info['parameters'])} parameters, {info['bits_per_weight']:.2f} bits/weight",
+        f"  files: {_size(info['total_bytes'])}",
         "",
-        f"  {'role':<14}{'quant':<10}{'params':>12}{'GB':>9}{'bits/w':>8}",
+        f"  {'role':<14}{'quant':<8}{'params':>12}{'size':>12}{'bits/w':>8}",
     ]
     for role, d in sorted(info["roles"].items(), key=lambda kv: -kv[1]["bytes"]):
-        lines.append(f"  {role:<14}{','.join(d['quant']):<10}{d['parameters'] / 1e6:>11.1f}M"
-                     f"{d['bytes'] / gb:>9.3f}{d['bits_per_weight']:>8.2f}")
+        lines.append(f"  {role:<14}{','.join(d['quant']):<8}{_count(d['parameters']):>12}"
+                     f"{_size(d['bytes']):>12}{d['bits_per_weight']:>8.2f}")
     lines += [
         "",
-        f"  memory: {mem['resident_dense_bytes'] / gb:.2f} GB dense (always resident) + experts mapped "
-        f"from disk ({mem['expert_bytes_per_token'] / 1e6:.0f} MB read per token, "
-        f"{mem['expert_bytes_total'] / gb:.2f} GB in all)",
-        f"  KV cache ({mem['kv_dtype']}): {mem['kv_bytes_per_1k_tokens'] / 1e6:.1f} MB per 1k tokens",
+        f"  memory: {_size(mem['resident_dense_bytes'])} dense (always resident); experts mapped from "
+        f"disk: {_size(mem['expert_bytes_per_token'])} read per token, {_size(mem['expert_bytes_total'])} in all",
+        f"  KV cache ({mem['kv_dtype']}): {_size(mem['kv_bytes_per_1k_tokens'])} per 1k tokens",
     ]
     t = info.get("template")
     if t and "error" in t:

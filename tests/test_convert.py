@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import signal
@@ -388,7 +389,7 @@ def rewrite_tensor(src: Path, name: str, edit):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_nonfinite_weight(src_copy, tmp_path, bad):
+def test_nonfinite_weight(src_copy, tmp_path, caplog, bad):
     name = "model.layers.2.mlp.experts.5.up_proj.weight"
 
     def poison(w):
@@ -401,7 +402,9 @@ def test_nonfinite_weight(src_copy, tmp_path, bad):
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "out.partial" / "manifest.json").exists()
 
-    out = run(src_copy, tmp_path / "out", allow_nonfinite=True)
+    with caplog.at_level(logging.WARNING, logger="ernie_edge.quant.convert"):
+        out = run(src_copy, tmp_path / "out", allow_nonfinite=True)
+    assert f"tensor '{name}': zeroed 2 non-finite value(s), the first at index [3, 7]" in caplog.text
     w = EdgeCheckpoint(out).expert(2, 5)[1]
     assert w[3, 7] == 0 and w[9, 1] == 0 and np.isfinite(w).all() and np.abs(w).sum() > 0
 
