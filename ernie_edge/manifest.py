@@ -415,7 +415,8 @@ def _template_info(folder: Path) -> dict | None:
             "matches_builtin": t.matches_builtin}
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """Bytes as text with a unit: 1.80 GB, 640 B."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -436,18 +437,18 @@ def format_description(info: dict) -> str:
         f"  recipe: experts int{r.get('expert_bits')}, dense {r.get('dense_bits')}-bit, group {r.get('group_size')}",
         f"  {info['layers']} layers, {info['experts']} experts ({info['experts_per_token']} per token), "
         f"{_count(info['parameters'])} parameters, {info['bits_per_weight']:.2f} bits/weight",
-        f"  files: {_size(info['total_bytes'])}",
+        f"  files: {format_size(info['total_bytes'])}",
         "",
         f"  {'role':<14}{'quant':<8}{'params':>12}{'size':>12}{'bits/w':>8}",
     ]
     for role, d in sorted(info["roles"].items(), key=lambda kv: -kv[1]["bytes"]):
         lines.append(f"  {role:<14}{','.join(d['quant']):<8}{_count(d['parameters']):>12}"
-                     f"{_size(d['bytes']):>12}{d['bits_per_weight']:>8.2f}")
+                     f"{format_size(d['bytes']):>12}{d['bits_per_weight']:>8.2f}")
     lines += [
         "",
-        f"  memory: {_size(mem['resident_dense_bytes'])} dense (always resident); experts mapped from "
-        f"disk: {_size(mem['expert_bytes_per_token'])} read per token, {_size(mem['expert_bytes_total'])} in all",
-        f"  KV cache ({mem['kv_dtype']}): {_size(mem['kv_bytes_per_1k_tokens'])} per 1k tokens",
+        f"  memory: {format_size(mem['resident_dense_bytes'])} dense (always resident); experts mapped from "
+        f"disk: {format_size(mem['expert_bytes_per_token'])} read per token, {format_size(mem['expert_bytes_total'])} in all",
+        f"  KV cache ({mem['kv_dtype']}): {format_size(mem['kv_bytes_per_1k_tokens'])} per 1k tokens",
     ]
     t = info.get("template")
     if t and "error" in t:

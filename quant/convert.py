@@ -34,7 +34,7 @@ from ernie_edge import __version__
 from ernie_edge.errors import ErnieEdgeError, ModelNotFoundError
 from ernie_edge.hf_checkpoint import HFCheckpoint, shard_names
 from ernie_edge.manifest import (DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PROJECTIONS,
-                                 STORED_DTYPE, bank_name, experts_file, read_manifest, sha256_file,
+                                 STORED_DTYPE, bank_name, experts_file, format_size, read_manifest, sha256_file,
                                  stored_names, stored_shapes, verify)
 from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
@@ -355,6 +355,8 @@ class _Conversion:
     def run(self) -> Path:
         try:
             return self._run()
+        except OSError as e:  # anything not already turned into a ConvertError where it happened
+            raise _os_error(e, Path(e.filename) if e.filename else self.staging) from None
         finally:
             self._unlock_staging()
 
@@ -486,7 +488,7 @@ class _Conversion:
         free = shutil.disk_usage(self.staging).free
         if need > free:
             raise ConvertError(f"{self.staging}: not enough disk space: the conversion needs "
-                               f"{need / 1e9:.2f} GB more, {free / 1e9:.2f} GB are free; free some space "
+                               f"{format_size(need)} more, {format_size(free)} are free; free some space "
                                "and run the same command again (finished files are kept)")
 
     # ---- writing one file -------------------------------------------------------------------
@@ -510,10 +512,7 @@ class _Conversion:
             _fsync_dir(self.staging)
         except OSError as e:
             partial.unlink(missing_ok=True)
-            if e.errno == errno.ENOSPC:
-                raise ConvertError(f"{partial}: disk full (ENOSPC) while writing; free some space and run "
-                                   "the same command again: finished files are kept") from None
-            raise ConvertError(f"{partial}: cannot write: {e.strerror or e}") from None
+            raise _os_error(e, partial) from None
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -597,10 +596,7 @@ class _Conversion:
         }
 
     def _write_manifest(self) -> None:
-        try:
-            _atomic_write(self.staging / MANIFEST_NAME, json.dumps(self._manifest(), indent=1).encode())
-        except OSError as e:
-            raise ConvertError(f"{self.staging / MANIFEST_NAME}: cannot write: {e.strerror or e}") from None
+        _atomic_write(self.staging / MANIFEST_NAME, json.dumps(self._manifest(), indent=1).encode())
         _hook("manifest")
         (self.staging / PROGRESS_NAME).unlink()
         _fsync_dir(self.staging)
@@ -653,6 +649,13 @@ def _ordered(pool: ThreadPoolExecutor, fns, window: int):
         for fut in pending:
             if not fut.cancelled():
                 fut.exception()  # wait: no worker may still touch the writer's inputs
+
+
+def _os_error(e: OSError, where: Path) -> ConvertError:
+    if e.errno == errno.ENOSPC:
+        return ConvertError(f"{where}: disk full (ENOSPC) while writing; free some space and run the same "
+                            "command again: finished files are kept")
+    return ConvertError(f"{where}: {e.strerror or e}")
 
 
 def _read_progress(path: Path) -> dict:

@@ -153,6 +153,8 @@ def test_tokenizer_json_built_from_tokenizer_model(tmp_path):
     src = synthetic.write_checkpoint(tmp_path / "src", "tiny", layers=2)
     assert not (src / "tokenizer.json").exists()
     out = run(src, tmp_path / "out")
+    again = run(src, tmp_path / "again")  # the built tokenizer.json is deterministic too
+    assert manifest_bytes(out) == manifest_bytes(again)
     for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                  "generation_config.json"):
         assert (out / name).is_file(), name
@@ -357,9 +359,23 @@ def test_disk_full(source, reference_out, tmp_path, monkeypatch):
     assert manifest_bytes(run(source, dest)) == manifest_bytes(reference_out)
 
 
+def test_disk_full_writing_the_manifest(source, tmp_path, monkeypatch):
+    original = convert_mod._atomic_write
+
+    def atomic_write(path, data):
+        if path.name == "manifest.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, data)
+    monkeypatch.setattr(convert_mod, "_atomic_write", atomic_write)
+    with pytest.raises(ConvertError, match=r"manifest.json: disk full \(ENOSPC\)"):
+        run(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial" / "manifest.json").exists()
+    assert_no_complete_folder(tmp_path / "out")
+
+
 def test_not_enough_space_is_refused_up_front(source, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(ConvertError, match=r"not enough disk space.*GB more"):
+    with pytest.raises(ConvertError, match=r"not enough disk space: the conversion needs .* more, 1000 B are free"):
         run(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
