@@ -375,7 +375,7 @@ def test_disk_full_writing_the_manifest(source, tmp_path, monkeypatch):
 
 def test_not_enough_space_is_refused_up_front(source, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(ConvertError, match=r"not enough disk space: the conversion needs .* more, 1000 B are free"):
+    with pytest.raises(ConvertError, match=r"not enough disk space: the conversion needs .* more, 1.00 KB are free"):
         run(source, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
