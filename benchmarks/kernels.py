@@ -117,6 +117,11 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
     q8_case("q8_matvec_q_proj_2560x2560", H, H, copies)
     q8_case("q8_matvec_kv_proj_512x2560", NKV * D, H, copies * 4)
     q8_case("q8_matvec_o_proj_2560x2560", H, H, copies)
+    qkv = [(q8_weight(rng, H, H), q8_weight(rng, NKV * D, H), q8_weight(rng, NKV * D, H)) for _ in range(copies)]
+    yq, yk, yv = np.empty(H, np.float32), np.empty(NKV * D, np.float32), np.empty(NKV * D, np.float32)
+    call = Rotating(qkv, lambda m: q8.q8_matvec3(x, *m[0], yq, *m[1], yk, *m[2], yv, act))
+    r["q8_matvec3_qkv_3584x2560"] = timed(call, reps, nbytes(*qkv[0][0], *qkv[0][1], *qkv[0][2]))
+    del qkv
     q8_case("q8_matvec_shared_down_2560x3072", H, I_SHARED, copies)
     q8_case("q8_matvec_dense_down_2560x12288", H, I_DENSE, 2)
     q8_case("q8_matvec_lm_head_103424x2560", VOCAB, H, 1)
@@ -149,8 +154,9 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
     qd = rng.standard_normal((NQ, D)).astype(np.float32)
     od = np.empty_like(qd)
     for length in (1024, 32768):
-        kc = rng.integers(0x3000, 0x3C00, size=(NKV, length, D), dtype=np.uint16)
-        vc = rng.integers(0x3000, 0x3C00, size=(NKV, length, D), dtype=np.uint16)
+        kc, vc = attention.new_kv_cache(NKV, length, D)
+        kc[...] = rng.integers(0x3000, 0x3C00, size=kc.shape, dtype=np.uint16)
+        vc[...] = rng.integers(0x3000, 0x3C00, size=vc.shape, dtype=np.uint16)
         sc = attention.DecodeScratch(NQ, D, length)
         r[f"attention_decode_{length}"] = timed(
             lambda: attention.attention_decode(qd, kc, vc, length, od, sc), reps, kc.nbytes + vc.nbytes)
@@ -166,7 +172,7 @@ def timed(fn, reps, weight_bytes) -> dict:
 def decode_estimate(r: dict, attention_len: int = 1024) -> dict:
     """Seconds per decoded token: 27 MoE layers + layer 0 (dense MLP) + lm head, from the pieces."""
     us = {k: v["us"] for k, v in r.items()}
-    attn = (2 * us["q8_matvec_q_proj_2560x2560"] + 2 * us["q8_matvec_kv_proj_512x2560"]
+    attn = (us["q8_matvec3_qkv_3584x2560"] + us["q8_matvec_o_proj_2560x2560"]
             + us[f"attention_decode_{attention_len}"] + us["rope_q_and_k_1_token"] + 2 * us["add_rmsnorm_2560"])
     moe_layer = (us["router_fp32_64x2560"] + us["q4_experts_gate_up_silu_6"] + us["q4_experts_down_weighted_6"]
                  + us["q8_shared_gate_up_silu_2x3072x2560"] + us["q8_matvec_shared_down_2560x3072"])
@@ -203,8 +209,9 @@ def prefill_benchmarks(rng, reps: int, T: int = 512) -> dict:
     r["q4_experts_prefill_T512"] = {"us": round(t * 1e6), "GFLOP_s": round(flops / t / 1e9, 1)}
 
     # causal attention of T new tokens over the cache
-    kc = rng.integers(0x3000, 0x3C00, size=(NKV, T, D), dtype=np.uint16)
-    vc = rng.integers(0x3000, 0x3C00, size=(NKV, T, D), dtype=np.uint16)
+    kc, vc = attention.new_kv_cache(NKV, T, D)
+    kc[...] = rng.integers(0x3000, 0x3C00, size=kc.shape, dtype=np.uint16)
+    vc[...] = rng.integers(0x3000, 0x3C00, size=vc.shape, dtype=np.uint16)
     qa = rng.standard_normal((T, NQ, D)).astype(np.float32)
     oa = np.empty_like(qa)
     t = best_time(lambda: attention.attention_prefill(qa, kc, vc, 0, oa), reps)
@@ -308,7 +315,7 @@ def main(argv=None) -> int:
             busy.wait()
         print(f"with a busy process: empty region {res['loaded']['region_overhead_us']} us, "
               f"decode {res['loaded']['decode_estimate']['tokens_per_s']} tok/s")
-        for k in ("q4_experts_gate_up_silu_6", "q8_matvec_q_proj_2560x2560", "q8_matvec_lm_head_103424x2560"):
+        for k in ("q4_experts_gate_up_silu_6", "q8_matvec3_qkv_3584x2560", "q8_matvec_lm_head_103424x2560"):
             print(f"  {k:42s} {dl[k]['us']:10.1f} us   {dl[k]['GB_s']} GB/s")
     res["machine"]["load_after"] = machine_load()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

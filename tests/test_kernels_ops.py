@@ -124,27 +124,32 @@ def attention_np(q, k, v, q_positions):
 def fill_cache(S, nkv, d, cap):
     k = RNG.standard_normal((S, nkv, d)).astype(np.float32)
     v = RNG.standard_normal((S, nkv, d)).astype(np.float32)
-    kc = np.zeros((nkv, cap, d), np.uint16)
-    vc = np.zeros_like(kc)
+    kc, vc = attention.new_kv_cache(nkv, cap, d)
     attention.kv_write(k, v, kc, vc, 0)
     return k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32), kc, vc
 
 
-def test_kv_write_round_trip():
-    k16, v16, kc, vc = fill_cache(9, 2, 16, 32)
-    np.testing.assert_array_equal(kc.view(np.float16)[:, :9].astype(np.float32), k16.transpose(1, 0, 2))
-    np.testing.assert_array_equal(vc.view(np.float16)[:, :9].astype(np.float32), v16.transpose(1, 0, 2))
+def test_kv_write_round_trip_across_blocks():
+    kc, vc = attention.new_kv_cache(2, 600, 16)
+    assert kc.shape == (2, 3, 16, attention.KV_BLOCK) and vc.shape == (2, 3 * attention.KV_BLOCK, 16)
+    k = RNG.standard_normal((300, 2, 16)).astype(np.float32)
+    v = RNG.standard_normal((300, 2, 16)).astype(np.float32)
+    attention.kv_write(k[:200], v[:200], kc, vc, 0)
+    attention.kv_write(k[200:], v[200:], kc, vc, 200)  # crosses the block boundary at 256
+    k2, v2 = attention.kv_read(kc, vc, 0, 300)
+    np.testing.assert_array_equal(k2, k.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(v2, v.astype(np.float16).astype(np.float32))
     with pytest.raises(ValueError):
-        attention.kv_write(np.zeros((4, 2, 16), np.float32), np.zeros((4, 2, 16), np.float32), kc, vc, 30)
+        attention.kv_write(k[:10], v[:10], kc, vc, 3 * attention.KV_BLOCK - 5)
 
 
-@pytest.mark.parametrize("length", [1, 5, 256, 257, 1000])
+@pytest.mark.parametrize("length", [1, 5, 256, 257, 1000, 1027])
 def test_attention_decode(length):
     nq, nkv, d = 20, 4, 128
-    k, v, kc, vc = fill_cache(length, nkv, d, 1024)
+    k, v, kc, vc = fill_cache(length, nkv, d, 1100)
     q = RNG.standard_normal((nq, d)).astype(np.float32)
     out = np.empty_like(q)
-    attention.attention_decode(q, kc, vc, length, out, attention.DecodeScratch(nq, d, 1024))
+    attention.attention_decode(q, kc, vc, length, out, attention.DecodeScratch(nq, d, 1100))
     want = attention_np(q[None], k, v, np.array([length - 1]))
     assert_rel(out.reshape(1, -1), want)
     assert_rel(out.reshape(1, -1), ref.attention(q[None], k, v, np.array([length - 1])))
@@ -160,10 +165,10 @@ def test_attention_decode_large_scores_are_stable():
     assert_rel(out.reshape(1, -1), attention_np(q[None], k, v, np.array([299])), rel=1e-4)
 
 
-@pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70)])
+@pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70), (250, 20)])
 def test_attention_prefill_causal(start, T):
     nq, nkv, d = 20, 4, 128
-    k, v, kc, vc = fill_cache(start + T, nkv, d, 256)
+    k, v, kc, vc = fill_cache(start + T, nkv, d, 512)
     q = RNG.standard_normal((T, nq, d)).astype(np.float32)
     out = np.empty_like(q)
     attention.attention_prefill(q, kc, vc, start, out)
@@ -176,6 +181,10 @@ def test_attention_rejects_bad_length():
     k, v, kc, vc = fill_cache(4, 2, 16, 8)
     with pytest.raises(ValueError):
         attention.attention_decode(np.zeros((4, 16), np.float32), kc, vc, 9, np.empty((4, 16), np.float32),
+                                   attention.DecodeScratch(4, 16, 8))
+    with pytest.raises(ValueError):  # a cache in another layout
+        attention.attention_decode(np.zeros((4, 16), np.float32), np.zeros((2, 8, 16), np.uint16),
+                                   np.zeros((2, 8, 16), np.uint16), 1, np.empty((4, 16), np.float32),
                                    attention.DecodeScratch(4, 16, 8))
 
 

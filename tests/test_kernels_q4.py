@@ -243,9 +243,10 @@ y = np.empty((3, 7), np.float32)
 q4.q4_matmul(X, pack_q4(codes, 64), sc, y)
 assert np.abs(y - X @ dequantize_q4(pack_q4(codes, 64), sc, 64).T).max() < 1e-4
 from ernie_edge.kernels import attention
-kc = np.full((1, 8, 16), 0x3C00, np.uint16)  # fp16 1.0 everywhere
+kc, vc = attention.new_kv_cache(1, 8, 16)
+attention.kv_write(np.ones((8, 1, 16), np.float32), np.ones((8, 1, 16), np.float32), kc, vc, 0)
 out = np.empty((2, 16), np.float32)
-attention.attention_decode(np.ones((2, 16), np.float32), kc, kc, 8, out, attention.DecodeScratch(2, 16, 8))
+attention.attention_decode(np.ones((2, 16), np.float32), kc, vc, 8, out, attention.DecodeScratch(2, 16, 8))
 assert np.allclose(out, 1.0)
 print("ok")
 """
@@ -257,3 +258,14 @@ def test_generic_path_in_subprocess():
     res = subprocess.run([sys.executable, "-c", GENERIC_CHECK], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+def test_q4_matvec3_equals_three_matvecs():
+    x = RNG.standard_normal(256).astype(np.float32)
+    mats = [random_q4(o, 256, 64)[1:] for o in (9, 4, 3)]
+    outs = [np.empty(p.shape[0], np.float32) for p, _ in mats]
+    q4.q4_matvec3(x, *mats[0], outs[0], *mats[1], outs[1], *mats[2], outs[2], ActScratch(256))
+    for (p, s), got in zip(mats, outs):
+        one = np.empty(p.shape[0], np.float32)
+        q4.q4_matvec(x, p, s, one, ActScratch(256))
+        np.testing.assert_array_equal(got, one)

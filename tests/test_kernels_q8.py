@@ -146,3 +146,15 @@ def test_q8_rejects_bad_shapes():
         q8.q8_matmul(np.zeros((2, 64), np.float32), codes, scales, np.empty((2, 5), np.float32))
     with pytest.raises(ValueError):
         ActScratch(33)
+
+
+def test_q8_matvec3_equals_three_matvecs():
+    x = RNG.standard_normal(128).astype(np.float32)
+    mats = [random_q8(o, 128, 32) for o in (37, 8, 5)]
+    outs = [np.empty(w.shape[0], np.float32) for w, _ in mats]
+    q8.q8_matvec3(x, mats[0][0], mats[0][1], outs[0], mats[1][0], mats[1][1], outs[1], mats[2][0], mats[2][1],
+                  outs[2], ActScratch(128))
+    for (w, s), got in zip(mats, outs):
+        one = np.empty(w.shape[0], np.float32)
+        q8.q8_matvec(x, w, s, one, ActScratch(128))
+        np.testing.assert_array_equal(got, one)

@@ -18,7 +18,7 @@ from . import q8, simd
 from ._jit import njit
 from .q8 import ActScratch
 
-__all__ = ["ActScratch", "q4_matvec", "q4_experts_gate_up_silu", "q4_experts_down_weighted",
+__all__ = ["ActScratch", "q4_matvec", "q4_matvec3", "q4_experts_gate_up_silu", "q4_experts_down_weighted",
            "q4_matmul", "q4_dequant_rows"]
 
 
@@ -29,6 +29,11 @@ def q4_matvec(x, packed, scales, out, act: ActScratch) -> np.ndarray:
     error bound in q8.py. One parallel region, rows split across threads.
     """
     return q8.matvec(x, packed, scales, out, act, bits=4)
+
+
+def q4_matvec3(x, wq, sq, out_q, wk, sk, out_k, wv, sv, out_v, act: ActScratch):
+    """Three int4 matvecs of one x in ONE parallel region (e.g. q, k, v): out_* = W_* x."""
+    return q8.matvec3(x, [(wq, sq, out_q), (wk, sk, out_k), (wv, sv, out_v)], act, 4)
 
 
 def q4_experts_gate_up_silu(x, gate_packed, gate_scales, up_packed, up_scales, expert_ids, out_h,

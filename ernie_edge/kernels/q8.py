@@ -127,6 +127,39 @@ def _matvec(x, w, s, out, xq, xd, xs, gs):
         out[r] = simd.rows_dot1(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
 
 
+@njit(inline="always")
+def _rows4_into(w, s, out, r, xq, xd, xs, nb, l2):
+    kw, nsg = w.shape[1], s.shape[1]
+    a, b, c, d = simd.rows_dot4(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
+    out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
+
+
+@njit()
+def _rows_tail(w, s, out, xq, xd, xs, nb, l2):
+    kw, nsg = w.shape[1], s.shape[1]
+    for r in range(4 * (out.shape[0] // 4), out.shape[0]):
+        out[r] = simd.rows_dot1(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
+
+
+@pnjit()
+def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs):
+    """Three matvecs of the same x (e.g. q, k, v projections) in one parallel region."""
+    nb = x.shape[0] // 32
+    l2 = _log2_sub(nb, s0.shape[1])
+    quantize_act(x, xq, xd, xs, gs)
+    n0, n1, n2 = o0.shape[0] // 4, o1.shape[0] // 4, o2.shape[0] // 4
+    for p in prange(n0 + n1 + n2):
+        if p < n0:
+            _rows4_into(w0, s0, o0, 4 * p, xq, xd, xs, nb, l2)
+        elif p < n0 + n1:
+            _rows4_into(w1, s1, o1, 4 * (p - n0), xq, xd, xs, nb, l2)
+        else:
+            _rows4_into(w2, s2, o2, 4 * (p - n0 - n1), xq, xd, xs, nb, l2)
+    _rows_tail(w0, s0, o0, xq, xd, xs, nb, l2)
+    _rows_tail(w1, s1, o1, xq, xd, xs, nb, l2)
+    _rows_tail(w2, s2, o2, xq, xd, xs, nb, l2)
+
+
 @pnjit()
 def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs):
     """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
@@ -247,6 +280,25 @@ def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
     return out
 
 
+def matvec3(x, mats, act: ActScratch, bits: int):
+    """mats: three (w, scales, out) with the same input length and group size."""
+    k = x.shape[0]
+    if len(mats) != 3:
+        raise ValueError(f"matvec3 takes exactly three (weight, scales, out) triples, got {len(mats)}")
+    args = []
+    for i, (w, s, out) in enumerate(mats):
+        s = as_u16(s)
+        check_weight(w, s, k, bits, f"weight {i}")
+        if out.shape != (w.shape[0],) or out.dtype != np.float32:
+            raise ValueError(f"out {i} must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
+        args += [w, s, out]
+    if len({a.shape[-1] for a in args[1::3]}) != 1:
+        raise ValueError("matvec3: the three weights must share one group size")
+    xq, xd, xs = act.views(k)
+    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits))
+    return tuple(args[2::3])
+
+
 def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
     k = x.shape[0]
     sg, su = as_u16(sg), as_u16(su)
@@ -295,6 +347,12 @@ def q8_matvec(x, codes, scales, out, act: ActScratch) -> np.ndarray:
     the result carries the int8-activation error bound in the module doc. One parallel region.
     """
     return matvec(x, codes, scales, out, act, bits=8)
+
+
+def q8_matvec3(x, wq, sq, out_q, wk, sk, out_k, wv, sv, out_v, act: ActScratch):
+    """Three int8 matvecs of one x in ONE parallel region (q, k and v projections): out_* = W_* x.
+    Same shapes/dtypes as q8_matvec for each; the three must share K and the group size."""
+    return matvec3(x, [(wq, sq, out_q), (wk, sk, out_k), (wv, sv, out_v)], act, 8)
 
 
 def q8_experts_gate_up_silu(x, gate_codes, gate_scales, up_codes, up_scales, expert_ids, out_h,

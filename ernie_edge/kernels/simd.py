@@ -332,3 +332,14 @@ def _make_dequant_row(unpack):
 # (w, woff, s, soff, gs, out, ooff, k): one row of K weights -> float32 out[ooff : ooff + K]
 q4_dequant_row = _make_dequant_row(unpack=True)
 q8_dequant_row = _make_dequant_row(unpack=False)
+
+
+@intrinsic
+def f32_from_bits(typingctx, bits):
+    """int32 bit pattern -> float32 (a bitcast)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], _F32)
+
+    return sig, codegen
