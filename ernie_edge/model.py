@@ -23,12 +23,14 @@ from .reference import ReferenceModel, RoutingTrace
 class Model:
     """A loaded model. Not thread-safe: one generation at a time per cache (the engine serialises)."""
 
-    def __init__(self, location: ModelLocation, weights, *, use_correction_bias: bool = True):
+    def __init__(self, location: ModelLocation, weights, backend):
         self.location = location
         self.path = location.path
         self.weights = weights
         self.config: ErnieConfig = weights.config
-        self._ref = ReferenceModel(weights, use_correction_bias=use_correction_bias)
+        self.backend = backend  # ReferenceModel (numpy spec) or CpuModel (numba kernels)
+        self.backend_name = "reference" if isinstance(backend, ReferenceModel) else "cpu"
+        self.backend = backend
         self._tokenizer = None
         self._chat_template = None
 
@@ -40,17 +42,17 @@ class Model:
         if not 0 <= start_position < self.config.max_position_embeddings:
             raise ErnieEdgeError(f"start_position {start_position} is outside the context "
                                  f"[0, {self.config.max_position_embeddings})")
-        return self._ref.new_cache(start_position)
+        return self.backend.new_cache(start_position)
 
     def forward(self, token_ids, cache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Run new tokens after what the cache holds; returns final-normed hidden states [T, H]."""
         ids = self._check_ids(token_ids, cache.length)
-        return self._ref.forward(ids, cache, trace)
+        return self.backend.forward(ids, cache, trace)
 
     def prefill(self, token_ids, cache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Feed a prompt (or the next chunk of one); returns the logits of its last token [V]."""
         hidden = self.forward(token_ids, cache, trace)
-        return self._ref.logits(hidden[-1:])[0]
+        return self.backend.logits(hidden[-1:])[0]
 
     def decode(self, token_id: int, cache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Feed one token; returns the next-token logits [V]."""
@@ -59,7 +61,7 @@ class Model:
     def logits(self, token_ids, trace: RoutingTrace | None = None) -> np.ndarray:
         """Full prefill from position 0 with a fresh cache: float32 [T, vocab]. Keeps no state."""
         hidden = self.forward(token_ids, self.new_cache(), trace)
-        return self._ref.logits(hidden).astype(np.float32, copy=False)
+        return self.backend.logits(hidden).astype(np.float32, copy=False)
 
     # ---- text ----------------------------------------------------------------------------------
 
@@ -102,14 +104,36 @@ class Model:
         return ids.astype(np.int64)
 
 
-def load(path: str | os.PathLike, *, use_correction_bias: bool = True) -> Model:
+BACKENDS = ("auto", "cpu", "reference")
+
+
+def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
+         threads: int | None = None, max_context: int | None = None) -> Model:
     """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
-    local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason."""
+    local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason.
+
+    backend: "cpu" (numba kernels; converted folders only), "reference" (the numpy fp32 spec; any
+    folder, slow), or "auto" (cpu for converted folders, reference for HF checkpoints).
+    threads: kernel threads (default: all cores). max_context: cap the KV cache (default: the
+    model's 131072)."""
+    if backend not in BACKENDS:
+        raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     location = resolve(path)
     if location.kind == "hf":
+        if backend == "cpu":
+            raise ErnieEdgeError(f"{location.path}: the cpu backend runs converted models; run "
+                                 "`ernie-edge convert` first (or use backend='reference')")
         from .hf_checkpoint import HFCheckpoint
         weights = HFCheckpoint(location.path)
     else:
         from .edge_checkpoint import EdgeCheckpoint
         weights = EdgeCheckpoint(location.path)
-    return Model(location, weights, use_correction_bias=use_correction_bias)
+    if location.kind == "edge" and backend in ("auto", "cpu"):
+        from .cpu_model import CpuModel
+        from .kernels._jit import set_threads
+        if threads:
+            set_threads(threads)
+        impl = CpuModel(weights, use_correction_bias=use_correction_bias, max_context=max_context)
+    else:
+        impl = ReferenceModel(weights, use_correction_bias=use_correction_bias)
+    return Model(location, weights, impl)

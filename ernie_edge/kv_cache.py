@@ -1,0 +1,83 @@
+"""The fast path's KV cache: fp16 keys/values per layer in the attention kernels' layout, grown in
+chunks as the conversation grows, with its size checked against free memory before any
+allocation. One cache per conversation; `truncate` rewinds it for prompt-prefix reuse.
+
+Index i of the cache holds position start + i (start > 0 only in tests of long-range positions,
+the equivalent of transformers' position_ids offset with no past).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import psutil
+
+from .config import ErnieConfig
+from .errors import ContextLengthError, ErnieEdgeError
+from .kernels.attention import KV_BLOCK, new_kv_cache
+from .kernels.rope import rope_tables
+
+GROW_CHUNK = 4096  # positions added per growth step (a multiple of KV_BLOCK)
+
+
+def kv_bytes(cfg: ErnieConfig, positions: int) -> int:
+    """Bytes of K and V (fp16) for `positions` tokens across all layers."""
+    return 2 * 2 * cfg.num_hidden_layers * positions * cfg.num_key_value_heads * cfg.dim_head
+
+
+def check_kv_budget(cfg: ErnieConfig, positions: int, available: int | None = None) -> None:
+    """Refuse, before allocating, a cache that cannot fit in memory (both numbers in the error)."""
+    need = kv_bytes(cfg, positions)
+    available = psutil.virtual_memory().available if available is None else available
+    if need > available:
+        raise ErnieEdgeError(f"a KV cache for {positions} tokens needs {need / 2**30:.2f} GiB, but only "
+                             f"{available / 2**30:.2f} GiB of memory is available; use a shorter context "
+                             "(--context) or free memory")
+
+
+class KVCache:
+    def __init__(self, cfg: ErnieConfig, start: int = 0, max_context: int | None = None):
+        self.cfg = cfg
+        self.start = start
+        self.length = start  # the position of the next token
+        self.max_context = min(max_context or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if not 0 <= start < self.max_context:
+            raise ErnieEdgeError(f"start position {start} is outside the context [0, {self.max_context})")
+        self.capacity = 0
+        self.k: list[np.ndarray] = []
+        self.v: list[np.ndarray] = []
+        self.cos = self.sin = np.zeros((0, cfg.dim_head // 2), np.float32)
+
+    @property
+    def used(self) -> int:
+        """Cache slots in use (= length - start)."""
+        return self.length - self.start
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v)
+
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions, growing in chunks (copying what is there)."""
+        need = self.used + new_tokens
+        if self.length + new_tokens > self.max_context:
+            raise ContextLengthError(f"{self.length + new_tokens} tokens exceed the context of {self.max_context}")
+        if need <= self.capacity:
+            return
+        cap = min(-(-need // GROW_CHUNK) * GROW_CHUNK, -(-(self.max_context - self.start) // KV_BLOCK) * KV_BLOCK)
+        cap = max(cap, need)
+        check_kv_budget(self.cfg, cap - self.capacity)
+        cfg = self.cfg
+        for i in range(cfg.num_hidden_layers):
+            k, v = new_kv_cache(cfg.num_key_value_heads, cap, cfg.dim_head)
+            if self.capacity:
+                k[:, : self.k[i].shape[1]] = self.k[i]
+                v[:, : self.v[i].shape[1]] = self.v[i]
+                self.k[i], self.v[i] = k, v
+            else:
+                self.k.append(k)
+                self.v.append(v)
+        self.capacity = self.k[0].shape[1] * KV_BLOCK
+        self.cos, self.sin = rope_tables(self.capacity, cfg.dim_head, cfg.rope_theta, start=self.start)
+
+    def truncate(self, length: int) -> None:
+        """Forget positions >= length (their slots are overwritten by the next tokens)."""
+        self.length = max(self.start, min(length, self.length))
