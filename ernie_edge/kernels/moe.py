@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import norm, q4, q8
-from ._jit import njit, single_threaded_blas, worker_pool
+from ._jit import get_threads, njit, single_threaded_blas, worker_pool
 
 
 @njit()
@@ -96,11 +96,15 @@ def experts_prefill(x, idx, weights, gate, gate_scales, up, up_scales, down, dow
     experts = np.unique(idx)  # ascending expert id
     groups = [np.nonzero(idx == e) for e in experts]  # (rows, slots) per expert
     single_threaded_blas()
-    pool = worker_pool()
-    jobs = [pool.submit(_expert_ffn, x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups)]
+    if get_threads() > 1:
+        pool = worker_pool()
+        jobs = [pool.submit(_expert_ffn, x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups)]
+        results = (job.result() for job in jobs)
+    else:
+        results = (_expert_ffn(x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups))
     out[...] = 0.0
-    for (rows, slots), job in zip(groups, jobs):
-        out[rows] += job.result() * weights[rows, slots][:, None].astype(np.float32)
+    for (rows, slots), y in zip(groups, results):  # ascending expert id
+        out[rows] += y * weights[rows, slots][:, None].astype(np.float32)
     return out
 
 
