@@ -216,6 +216,30 @@ def _run_demo(a) -> int:
     return 0
 
 
+# ---- bench ---------------------------------------------------------------------------------------
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth fraction")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt-tokens", type=_positive_int, default=512)
+    p.add_argument("--gen-tokens", type=_positive_int, default=128)
+    p.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(a) -> int:
+    from .bench import BenchSettings, format_bench, run_bench
+    result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+                                     threads=a.threads, seed=a.seed))
+    print(format_bench(result))
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ernie-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_generate, _add_chat, _add_synth, _add_convert, _add_verify,
-                _add_info, _add_eval):
+                _add_info, _add_eval, _add_bench):
         add(sub)
     return parser
 

@@ -1,0 +1,158 @@
+"""`ernie-edge bench`: speed and memory of a converted model on this machine, in one process.
+
+Figures (keys of --json): prefill_tok_s, decode_tok_s, ttft_s, load_s, jit_s, peak_rss_bytes,
+anon_rss_bytes, file_rss_bytes, weights_bytes_per_token, read_bandwidth_gbs, bandwidth_fraction
+(= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from numba import prange
+
+from .kernels._jit import get_threads, pnjit
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    model: str
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
+    threads: int | None = None
+    seed: int = 0
+    max_context: int | None = None
+
+
+@pnjit()
+def _read_sum(a):
+    # One pass over `a` split across threads; the sum keeps the reads from being optimised away.
+    n = a.shape[0]
+    nt = 64
+    parts = np.zeros(nt, np.float64)
+    step = (n + nt - 1) // nt
+    for t in prange(nt):
+        s = np.float32(0.0)  # float32 + fastmath reassoc: LLVM vectorises the loop
+        for i in range(t * step, min(n, (t + 1) * step)):
+            s += a[i]
+        parts[t] = s
+    return parts.sum()
+
+
+def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """STREAM-style read bandwidth (GB/s) with the kernels' thread count: best of `repeats`."""
+    a = np.ones(nbytes // 4, np.float32)
+    _read_sum(a[:1024])  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        _read_sum(a)
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def memory_status() -> dict:
+    """RssAnon / RssFile / VmHWM of this process from /proc (Linux), in bytes."""
+    out = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        import psutil
+        info = psutil.Process().memory_info()
+        out = {"RssAnon": info.rss, "RssFile": 0, "VmHWM": info.rss}
+    return out
+
+
+def weights_bytes_per_token(model) -> int:
+    """Bytes of weights one decode step reads: every dense tensor, the embedding row, the LM head,
+    and k routed experts per MoE layer."""
+    ck, cfg = model.weights, model.config
+    total = 0
+    for name in ck.manifest.tensors:
+        if not name.startswith("model."):
+            continue  # routed-expert banks (layers.LL.experts.*), counted below
+        q = ck.qtensor(name)
+        if name == "model.embed_tokens.weight":
+            total += q.nbytes + q.nbytes // cfg.vocab_size  # LM head matvec + one embedding row
+        else:
+            total += q.nbytes
+    for layer in cfg.moe_layers:
+        bank = ck.experts(layer)
+        per_expert = sum(t.nbytes for t in (bank.gate, bank.up, bank.down)) // bank.num_experts
+        total += cfg.moe_k * per_expert
+    return total
+
+
+def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
+    from . import load
+    rng = np.random.default_rng(s.seed)
+
+    t = time.perf_counter()
+    model = load(s.model, threads=s.threads, max_context=s.max_context)
+    load_s = time.perf_counter() - t
+    vocab = model.tokenizer.vocab_size
+
+    print("compiling kernels (first run only; later runs load them from the cache) ...", file=log, flush=True)
+    t = time.perf_counter()
+    cache = model.new_cache()
+    model.prefill(rng.integers(0, vocab, 3), cache)
+    model.decode(1, cache)
+    jit_s = time.perf_counter() - t
+
+    from .generate import render_prompt
+    short = render_prompt(model, prompt="Hello!")
+    t = time.perf_counter()
+    logits = model.prefill(short, model.new_cache())
+    int(np.argmax(logits))
+    ttft_s = time.perf_counter() - t
+
+    print(f"prefill: {s.prompt_tokens} tokens ...", file=log, flush=True)
+    prompt = rng.integers(0, vocab, s.prompt_tokens)
+    cache = model.new_cache()
+    t = time.perf_counter()
+    logits = model.prefill(prompt, cache)
+    prefill_s = time.perf_counter() - t
+
+    print(f"decode: {s.gen_tokens} tokens ...", file=log, flush=True)
+    t = time.perf_counter()
+    for _ in range(s.gen_tokens):
+        logits = model.decode(int(np.argmax(logits[:vocab])), cache)
+    decode_s = time.perf_counter() - t
+    mem = memory_status()
+
+    print("read bandwidth probe ...", file=log, flush=True)
+    bw = read_bandwidth_gbs()
+    wbytes = weights_bytes_per_token(model)
+    decode_tok_s = s.gen_tokens / decode_s
+    return {
+        "model": str(model.path), "backend": model.backend_name, "threads": get_threads(),
+        "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens,
+        "prefill_tok_s": s.prompt_tokens / prefill_s, "decode_tok_s": decode_tok_s,
+        "ttft_s": ttft_s, "load_s": load_s, "jit_s": jit_s,
+        "peak_rss_bytes": mem.get("VmHWM"), "anon_rss_bytes": mem.get("RssAnon"),
+        "file_rss_bytes": mem.get("RssFile"), "kv_cache_bytes": cache.nbytes(),
+        "weights_bytes_per_token": wbytes, "read_bandwidth_gbs": bw,
+        "bandwidth_fraction": decode_tok_s * wbytes / (bw * 1e9),
+    }
+
+
+def format_bench(r: dict) -> str:
+    gb = 1e9
+    return "\n".join([
+        f"model            {r['model']} ({r['backend']}, {r['threads']} threads)",
+        f"prefill          {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens)",
+        f"decode           {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens)",
+        f"time to 1st tok  {r['ttft_s']:.3f} s (short chat prompt)",
+        f"load / jit       {r['load_s']:.2f} s / {r['jit_s']:.2f} s",
+        f"memory           peak {r['peak_rss_bytes'] / gb:.2f} GB, anonymous {r['anon_rss_bytes'] / gb:.2f} GB, "
+        f"file-backed {r['file_rss_bytes'] / gb:.2f} GB",
+        f"weights/token    {r['weights_bytes_per_token'] / gb:.3f} GB",
+        f"read bandwidth   {r['read_bandwidth_gbs']:.1f} GB/s -> bandwidth fraction {r['bandwidth_fraction']:.2f}",
+    ])
