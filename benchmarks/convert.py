@@ -100,7 +100,8 @@ def speed(layers: int, thread_counts: list[int]) -> dict:
     runs = []
     for threads in thread_counts:
         r = convert_in_child(src, dest, threads)
-        r.update(threads=threads, input_gb_per_s=source_bytes / r["seconds"] / 1e9)
+        r.update(threads=threads, input_gb_per_s=source_bytes / r["seconds"] / 1e9,
+                 manifest_sha256=sha256_file(dest / "manifest.json"))
         runs.append(r)
         print(f"  threads {threads}: {r['seconds']:.1f} s, {r['input_gb_per_s']:.3f} GB/s, "
               f"peak RSS {r['ru_maxrss_bytes'] / 2**30:.2f} GiB", flush=True)
@@ -116,6 +117,7 @@ def speed(layers: int, thread_counts: list[int]) -> dict:
         "output_bytes": info["total_bytes"], "bits_per_weight": info["bits_per_weight"],
         "roles": {k: {"bits_per_weight": v["bits_per_weight"], "bytes": v["bytes"]} for k, v in info["roles"].items()},
         "runs": runs,
+        "identical_across_thread_counts": len({r["manifest_sha256"] for r in runs}) == 1,
         "verify": {"cold_mb_per_s": info["total_bytes"] / cold_s / 1e6,
                    "warm_mb_per_s": info["total_bytes"] / verify_s / 1e6,
                    "warm_one_thread_mb_per_s": biggest.stat().st_size / one_thread_s / 1e6},
@@ -192,6 +194,8 @@ def markdown(result: dict) -> str:
         for r in s["runs"]:
             lines.append(f"| {r['threads']} | {r['seconds']:.1f} | {r['input_gb_per_s']:.3f} | "
                          f"{r['ru_maxrss_bytes'] / 2**30:.2f} GiB | {r['psutil_peak_rss_bytes'] / 2**30:.2f} GiB |")
+        same = "identical" if s["identical_across_thread_counts"] else "DIFFERENT"
+        lines += ["", f"manifest (with every file's sha256) {same} across thread counts"]
         v = s["verify"]
         lines += ["", f"verify: {v['cold_mb_per_s']:.0f} MB/s from disk (files evicted from the page cache), "
                       f"{v['warm_mb_per_s']:.0f} MB/s cached; sha256 of one cached file on one thread "
@@ -223,7 +227,8 @@ def main() -> None:
     WORK.mkdir(exist_ok=True)
     result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     result["machine"] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1)}
+                         "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+                         "load_average_at_start": os.getloadavg()[0]}
     if not a.skip_full:
         result["speed"] = [speed(layers, a.threads) for layers in a.layers]
     if not a.skip_quality:

@@ -107,7 +107,7 @@ def test_round_trip_logits(source, tmp_path, recipe):
     out = run(source, tmp_path / "out", recipe=recipe)
     assert verify(out) == []
     ids = [1, 17, 300, 5, 900, 42, 7, 7, 1000]
-    got = ernie_edge.load(out).logits(ids)
+    got = ernie_edge.load(out, backend="reference").logits(ids)
     want = ReferenceModel(Dequantized(HFCheckpoint(source), recipe)).forward(ids, ReferenceModel(
         Dequantized(HFCheckpoint(source), recipe)).new_cache())
     want = want @ Dequantized(HFCheckpoint(source), recipe).dense("model.embed_tokens.weight").T
@@ -281,17 +281,49 @@ c.convert(c.ConvertSettings(source=sys.argv[1], dest=Path(sys.argv[2]), progress
 """
 
 
-@pytest.mark.parametrize("point", ["chunk:3", "file:dense.safetensors", "chunk:60", "manifest", "finalized"])
-def test_kill_9(source, reference_out, tmp_path, point):
-    dest = tmp_path / "out"
+# The tiny conversion writes 157 chunks (55 in dense, 51 per experts file). Per commit: 10 kill
+# points (RELIABILITY C1 tier); nightly (slow): 20 evenly spaced chunks + 3 in finalization.
+KILL_POINTS = ["chunk:1", "chunk:30", "chunk:56", "chunk:80", "chunk:107", "chunk:140",
+               "file:dense.safetensors", "file:experts-02.safetensors", "manifest", "finalized"]
+SLOW_KILL_POINTS = [f"chunk:{k}" for k in np.linspace(1, 157, 20).astype(int)] + [
+    "file:tokenizer.json", "manifest", "finalized"]
+
+
+def kill_at(source, dest, point):
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(source), str(dest), point],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+
+
+def check_killed_then_resumed(source, reference_out, dest):
     assert_no_complete_folder(dest)
     out = run(source, dest)
     assert manifest_bytes(out) == manifest_bytes(reference_out)
     assert verify(out) == []
     assert not any(p.name.endswith(".partial") for p in out.iterdir())
+    assert not dest.with_name(dest.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("point", KILL_POINTS)
+def test_kill_9(source, reference_out, tmp_path, point):
+    kill_at(source, tmp_path / "out", point)
+    check_killed_then_resumed(source, reference_out, tmp_path / "out")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", SLOW_KILL_POINTS)
+def test_kill_9_nightly(source, reference_out, tmp_path, point):
+    kill_at(source, tmp_path / "out", point)
+    check_killed_then_resumed(source, reference_out, tmp_path / "out")
+
+
+def test_kill_9_after_rename_leaves_a_complete_folder(source, reference_out, tmp_path):
+    dest = tmp_path / "out"
+    kill_at(source, dest, "renamed")
+    assert manifest_bytes(dest) == manifest_bytes(reference_out) and verify(dest) == []
+    assert ernie_edge.load(dest).config.hidden_size == 64
+    with pytest.raises(ConvertError, match="already there"):
+        run(source, dest)
 
 
 # ---- destination rules ---------------------------------------------------------------------------
