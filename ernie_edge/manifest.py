@@ -446,14 +446,16 @@ def format_description(info: dict) -> str:
                      f"{format_size(d['bytes']):>12}{d['bits_per_weight']:>8.2f}")
     lines += [
         "",
-        f"  memory: {format_size(mem['resident_dense_bytes'])} dense (always resident); experts mapped from "
-        f"disk: {format_size(mem['expert_bytes_per_token'])} read per token, {format_size(mem['expert_bytes_total'])} in all",
+        f"  memory: {format_size(mem['resident_dense_bytes'])} dense (always resident); experts mapped "
+        f"from disk: {format_size(mem['expert_bytes_per_token'])} read per token, "
+        f"{format_size(mem['expert_bytes_total'])} in all",
         f"  KV cache ({mem['kv_dtype']}): {format_size(mem['kv_bytes_per_1k_tokens'])} per 1k tokens",
     ]
     t = info.get("template")
     if t and "error" in t:
         lines.append(f"  chat template: ERROR {t['error']}")
     elif t:
-        flag = "matches the built-in ERNIE template" if t["matches_builtin"] else "DIFFERS from the built-in ERNIE template"
+        flag = ("matches the built-in ERNIE template" if t["matches_builtin"]
+                else "DIFFERS from the built-in ERNIE template")
         lines.append(f"  chat template: {t['origin']}, sha256 {t['sha256'][:12]} ({flag})")
     return "\n".join(lines)

@@ -663,7 +663,8 @@ def _read_progress(path: Path) -> dict:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ConvertError(f"{path}: unreadable ({e}); delete {path.parent} to start over") from None
-    if not isinstance(data, dict) or data.get("format") != "ernie-edge-progress" or not isinstance(data.get("files"), dict):
+    if (not isinstance(data, dict) or data.get("format") != "ernie-edge-progress"
+            or not isinstance(data.get("files"), dict)):
         raise ConvertError(f"{path}: not an ernie-edge progress file; delete {path.parent} to start over")
     return data
 

@@ -19,7 +19,7 @@ import pytest
 import ernie_edge
 import ernie_edge.quant.convert as convert_mod
 from ernie_edge.edge_checkpoint import EdgeCheckpoint
-from ernie_edge.errors import CheckpointError, ErnieEdgeError, ModelNotFoundError
+from ernie_edge.errors import ErnieEdgeError, ModelNotFoundError
 from ernie_edge.hf_checkpoint import HFCheckpoint
 from ernie_edge.manifest import read_manifest, verify
 from ernie_edge.mmap_store import SafetensorsFile
@@ -176,22 +176,31 @@ class Interrupt(BaseException):
     pass
 
 
+def interrupt_on(monkeypatch, predicate) -> None:
+    """Make the converter stop (as if by Ctrl-C) right after the durable step `predicate` accepts."""
+    def hook(event):
+        if predicate(event):
+            raise Interrupt(event)
+    monkeypatch.setattr(convert_mod, "_hook", hook)
+
+
+def no_interrupt(monkeypatch) -> None:
+    monkeypatch.setattr(convert_mod, "_hook", lambda event: None)
+
+
 @pytest.mark.parametrize("event", ["file:dense.safetensors", "file:experts-01.safetensors",
                                    "file:experts-02.safetensors", "manifest", "finalized"])
 def test_resume_after_interrupt(source, reference_out, tmp_path, monkeypatch, event):
     dest = tmp_path / "out"
 
-    def hook(e):
-        if e == event:
-            raise Interrupt(e)
-    monkeypatch.setattr(convert_mod, "_hook", hook)
+    interrupt_on(monkeypatch, lambda e: e == event)
     with pytest.raises(Interrupt):
         run(source, dest)
     assert not dest.exists()
     assert_no_complete_folder(dest)
     staging = dest.with_name("out.partial")
     finished = {p.name: p.stat().st_mtime_ns for p in staging.iterdir() if p.name.endswith(".safetensors")}
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: None)
+    no_interrupt(monkeypatch)
     out = run(source, dest)
     assert manifest_bytes(out) == manifest_bytes(reference_out)
     assert verify(out) == [] and not staging.exists()
@@ -221,24 +230,24 @@ def test_resume_after_interrupt_mid_file(source, reference_out, tmp_path, monkey
 
 def test_resume_redoes_a_damaged_finished_file(source, reference_out, tmp_path, monkeypatch):
     dest = tmp_path / "out"
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: (_ for _ in ()).throw(Interrupt()) if e == "file:experts-01.safetensors" else None)
+    interrupt_on(monkeypatch, lambda e: e == "file:experts-01.safetensors")
     with pytest.raises(Interrupt):
         run(source, dest)
     damaged = dest.with_name("out.partial") / "dense.safetensors"
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: None)
+    no_interrupt(monkeypatch)
     out = run(source, dest)
     assert manifest_bytes(out) == manifest_bytes(reference_out) and verify(out) == []
 
 
 def test_staging_of_another_recipe_is_refused(source, tmp_path, monkeypatch):
     dest = tmp_path / "out"
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: (_ for _ in ()).throw(Interrupt()) if e.startswith("file:") else None)
+    interrupt_on(monkeypatch, lambda e: e.startswith("file:"))
     with pytest.raises(Interrupt):
         run(source, dest)
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: None)
+    no_interrupt(monkeypatch)
     with pytest.raises(ConvertError, match=r"out.partial.*different source, recipe.*delete"):
         run(source, dest, recipe=Recipe(expert_bits=8))
 
@@ -246,10 +255,10 @@ def test_staging_of_another_recipe_is_refused(source, tmp_path, monkeypatch):
 def test_concurrent_conversion_refused(source, tmp_path, monkeypatch):
     import fcntl
     dest = tmp_path / "out"
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: (_ for _ in ()).throw(Interrupt()) if e.startswith("file:") else None)
+    interrupt_on(monkeypatch, lambda e: e.startswith("file:"))
     with pytest.raises(Interrupt):
         run(source, dest)
-    monkeypatch.setattr(convert_mod, "_hook", lambda e: None)
+    no_interrupt(monkeypatch)
     fd = os.open(dest.with_name("out.partial"), os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # what a running conversion holds

@@ -4,7 +4,6 @@ tampered folders (RELIABILITY A12, C5, C6)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -181,7 +180,8 @@ def test_unknown_format_version(folder):
 
 def test_duplicate_keys(folder):
     text = (folder / "manifest.json").read_text()
-    (folder / "manifest.json").write_text(text.replace('"format": "ernie-edge",', '"format": "ernie-edge", "format": "ernie-edge",', 1))
+    doubled = text.replace('"format": "ernie-edge",', '"format": "ernie-edge", "format": "ernie-edge",', 1)
+    (folder / "manifest.json").write_text(doubled)
     refused(folder, "duplicate key 'format'")
 
 
