@@ -14,6 +14,10 @@ and the OpenMP wait policy, which must be chosen before numba starts its thread 
   5.8 ms quiet and 9.5 ms loaded, i.e. no worse than one thread (8.9 ms). Kernels are written as
   few, coarse parallel regions (one per projection or expert group). Both settings can be
   overridden from the environment (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY) before the import.
+  The price of passive: waking a sleeping worker costs ~80 µs per region on an otherwise idle
+  2-vCPU VM (~3 µs when the other vCPU is busy anyway), ~15 ms per decoded token. On a machine
+  you know is idle, GOMP_SPINCOUNT=10000 (spin ~100 µs, then sleep) removes it (measured 2-4 µs
+  per region); setting GOMP_SPINCOUNT leaves OMP_WAIT_POLICY alone.
 - Integer SIMD path (`SIMD`, see kernels/simd.py): "avxvnni" when the CPU has AVX-VNNI or
   AVX512-VNNI (vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else
   "generic" (portable LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks
@@ -28,7 +32,8 @@ import os
 
 import platformdirs
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "GOMP_SPINCOUNT" not in os.environ:  # an explicit spin count is the user's choice of policy
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(platformdirs.user_cache_dir("ernie-edge"), "numba"))
 
 import llvmlite.binding as _llvm  # noqa: E402
