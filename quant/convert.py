@@ -117,7 +117,6 @@ class OutTensor:
     shape: tuple[int, ...]
     group_size: int | None
     jobs: list[Job]
-    sources: list[str]  # HF tensors consumed (released from memory once written)
 
     def planned(self) -> list[PlannedTensor]:
         data_shape, scales_shape = stored_shapes(self.shape, self.quant, self.group_size)
@@ -175,7 +174,7 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
             continue
         quant = quant_of(spec)
         dense.tensors.append(OutTensor(name, quant, spec.shape, G if quant in ("q4", "q8") else None,
-                                       _row_jobs(name, spec.shape), [name]))
+                                       _row_jobs(name, spec.shape)))
         dense.source_bytes += nbytes[name]
     files = [dense]
     for layer in cfg.moe_layers:
@@ -185,22 +184,39 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
             spec = ckpt.specs[names[0]]
             quant = quant_of(spec)
             jobs = [Job(n, 0, spec.shape[0], True) for n in names]
-            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), G, jobs, names))
+            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), G, jobs))
             out.source_bytes += sum(nbytes[n] for n in names)
         files.append(out)
     return files
 
 
+@dataclass
+class _TokenizerFile(OutFile):
+    build_from: Path | None = None  # tokenizer.json is built from this folder's tokenizer.model
+
+
 def plan_copies(src: Path) -> list[OutFile]:
-    out = []
-    for name in COPY_FILES:
-        path = src / name
-        if path.is_file():
-            if path.stat().st_size > MAX_COPY_BYTES:
-                raise ConvertError(f"{path}: {path.stat().st_size} bytes is too large for a "
-                                   f"{name} (limit {MAX_COPY_BYTES}); refusing to copy it")
-            out.append(OutFile(name, copy_from=path))
-    return out
+    """config / tokenizer files copied verbatim, then tokenizer.json (copied, or built from
+    tokenizer.model when the source has none)."""
+    out = [_copy(src / name) for name in COPY_FILES if (src / name).is_file()]
+    if (src / "tokenizer.json").is_file():
+        return out + [_copy(src / "tokenizer.json")]
+    if (src / "tokenizer.model").is_file():
+        try:
+            from ernie_edge.tokenizer import build_tokenizer_json  # noqa: F401
+        except ImportError:
+            raise ConvertError(f"{src}: has tokenizer.model but no tokenizer.json, and this ernie-edge "
+                               "cannot build one (ernie_edge.tokenizer is missing)") from None
+        return out + [_TokenizerFile("tokenizer.json", build_from=src)]
+    raise ConvertError(f"{src}: no tokenizer.json or tokenizer.model; a model folder needs its tokenizer")
+
+
+def _copy(path: Path) -> OutFile:
+    size = path.stat().st_size
+    if size > MAX_COPY_BYTES:
+        raise ConvertError(f"{path}: {size} bytes is too large for a {path.name} (limit {MAX_COPY_BYTES}); "
+                           "refusing to copy it")
+    return OutFile(path.name, copy_from=path)
 
 
 # ---- encoding one job ----------------------------------------------------------------------------
@@ -301,7 +317,7 @@ def convert(settings: ConvertSettings) -> Path:
     """Convert `settings.source` into an edge folder and return its path (see the module doc)."""
     src = resolve_source(settings.source)
     ckpt = HFCheckpoint(src.path)
-    files = plan_files(ckpt, settings.recipe) + plan_copies(src.path) + [_tokenizer_file(src.path)]
+    files = plan_files(ckpt, settings.recipe) + plan_copies(src.path)
     name = src.repo.split("/")[-1] if src.repo else src.path.name
     dest = Path(settings.dest if settings.dest is not None else default_dest(name, settings.recipe))
     dest = dest.expanduser().absolute()
@@ -311,30 +327,10 @@ def convert(settings: ConvertSettings) -> Path:
     return job.run()
 
 
-@dataclass
-class _TokenizerFile(OutFile):
-    build_from: Path | None = None  # tokenizer.json is built from this folder's tokenizer.model
-
-
-def _tokenizer_file(src: Path) -> OutFile:
-    """tokenizer.json: copied when the source has one, else built from tokenizer.model."""
-    if (src / "tokenizer.json").is_file():
-        path = src / "tokenizer.json"
-        if path.stat().st_size > MAX_COPY_BYTES:
-            raise ConvertError(f"{path}: {path.stat().st_size} bytes is too large for a tokenizer "
-                               f"(limit {MAX_COPY_BYTES}); refusing to copy it")
-        return OutFile("tokenizer.json", copy_from=path)
-    if (src / "tokenizer.model").is_file():
-        try:
-            from ernie_edge.tokenizer import build_tokenizer_json  # noqa: F401
-        except ImportError:
-            raise ConvertError(f"{src}: has tokenizer.model but no tokenizer.json, and this ernie-edge "
-                               "cannot build one (ernie_edge.tokenizer is missing)") from None
-        return _TokenizerFile("tokenizer.json", build_from=src)
-    raise ConvertError(f"{src}: no tokenizer.json or tokenizer.model; a model folder needs its tokenizer")
-
-
 class _Conversion:
+    """One run of `convert`: destination checks, the staging folder (create, lock, resume), writing
+    the files, the manifest, and the final rename."""
+
     def __init__(self, settings: ConvertSettings, src: Source, ckpt: HFCheckpoint, files: list[OutFile],
                  dest: Path):
         self.s = settings
