@@ -67,6 +67,9 @@ def _check_shard_name(folder: Path, index_path: Path, tensor, fname) -> None:
     if not target.is_file():
         raise CheckpointError(f"{index_path}: shard {safe!r} (for {tensor!r}) is missing")
     real, root = os.path.realpath(target), os.path.realpath(folder)
+    if folder.parent.name == "snapshots":
+        # An HF cache snapshot: its files are symlinks into the repo's blobs/ folder.
+        root = os.path.realpath(folder.parent.parent)
     if os.path.commonpath([real, root]) != root:
         raise CheckpointError(f"{index_path}: shard {safe!r} resolves outside the checkpoint folder")
 

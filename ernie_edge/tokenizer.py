@@ -371,6 +371,8 @@ class Tokenizer:
         self._tok = tokenizer
         self.source = source
         vocab = tokenizer.get_vocab(with_added_tokens=True)
+        if not vocab:
+            raise TokenizerError(f"the tokenizer in {source} has an empty vocabulary")
         self._vocab_size = max(vocab.values()) + 1
         missing = [t for t in (*REQUIRED_TOKENS, bos_token, eos_token) if t not in vocab]
         if missing:

@@ -68,7 +68,7 @@ def edge_forward(model, ids, offset: int = 0) -> tuple[np.ndarray, dict[int, np.
     trace = RoutingTrace()
     cache = model.new_cache(start_position=offset)
     hidden = model.forward(ids, cache, trace)
-    logits = model._ref.logits(hidden)
+    logits = model.backend.logits(hidden)
     return logits, {layer: trace.layer(layer) for layer in trace.experts}
 
 

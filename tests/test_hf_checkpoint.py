@@ -174,7 +174,13 @@ def test_repo_id_resolves_in_hf_cache(good, tmp_path, monkeypatch):
     repo = tmp_path / "hub" / "models--baidu--ERNIE-4.5-21B-A3B-Thinking"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
-    shutil.copytree(good, repo / "snapshots" / "abc123")
+    # As huggingface_hub lays it out: snapshot files are relative symlinks into blobs/.
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in good.iterdir():
+        shutil.copy(f, blobs / f"blob-{f.name}")
+        (snap / f.name).symlink_to(f"../../blobs/blob-{f.name}")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     model = ernie_edge.load("baidu/ERNIE-4.5-21B-A3B-Thinking")
     assert model.location.revision == "abc123"
