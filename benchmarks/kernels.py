@@ -271,15 +271,25 @@ def machine_load() -> float:
         return -1.0
 
 
+def wait_quiet(seconds: float, threshold: float = 0.05) -> None:
+    """Return once other processes use < threshold of the CPUs (or after `seconds`)."""
+    end = time.time() + seconds
+    while time.time() < end and machine_load() >= threshold:
+        time.sleep(2.0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, skip prefill")
     ap.add_argument("--no-loaded", action="store_true", help="skip the run with a busy process")
     ap.add_argument("--threads", type=int, default=0, help="numba threads (default: all)")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                    help="on a shared machine, wait up to S seconds for other processes to go idle first")
     args = ap.parse_args(argv)
     if args.threads:
         _jit.set_threads(args.threads)
     reps, copies = (5, 4) if args.quick else (15, 8)
+    wait_quiet(args.wait_quiet)
     rng = np.random.default_rng(0)
     res = {"machine": {"cpu": platform.processor() or platform.machine(), "simd": _jit.SIMD,
                        "threads": _jit.get_threads(), "threading_layer_env": os.environ.get("NUMBA_THREADING_LAYER"),
