@@ -104,6 +104,8 @@ class Session:
     def reuse_prefix(self, prompt: Sequence[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one token is left to compute, since
         its logits are needed); returns how many positions were kept."""
+        # An interrupted step (Ctrl-C mid-forward) may have left the cache ahead of `ids`.
+        self.cache.truncate(len(self.ids))
         n = 0
         limit = min(len(self.ids), len(prompt) - 1)
         while n < limit and self.ids[n] == prompt[n]:

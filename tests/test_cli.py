@@ -66,3 +66,38 @@ def test_synth_writes_a_loadable_checkpoint(tmp_path):
     out = run("synth", tmp_path / "s", "--preset", "tiny", "--layers", 2).stdout.strip()
     import ernie_edge
     assert ernie_edge.load(out).config.num_hidden_layers == 2
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(tiny_dir):
+    """SIGINT while an answer streams prints [stopped], and the chat goes on to the next prompt."""
+    import os
+    import select
+    import signal
+    import time
+
+    proc = subprocess.Popen([*CLI, "chat", "--model", str(tiny_dir), "--max-tokens", "100000", "--seed", "0"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen = b""
+
+    def read_until(marker: bytes, limit_s: float = 120.0) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + limit_s
+        while marker not in seen:
+            assert proc.poll() is None, (seen, proc.stderr.read())
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {marker!r} within {limit_s} s: {seen[-300:]!r}"
+            seen += os.read(proc.stdout.fileno(), 65536)
+
+    try:
+        proc.stdin.write(b"Tell me a long story\n")
+        proc.stdin.flush()
+        read_until(b"thinking: ")
+        proc.send_signal(signal.SIGINT)
+        read_until(b"[stopped]")
+        proc.stdin.write(b"/reset\n/exit\n")
+        proc.stdin.flush()
+        read_until(b"(new conversation)")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
