@@ -7,7 +7,7 @@ k routed slots, I expert intermediate size, H hidden size.
 Layout (quant/formats.py): packed uint8 [.., O, K/2], byte j of a group holds code j in the low
 nibble and code j + G/2 in the high nibble, both stored +8; scales fp16 [.., O, K/G] (pass the
 float16 array or its uint16 view). The decode kernels and their error bound are described in
-q8.py (they are shared: the int8-activation dot is the same for both formats).
+q8.py (they are shared: the int16-activation dot is the same for both formats).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["ActScratch", "q4_matvec", "q4_matvec3", "q4_experts_gate_up_silu", "
 def q4_matvec(x, packed, scales, out, act: ActScratch) -> np.ndarray:
     """out float32 [O] = W x for int4 W (packed uint8 [O, K/2], scales fp16 [O, K/G]); x float32 [K].
 
-    Decode path: x is quantized to int8 per block of 32 into `act` (ActScratch(K) or larger);
+    Decode path: x is quantized to int16 per block of 32 into `act` (ActScratch(K) or larger);
     error bound in q8.py. One parallel region, rows split across threads.
     """
     return q8.matvec(x, packed, scales, out, act, bits=4)

@@ -2,22 +2,25 @@
 
 Legend: K input features, B = K/32 activation blocks, G weight group size (32, 64 or 128).
 
-The dot products take int8 activations (x quantized per block of 32, see `q4.quantize_act`) and
+The dot products take int16 activations (x quantized per block of 32, see `q8.quantize_act`) and
 integer weight codes, so a block of 32 products is an exact integer dot, converted to float and
-scaled once per block, like llama.cpp's Q4_0 x Q8_0 path. Each row result is
+scaled once per block (llama.cpp's Q4_0 x Q8_0 scheme with 16-bit instead of 8-bit activations:
+the activation rounding error is 1/258 of int8's). Each row result is
 
     sum_b  ws[b >> log2(G/32)] * xd[b] * sum_j code[b, j] * xq[b, j]
 
-For int4 the stored nibble is code + 8, so the kernel forms sum_j nibble * xq and subtracts
-ws * xs[b], with xs[b] = 8 * xd[b] * sum_j xq[b, j] precomputed per activation block.
+For int4 the stored nibble is code + 8, so the kernel forms sum_j nibble * xq - xs[b] in
+integers, with xs[b] = 8 * sum_j xq[b, j] precomputed per activation block.
 
-Code paths, fixed by `_jit.SIMD` when a kernel is compiled (the numba cache directory is per path):
-  "avxvnni"  vpdpbusd (AVX-VNNI or AVX512-VNNI/VL): u8 x i8 -> i32 in one instruction
-  "avx2"     vpmaddubsw + vpmaddwd (u8 x i8 -> i16 pairs -> i32); int8 weights use the sign
-             trick |w| x (x * sign(w)). No saturation: |pair| <= 2*127*127 < 32767.
+Weights are widened to int16 (vpmovzxbw / vpmovsxbw) and multiplied with i16 x i16 -> i32
+pair sums. Code paths, fixed by `_jit.SIMD` when a kernel is compiled (the numba cache directory
+is per path):
+  "avxvnni"  vpdpwssd (AVX-VNNI or AVX512-VNNI/VL): multiply, pair-sum and accumulate in one
+  "avx2"     vpmaddwd + vpaddd
   "generic"  plain LLVM vector IR (widen to i32, multiply, add), lowered by LLVM for any CPU
              (NEON on ARM, SSE2 on old x86).
-All paths give the same integer block sums; only the float accumulation order differs.
+All paths give the same integer block sums (exact: every i32 lane stays below 2^24, so the
+conversion to float is exact too); only the float accumulation order differs.
 
 Each intrinsic reads `nrows` consecutive rows starting at flat element offset `woff` of a
 C-contiguous weight array (wstride elements per row) and software-prefetches the next group of
@@ -107,36 +110,34 @@ def _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, bytes_per_block):
         builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
-def _ones16(builder):
-    return ir.Constant(_I16x16, [1] * 16)
+def _dot_i16(builder, wlo, whi, xlo, xhi, init):
+    """init + (wlo . xlo) + (whi . xhi) as <8 x i32> partial sums (exact), all <16 x i16> inputs.
 
-
-def _block_i32_generic(builder, w32, x32, w_signed):
-    """Portable <32 x i8> . <32 x i8> -> <8 x i32> partial sums (exact)."""
-    vi = ir.VectorType(_I32, 32)
-    wi = builder.sext(w32, vi) if w_signed else builder.zext(w32, vi)
-    prod = builder.mul(wi, builder.sext(x32, vi))
-    parts = [builder.shuffle_vector(prod, prod, _idx(range(8 * q, 8 * q + 8))) for q in range(4)]
-    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
-
-
-def _block_i32(builder, wbytes32, xq32, vnni):
-    """<32 x u8> x <32 x i8> -> <8 x i32> sums of 4 adjacent products (no overflow for our ranges).
-
-    AVX2: vpmaddubsw (u8*i8 pairs -> i16, saturating; |sum| <= 2*15*127 for int4 and
-    2*127*127 for int8 after the sign trick, both < 32767) then vpmaddwd with ones.
-    VNNI: one vpdpbusd does both (AVX-VNNI or AVX512-VNNI+VL).
+    Only the sum over the 8 lanes is used, so each path may group the 32 products differently.
+    "avxvnni": two chained vpdpwssd; "avx2": vpmaddwd twice (i16 x i16 -> pairs summed in i32;
+    it only overflows for -32768 * -32768 pairs, and activations are in [-32767, 32767]);
+    "generic": widen to i32, multiply, add.
     """
-    if vnni:
-        zero = ir.Constant(_I32x8, [0] * 8)
-        return _x86(builder, "llvm.x86.avx512.vpdpbusd.256", _I32x8,
-                    [zero, builder.bitcast(wbytes32, _I32x8), builder.bitcast(xq32, _I32x8)])
-    p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [wbytes32, xq32])
-    return _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [p16, _ones16(builder)])
+    if _jit.SIMD == "avxvnni":
+        acc = _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
+                   [init, builder.bitcast(wlo, _I32x8), builder.bitcast(xlo, _I32x8)])
+        return _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
+                    [acc, builder.bitcast(whi, _I32x8), builder.bitcast(xhi, _I32x8)])
+    if _jit.SIMD == "avx2":
+        plo = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo])
+        phi = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [whi, xhi])
+        return builder.add(init, builder.add(plo, phi))
+    vi = ir.VectorType(_I32, 16)
+    prod = builder.add(builder.mul(builder.sext(wlo, vi), builder.sext(xlo, vi)),
+                       builder.mul(builder.sext(whi, vi), builder.sext(xhi, vi)))
+    lo8 = builder.shuffle_vector(prod, prod, _idx(range(8)))
+    hi8 = builder.shuffle_vector(prod, prod, _idx(range(8, 16)))
+    return builder.add(init, builder.add(lo8, hi8))
 
 
-def _concat16(builder, a, b):
-    return builder.shuffle_vector(a, b, _idx(range(32)))
+def _load_vec(builder, ptr, offset, vty):
+    """Unaligned load of a vector of type vty at ptr + offset (elements of ptr's type)."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=1)
 
 
 def _rows_dot(context, builder, sig, args, nrows, unpack):
@@ -146,65 +147,59 @@ def _rows_dot(context, builder, sig, args, nrows, unpack):
       w       weight array (u8 packed nibbles or i8 codes), woff flat offset of row 0's start,
               wstride elements between consecutive rows
       s       uint16 fp16 scales, soff offset of row 0's first scale, sstride scales per row
-      xq/xd/xs  quantized activation (int8 [K]), block scales (f32 [B]), int4 offset term (f32 [B])
+      xq/xd/xs  quantized activation (int16 [K]), block scales (f32 [B]), int4 offset term
+              (int32 [B], 8 * sum of the block's xq; unused for int8 weights)
       nblk    number of 32-blocks B;  log2sub = log2(G / 32) (weight group -> activation block)
+
+    Per block: the exact integer sum_j code_j * xq_j (for int4: nibble * xq minus the offset term,
+    still in integers), converted to float and multiplied by ws * xd once.
     """
     (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
     wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
     wptr = _data_ptr(context, builder, wty, w, ir.IntType(8))
     sptr = _data_ptr(context, builder, sty, s, _I16)
-    xqptr = _data_ptr(context, builder, xqty, xq, ir.IntType(8))
+    xqptr = _data_ptr(context, builder, xqty, xq, _I16)
     xdptr = _data_ptr(context, builder, xdty, xd, _F32)
-    xsptr = _data_ptr(context, builder, xsty, xs, _F32)
+    xsptr = _data_ptr(context, builder, xsty, xs, _I32)
     zero8 = ir.Constant(_F32x8, [0.0] * 8)
+    izero8 = ir.Constant(_I32x8, [0] * 8)
     accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(nrows)]
-    corrs = [cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0)) for _ in range(nrows)]
     bytes_per_block = 16 if unpack else 32
     with cgutils.for_range(builder, nblk) as loop:
         i = loop.index
         _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, bytes_per_block)
-        xv = builder.load(builder.bitcast(builder.gep(xqptr, [builder.mul(i, ir.Constant(_I64, 32))]),
-                                          _I8x32.as_pointer()), align=1)
+        x0 = builder.mul(i, ir.Constant(_I64, 32))
+        xlo = _load_vec(builder, xqptr, x0, _I16x16)
+        xhi = _load_vec(builder, xqptr, builder.add(x0, ir.Constant(_I64, 16)), _I16x16)
         xdi = builder.load(builder.gep(xdptr, [i]))
-        xsi = builder.load(builder.gep(xsptr, [i]))
+        if unpack:  # nibbles are code + 8: start every block's sum at -8 * sum(xq) (in lane 0)
+            init = builder.insert_element(izero8, builder.neg(builder.load(builder.gep(xsptr, [i]))),
+                                          ir.Constant(_I32, 0))
+        else:
+            init = izero8
         g = builder.lshr(i, log2sub)
         for r in range(nrows):
             rr = ir.Constant(_I64, r)
             wrow = builder.add(woff, builder.mul(rr, wstride))
             wo = builder.add(wrow, builder.mul(i, ir.Constant(_I64, bytes_per_block)))
-            wp = builder.gep(wptr, [wo])
             srow = builder.add(soff, builder.mul(rr, sstride))
             ws = _fp16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
             if unpack:
-                raw = builder.load(builder.bitcast(wp, _I8x16.as_pointer()), align=1)
-                lo = builder.and_(raw, ir.Constant(_I8x16, [15] * 16))
-                hi = builder.lshr(raw, ir.Constant(_I8x16, [4] * 16))
-                wv = _concat16(builder, lo, hi)
-                if _jit.SIMD == "generic":
-                    p32 = _block_i32_generic(builder, wv, xv, w_signed=False)
-                else:
-                    p32 = _block_i32(builder, wv, xv, _jit.SIMD == "avxvnni")
+                raw = builder.zext(_load_vec(builder, wptr, wo, _I8x16), _I16x16)
+                wlo = builder.and_(raw, ir.Constant(_I16x16, [15] * 16))
+                whi = builder.lshr(raw, ir.Constant(_I16x16, [4] * 16))
             else:
-                wv = builder.load(builder.bitcast(wp, _I8x32.as_pointer()), align=1)
-                if _jit.SIMD == "generic":
-                    p32 = _block_i32_generic(builder, wv, xv, w_signed=True)
-                else:
-                    # signed x signed via the sign trick: |w| (as u8) x (x * sign(w)) (i8)
-                    aw = _x86(builder, "llvm.x86.avx2.psign.b", _I8x32, [wv, wv])
-                    sx = _x86(builder, "llvm.x86.avx2.psign.b", _I8x32, [xv, wv])
-                    p32 = _block_i32(builder, aw, sx, _jit.SIMD == "avxvnni")
+                wlo = builder.sext(_load_vec(builder, wptr, wo, _I8x16), _I16x16)
+                whi = builder.sext(_load_vec(builder, wptr, builder.add(wo, ir.Constant(_I64, 16)), _I8x16),
+                                   _I16x16)
+            p32 = _dot_i16(builder, wlo, whi, xlo, xhi, init)
             f = builder.sitofp(p32, _F32x8)
             d = builder.fmul(ws, xdi)
             dv = builder.insert_element(ir.Constant(_F32x8, ir.Undefined), d, ir.Constant(_I32, 0))
             dv = builder.shuffle_vector(dv, dv, ir.Constant(_I32x8, [0] * 8))
             acc = builder.load(accs[r])
             builder.store(builder.fadd(acc, builder.fmul(f, dv, flags=("contract",)), flags=("contract",)), accs[r])
-            if unpack:
-                builder.store(builder.fadd(builder.load(corrs[r]), builder.fmul(ws, xsi)), corrs[r])
-    out = []
-    for r in range(nrows):
-        out.append(builder.fsub(_hsum8(builder, builder.load(accs[r])), builder.load(corrs[r])))
-    return out
+    return [_hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
 
 
 def _make_rows_dot(nrows, unpack):
