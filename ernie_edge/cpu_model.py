@@ -124,6 +124,7 @@ class DecodeBuffers:
         self.u = np.zeros(widest, np.float32)
         self.act = q8.ActScratch(-(-widest // 32) * 32, rows=k)
         self.pos = np.zeros(1, np.int64)
+        self.zero_id = np.zeros(1, np.int64)  # expert id 0 of a one-expert bank
         self.logits = np.zeros(cfg.vocab_size, np.float32)
 
 
@@ -201,10 +202,17 @@ class CpuModel:
     def _mlp_decode(self, L: Layer, b: DecodeBuffers, out: np.ndarray) -> np.ndarray:
         """SwiGLU MLP (layer-0 dense MLP or the shared expert) of b.h into out."""
         n = L.gate.shape[0]
-        g, u = b.g[:n], b.u[:n]
-        matvec(L.gate, b.h, g, b.act)
-        matvec(L.up, b.h, u, b.act)
-        norm.silu_mul(g, u, g)
+        g = b.g[:n]
+        if L.gate.quant == L.up.quant and L.gate.quant in ("q4", "q8"):
+            # gate, up and silu in one parallel region: the MLP as a one-expert bank [1, n, H].
+            fn = q4.q4_experts_gate_up_silu if L.gate.quant == "q4" else q8.q8_experts_gate_up_silu
+            fn(b.h, L.gate.data[None], L.gate.scales[None], L.up.data[None], L.up.scales[None],
+               b.zero_id, g[None], b.act)
+        else:
+            u = b.u[:n]
+            matvec(L.gate, b.h, g, b.act)
+            matvec(L.up, b.h, u, b.act)
+            norm.silu_mul(g, u, g)
         return matvec(L.down, g, out, b.act)
 
     def _moe_decode(self, li: int, L: Layer, b: DecodeBuffers, trace: RoutingTrace | None) -> None:

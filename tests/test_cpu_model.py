@@ -93,7 +93,7 @@ def test_prefix_reuse_and_truncate(pair, sequences):
     fast.prefill(ids[:60], cache)
     fast.prefill([5, 6, 7], cache)  # a wrong continuation...
     cache.truncate(60)  # ...rewound
-    np.testing.assert_allclose(fast.prefill(ids[60:], cache), full, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(fast.prefill(ids[60:], cache), full, rtol=0, atol=1e-4)
 
 
 def test_chunked_prefill_equals_single_pass(pair, sequences, monkeypatch):

@@ -1,0 +1,68 @@
+"""Where decode time goes: per-kernel wall time of decode steps on a converted model.
+
+    .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import numpy as np
+
+import ernie_edge
+from ernie_edge import cpu_model
+from ernie_edge.kernels import attention, moe, norm, q4, q8
+
+TIMES: dict[str, float] = defaultdict(float)
+
+
+def timed(name, fn):
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            TIMES[name] += time.perf_counter() - t
+    return wrapper
+
+
+def instrument() -> None:
+    for mod, names in ((q4, ["q4_matvec", "q4_matvec3", "q4_experts_gate_up_silu", "q4_experts_down_weighted"]),
+                       (q8, ["q8_matvec", "q8_matvec3", "q8_experts_gate_up_silu", "q8_experts_down_weighted"]),
+                       (attention, ["attention_decode", "kv_write"]), (moe, ["route"]),
+                       (norm, ["rmsnorm", "add_rmsnorm", "silu_mul"])):
+        for n in names:
+            setattr(mod, n, timed(n, getattr(mod, n)))
+    cpu_model.apply_rope = timed("apply_rope", cpu_model.apply_rope)
+    cpu_model.embed_rows = timed("embed_rows", cpu_model.embed_rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--warm", type=int, default=256, help="prefill this many tokens first (maps the experts)")
+    a = ap.parse_args()
+    model = ernie_edge.load(a.model)
+    cache = model.new_cache()
+    rng = np.random.default_rng(0)
+    model.prefill(rng.integers(0, 1000, a.warm), cache)
+    model.decode(1, cache)  # compile
+    cache.reserve(a.context)
+    cache.length = max(cache.length, a.context)  # attend over `context` positions (contents irrelevant)
+    instrument()
+    t = time.perf_counter()
+    for _ in range(a.tokens):
+        model.decode(int(rng.integers(0, 1000)), cache)
+    total = time.perf_counter() - t
+    print(f"{a.tokens / total:.2f} tok/s at context {a.context}; ms per token:")
+    for name, s in sorted(TIMES.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {1e3 * s / a.tokens:8.2f}")
+    print(f"  {'(python + other)':28s} {1e3 * (total - sum(TIMES.values())) / a.tokens:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
