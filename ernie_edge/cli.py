@@ -130,6 +130,21 @@ def _add_sampling_flags(p) -> None:
                    help="at most this many thinking tokens, then the model is made to answer")
 
 
+def _add_model_flags(p) -> None:
+    p.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+
+
+def _load_model(a):
+    """Load --model and get its kernels ready, telling the user what the wait is."""
+    from . import load
+    model = load(a.model, threads=a.threads)
+    if model.backend_name == "cpu":
+        print("preparing kernels (the first run compiles them, later runs load them from the cache) ...",
+              file=sys.stderr, flush=True)
+        print(f"kernels ready in {model.warmup():.1f} s", file=sys.stderr, flush=True)
+    return model
+
+
 def _sampling(a, model):
     from .sampling import SamplingParams
     return SamplingParams.from_generation_config(
@@ -155,14 +170,14 @@ def _add_generate(sub) -> None:
     p.add_argument("--tools", type=Path, default=None, help="JSON file: a list of OpenAI tool definitions")
     p.add_argument("--json", action="store_true", help="print one JSON object with reasoning, content, "
                                                        "tool_calls, finish_reason, usage, timings")
+    _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(a) -> int:
-    from . import load
     from .generate import generate, render_prompt
-    model = load(a.model)
+    model = _load_model(a)
     if a.messages is not None:
         messages = _read_json_file(a.messages, "--messages")
     else:
@@ -189,14 +204,14 @@ def _add_chat(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--system", default=None)
     p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=_run_chat)
 
 
 def _run_chat(a) -> int:
-    from . import load
     from .terminal_chat import ChatSettings, TerminalChat
-    model = load(a.model)
+    model = _load_model(a)
     settings = ChatSettings(system=a.system, show_thinking=not a.hide_thinking,
                             reasoning_budget=a.reasoning_budget, params=_sampling(a, model))
     TerminalChat(model, settings).run()

@@ -54,6 +54,9 @@ def run_demo(settings: DemoSettings) -> None:
     from .terminal_chat import ChatSettings, TerminalChat
 
     model = load(ensure_demo_model(settings.rebuild))
+    print("preparing kernels (the first run compiles them, later runs load them from the cache) ...",
+          file=sys.stderr, flush=True)
+    print(f"kernels ready in {model.warmup():.1f} s", file=sys.stderr, flush=True)
     # A little repetition penalty: random weights otherwise settle into repeating one token.
     params = SamplingParams.from_generation_config(model.path, max_tokens=settings.max_tokens, seed=0,
                                                    repetition_penalty=1.3)

@@ -63,6 +63,16 @@ class Model:
         hidden = self.forward(token_ids, self.new_cache(), trace)
         return self.backend.logits(hidden).astype(np.float32, copy=False)
 
+    def warmup(self) -> float:
+        """Compile (first run) or load (from numba's on-disk cache) the kernels by running two
+        tokens through a throwaway cache; returns the seconds it took."""
+        import time
+        t = time.perf_counter()
+        cache = self.new_cache()
+        self.prefill([0, 1], cache)
+        self.decode(2, cache)
+        return time.perf_counter() - t
+
     # ---- text ----------------------------------------------------------------------------------
 
     @property
