@@ -21,6 +21,7 @@ from .errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_NAME_CHARS = 1024
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; not in every Python
 # Filler tensors our writer inserts to keep the next tensor aligned (quant/safetensors_writer.py).
 PAD_PREFIX = "__pad__."
 
@@ -188,6 +189,17 @@ class SafetensorsFile:
         start = (t.offset // page) * page
         if self._map is not None and t.nbytes and hasattr(self._map, "madvise"):
             self._map.madvise(advice, start, t.offset + t.nbytes - start)
+
+    def populate(self) -> bool:
+        """Map every page of the file into this process now (MADV_POPULATE_READ, Linux >= 5.14),
+        instead of one page fault at a time on first use. False where the OS cannot."""
+        if self._map is None or not hasattr(self._map, "madvise"):
+            return False
+        try:
+            self._map.madvise(MADV_POPULATE_READ)
+        except OSError:  # older kernel (EINVAL) or another OS
+            return False
+        return True
 
     def close(self) -> None:
         # Views may still reference the map; dropping our handle lets it close when they go.

@@ -118,14 +118,15 @@ BACKENDS = ("auto", "cpu", "reference")
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
-         threads: int | None = None, max_context: int | None = None) -> Model:
+         threads: int | None = None, max_context: int | None = None, prefetch: bool = True) -> Model:
     """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
     local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason.
 
     backend: "cpu" (numba kernels; converted folders only), "reference" (the numpy fp32 spec; any
     folder, slow), or "auto" (cpu for converted folders, reference for HF checkpoints).
     threads: kernel threads (default: all cores). max_context: cap the KV cache (default: the
-    model's 131072)."""
+    model's 131072). prefetch: map a converted model's weights up front when they fit in free
+    memory (otherwise they are paged in as used)."""
     if backend not in BACKENDS:
         raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     location = resolve(path)
@@ -144,6 +145,8 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
         if threads:
             set_threads(threads)
         impl = CpuModel(weights, use_correction_bias=use_correction_bias, max_context=max_context)
+        if prefetch:
+            weights.prefetch()
     else:
         impl = ReferenceModel(weights, use_correction_bias=use_correction_bias)
     return Model(location, weights, impl)

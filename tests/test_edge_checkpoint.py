@@ -306,3 +306,18 @@ def test_manifest_bit_flips_never_crash(edge, tmp_path_factory, flips):
         EdgeCheckpoint(folder)
     except ErnieEdgeError:
         pass
+
+
+def test_prefetch_maps_when_it_fits_and_skips_when_not(tmp_path, monkeypatch):
+    import psutil
+
+    from ernie_edge.edge_checkpoint import EdgeCheckpoint
+    from ernie_edge.quant import synthetic
+    from ernie_edge.quant.convert import ConvertSettings, convert
+
+    src = synthetic.write_checkpoint(tmp_path / "src", "tiny", layers=2)
+    ck = EdgeCheckpoint(convert(ConvertSettings(source=str(src), dest=tmp_path / "edge", progress=False)))
+    assert ck.prefetch() is True
+    fake = psutil.virtual_memory()._replace(available=1000)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    assert ck.prefetch() is False
