@@ -19,6 +19,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _save_json(path: Path | None, obj) -> None:
+    """--json OUT: write the figures as JSON (nothing when the flag is absent)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))
+
+
 # ---- synth -------------------------------------------------------------------------------------
 
 def _add_synth(sub) -> None:
@@ -110,8 +117,7 @@ def _run_eval(a) -> int:
     report = evaluate(EvalSettings(model=a.model, reference=a.reference, prompts=a.prompts,
                                    tokens=a.tokens, seed=a.seed))
     print(format_report(report))
-    if a.json:
-        a.json.write_text(json.dumps(report, indent=2))
+    _save_json(a.json, report)
     return 0
 
 
@@ -249,9 +255,7 @@ def _run_bench(a) -> int:
     result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
                                      threads=a.threads, seed=a.seed))
     print(format_bench(result))
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(result, indent=2))
+    _save_json(a.json, result)
     return 0
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .config import ErnieConfig
 from .errors import CheckpointError, ErnieEdgeError
+from .mmap_store import loads_strict
 
 FORMAT_NAME = "ernie-edge"
 FORMAT_VERSION = 1
@@ -179,16 +180,11 @@ def _load_json(path: Path) -> dict:
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror}") from None
 
-    def no_duplicates(pairs):
-        out = {}
-        for k, v in pairs:
-            if k in out:
-                raise CheckpointError(f"{path}: duplicate key {_short(k)} (corrupt or tampered manifest)")
-            out[k] = v
-        return out
+    def duplicate(k):
+        return CheckpointError(f"{path}: duplicate key {_short(k)} (corrupt or tampered manifest)")
 
     try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=no_duplicates)
+        raw = loads_strict(data.decode("utf-8"), duplicate)
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{path}: not valid UTF-8 at byte {e.start}: the manifest is corrupt") from None
     except (json.JSONDecodeError, RecursionError) as e:

@@ -48,6 +48,19 @@ def _printable(name: str) -> str:
     return name.encode("unicode_escape", "backslashreplace").decode("ascii")[:200]
 
 
+def loads_strict(text: str, duplicate_error):
+    """json.loads that refuses duplicate keys (a classic parser-differential trick): raises
+    duplicate_error(key), an exception the caller builds with its own file name."""
+    def no_duplicates(pairs):
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise duplicate_error(k)
+            seen[k] = v
+        return seen
+    return json.loads(text, object_pairs_hook=no_duplicates)
+
+
 def read_header(path: Path, file_size: int, fobj) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     """Parse and validate the header of an open safetensors file.
 
@@ -73,16 +86,8 @@ def read_header(path: Path, file_size: int, fobj) -> tuple[dict[str, TensorInfo]
     except UnicodeDecodeError as e:
         raise bad(f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def no_duplicates(pairs):
-        seen = {}
-        for k, v in pairs:
-            if k in seen:
-                raise bad(f"duplicate key {_printable(k)!r} in header")
-            seen[k] = v
-        return seen
-
     try:
-        header = json.loads(text.rstrip(" "), object_pairs_hook=no_duplicates)
+        header = loads_strict(text.rstrip(" "), lambda k: bad(f"duplicate key {_printable(k)!r} in header"))
     except json.JSONDecodeError as e:
         raise bad(f"header is not valid JSON: {e.msg} at char {e.pos}") from None
     if not isinstance(header, dict):
