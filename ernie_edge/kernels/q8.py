@@ -19,8 +19,10 @@ llama.cpp's Q8_0 but with 16-bit values) and every weight block is an exact inte
 float32 rounding. That is 1/258 of the int8 (Q8_0) bound, at the same speed (measured within
 +-10 %, the matvecs being memory-bound): on the small synthetic model decode vs the fp32 reference
 went from KLD 4.8e-3 / top-1 0.958 with int8 activations to 1.9e-5 / 1.000 (prefill: 1.3e-5).
-The rounding still makes results jump by up to ~d_b * |W| when an input moves by an ulp. Prefill (`*_matmul`) is exact float32: weight rows are dequantized into a small
-fp32 tile that stays in cache and multiplied with all T tokens by BLAS sgemm (numpy).
+The rounding still makes results jump by up to ~d_b * |W| when an input moves by an ulp.
+
+Prefill (`*_matmul`) is exact float32: weight rows are dequantized into a small fp32 tile that
+stays in cache and multiplied with all T tokens by BLAS sgemm (numpy).
 
 All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors views are).
 """
