@@ -237,7 +237,7 @@ class CpuModel:
 
     def _prefill(self, ids: np.ndarray, cache: KVCache, trace: RoutingTrace | None) -> np.ndarray:
         cfg = self.config
-        T, H, D = len(ids), cfg.hidden_size, cfg.dim_head
+        T, D = len(ids), cfg.dim_head
         i0 = cache.used
         positions = np.arange(cache.length, cache.length + T, dtype=np.int64)
         x = embed_rows(self.embed, ids)  # [T, H]

@@ -202,11 +202,6 @@ def plan_copies(src: Path) -> list[OutFile]:
     if (src / "tokenizer.json").is_file():
         return out + [_copy(src / "tokenizer.json")]
     if (src / "tokenizer.model").is_file():
-        try:
-            from ernie_edge.tokenizer import build_tokenizer_json  # noqa: F401
-        except ImportError:
-            raise ConvertError(f"{src}: has tokenizer.model but no tokenizer.json, and this ernie-edge "
-                               "cannot build one (ernie_edge.tokenizer is missing)") from None
         return out + [_TokenizerFile("tokenizer.json", build_from=src)]
     raise ConvertError(f"{src}: no tokenizer.json or tokenizer.model; a model folder needs its tokenizer")
 

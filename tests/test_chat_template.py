@@ -354,7 +354,7 @@ def test_limits_are_configurable():
     start = time.perf_counter()
     with pytest.raises(TemplateError, match="longer than 0.1 s"):
         loop.render([user("x")])
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 1.0  # the 0.1 s deadline is enforced, not merely reported
     flood = ChatTemplate("{% for i in range(5) %}{{ 'a' * 100 }}{% endfor %}", origin="t",
                          max_output_chars=300)
     with pytest.raises(TemplateError, match="rendered prompt is longer than 304 characters"):

@@ -61,7 +61,7 @@ def test_context_checks_name_both_numbers(model, prompt):
     with pytest.raises(ContextLengthError, match=rf"{len(prompt)} tokens.*context holds 64"):
         list(stream_generate(model, prompt, greedy(4), session=Session(model, max_context=64)))
     ctx = len(prompt) + 10
-    with pytest.raises(ContextLengthError, match=rf"max_tokens \(20\).*at most 10"):
+    with pytest.raises(ContextLengthError, match=r"max_tokens \(20\).*at most 10"):
         list(stream_generate(model, prompt, greedy(20), session=Session(model, max_context=ctx)))
 
 

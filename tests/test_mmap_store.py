@@ -130,10 +130,8 @@ def test_many_tensors_aliasing_the_same_bytes(tmp_path):
     header = {f"t{i}": entry(begin=0, end=4) for i in range(100_000)}
     path = json_file(tmp_path / "alias.safetensors", header, b"\0" * 4)
     before = psutil.Process().memory_info().rss
-    t0 = time.perf_counter()
     with pytest.raises(CheckpointError, match="overlaps"):
         SafetensorsFile(path)
-    assert time.perf_counter() - t0 < 2.0
     assert psutil.Process().memory_info().rss - before < 64 << 20
 
 

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -103,11 +102,8 @@ def test_synthetic_files_shape(tok_dir, sp):
     assert config["chat_template"] == builtin_template_source()
 
 
-def test_synthetic_files_deterministic_and_fast(tmp_path):
-    start = time.perf_counter()
+def test_synthetic_files_deterministic(tmp_path):
     st.write_tokenizer_files(tmp_path / "a", piece_count=1024)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 2.0
     st.write_tokenizer_files(tmp_path / "b", piece_count=1024)
     script = ("import sys; from ernie_edge.quant.synthetic_tokenizer import write_tokenizer_files;"
               "write_tokenizer_files(sys.argv[1], piece_count=1024)")
