@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install --quiet --upgrade pip
     if [ "${1:-}" = "--test" ]; then
         # torch is pinned exactly: an unpinned torch can pull a multi-GB CUDA build.
-        .venv/bin/python -m pip install --quiet -e ".[test,server]"
+        .venv/bin/python -m pip install --quiet -e ".[test]"
     else
         .venv/bin/python -m pip install --quiet -e .
     fi

@@ -1,1 +1,0 @@
-"""The localhost OpenAI-compatible HTTP API over the engine."""
