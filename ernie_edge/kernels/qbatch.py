@@ -1,0 +1,562 @@
+"""Small-batch quantized matmuls for prefill: int16-quantized activations times packed weights.
+
+Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
+blocks, E experts, k routed slots per token, S = T*k slots, I expert width, H hidden size,
+R rows and N tokens of a register tile.
+
+Why: the exact prefill path (q4_matmul / q8_matmul) dequantizes every weight row to fp32 before
+sgemm, which costs the same for 2 tokens as for 512. Here, as in llama.cpp's Q4_0 x Q8_0 gemm,
+the activations are quantized once (to int16 per block of 32, the decode path's scheme, see
+kernels/q8.py) and each weight block is widened to int16 ONCE per tile of N tokens and dotted
+exactly in integers against all of them:
+
+    y[t, o] = sum_b  ws[o, g(b)] * xd[t, b] * sum_{j in b} code[o, j] * xq[t, j]
+
+Error bound, per output (tested in tests/test_kernels_qbatch.py), as for the decode matvec:
+
+    |y[t, o] - (W x_t)[o]| <= sum_b  (max_{j in b} |x_t[j]| / 65534) * sum_{j in b} |W[o, j]|
+
+plus float32 rounding (the per-block integer sums of four rows are added pairwise before the
+float conversion; past 2^24 that rounds, a relative 6e-8, far below the activation error).
+
+Register tile: R = 4 weight rows x N <= 4 tokens. Per 32-block the four rows' <8 x i32> dot
+vectors are folded into one by two levels of pairwise horizontal adds (vphaddd), converted to
+float once and scaled by [ws0..ws3, ws0..ws3] * xd[t]: the float epilogue costs a quarter of a
+per-row one. Rows are shared out in chunks of CHUNK_ROWS (one parallel region per call); within
+a chunk each row quad stays in L1 while every token tile passes over it.
+
+SIMD paths follow kernels/_jit.SIMD: "avxvnni" (vpdpwssd), "avx2" (vpmaddwd), "generic" (plain
+LLVM vector IR, e.g. NEON). All paths compute the same integer lanes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _jit
+from ._jit import njit, pnjit
+
+ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX]
+TILE_ROWS = 4  # R
+TILE_TOKENS = 4  # N (largest token tile)
+CHUNK_ROWS = 16  # output rows per parallel work item (qmatmul)
+EXPERT_CHUNK = 128  # expert intermediate rows per work item (qexperts gate/up); multiple of G
+DOWN_CHUNK = 32  # hidden rows per work item (qexperts down)
+
+_I8x16 = ir.VectorType(ir.IntType(8), 16)
+_I8x32 = ir.VectorType(ir.IntType(8), 32)
+_I16x16 = ir.VectorType(ir.IntType(16), 16)
+_I32x8 = ir.VectorType(ir.IntType(32), 8)
+_I32x16 = ir.VectorType(ir.IntType(32), 16)
+_F32x4 = ir.VectorType(ir.FloatType(), 4)
+_F32x8 = ir.VectorType(ir.FloatType(), 8)
+_F32 = ir.FloatType()
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+# ---- LLVM IR helpers -------------------------------------------------------------------------------
+
+def _c64(v):
+    return ir.Constant(_I64, v)
+
+
+def _mask(values):
+    values = list(values)
+    return ir.Constant(ir.VectorType(_I32, len(values)), values)
+
+
+def _ptr(context, builder, arrty, arr, elem_ty):
+    """Pointer to the first element of a numba array, cast to `elem_ty*`."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    return builder.bitcast(ary.data, elem_ty.as_pointer())
+
+
+def _load(builder, ptr, offset, vty):
+    """Unaligned load of a vector of type vty at ptr + offset (elements of ptr's type)."""
+    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=1)
+
+
+def _call(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _splat(builder, scalar, vty):
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _f16_to_f32(builder, h16):
+    """IEEE half bits (i16) -> float: fpext on x86 (F16C), exact bit manipulation elsewhere."""
+    if _jit.SIMD != "generic":
+        return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
+    h32 = builder.zext(h16, _I32)
+    sign = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
+    mag = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
+    f = builder.fmul(builder.bitcast(mag, _F32), ir.Constant(_F32, 2.0 ** 112))  # exact, finite halves
+    return builder.bitcast(builder.or_(builder.bitcast(f, _I32), sign), _F32)
+
+
+def _pairs(builder, p16):
+    """<16 x i32> -> <8 x i32> of adjacent-pair sums (vpmaddwd's lane layout)."""
+    even = builder.shuffle_vector(p16, p16, _mask(range(0, 16, 2)))
+    odd = builder.shuffle_vector(p16, p16, _mask(range(1, 16, 2)))
+    return builder.add(even, odd)
+
+
+def _dot(builder, wlo, whi, xlo, xhi):
+    """Lane i: the 4 products of i16 pairs 2i, 2i+1 of (wlo, xlo) and (whi, xhi), exact in i32."""
+    if _jit.SIMD == "avxvnni":
+        acc = _call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo])
+        return _call(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
+                     [acc, builder.bitcast(whi, _I32x8), builder.bitcast(xhi, _I32x8)])
+    if _jit.SIMD == "avx2":
+        return builder.add(_call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo]),
+                           _call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [whi, xhi]))
+    lo = builder.mul(builder.sext(wlo, _I32x16), builder.sext(xlo, _I32x16))
+    hi = builder.mul(builder.sext(whi, _I32x16), builder.sext(xhi, _I32x16))
+    return builder.add(_pairs(builder, lo), _pairs(builder, hi))
+
+
+# vphaddd(a, b) = [a0+a1 a2+a3 b0+b1 b2+b3 | a4+a5 a6+a7 b4+b5 b6+b7]; b_i is element 8 + i of (a, b)
+_HADD_EVEN = [0, 2, 8, 10, 4, 6, 12, 14]
+
+
+def _hadd(builder, a, b):
+    """vphaddd(a, b) (pairwise sums within each 128-bit half; the same lanes on every path)."""
+    if _jit.SIMD != "generic":
+        return _call(builder, "llvm.x86.avx2.phadd.d", _I32x8, [a, b])
+    even = builder.shuffle_vector(a, b, _mask(_HADD_EVEN))
+    odd = builder.shuffle_vector(a, b, _mask([i + 1 for i in _HADD_EVEN]))
+    return builder.add(even, odd)
+
+
+def _weights(builder, wptr, wo, unpack):
+    """One row's 32-block as signed int16 codes (lo 16, hi 16): int4 nibbles minus 8, or int8."""
+    if unpack:
+        raw = builder.zext(_load(builder, wptr, wo, _I8x16), _I16x16)
+        eight = ir.Constant(_I16x16, [8] * 16)
+        lo = builder.sub(builder.and_(raw, ir.Constant(_I16x16, [15] * 16)), eight)
+        hi = builder.sub(builder.lshr(raw, ir.Constant(_I16x16, [4] * 16)), eight)
+        return lo, hi
+    lo = builder.sext(_load(builder, wptr, wo, _I8x16), _I16x16)
+    hi = builder.sext(_load(builder, wptr, builder.add(wo, _c64(16)), _I8x16), _I16x16)
+    return lo, hi
+
+
+def _prefetch(builder, wptr, addr):
+    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.gep(wptr, [addr]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
+    """res[j * nrows + r] = dot(weight row r, activation row toks[t0 + j]) for r < nrows, j < ntok.
+
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res)
+      w      weights (uint8 packed int4 or int8 codes, any shape, C-contiguous); row r of the tile
+             starts at flat element woff + r * wstride
+      s      uint16 fp16 scales; row r's first at soff + r * sstride; block b uses group b >> log2sub
+      xq/xd  int16 [*, 32 * nblk] quantized activations and float32 [*, nblk] block scales
+      toks   int64 row numbers of xq/xd; the tile's tokens are toks[t0 .. t0 + ntok)
+      res    float32 output, at least nrows * ntok
+    """
+    (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res) = args
+    wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty = sig.args
+    wptr = _ptr(context, builder, wty, w, ir.IntType(8))
+    sptr = _ptr(context, builder, sty, s, _I16)
+    xqptr = _ptr(context, builder, xqty, xq, _I16)
+    xdptr = _ptr(context, builder, xdty, xd, _F32)
+    tptr = _ptr(context, builder, tty, toks, _I64)
+    rptr = _ptr(context, builder, rty, res, _F32)
+    bpb = 16 if unpack else 32  # weight bytes per 32-block and row
+    kq = builder.mul(nblk, _c64(32))
+    xrows = [builder.load(builder.gep(tptr, [builder.add(t0, _c64(j))])) for j in range(ntok)]
+    xoffs = [builder.mul(row, kq) for row in xrows]
+    doffs = [builder.mul(row, nblk) for row in xrows]
+    woffs = [builder.add(woff, builder.mul(_c64(r), wstride)) for r in range(nrows)]
+    soffs = [builder.add(soff, builder.mul(_c64(r), sstride)) for r in range(nrows)]
+    ahead = builder.add(woff, builder.mul(_c64(nrows), wstride))  # the next tile's rows
+    zero = ir.Constant(_F32x8, [0.0] * 8)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(ntok)]
+    with cgutils.for_range(builder, nblk) as loop:
+        i = loop.index
+        for line in range(0, nrows * bpb, 64):
+            _prefetch(builder, wptr, builder.add(ahead, builder.add(builder.mul(i, _c64(nrows * bpb)), _c64(line))))
+        g = builder.lshr(i, log2sub)
+        wv = [_weights(builder, wptr, builder.add(wo, builder.mul(i, _c64(bpb))), unpack) for wo in woffs]
+        ws = [_f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(so, g)]))) for so in soffs]
+        if nrows == 4:
+            wsv = ir.Constant(_F32x8, ir.Undefined)
+            for lane in range(8):
+                wsv = builder.insert_element(wsv, ws[lane % 4], ir.Constant(_I32, lane))
+        for j in range(ntok):
+            x0 = builder.add(xoffs[j], builder.mul(i, _c64(32)))
+            xlo = _load(builder, xqptr, x0, _I16x16)
+            xhi = _load(builder, xqptr, builder.add(x0, _c64(16)), _I16x16)
+            xdj = _splat(builder, builder.load(builder.gep(xdptr, [builder.add(doffs[j], i)])), _F32x8)
+            p = [_dot(builder, lo, hi, xlo, xhi) for lo, hi in wv]
+            if nrows == 4:  # lanes [r0 r1 r2 r3 | r0 r1 r2 r3] (low / high 128-bit halves)
+                p32, scale = _hadd(builder, _hadd(builder, p[0], p[1]), _hadd(builder, p[2], p[3])), \
+                    builder.fmul(wsv, xdj)
+            else:
+                p32, scale = p[0], builder.fmul(_splat(builder, ws[0], _F32x8), xdj)
+            f = builder.sitofp(p32, _F32x8)
+            acc = builder.load(accs[j])
+            builder.store(builder.fadd(acc, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)),
+                          accs[j])
+    for j in range(ntok):
+        acc = builder.load(accs[j])
+        if nrows == 4:
+            lo = builder.shuffle_vector(acc, acc, _mask(range(4)))
+            hi = builder.shuffle_vector(acc, acc, _mask(range(4, 8)))
+            dst = builder.bitcast(builder.gep(rptr, [_c64(4 * j)]), _F32x4.as_pointer())
+            builder.store(builder.fadd(lo, hi), dst, align=4)
+        else:
+            builder.store(_hsum8(builder, acc), builder.gep(rptr, [_c64(j)]))
+    return context.get_dummy_value()
+
+
+def _hsum8(builder, v):
+    lo = builder.shuffle_vector(v, v, _mask(range(4)))
+    hi = builder.shuffle_vector(v, v, _mask(range(4, 8)))
+    s4 = builder.fadd(lo, hi)
+    s2 = builder.fadd(builder.shuffle_vector(s4, s4, _mask([0, 1])), builder.shuffle_vector(s4, s4, _mask([2, 3])))
+    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
+                        builder.extract_element(s2, ir.Constant(_I32, 1)))
+
+
+def _make_tile(nrows, ntok):
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res):
+        sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, toks, types.intp,
+                         types.intp, types.intp, res)
+        unpack = w.dtype == types.uint8
+
+        def codegen(context, builder, signature, args):
+            return _tile_body(context, builder, signature, args, nrows, ntok, unpack)
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_q1x1, _q1x2, _q1x3, _q1x4 = (_make_tile(4, n) for n in (1, 2, 3, 4))  # 4 rows x n tokens
+_s1x1, _s1x2, _s1x3, _s1x4 = (_make_tile(1, n) for n in (1, 2, 3, 4))  # 1 row x n tokens
+
+
+@njit(inline="always")
+def _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res):
+    """One register tile: nrows (4 or 1) weight rows x nt (1..4) tokens -> res[j * nrows + r]."""
+    if nrows == 4:
+        if nt == 4:
+            _q1x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        elif nt == 3:
+            _q1x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        elif nt == 2:
+            _q1x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        else:
+            _q1x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 4:
+        _s1x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 3:
+        _s1x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 2:
+        _s1x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    else:
+        _s1x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+
+
+# ---- activation quantization ------------------------------------------------------------------------
+
+@njit(inline="always")
+def _quantize_blocks(x, xq, xd, gs, b0, b1):
+    """Blocks b0..b1 of one row: x float32 [K] -> xq int16 [K], xd float32 [K/32].
+
+    Block b = (group g, chunk c) of weight group size gs takes x[g*gs + 16c : +16] then
+    x[g*gs + gs/2 + 16c : +16]: the values the low and the high nibbles of one 16-byte int4
+    chunk multiply (for gs = 32, and for int8 weights which pass 32, simply x[32b : 32b + 32]).
+    xd[b] = max|block| / 32767; xq = round-half-even(x * 32767 / max) computed in float64, so
+    denormal blocks quantize correctly. Same arithmetic as q8.quantize_act.
+    """
+    half = gs // 2
+    chunks = gs // 32
+    for b in range(b0, b1):
+        lo = (b // chunks) * gs + 16 * (b % chunks)
+        hi = lo + half
+        amax = np.float32(0.0)
+        for j in range(16):
+            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
+        inv = ACT_MAX / np.float64(amax) if amax > 0 else 0.0
+        for j in range(16):
+            xq[32 * b + j] = np.int16(np.rint(np.float64(x[lo + j]) * inv))
+            xq[32 * b + 16 + j] = np.int16(np.rint(np.float64(x[hi + j]) * inv))
+        xd[b] = amax / np.float32(ACT_MAX)
+
+
+@njit()
+def _quantize_rows(x, xq, xd, gs):
+    for t in range(x.shape[0]):
+        _quantize_blocks(x[t], xq[t], xd[t], gs, 0, xd.shape[1])
+
+
+def quantize_rows(x: np.ndarray, gs: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """x float32 [T, K] -> (xq int16 [T, K], xd float32 [T, K/32]) as the kernels take them; gs is
+    the int4 weight group size (block order above) or 32 for int8 weights. For tests and tools."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] % 32 or gs not in (32, 64, 128) or x.shape[1] % gs:
+        raise ValueError(f"quantize_rows: x {x.shape} must be [T, K] with K a multiple of 32 and of gs={gs}")
+    xq = np.empty(x.shape, np.int16)
+    xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
+    _quantize_rows(x, xq, xd, gs)
+    return xq, xd
+
+
+@njit()
+def _log2(n):
+    l2 = 0
+    while (1 << l2) < n:
+        l2 += 1
+    return l2
+
+
+# ---- qmatmul --------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _rows_all_tokens(nrows, w, woff, wstride, s, soff, sstride, xq, xd, toks, ntoks, nblk, l2, res,
+                     out, r):
+    """out[toks[t], r .. r + nrows) for all ntoks tokens, a register tile of tokens at a time."""
+    for t0 in range(0, ntoks, TILE_TOKENS):
+        nt = min(TILE_TOKENS, ntoks - t0)
+        _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        for j in range(nt):
+            for q in range(nrows):
+                out[toks[t0 + j], r + q] = res[j * nrows + q]
+
+
+@pnjit()
+def _qmatmul(x, w, s, out, xq, xd, toks, gs):
+    """out [T, O] = X W^T: quantize X (serial), then one parallel region over row chunks."""
+    O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
+    T, nblk = xd.shape
+    l2 = _log2(nblk // nsg)
+    _quantize_rows(x, xq, xd, gs)
+    nchunks = (O + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for c in prange(nchunks):
+        res = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
+        r, r1 = c * CHUNK_ROWS, min(O, (c + 1) * CHUNK_ROWS)
+        while r + TILE_ROWS <= r1:
+            _rows_all_tokens(TILE_ROWS, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
+            r += TILE_ROWS
+        while r < r1:
+            _rows_all_tokens(1, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
+            r += 1
+
+
+def _as_u16(scales: np.ndarray) -> np.ndarray:
+    if scales.dtype == np.float16:
+        return scales.view(np.uint16)
+    if scales.dtype != np.uint16:
+        raise TypeError(f"scales must be float16 or their uint16 view, got {scales.dtype}")
+    return scales
+
+
+def _check_weight(w, s, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
+    """w [.., O, K*bits/8] and s [.., O, K/G] for an input of length k; returns s as uint16."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    want = np.uint8 if bits == 4 else np.int8
+    if w.dtype != want or w.ndim != ndim:
+        raise ValueError(f"{what}: int{bits} weights must be {np.dtype(want).name} with {ndim} dimensions, "
+                         f"got {w.dtype} {w.shape}")
+    s = _as_u16(s)
+    kw = k // 2 if bits == 4 else k
+    if k % 32 or w.shape[-1] != kw:
+        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
+    if s.shape[:-1] != w.shape[:-1] or s.shape[-1] == 0 or k % s.shape[-1] or k // s.shape[-1] not in (32, 64, 128):
+        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape} (group size 32, 64 or 128)")
+    for name, a in ((what, w), (f"{what} scales", s)):
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (shape {a.shape})")
+    return s
+
+
+def _act_gs(k: int, s: np.ndarray, bits: int) -> int:
+    """quantize_rows' gs: the int4 weight group size (block order follows the nibbles), else 32."""
+    return k // s.shape[-1] if bits == 4 else 32
+
+
+def qmatmul(X, w, scales, out, bits: int) -> np.ndarray:
+    """out float32 [T, O] = X W^T with X quantized to int16 per block of 32 (error bound above).
+
+    X float32 [T, K]; w packed uint8 [O, K/2] (bits=4) or int8 codes [O, K] (bits=8); scales
+    fp16 (or its uint16 view) [O, K/G], G in 32/64/128. One parallel region over output rows;
+    each weight block is unpacked once per tile of 4 tokens. Faster than q4_matmul / q8_matmul
+    for small T (see benchmarks/qbatch.py for the crossover); overwrites out.
+    """
+    X = np.ascontiguousarray(X, np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"X must be float32 [T, K], got {X.shape}")
+    T, K = X.shape
+    s = _check_weight(w, scales, K, bits, "weight", 2)
+    if out.shape != (T, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
+    if T == 0:
+        return out
+    xq = np.empty((T, K), np.int16)  # [T, K]
+    xd = np.empty((T, K // 32), np.float32)  # [T, B]
+    _qmatmul(X, w, s, out, xq, xd, np.arange(T, dtype=np.int64), _act_gs(K, s, bits))
+    return out
+
+
+# ---- qexperts ---------------------------------------------------------------------------------------
+
+@njit()
+def _group_slots(idx, weights, n_experts, slot_ids, slot_tok, slot_w, starts):
+    """Sort the T*k slots by (expert, token) into slot_tok (token) and slot_w (routing weight);
+    starts [E + 1] delimits each expert's slots; slot_ids = 0..S-1 (the rows of h)."""
+    T, k = idx.shape
+    counts = np.zeros(n_experts + 1, np.int64)
+    for t in range(T):
+        for j in range(k):
+            counts[idx[t, j] + 1] += 1
+    for e in range(n_experts):
+        counts[e + 1] += counts[e]
+    starts[:] = counts
+    for t in range(T):
+        for j in range(k):
+            e = idx[t, j]
+            p = counts[e]
+            counts[e] += 1
+            slot_tok[p] = t
+            slot_w[p] = weights[t, j]
+            slot_ids[p] = p
+
+
+@njit(inline="always")
+def _silu(g):
+    return g / (np.float32(1.0) + np.exp(-g))
+
+
+@pnjit()
+def _experts_gate_up(x, xq, xd, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, gsx, gsh):
+    """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
+    hq / hd. One parallel region over (row chunk, expert) items, chunk-major so that a static
+    split gives every thread the same mix of busy and idle experts."""
+    inter, kw, nsg = gate.shape[1], gate.shape[2], gs_.shape[2]
+    nblk = xd.shape[1]
+    l2 = _log2(nblk // nsg)
+    _quantize_rows(x, xq, xd, gsx)
+    nhit = hit.shape[0]
+    nchunks = (inter + EXPERT_CHUNK - 1) // EXPERT_CHUNK
+    for item in prange(nchunks * nhit):
+        c, e = item // nhit, hit[item % nhit]
+        s0, ns = starts[e], starts[e + 1] - starts[e]
+        gres = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
+        ures = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
+        r, r1 = c * EXPERT_CHUNK, min(inter, (c + 1) * EXPERT_CHUNK)
+        while r < r1:
+            nrows = TILE_ROWS if r + TILE_ROWS <= r1 else 1
+            row = e * inter + r
+            for t0 in range(0, ns, TILE_TOKENS):
+                nt = min(TILE_TOKENS, ns - t0)
+                _tile(nrows, nt, gate, row * kw, kw, gs_, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, gres)
+                _tile(nrows, nt, up, row * kw, kw, us, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, ures)
+                for j in range(nt):
+                    for q in range(nrows):
+                        h[s0 + t0 + j, r + q] = _silu(gres[j * nrows + q]) * ures[j * nrows + q]
+            r += nrows
+        b0, b1 = (c * EXPERT_CHUNK) // 32, r1 // 32
+        for p in range(s0, s0 + ns):
+            _quantize_blocks(h[p], hq[p], hd[p], gsh, b0, b1)
+
+
+@pnjit()
+def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out):
+    """out[t] = sum over t's slots in ascending expert id of w * D_e h[slot], starting from 0.
+    One parallel region over chunks of output rows; each item walks the experts in ascending id."""
+    hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
+    nblk = hd.shape[1]
+    l2 = _log2(nblk // nsg)
+    T = out.shape[0]
+    nchunks = (hid + DOWN_CHUNK - 1) // DOWN_CHUNK
+    for c in prange(nchunks):
+        res = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
+        r0, r1 = c * DOWN_CHUNK, min(hid, (c + 1) * DOWN_CHUNK)
+        for t in range(T):
+            for r in range(r0, r1):
+                out[t, r] = 0.0
+        for e in hit:  # ascending expert id (ERNIE_SPEC P13)
+            s0, ns = starts[e], starts[e + 1] - starts[e]
+            r = r0
+            while r < r1:
+                nrows = TILE_ROWS if r + TILE_ROWS <= r1 else 1
+                row = e * hid + r
+                for t0 in range(0, ns, TILE_TOKENS):
+                    nt = min(TILE_TOKENS, ns - t0)
+                    _tile(nrows, nt, down, row * kw, kw, ds, row * nsg, nsg, hq, hd, slot_ids, s0 + t0, nblk, l2, res)
+                    for j in range(nt):
+                        p = s0 + t0 + j
+                        for q in range(nrows):
+                            out[slot_tok[p], r + q] += slot_w[p] * res[j * nrows + q]
+                r += nrows
+
+
+def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int) -> np.ndarray:
+    """Routed experts of a batch with int16-quantized activations; overwrites out.
+
+    out[t] = sum over t's k slots, in ascending expert id starting from 0 (ERNIE_SPEC P13), of
+    weights[t, j] * D_e(silu(G_e x[t]) * U_e x[t]),  e = idx[t, j].
+    x float32 [T, H]; idx int [T, k] (distinct experts per token); weights float32 [T, k];
+    gate / up banks [E, I, H/2] uint8 (bits=4) or [E, I, H] int8 (bits=8), down bank [E, H, I/2] or
+    [E, H, I], each with fp16 scales [E, rows, K/G]; out float32 [T, H].
+
+    Tokens are grouped by expert, so each hit expert's weights are unpacked once per tile of 4 of
+    its tokens. Two parallel regions: gate/up/silu over (row chunk, expert) items, then down over
+    chunks of hidden rows. Both x and the SwiGLU output h are quantized (error bound in the module
+    doc, applied to each of the two stages).
+    """
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be float32 [T, H] (out C-contiguous), got x {x.shape}, "
+                         f"out {out.dtype} {out.shape}")
+    T, H = x.shape
+    gs_ = _check_weight(gate, gate_s, H, bits, "gate bank", 3)
+    us = _check_weight(up, up_s, H, bits, "up bank", 3)
+    E, inter = gate.shape[0], gate.shape[1]
+    ds = _check_weight(down, down_s, inter, bits, "down bank", 3)
+    if up.shape != gate.shape or us.shape != gs_.shape or down.shape[:2] != (E, H):
+        raise ValueError(f"banks disagree: gate {gate.shape} / scales {gs_.shape}, up {up.shape} / "
+                         f"{us.shape}, down {down.shape} (want [E, H, I'] for E={E}, H={H})")
+    idx = np.ascontiguousarray(idx, np.int64)
+    weights = np.ascontiguousarray(weights, np.float32)
+    if idx.ndim != 2 or idx.shape[0] != T or weights.shape != idx.shape:
+        raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={T}")
+    if idx.size and (idx.min() < 0 or idx.max() >= E):
+        raise ValueError(f"expert ids must be in [0, {E}), got {idx.min()}..{idx.max()}")
+    if T == 0 or idx.shape[1] == 0:
+        out[...] = 0.0
+        return out
+    nslot = idx.size
+    slot_ids = np.empty(nslot, np.int64)  # [S] identity: the rows of h / hq
+    slot_tok = np.empty(nslot, np.int64)  # [S] token of each slot, slots sorted by (expert, token)
+    slot_w = np.empty(nslot, np.float32)  # [S] routing weight
+    starts = np.empty(E + 1, np.int64)  # [E + 1]
+    _group_slots(idx, weights, E, slot_ids, slot_tok, slot_w, starts)
+    hit = np.nonzero(np.diff(starts))[0].astype(np.int64)  # ascending expert ids with tokens
+    xq = np.empty((T, H), np.int16)  # [T, H]
+    xd = np.empty((T, H // 32), np.float32)
+    h = np.empty((nslot, inter), np.float32)  # [S, I]
+    hq = np.empty((nslot, inter), np.int16)
+    hd = np.empty((nslot, inter // 32), np.float32)
+    gsh = _act_gs(inter, ds, bits)
+    if EXPERT_CHUNK % gsh:
+        raise AssertionError("EXPERT_CHUNK must be a multiple of every group size")
+    _experts_gate_up(x, xq, xd, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, _act_gs(H, gs_, bits), gsh)
+    _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out)
+    return out
