@@ -1,4 +1,4 @@
-"""rmsnorm, RoPE, attention, router and grouped MoE kernels against plain numpy twins written here
+"""rmsnorm, RoPE, router and grouped MoE kernels against plain numpy twins written here
 and against ernie_edge.reference (ERNIE_SPEC §3). float32 paths: relative error <= 1e-5."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ernie_edge import reference as ref
-from ernie_edge.kernels import attention, moe, norm, rope
+from ernie_edge.kernels import moe, norm, rope
 from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
 
 RNG = np.random.default_rng(7)
@@ -103,89 +103,6 @@ def test_rope_table_offset_and_range_check():
     assert_rel(got, rope_np(x, np.array([100, 115]), 10000.0))
     with pytest.raises(ValueError):
         rope.apply_rope(x.copy(), np.array([99, 100]), cos, sin, table_start=100)
-
-
-# ---- attention -------------------------------------------------------------------------------
-
-def attention_np(q, k, v, q_positions):
-    """softmax((q k^T) * D^-0.5 + causal mask) v with GQA head h -> kv head h // group; [T, Nq*D]."""
-    T, nq, d = q.shape
-    group = nq // k.shape[1]
-    out = np.zeros((T, nq, d))
-    for t in range(T):
-        for h in range(nq):
-            kk = k[: q_positions[t] + 1, h // group].astype(np.float64)
-            s = kk @ q[t, h].astype(np.float64) * d ** -0.5
-            p = np.exp(s - s.max())
-            out[t, h] = (p / p.sum()) @ v[: q_positions[t] + 1, h // group]
-    return out.reshape(T, nq * d)
-
-
-def fill_cache(S, nkv, d, cap):
-    k = RNG.standard_normal((S, nkv, d)).astype(np.float32)
-    v = RNG.standard_normal((S, nkv, d)).astype(np.float32)
-    kc, vc = attention.new_kv_cache(nkv, cap, d)
-    attention.kv_write(k, v, kc, vc, 0)
-    return k.astype(np.float16).astype(np.float32), v.astype(np.float16).astype(np.float32), kc, vc
-
-
-def test_kv_write_round_trip_across_blocks():
-    kc, vc = attention.new_kv_cache(2, 600, 16)
-    assert kc.shape == (2, 3, 16, attention.KV_BLOCK) and vc.shape == (2, 3 * attention.KV_BLOCK, 16)
-    k = RNG.standard_normal((300, 2, 16)).astype(np.float32)
-    v = RNG.standard_normal((300, 2, 16)).astype(np.float32)
-    attention.kv_write(k[:200], v[:200], kc, vc, 0)
-    attention.kv_write(k[200:], v[200:], kc, vc, 200)  # crosses the block boundary at 256
-    k2, v2 = attention.kv_read(kc, vc, 0, 300)
-    np.testing.assert_array_equal(k2, k.astype(np.float16).astype(np.float32))
-    np.testing.assert_array_equal(v2, v.astype(np.float16).astype(np.float32))
-    with pytest.raises(ValueError):
-        attention.kv_write(k[:10], v[:10], kc, vc, 3 * attention.KV_BLOCK - 5)
-
-
-@pytest.mark.parametrize("length", [1, 5, 256, 257, 1000, 1027])
-def test_attention_decode(length):
-    nq, nkv, d = 20, 4, 128
-    k, v, kc, vc = fill_cache(length, nkv, d, 1100)
-    q = RNG.standard_normal((nq, d)).astype(np.float32)
-    out = np.empty_like(q)
-    attention.attention_decode(q, kc, vc, length, out, attention.DecodeScratch(nq, d, 1100))
-    want = attention_np(q[None], k, v, np.array([length - 1]))
-    assert_rel(out.reshape(1, -1), want)
-    assert_rel(out.reshape(1, -1), ref.attention(q[None], k, v, np.array([length - 1])))
-
-
-def test_attention_decode_large_scores_are_stable():
-    nq, nkv, d = 4, 2, 32
-    k, v, kc, vc = fill_cache(300, nkv, d, 512)
-    q = (RNG.standard_normal((nq, d)) * 200).astype(np.float32)  # exp would overflow without the max
-    out = np.empty_like(q)
-    attention.attention_decode(q, kc, vc, 300, out, attention.DecodeScratch(nq, d, 512))
-    assert np.all(np.isfinite(out))
-    assert_rel(out.reshape(1, -1), attention_np(q[None], k, v, np.array([299])), rel=1e-4)
-
-
-@pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70), (250, 20)])
-def test_attention_prefill_causal(start, T):
-    nq, nkv, d = 20, 4, 128
-    k, v, kc, vc = fill_cache(start + T, nkv, d, 512)
-    q = RNG.standard_normal((T, nq, d)).astype(np.float32)
-    out = np.empty_like(q)
-    attention.attention_prefill(q, kc, vc, start, out)
-    pos = np.arange(start, start + T)
-    assert_rel(out.reshape(T, -1), attention_np(q, k, v, pos))
-    assert_rel(out.reshape(T, -1), ref.attention(q, k, v, pos))
-
-
-def test_attention_rejects_bad_length():
-    k, v, kc, vc = fill_cache(4, 2, 16, 8)
-    with pytest.raises(ValueError):
-        attention.attention_decode(np.zeros((4, 16), np.float32), kc, vc, 9, np.empty((4, 16), np.float32),
-                                   attention.DecodeScratch(4, 16, 8))
-    with pytest.raises(ValueError):  # a cache in another layout
-        attention.attention_decode(np.zeros((4, 16), np.float32), np.zeros((2, 8, 16), np.uint16),
-                                   np.zeros((2, 8, 16), np.uint16), 1, np.empty((4, 16), np.float32),
-                                   attention.DecodeScratch(4, 16, 8))
 
 
 # ---- router ------------------------------------------------------------------------------------

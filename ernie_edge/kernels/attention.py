@@ -1,94 +1,590 @@
-"""GQA attention over an fp16 KV cache (ERNIE_SPEC §3.2): decode (one query) and blocked causal
-prefill.
+"""GQA attention over an fp16 or int8 KV cache (ERNIE_SPEC §3.2): decode (one query) and blocked
+causal prefill.
 
 Legend: T new tokens, S cache capacity (positions), L attended length, Nq query heads, Nkv KV
-heads, R = Nq / Nkv query heads per KV head, D head dim, C = KV_BLOCK positions per cache block.
+heads, R = Nq / Nkv query heads per KV head, D head dim, KT = KV_TILE positions per cache tile,
+NT = S / KT tiles.
 
-KV cache layout (allocate with `new_kv_cache`, write with `kv_write`): the bits of float16 values,
-  k_cache uint16 [Nkv, S/C, D, C]   keys transposed within each block of C positions
-  v_cache uint16 [Nkv, S, D]
-fp16 halves the memory (131072 positions x 28 layers take 7.5 GB). Keys are stored block-transposed
-so a score loop runs over positions innermost: contiguous, vectorised multiply-adds for the R query
-heads that share a KV head, instead of one horizontal reduction per key and head.
+KV cache layout (allocate with `new_kv_cache`, write with `kv_write`, read back with `kv_read`).
+Each layer holds k_cache, v_cache arrays [Nkv, NT, tile], one tile per KT = 32 positions:
+  "f16"  uint16 bits of float16:  K tile [D, KT] (transposed: positions innermost), V tile [KT, D]
+  "i8"   int8 codes, then KT float32 scales (as 4*KT bytes) per tile: K [D/4, KT, 4] + [KT] (four dims
+         of a position side by side: one 32-bit lane of an integer dot-product instruction), V [KT, D] + [KT];
+         value = code * scale, symmetric, one scale per (position, KV head): scale = max|x| / 127.
+fp16 takes 7.5 GB for 131072 positions x 28 layers, int8 3.9 GB. K is transposed within a tile so the
+score loop runs over positions innermost (contiguous vector multiply-adds for the R query heads of a
+KV head, no horizontal sums) while a whole tile stays one contiguous 4-8 KiB run of memory.
 Query head h reads KV head h // R. Scores are (q . k) * D^-0.5, softmax in float32.
+
+int8 decode quantizes q per head (symmetric int8) and forms the scores as exact integer dots
+(vpdpbusd with VNNI, vpmaddubsw + vpmaddwd with AVX2, widening multiplies elsewhere), like
+llama.cpp's q8_0 KV cache; V is widened to float32.
+
+Decode reads the cache once per token (it is memory-bound at long context): each work item is one
+KV head x one contiguous range of positions, processed in blocks of DECODE_BLOCK positions with an
+online softmax; all R query heads are scored from one pass over each K tile and accumulated from
+one pass over each V tile. The inner loops are explicit LLVM vector IR (below): vcvtph2ps (or int8
+widening) + FMA on zmm registers with AVX-512, ymm with AVX2, NEON on ARM.
 """
 
 from __future__ import annotations
 
-import numba
+import llvmlite.binding as _llvm
 import numpy as np
-from numba import prange
+from llvmlite import ir
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
-from . import simd
-from ._jit import max_threads, njit, pnjit
+from . import _jit, simd
+from ._jit import njit, pnjit
 
-KV_BLOCK = 256  # C: positions per cache block = per decode work item
+KV_TILE = 32  # KT: positions per cache tile
+KV_BLOCK = 256  # allocation granularity of new_kv_cache (positions; a multiple of KV_TILE)
+DECODE_BLOCK = 256  # positions per online-softmax step in decode (a multiple of KV_TILE)
+MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
+KV_DTYPES = ("f16", "i8")
 PREFILL_QBLOCK = 16  # queries per prefill work item
-PREFILL_KBLOCK = 64  # keys per prefill inner block (divides KV_BLOCK)
+PREFILL_KBLOCK = 64  # keys per prefill inner block (a multiple of KV_TILE)
 NEG_INF = np.float32(-np.inf)  # a float32 constant keeps the softmax in float32 (a Python -inf is float64)
+_MAX_HEADS = 6  # query heads per register tile (accumulators: 6 x 32 lanes)
 
 
-def new_kv_cache(n_kv_heads: int, capacity: int, head_dim: int):
-    """(k_cache, v_cache) zero-filled uint16 arrays for >= capacity positions (rounded up to KV_BLOCK)."""
-    nblk = max(1, -(-capacity // KV_BLOCK))
-    k = np.zeros((n_kv_heads, nblk, head_dim, KV_BLOCK), np.uint16)
-    v = np.zeros((n_kv_heads, nblk * KV_BLOCK, head_dim), np.uint16)
-    return k, v
+# ---- cache layout ------------------------------------------------------------------------------
+
+def tile_elems(head_dim: int, kv_dtype: str) -> int:
+    """Array elements per tile of KV_TILE positions (uint16 values for f16, bytes for i8)."""
+    if kv_dtype == "f16":
+        return head_dim * KV_TILE
+    if kv_dtype == "i8":
+        return (head_dim + 4) * KV_TILE
+    raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
+
+
+def new_kv_cache(n_kv_heads: int, capacity: int, head_dim: int, kv_dtype: str = "f16"):
+    """(k_cache, v_cache) zero-filled [Nkv, NT, tile] arrays for >= capacity positions (rounded up to
+    KV_BLOCK). kv_dtype "f16" (uint16 bits of float16) or "i8" (int8 codes + float32 scales)."""
+    if head_dim % 16:
+        raise ValueError(f"head_dim must be a multiple of 16, got {head_dim}")
+    nt = max(1, -(-capacity // KV_BLOCK)) * (KV_BLOCK // KV_TILE)
+    te = tile_elems(head_dim, kv_dtype)
+    dt = np.uint16 if kv_dtype == "f16" else np.int8
+    return np.zeros((n_kv_heads, nt, te), dt), np.zeros((n_kv_heads, nt, te), dt)
+
+
+def cache_dtype(k_cache) -> str:
+    return "f16" if k_cache.dtype == np.uint16 else "i8"
 
 
 def _check_cache(k_cache, v_cache, head_dim=None) -> int:
-    """Validate the layout; returns the capacity S."""
-    if k_cache.dtype != np.uint16 or v_cache.dtype != np.uint16 or k_cache.ndim != 4 or v_cache.ndim != 3:
-        raise ValueError("k_cache / v_cache must be uint16 [Nkv, S/C, D, C] / [Nkv, S, D] (see new_kv_cache)")
-    nkv, nblk, d, c = k_cache.shape
-    if c != KV_BLOCK or v_cache.shape != (nkv, nblk * c, d) or (head_dim is not None and d != head_dim):
-        raise ValueError(f"cache shapes k {k_cache.shape}, v {v_cache.shape} do not match (see new_kv_cache)")
+    """Validate the layout; returns the head dim D."""
+    if k_cache.dtype not in (np.uint16, np.int8) or k_cache.ndim != 3:
+        raise ValueError("k_cache / v_cache must be uint16 or int8 [Nkv, NT, tile] arrays (see new_kv_cache)")
+    nkv, nt, te = k_cache.shape
+    d = te // KV_TILE - (4 if k_cache.dtype == np.int8 else 0)
+    if (v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape or te % KV_TILE or d <= 0 or d % 16
+            or (head_dim is not None and d != head_dim)):
+        raise ValueError(f"cache shapes k {k_cache.shape} {k_cache.dtype}, v {v_cache.shape} {v_cache.dtype} "
+                         f"do not match (head_dim {head_dim}; see new_kv_cache)")
     if not (k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("k_cache / v_cache must be C-contiguous")
-    return nblk * c
+    return d
+
+
+def _split_views(cache, head_dim: int, is_k: bool):
+    """(codes, scales) numpy views of one cache array. codes: f16 K [Nkv, NT, D, KT], i8 K
+    [Nkv, NT, D/4, KT, 4], V [Nkv, NT, KT, D] (float16 or int8); scales float32 [Nkv, NT, KT] or None."""
+    nkv, nt, _ = cache.shape
+    if cache.dtype == np.uint16:
+        shape = (nkv, nt, head_dim, KV_TILE) if is_k else (nkv, nt, KV_TILE, head_dim)
+        return cache.view(np.float16).reshape(shape), None
+    n = head_dim * KV_TILE
+    shape = (nkv, nt, head_dim // 4, KV_TILE, 4) if is_k else (nkv, nt, KV_TILE, head_dim)
+    return cache[:, :, :n].reshape(shape), cache[:, :, n:].view(np.float32)
+
+
+def _quantize_i8(x):
+    """Symmetric int8 per row of the last axis: (codes int8, scales float32 [...])."""
+    amax = np.abs(x).max(axis=-1)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
+    return np.rint(x * inv[..., None]).astype(np.int8), scale
 
 
 def kv_write(k, v, k_cache, v_cache, start: int) -> None:
-    """Store k, v float32 [T, Nkv, D] (post-RoPE) at positions start .. start+T-1 (rounded to fp16)."""
+    """Store k, v float32 [T, Nkv, D] (post-RoPE) at positions start .. start+T-1 (rounded to fp16,
+    or quantized to int8 with one scale per position and KV head)."""
     T = k.shape[0]
-    cap = _check_cache(k_cache, v_cache)
-    nkv, _, d, C = k_cache.shape
+    d = _check_cache(k_cache, v_cache)
+    nkv, nt, _ = k_cache.shape
     if k.shape != (T, nkv, d) or v.shape != k.shape:
         raise ValueError(f"kv_write shapes: k {k.shape}, v {v.shape}, cache {k_cache.shape}")
-    if start < 0 or start + T > cap:
-        raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {cap} positions")
-    k16 = k_cache.view(np.float16)
+    if start < 0 or start + T > nt * KV_TILE:
+        raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {nt * KV_TILE} positions")
+    kc, ks = _split_views(k_cache, d, is_k=True)
+    vc, vs = _split_views(v_cache, d, is_k=False)
+    if ks is not None:
+        k, kscale = _quantize_i8(k)  # [T, Nkv, D], [T, Nkv]
+        v, vscale = _quantize_i8(v)
     t = 0
     while t < T:
-        blk, off = divmod(start + t, C)
-        n = min(C - off, T - t)
-        k16[:, blk, :, off:off + n] = k[t:t + n].transpose(1, 2, 0)  # [Nkv, D, n]
+        tile, off = divmod(start + t, KV_TILE)
+        n = min(KV_TILE - off, T - t)
+        if ks is None:
+            kc[:, tile, :, off:off + n] = k[t:t + n].transpose(1, 2, 0)  # [Nkv, D, n]
+        else:
+            kc[:, tile, :, off:off + n] = k[t:t + n].reshape(n, nkv, d // 4, 4).transpose(1, 2, 0, 3)
+            ks[:, tile, off:off + n] = kscale[t:t + n].T
+            vs[:, tile, off:off + n] = vscale[t:t + n].T
+        vc[:, tile, off:off + n] = v[t:t + n].transpose(1, 0, 2)  # [Nkv, n, D]
         t += n
-    v_cache.view(np.float16)[:, start:start + T] = v.transpose(1, 0, 2)
 
 
 def kv_read(k_cache, v_cache, start: int, n: int):
     """(k, v) float32 [n, Nkv, D] of positions start .. start+n-1 (for tests and debugging)."""
-    _check_cache(k_cache, v_cache)
+    d = _check_cache(k_cache, v_cache)
     pos = np.arange(start, start + n)
-    k = k_cache.view(np.float16)[:, pos // KV_BLOCK, :, pos % KV_BLOCK]  # [n, Nkv, D] (numpy puts the
-    v = v_cache.view(np.float16)[:, start:start + n]  # [Nkv, n, D]      split fancy index first)
-    return k.astype(np.float32), v.transpose(1, 0, 2).astype(np.float32)
+    tile, off = pos // KV_TILE, pos % KV_TILE
+    kc, ks = _split_views(k_cache, d, is_k=True)
+    vc, vs = _split_views(v_cache, d, is_k=False)
+    if ks is None:
+        k = kc[:, tile, :, off]  # [n, Nkv, D] (numpy puts the split fancy index first)
+    else:
+        k = kc[:, tile, :, off].reshape(n, -1, d)  # [n, Nkv, D/4, 4] -> [n, Nkv, D]
+    k = k.astype(np.float32)
+    v = vc[:, tile, off].astype(np.float32).transpose(1, 0, 2)  # [Nkv, n, D] -> [n, Nkv, D]
+    if ks is not None:
+        k *= ks[:, tile, off].T[..., None]
+        v *= vs[:, tile, off].T[..., None]
+    return k, v
 
 
-class DecodeScratch:
-    """Partial softmax state per cache block for `attention_decode`, for up to `max_len` positions,
-    plus each thread's decoded K block [D, C] and V block [C, D]."""
+# ---- vector intrinsics (explicit LLVM vector IR: zmm on AVX-512, ymm pairs on AVX2, NEON on ARM) --
 
-    def __init__(self, n_heads: int, head_dim: int, max_len: int):
-        nch = max(1, -(-max_len // KV_BLOCK))
-        self.max_len = max_len
-        self.m = np.empty((nch, n_heads), np.float32)  # max score per block and head
-        self.l = np.empty((nch, n_heads), np.float32)  # sum of exp per block and head
-        self.acc = np.empty((nch, n_heads, head_dim), np.float32)  # unnormalised P.V
-        self.sc = np.empty((nch, n_heads, KV_BLOCK), np.float32)  # scores / probabilities
-        self.kt = np.empty((max_threads(), head_dim, KV_BLOCK), np.float32)
-        self.vb = np.empty((max_threads(), KV_BLOCK, head_dim), np.float32)
+_VL = 16  # float lanes per LLVM vector (<16 x float>)
+_F32 = ir.FloatType()
+_F32V = ir.VectorType(_F32, _VL)
+_I32V = ir.VectorType(ir.IntType(32), _VL)
+
+
+def _wide_vectors() -> int:
+    """<16 x float> vectors per register tile: 2 where AVX-512 gives 32 zmm registers, else 1."""
+    if _jit.SIMD == "generic":
+        return 1
+    return 2 if _llvm.get_host_cpu_features().get("avx512f") else 1
+
+
+NVEC = _wide_vectors()
+_SUBTILE = _VL * NVEC  # positions per score register tile
+
+
+def _i64(x):
+    return ir.Constant(ir.IntType(64), x)
+
+
+def _idx(values):
+    """A constant <n x i32> shuffle mask."""
+    values = list(values)
+    return ir.Constant(ir.VectorType(ir.IntType(32), len(values)), values)
+
+
+def _x86(builder, name, ret, args):
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
+
+
+def _splat_i32(x):
+    return ir.Constant(_I32V, [x] * _VL)
+
+
+def _splat(builder, x):
+    v = builder.insert_element(ir.Constant(_F32V, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(v, v, ir.Constant(_I32V, [0] * _VL))
+
+
+def _fma(builder, a, b, c):
+    """a * b + c, contractible to one FMA where the CPU has it (never a libm call)."""
+    return builder.fadd(builder.fmul(a, b, flags=("contract",)), c, flags=("contract",))
+
+
+def _ptr(context, builder, arrty, arr, elem_ty, off):
+    """Pointer to flat element `off` (in elem_ty units) of a C-contiguous numba array."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(builder.bitcast(data, elem_ty.as_pointer()), [off])
+
+
+def _code_ty(arrty):
+    return ir.IntType(8) if arrty.dtype == types.int8 else ir.IntType(16)
+
+
+def _half_to_float(builder, raw):
+    """<n x i16> IEEE half bits -> <n x float>: fpext (vcvtph2ps; F16C is checked in _jit) on x86,
+    exact bit manipulation on the generic path (no compiler-rt call). Inf/NaN do not occur."""
+    n = raw.type.count
+    f32v, i32v = ir.VectorType(_F32, n), ir.VectorType(ir.IntType(32), n)
+    if _jit.SIMD != "generic":
+        return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), f32v)
+    h = builder.zext(raw, i32v)
+    sign = builder.shl(builder.and_(h, ir.Constant(i32v, [0x8000] * n)), ir.Constant(i32v, [16] * n))
+    mag = builder.shl(builder.and_(h, ir.Constant(i32v, [0x7FFF] * n)), ir.Constant(i32v, [13] * n))
+    # the magnitude bits read as float32 are the value times 2^-112 (exact, subnormals included)
+    f = builder.fmul(builder.bitcast(mag, f32v), ir.Constant(f32v, [2.0 ** 112] * n))
+    return builder.bitcast(builder.or_(builder.bitcast(f, i32v), sign), f32v)
+
+
+def _load_vec(builder, ptr, is_i8):
+    """16 consecutive cache codes at ptr -> <16 x float> (int8 codes, or fp16 bits)."""
+    if is_i8:
+        raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), _VL).as_pointer()), align=1)
+        return builder.sitofp(builder.sext(raw, _I32V), _F32V)
+    raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), _VL).as_pointer()), align=2)
+    return _half_to_float(builder, raw)
+
+
+def _scale_ptr(context, builder, arrty, arr, toff, d, is_i8):
+    """float* to the KT scales of the int8 tile at element offset toff (they follow D*KT codes)."""
+    p = _ptr(context, builder, arrty, arr, ir.IntType(8), builder.add(toff, builder.mul(d, _i64(KV_TILE))))
+    return builder.bitcast(p, _F32.as_pointer())
+
+
+_VNNI512 = (_jit.SIMD == "avxvnni" and NVEC == 2 and bool(_llvm.get_host_cpu_features().get("avx512vnni")))
+_I8x64 = ir.VectorType(ir.IntType(8), 4 * _VL)
+
+
+def _dot4(builder, acc, kb, qb):
+    """acc <16 x i32> + sums of 4 adjacent products kb * qb (<64 x i8> each, signed).
+
+    VNNI: vpdpbusd needs an unsigned operand, so it takes k + 128 (k xor 0x80) and the caller
+    subtracts 128 * sum(q) (`_needs_q_offset`). AVX2: vpmaddubsw + vpmaddwd with the sign trick
+    |q| x (k * sign(q)), |pair| <= 2 * 127 * 127 < 32767. Generic: widen to i32 and multiply."""
+    i32x8, i8x32 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32)
+    if _jit.SIMD == "avxvnni":
+        ku = builder.xor(kb, ir.Constant(_I8x64, [-128] * 64))
+        if _VNNI512:
+            return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _I32V,
+                             [acc, builder.bitcast(ku, _I32V), builder.bitcast(qb, _I32V)])
+    halves = []
+    for h in range(2):
+        lanes, bytes_ = _idx(range(8 * h, 8 * h + 8)), _idx(range(32 * h, 32 * h + 32))
+        a = builder.shuffle_vector(acc, acc, lanes)
+        if _jit.SIMD == "avxvnni":
+            k = builder.shuffle_vector(ku, ku, bytes_)
+            q = builder.shuffle_vector(qb, qb, bytes_)
+            halves.append(_x86(builder, "llvm.x86.avx512.vpdpbusd.256", i32x8,
+                                    [a, builder.bitcast(k, i32x8), builder.bitcast(q, i32x8)]))
+        elif _jit.SIMD == "avx2":
+            k = builder.shuffle_vector(kb, kb, bytes_)
+            q = builder.shuffle_vector(qb, qb, bytes_)
+            aq = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [q, q])
+            sk = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [k, q])
+            p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), [aq, sk])
+            ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
+            halves.append(builder.add(a, _x86(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [p16, ones])))
+        else:  # widen, multiply, add the 4 products of each 32-bit lane
+            i32x32 = ir.VectorType(ir.IntType(32), 32)
+            k = builder.sext(builder.shuffle_vector(kb, kb, bytes_), i32x32)
+            q = builder.sext(builder.shuffle_vector(qb, qb, bytes_), i32x32)
+            prod = builder.mul(k, q)
+            parts = [builder.shuffle_vector(prod, prod, _idx(range(i, 32, 4))) for i in range(4)]
+            halves.append(builder.add(a, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))))
+    return builder.shuffle_vector(halves[0], halves[1], _idx(range(16)))
+
+
+def _needs_q_offset() -> bool:
+    return _jit.SIMD == "avxvnni"
+
+
+def _make_qk(nr):
+    """Scores of `nr` query heads h0 .. h0+nr-1 for one K tile at flat element offset toff:
+    s[soff + r*sstride + j] = q[h0 + r] . k_j for j < KT (q already scaled by D^-0.5).
+    Args (kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride). f16 cache: q float32 [Nq, D].
+    int8 cache: q as int8 codes qi [Nq, D] with scales qsc [Nq] and code sums qsum [Nq] (int32)."""
+
+    def typer(typingctx, kc, toff, d, q, qi, qsc, qsum, h0, s, soff, sstride):
+        sig = types.void(kc, types.intp, types.intp, q, qi, qsc, qsum, types.intp, s, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            kc, toff, d, q, qi, qsc, qsum, h0, s, soff, sstride = args
+            kty, _, _, qty, qity, qscty, qsumty, _, sty, _, _ = signature.args
+            if kty.dtype == types.int8:
+                _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff,
+                       sstride, nr)
+            else:
+                _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstride, nr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+def _store_scores(builder, sbase, sstride, sub, vals):
+    for r, row in enumerate(vals):
+        for v, val in enumerate(row):
+            dst = builder.gep(sbase, [builder.add(builder.mul(_i64(r), sstride), _i64(sub + _VL * v))])
+            builder.store(val, builder.bitcast(dst, _F32V.as_pointer()), align=4)
+
+
+def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstride, nr):
+    kbase = _ptr(context, builder, kty, kc, ir.IntType(16), toff)
+    qbase = _ptr(context, builder, qty, q, _F32, builder.mul(h0, d))
+    sbase = _ptr(context, builder, sty, s, _F32, soff)
+    zero = ir.Constant(_F32V, [0.0] * _VL)
+    accs = [[cgutils.alloca_once(builder, _F32V) for _ in range(NVEC)] for _ in range(nr)]
+    for sub in range(0, KV_TILE, _SUBTILE):
+        for row in accs:
+            for a in row:
+                builder.store(zero, a)
+        with cgutils.for_range(builder, d) as loop:
+            kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(KV_TILE)), _i64(sub))])
+            kv = [_load_vec(builder, builder.gep(kp, [_i64(_VL * v)]), False) for v in range(NVEC)]
+            for r in range(nr):
+                qv = _splat(builder, builder.load(builder.gep(qbase, [builder.add(builder.mul(_i64(r), d), loop.index)])))
+                for v in range(NVEC):
+                    builder.store(_fma(builder, qv, kv[v], builder.load(accs[r][v])), accs[r][v])
+        _store_scores(builder, sbase, sstride, sub, [[builder.load(a) for a in row] for row in accs])
+
+
+def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff, sstride, nr):
+    """Integer scores: K tile codes [D/4, KT, 4]; one <64 x i8> load = 16 positions x 4 dims."""
+    kbase = _ptr(context, builder, kty, kc, ir.IntType(8), toff)
+    qibase = _ptr(context, builder, qity, qi, ir.IntType(32), builder.mul(h0, builder.udiv(d, _i64(4))))
+    qscbase = _ptr(context, builder, qscty, qsc, _F32, h0)
+    qsumbase = _ptr(context, builder, qsumty, qsum, ir.IntType(32), h0)
+    sbase = _ptr(context, builder, sty, s, _F32, soff)
+    kscale = _scale_ptr(context, builder, kty, kc, toff, d, True)
+    d4 = builder.udiv(d, _i64(4))
+    zero = ir.Constant(_I32V, [0] * _VL)
+    accs = [[cgutils.alloca_once(builder, _I32V) for _ in range(NVEC)] for _ in range(nr)]
+    for sub in range(0, KV_TILE, _SUBTILE):
+        for row in accs:
+            for a in row:
+                builder.store(zero, a)
+        with cgutils.for_range(builder, d4) as loop:
+            kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(4 * KV_TILE)), _i64(4 * sub))])
+            kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()), align=1)
+                  for v in range(NVEC)]
+            for r in range(nr):
+                q4 = builder.load(builder.gep(qibase, [builder.add(builder.mul(_i64(r), d4), loop.index)]), align=1)
+                qv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), q4, ir.Constant(ir.IntType(32), 0))
+                qb = builder.bitcast(builder.shuffle_vector(qv, qv, ir.Constant(_I32V, [0] * _VL)), _I8x64)
+                for v in range(NVEC):
+                    builder.store(_dot4(builder, builder.load(accs[r][v]), kv[v], qb), accs[r][v])
+        ks = [builder.load(builder.bitcast(builder.gep(kscale, [_i64(sub + _VL * v)]), _F32V.as_pointer()), align=4)
+              for v in range(NVEC)]
+        vals = []
+        for r in range(nr):
+            dot = [builder.load(a) for a in accs[r]]
+            if _needs_q_offset():
+                off = builder.mul(builder.load(builder.gep(qsumbase, [_i64(r)])), ir.Constant(ir.IntType(32), 128))
+                offv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), off, ir.Constant(ir.IntType(32), 0))
+                offv = builder.shuffle_vector(offv, offv, ir.Constant(_I32V, [0] * _VL))
+                dot = [builder.sub(x, offv) for x in dot]
+            qs = _splat(builder, builder.load(builder.gep(qscbase, [_i64(r)])))
+            vals.append([builder.fmul(builder.fmul(builder.sitofp(x, _F32V), qs), ks[v]) for v, x in enumerate(dot)])
+        _store_scores(builder, sbase, sstride, sub, vals)
+
+
+def _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, nvec, nr):
+    """acc[r, d0 : d0 + 16*nvec] += sum_{j<n} p[r, j] * (scale[j] *) v[j, d0 : ...] for nr heads."""
+    is_i8 = sptr is not None
+    aptrs = [[builder.bitcast(builder.gep(abase, [builder.add(builder.mul(_i64(r), d), builder.add(d0, _i64(_VL * v)))]),
+                              _F32V.as_pointer()) for v in range(nvec)] for r in range(nr)]
+    accs = [[cgutils.alloca_once(builder, _F32V) for _ in range(nvec)] for _ in range(nr)]
+    for r in range(nr):
+        for v in range(nvec):
+            builder.store(builder.load(aptrs[r][v], align=4), accs[r][v])
+    with cgutils.for_range(builder, n) as loop:
+        j = loop.index
+        row = builder.gep(vbase, [builder.add(builder.mul(j, d), d0)])
+        vv = [_load_vec(builder, builder.gep(row, [_i64(_VL * v)]), is_i8) for v in range(nvec)]
+        sj = builder.load(builder.gep(sptr, [j])) if is_i8 else None
+        for r in range(nr):
+            pj = builder.load(builder.gep(pbase, [builder.add(builder.mul(_i64(r), pstride), j)]))
+            if is_i8:
+                pj = builder.fmul(pj, sj)
+            pv = _splat(builder, pj)
+            for v in range(nvec):
+                builder.store(_fma(builder, pv, vv[v], builder.load(accs[r][v])), accs[r][v])
+    for r in range(nr):
+        for v in range(nvec):
+            builder.store(builder.load(accs[r][v]), aptrs[r][v], align=4)
+
+
+def _make_pv(nr):
+    """acc[aoff + r*D + :] += sum_{j<n} p[poff + r*pstride + j] * v[j, :] for one V tile and `nr`
+    heads. Args (vc, toff, D, n, p, poff, pstride, acc, aoff); n <= KT valid positions."""
+
+    def typer(typingctx, vc, toff, d, n, p, poff, pstride, acc, aoff):
+        sig = types.void(vc, types.intp, types.intp, types.intp, p, types.intp, types.intp, acc, types.intp)
+
+        def codegen(context, builder, signature, args):
+            vc, toff, d, n, p, poff, pstride, acc, aoff = args
+            vty, _, _, _, pty, _, _, aty, _ = signature.args
+            is_i8 = vty.dtype == types.int8
+            vbase = _ptr(context, builder, vty, vc, _code_ty(vty), toff)
+            sptr = _scale_ptr(context, builder, vty, vc, toff, d, True) if is_i8 else None
+            pbase = _ptr(context, builder, pty, p, _F32, poff)
+            abase = _ptr(context, builder, aty, acc, _F32, aoff)
+            step = _VL * NVEC
+            nfull = builder.udiv(d, _i64(step))
+            with cgutils.for_range(builder, nfull) as loop:
+                d0 = builder.mul(loop.index, _i64(step))
+                _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, NVEC, nr)
+            if NVEC > 1:  # D % 32 == 16: one 16-wide pass for the rest
+                nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
+                with cgutils.for_range(builder, nrest):
+                    d0 = builder.mul(nfull, _i64(step))
+                    _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, 1, nr)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_qk1, _qk2, _qk3, _qk4, _qk5, _qk6 = (_make_qk(n) for n in range(1, _MAX_HEADS + 1))
+_pv1, _pv2, _pv3, _pv4, _pv5, _pv6 = (_make_pv(n) for n in range(1, _MAX_HEADS + 1))
+
+
+@intrinsic
+def _vmax(typingctx, a, off, n, init):
+    """max(init, a[off], .., a[off + n - 1]) of a float32 array, 16 lanes at a time (LLVM does not
+    vectorise a max reduction by itself without the no-NaN fast-math flag)."""
+    sig = types.float32(a, types.intp, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        a, off, n, init = args
+        base = _ptr(context, builder, signature.args[0], a, _F32, off)
+        acc = cgutils.alloca_once_value(builder, _splat(builder, init))
+        nv = builder.udiv(n, _i64(_VL))
+        with cgutils.for_range(builder, nv) as loop:
+            p = builder.bitcast(builder.gep(base, [builder.mul(loop.index, _i64(_VL))]), _F32V.as_pointer())
+            x, m = builder.load(p, align=4), builder.load(acc)
+            builder.store(builder.select(builder.fcmp_ordered(">", x, m), x, m), acc)
+        m = builder.load(acc)
+        best = cgutils.alloca_once_value(builder, builder.extract_element(m, ir.Constant(ir.IntType(32), 0)))
+        for i in range(1, _VL):
+            x, b = builder.extract_element(m, ir.Constant(ir.IntType(32), i)), builder.load(best)
+            builder.store(builder.select(builder.fcmp_ordered(">", x, b), x, b), best)
+        with cgutils.for_range(builder, builder.sub(n, builder.mul(nv, _i64(_VL)))) as loop:
+            x = builder.load(builder.gep(base, [builder.add(builder.mul(nv, _i64(_VL)), loop.index)]))
+            b = builder.load(best)
+            builder.store(builder.select(builder.fcmp_ordered(">", x, b), x, b), best)
+        return builder.load(best)
+
+    return sig, codegen
+
+
+@intrinsic
+def _is_i8(typingctx, arr):
+    """Compile-time constant: is this an int8 cache array?"""
+    sig = types.boolean(arr)
+
+    def codegen(context, builder, signature, args):
+        return ir.Constant(ir.IntType(1), int(signature.args[0].dtype == types.int8))
+
+    return sig, codegen
+
+
+@intrinsic
+def _kpos(typingctx, arr, d, j):
+    """Offset within a K tile of dim d of position j: d*KT + j (f16) or ((d//4)*KT + j)*4 + d%4 (i8)."""
+    sig = types.intp(arr, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        _, d, j = args
+        if signature.args[0].dtype != types.int8:
+            return builder.add(builder.mul(d, _i64(KV_TILE)), j)
+        grp = builder.add(builder.mul(builder.lshr(d, _i64(2)), _i64(KV_TILE)), j)
+        return builder.add(builder.mul(grp, _i64(4)), builder.and_(d, _i64(3)))
+
+    return sig, codegen
+
+
+@intrinsic
+def _code_f32(typingctx, arr, off):
+    """Flat element `off` of a cache array as float32 (fp16 bits or an int8 code; unscaled)."""
+    sig = types.float32(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        x = builder.load(_ptr(context, builder, aty, args[0], _code_ty(aty), args[1]))
+        if aty.dtype == types.int8:
+            return builder.sitofp(x, _F32)
+        v = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), 1), ir.Undefined), x,
+                                   ir.Constant(ir.IntType(32), 0))
+        return builder.extract_element(_half_to_float(builder, v), ir.Constant(ir.IntType(32), 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _tile_scale(typingctx, arr, toff, d, j):
+    """Scale of position j of the tile at flat offset toff: the stored float32 for int8, 1 for f16."""
+    sig = types.float32(arr, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aty = signature.args[0]
+        if aty.dtype != types.int8:
+            return ir.Constant(_F32, 1.0)
+        sp = _scale_ptr(context, builder, aty, args[0], args[1], args[2], True)
+        return builder.load(builder.gep(sp, [args[3]]))
+
+    return sig, codegen
+
+
+# ---- decode -------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _head_chunks(R):
+    """(number, size) of the register tiles that cover R heads (at most _MAX_HEADS each)."""
+    nch = (R + _MAX_HEADS - 1) // _MAX_HEADS
+    return nch, (R + nch - 1) // nch
+
+
+@njit(inline="always")
+def _qk_heads(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, R):
+    """Scores of heads h0 .. h0+R-1 against one K tile into s[soff + r*sstride + j]."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        h, so = h0 + r0, soff + r0 * sstride
+        if nr == 1:
+            _qk1(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 2:
+            _qk2(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 3:
+            _qk3(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 4:
+            _qk4(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 5:
+            _qk5(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        else:
+            _qk6(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+
+
+@njit(inline="always")
+def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, R):
+    """acc[r, :] += p[r, poff : poff+n] . V tile rows 0..n-1 for R heads (acc [R, D])."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        po, ao = r0 * pstride + poff, r0 * D
+        if nr == 1:
+            _pv1(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 2:
+            _pv2(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 3:
+            _pv3(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 4:
+            _pv4(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 5:
+            _pv5(vc, toff, D, n, p, po, pstride, acc, ao)
+        else:
+            _pv6(vc, toff, D, n, p, po, pstride, acc, ao)
 
 
 @njit(inline="always")
@@ -112,21 +608,169 @@ def exp_nonpos(x):
 
 
 @njit(inline="always")
-def _load_kt(k_cache, g, blk, j0, n, kt):
-    """kt[d, j] = float32 key d of position blk*C + j0 + j, for j < n."""
-    D = k_cache.shape[2]
-    for d in range(D):
+def _softmax_step(sc, n, m, l, acc):
+    """Online softmax over one block: scores sc[r, :n] -> exp(s - new max) in place; rescales the
+    running sum l[r] and accumulator acc[r, :] to the new max m[r]."""
+    R, D = acc.shape
+    for r in range(R):
+        row = sc[r]
+        mx = _vmax(row, 0, n, m[r])
+        f = exp_nonpos(m[r] - mx)
+        tot = np.float32(0.0)
         for j in range(n):
-            kt[d, j] = simd.f16_to_f32(k_cache[g, blk, d, j0 + j])
+            e = exp_nonpos(row[j] - mx)
+            row[j] = e
+            tot += e
+        l[r] = l[r] * f + tot
+        m[r] = mx
+        if f != np.float32(1.0):
+            for d in range(D):
+                acc[r, d] *= f
+
+
+@pnjit()
+def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, out):
+    nq, D = qs.shape
+    if _is_i8(k_cache):
+        _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
+    nkv, ntc, te = k_cache.shape
+    R = nq // nkv
+    B, KT = DECODE_BLOCK, KV_TILE
+    nblk = (length + B - 1) // B
+    for item in prange(nkv * nsplit):
+        g, sp = item // nsplit, item % nsplit
+        b0, b1 = sp * nblk // nsplit, (sp + 1) * nblk // nsplit
+        sc = np.empty((R, B), np.float32)  # scores, then probabilities, of one block
+        acc = np.zeros((R, D), np.float32)
+        m = np.full(R, NEG_INF, np.float32)
+        l = np.zeros(R, np.float32)
+        for b in range(b0, b1):
+            n = min(B, length - b * B)
+            tile0 = g * ntc + b * (B // KT)
+            for t in range((n + KT - 1) // KT):
+                _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, R)
+            _softmax_step(sc, n, m, l, acc)
+            for t in range((n + KT - 1) // KT):
+                _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
+        for r in range(R):
+            mpart[sp, g * R + r] = m[r]
+            lpart[sp, g * R + r] = l[r]
+            for d in range(D):
+                apart[sp, g * R + r, d] = acc[r, d]
+    _combine_splits(mpart, lpart, apart, nsplit, out)
 
 
 @njit(inline="always")
-def _load_v(v_cache, g, p0, n, vb):
-    """vb[j, :] = float32 value row of position p0 + j, for j < n."""
-    D = v_cache.shape[2]
-    for j in range(n):
+def _quantize_q(qs, qi, qsc, qsum):
+    """Symmetric int8 per query head: qi = round(qs / qsc), qsc = max|qs| / 127, qsum = sum(qi)."""
+    nq, D = qs.shape
+    for h in range(nq):
+        amax = np.float32(0.0)
         for d in range(D):
-            vb[j, d] = simd.f16_to_f32(v_cache[g, p0 + j, d])
+            amax = max(amax, abs(qs[h, d]))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        tot = 0
+        for d in range(D):
+            c = np.int32(np.floor(qs[h, d] * inv + np.float32(0.5)))
+            qi[h, d] = c
+            tot += c
+        qsc[h] = amax / np.float32(127.0)
+        qsum[h] = tot
+
+
+@njit()
+def _combine_splits(m, l, acc, nsplit, out):
+    """Flash-decoding merge: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c per head.
+    (A separate function: numba treats names shared with a prange body as reductions.)"""
+    nq, D = out.shape
+    for h in range(nq):
+        big = NEG_INF
+        for c in range(nsplit):
+            big = max(big, m[c, h])
+        denom = np.float32(0.0)
+        for d in range(D):
+            out[h, d] = 0.0
+        for c in range(nsplit):
+            f = np.exp(m[c, h] - big)
+            denom += f * l[c, h]
+            for d in range(D):
+                out[h, d] += f * acc[c, h, d]
+        inv = np.float32(1.0) / denom
+        for d in range(D):
+            out[h, d] *= inv
+
+
+class DecodeScratch:
+    """Per-model buffers of `attention_decode` for up to `max_len` positions: the scaled query and
+    each position range's partial softmax state (max, sum, unnormalised P.V)."""
+
+    def __init__(self, n_heads: int, head_dim: int, max_len: int):
+        self.max_len = max_len
+        self.qs = np.empty((n_heads, head_dim), np.float32)
+        self.qi = np.empty(n_heads * head_dim, np.int8)  # int8 caches: q codes [Nq, D], scales, code sums
+        self.qsc = np.empty(n_heads, np.float32)
+        self.qsum = np.empty(n_heads, np.int32)
+        self.m = np.empty((MAX_SPLIT, n_heads), np.float32)
+        self.l = np.empty((MAX_SPLIT, n_heads), np.float32)
+        self.acc = np.empty((MAX_SPLIT, n_heads, head_dim), np.float32)
+
+
+def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
+    """Position ranges per KV head: enough work items for every thread, each >= 1 block."""
+    threads = _jit.get_threads() if threads is None else threads
+    nblk = -(-length // DECODE_BLOCK)
+    return max(1, min(nblk, MAX_SPLIT, -(-threads // n_kv_heads)))
+
+
+def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScratch) -> np.ndarray:
+    """out float32 [Nq, D] = softmax(q K^T * D^-0.5) V over cache positions 0 .. length-1.
+
+    q float32 [Nq, D] (post-RoPE) for the token at position length-1, whose k/v must already be in
+    the cache (kv_write). One parallel region; work items are KV head x position range; each K and
+    V tile is read once for the R query heads that share it; cost is linear in length.
+    """
+    nq, d = q.shape
+    dc = _check_cache(k_cache, v_cache, d)
+    nkv, nt, _ = k_cache.shape
+    if q.dtype != np.float32 or not q.flags.c_contiguous or nq % nkv:
+        raise ValueError(f"attention_decode: q must be C-contiguous float32 [Nq, D], Nq % Nkv == 0; "
+                         f"got {q.dtype} {q.shape} for {nkv} KV heads of dim {dc}")
+    if not 1 <= length <= min(nt * KV_TILE, scratch.max_len):
+        raise ValueError(f"length {length} outside 1..{min(nt * KV_TILE, scratch.max_len)} (cache / scratch size)")
+    if out.shape != q.shape or out.dtype != np.float32 or scratch.acc.shape[1:] != (nq, d):
+        raise ValueError(f"attention_decode: out {out.shape} / scratch do not match q {q.shape}")
+    np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
+    _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
+                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, out)
+    return out
+
+
+# ---- prefill ------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _load_kt(k_cache, g, k0, n, kt):
+    """kt[d, j] = float32 key d of position k0 + j, for j < n (k0 a multiple of KV_TILE)."""
+    D = kt.shape[0]
+    ntc, te = k_cache.shape[1], k_cache.shape[2]
+    for j0 in range(0, n, KV_TILE):
+        toff = (g * ntc + (k0 + j0) // KV_TILE) * te
+        m = min(KV_TILE, n - j0)
+        for d in range(D):
+            for j in range(m):
+                kt[d, j0 + j] = _code_f32(k_cache, toff + _kpos(k_cache, d, j)) * _tile_scale(k_cache, toff, D, j)
+
+
+@njit(inline="always")
+def _load_v(v_cache, g, k0, n, vb):
+    """vb[j, :] = float32 value row of position k0 + j, for j < n (k0 a multiple of KV_TILE)."""
+    D = vb.shape[1]
+    ntc, te = v_cache.shape[1], v_cache.shape[2]
+    for j0 in range(0, n, KV_TILE):
+        toff = (g * ntc + (k0 + j0) // KV_TILE) * te
+        for j in range(min(KV_TILE, n - j0)):
+            s = _tile_scale(v_cache, toff, D, j)
+            for d in range(D):
+                vb[j0 + j, d] = _code_f32(v_cache, toff + j * D + d) * s
 
 
 @njit(inline="always")
@@ -158,90 +802,9 @@ def _add_pv(p, vb, n, acc):
 
 
 @pnjit()
-def _attention_decode(q, k_cache, v_cache, length, out, m, l, acc, sc, ktb, vbb):
-    nq, D = q.shape
-    nkv = k_cache.shape[0]
-    rep = nq // nkv
-    scale = np.float32(D ** -0.5)
-    C = k_cache.shape[3]
-    nch = (length + C - 1) // C
-    for item in prange(nkv * nch):
-        g, c = item // nch, item % nch
-        n = min(C, length - c * C)
-        tid = numba.get_thread_id()
-        kt, vb = ktb[tid], vbb[tid]
-        _load_kt(k_cache, g, c, 0, n, kt)
-        _load_v(v_cache, g, c * C, n, vb)
-        for r in range(rep):
-            h = g * rep + r
-            s_h = sc[c, h]
-            _scores(q[h], scale, kt, n, s_h)
-            mx = NEG_INF
-            for j in range(n):
-                mx = max(mx, s_h[j])
-            tot = np.float32(0.0)
-            for j in range(n):
-                e = exp_nonpos(s_h[j] - mx)
-                s_h[j] = e
-                tot += e
-            a_h = acc[c, h]
-            for d in range(D):
-                a_h[d] = 0.0
-            _add_pv(s_h, vb, n, a_h)
-            m[c, h] = mx
-            l[c, h] = tot
-    _combine_chunks(m, l, acc, nch, out)
-
-
-@njit()
-def _combine_chunks(m, l, acc, nch, out):
-    """Flash-decoding merge: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c per head.
-    (A separate function: numba treats names shared with a prange body as reductions.)"""
-    nq, D = out.shape
-    for h in range(nq):
-        big = NEG_INF
-        for c in range(nch):
-            big = max(big, m[c, h])
-        denom = np.float32(0.0)
-        for d in range(D):
-            out[h, d] = 0.0
-        for c in range(nch):
-            f = np.exp(m[c, h] - big)
-            denom += f * l[c, h]
-            for d in range(D):
-                out[h, d] += f * acc[c, h, d]
-        inv = np.float32(1.0) / denom
-        for d in range(D):
-            out[h, d] *= inv
-
-
-def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScratch) -> np.ndarray:
-    """out float32 [Nq, D] = softmax(q K^T * D^-0.5) V over cache positions 0 .. length-1.
-
-    q float32 [Nq, D] (post-RoPE) for the token at position length-1, whose k/v must already be in
-    the cache (kv_write). Work is split over KV heads x cache blocks of 256 positions in one
-    parallel region, each block's K/V decoded once for its R query heads; cost is linear in length.
-    """
-    nq, d = q.shape
-    cap = _check_cache(k_cache, v_cache, d)
-    nkv = k_cache.shape[0]
-    if q.dtype != np.float32 or not q.flags.c_contiguous or nq % nkv or d % 4:
-        raise ValueError(f"attention_decode: q must be C-contiguous float32 [Nq, D], Nq % Nkv == 0, D % 4 == 0; "
-                         f"got {q.dtype} {q.shape} for {nkv} KV heads")
-    if not 1 <= length <= min(cap, scratch.max_len):
-        raise ValueError(f"length {length} outside 1..{min(cap, scratch.max_len)} (cache / scratch size)")
-    if out.shape != q.shape or out.dtype != np.float32 or scratch.acc.shape[1:] != (nq, d):
-        raise ValueError(f"attention_decode: out {out.shape} / scratch do not match q {q.shape}")
-    _attention_decode(q, k_cache, v_cache, length, out, scratch.m, scratch.l, scratch.acc, scratch.sc,
-                      scratch.kt, scratch.vb)
-    return out
-
-
-@pnjit()
 def _attention_prefill(q, k_cache, v_cache, p0, out):
     T, nq, D = q.shape
     nkv = k_cache.shape[0]
-    C = k_cache.shape[3]
     rep = nq // nkv
     scale = np.float32(D ** -0.5)
     QB, KB = PREFILL_QBLOCK, PREFILL_KBLOCK
@@ -259,7 +822,7 @@ def _attention_prefill(q, k_cache, v_cache, p0, out):
         last = p0 + t1  # keys 0 .. last-1 are visible to some query of the block
         for k0 in range(0, last, KB):
             n = min(KB, last - k0)
-            _load_kt(k_cache, g, k0 // C, k0 % C, n, kt)
+            _load_kt(k_cache, g, k0, n, kt)
             _load_v(v_cache, g, k0, n, vb)
             for t in range(t0, t1):
                 nv = min(n, p0 + t + 1 - k0)  # causal: key position <= query position
@@ -298,13 +861,13 @@ def attention_prefill(q, k_cache, v_cache, start: int, out) -> np.ndarray:
     must already be written with kv_write). Online softmax over key blocks of 64; parallel over
     KV heads x blocks of 16 queries."""
     T, nq, d = q.shape
-    cap = _check_cache(k_cache, v_cache, d)
-    nkv = k_cache.shape[0]
+    _check_cache(k_cache, v_cache, d)
+    nkv, nt, _ = k_cache.shape
     if q.dtype != np.float32 or not q.flags.c_contiguous or nq % nkv or d % 4:
         raise ValueError(f"attention_prefill: q must be C-contiguous float32 [T, Nq, D], Nq % Nkv == 0, "
                          f"D % 4 == 0; got {q.dtype} {q.shape} for {nkv} KV heads")
-    if start < 0 or start + T > cap:
-        raise ValueError(f"positions {start}..{start + T - 1} outside a cache of {cap}")
+    if start < 0 or start + T > nt * KV_TILE:
+        raise ValueError(f"positions {start}..{start + T - 1} outside a cache of {nt * KV_TILE}")
     if out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"attention_prefill: out {out.shape} must match q {q.shape} (float32, contiguous)")
     _attention_prefill(q, k_cache, v_cache, start, out)

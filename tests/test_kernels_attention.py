@@ -1,0 +1,226 @@
+"""Attention kernels (fp16 and int8 KV caches) against a plain numpy twin written here and against
+ernie_edge.reference (ERNIE_SPEC §3.2): softmax((q k^T) * D^-0.5 + causal mask) v, GQA h -> h // R.
+
+The int8 cache's decode quantizes q per head to int8 (integer dot products); its twin does the same
+quantization in numpy, so every comparison is float32 round-off only (relative error <= 1e-5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ernie_edge import reference as ref
+from ernie_edge.kernels import attention
+
+RNG = np.random.default_rng(7)
+DTYPES = ["f16", "i8"]
+
+
+def assert_rel(got, want, rel=1e-5):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    scale = max(np.abs(want).max(), 1e-30)
+    assert np.abs(got - want).max() <= rel * scale, (np.abs(got - want).max(), scale)
+
+
+def attention_np(q, k, v, q_positions):
+    """softmax((q k^T) * D^-0.5 + causal mask) v with GQA head h -> kv head h // group; [T, Nq*D]."""
+    T, nq, d = q.shape
+    group = nq // k.shape[1]
+    out = np.zeros((T, nq, d))
+    for t in range(T):
+        for h in range(nq):
+            kk = k[: q_positions[t] + 1, h // group].astype(np.float64)
+            s = kk @ q[t, h].astype(np.float64) * d ** -0.5
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[: q_positions[t] + 1, h // group]
+    return out.reshape(T, nq * d)
+
+
+def quantize_q_np(q):
+    """The int8 decode's query: q * D^-0.5 rounded to int8 per head, returned unscaled by D^-0.5."""
+    d = q.shape[-1]
+    qs = q * np.float32(d ** -0.5)
+    amax = np.abs(qs).max(-1, keepdims=True)
+    inv = np.where(amax > 0, np.float32(127) / np.maximum(amax, 1e-30), 0).astype(np.float32)
+    return (np.floor(qs * inv + np.float32(0.5)) * (amax / np.float32(127))) / np.float32(d ** -0.5)
+
+
+def fill_cache(S, nkv, d, cap, kv_dtype):
+    """Random k, v written to a new cache; returns the cache's own values (kv_read) and the arrays."""
+    k = RNG.standard_normal((S, nkv, d)).astype(np.float32)
+    v = RNG.standard_normal((S, nkv, d)).astype(np.float32)
+    kc, vc = attention.new_kv_cache(nkv, cap, d, kv_dtype)
+    attention.kv_write(k, v, kc, vc, 0)
+    kr, vr = attention.kv_read(kc, vc, 0, S)
+    return kr, vr, kc, vc
+
+
+def decode(q, kc, vc, length, cap):
+    out = np.empty_like(q)
+    attention.attention_decode(q, kc, vc, length, out, attention.DecodeScratch(q.shape[0], q.shape[1], cap))
+    return out
+
+
+# ---- cache layout ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_kv_write_round_trip_across_tiles(kv_dtype):
+    kc, vc = attention.new_kv_cache(2, 600, 16, kv_dtype)
+    nt = 3 * attention.KV_BLOCK // attention.KV_TILE
+    assert kc.shape == vc.shape == (2, nt, attention.tile_elems(16, kv_dtype))
+    k = RNG.standard_normal((300, 2, 16)).astype(np.float32)
+    v = RNG.standard_normal((300, 2, 16)).astype(np.float32)
+    attention.kv_write(k[:200], v[:200], kc, vc, 0)
+    attention.kv_write(k[200:], v[200:], kc, vc, 200)  # starts mid-tile, crosses tiles and the block at 256
+    k2, v2 = attention.kv_read(kc, vc, 0, 300)
+    if kv_dtype == "f16":
+        np.testing.assert_array_equal(k2, k.astype(np.float16).astype(np.float32))
+        np.testing.assert_array_equal(v2, v.astype(np.float16).astype(np.float32))
+    else:  # symmetric int8 per (position, head): error <= half a step of max|x| / 127
+        for x, x2 in ((k, k2), (v, v2)):
+            step = np.abs(x).max(-1, keepdims=True) / 127
+            assert np.all(np.abs(x2 - x) <= 0.5001 * step)
+    with pytest.raises(ValueError):
+        attention.kv_write(k[:10], v[:10], kc, vc, 3 * attention.KV_BLOCK - 5)
+
+
+def test_int8_cache_zero_row_and_bytes():
+    kc, vc = attention.new_kv_cache(1, 32, 16, "i8")
+    attention.kv_write(np.zeros((1, 1, 16), np.float32), np.ones((1, 1, 16), np.float32), kc, vc, 0)
+    k, v = attention.kv_read(kc, vc, 0, 1)
+    assert np.all(k == 0) and np.all(v == 1)
+    f16 = attention.new_kv_cache(4, 4096, 128, "f16")
+    i8 = attention.new_kv_cache(4, 4096, 128, "i8")
+    assert sum(a.nbytes for a in i8) / sum(a.nbytes for a in f16) == pytest.approx(132 / 256)
+
+
+# ---- decode ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("length", [1, 255, 256, 257, 4097])
+def test_attention_decode(kv_dtype, length):
+    nq, nkv, d = 20, 4, 128
+    k, v, kc, vc = fill_cache(length, nkv, d, 4100, kv_dtype)
+    q = RNG.standard_normal((nq, d)).astype(np.float32)
+    out = decode(q, kc, vc, length, 4100)
+    qq = q if kv_dtype == "f16" else quantize_q_np(q)
+    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([length - 1])))
+    if kv_dtype == "f16":
+        assert_rel(out.reshape(1, -1), ref.attention(q[None], k, v, np.array([length - 1])))
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("nq,nkv,d", [(4, 2, 16), (6, 1, 32), (14, 2, 48), (16, 1, 64)])
+def test_attention_decode_head_groups_and_dims(kv_dtype, nq, nkv, d):
+    """R = 2, 6, 7 (two register tiles: 4 + 3) and 16 (three tiles); D with a 16-wide remainder."""
+    k, v, kc, vc = fill_cache(300, nkv, d, 512, kv_dtype)
+    q = RNG.standard_normal((nq, d)).astype(np.float32)
+    out = decode(q, kc, vc, 300, 512)
+    qq = q if kv_dtype == "f16" else quantize_q_np(q)
+    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([299])))
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("nsplit", [1, 3, attention.MAX_SPLIT])
+def test_attention_decode_any_split(kv_dtype, nsplit, monkeypatch):
+    """The result does not depend on how the positions are split into work items."""
+    monkeypatch.setattr(attention, "decode_splits", lambda nkv, length: min(nsplit, -(-length // 256)))
+    k, v, kc, vc = fill_cache(5000, 2, 32, 5000, kv_dtype)
+    q = RNG.standard_normal((4, 32)).astype(np.float32)
+    qq = q if kv_dtype == "f16" else quantize_q_np(q)
+    assert_rel(decode(q, kc, vc, 5000, 5000).reshape(1, -1), attention_np(qq[None], k, v, np.array([4999])))
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_attention_decode_ignores_slots_past_length(kv_dtype):
+    """Stale entries after `length` (a truncated conversation) have no effect, even huge ones."""
+    k, v, kc, vc = fill_cache(40, 2, 32, 64, kv_dtype)
+    q = RNG.standard_normal((4, 32)).astype(np.float32)
+    before = decode(q, kc, vc, 37, 64)
+    junk = np.full((3, 2, 32), 3e4, np.float32)
+    attention.kv_write(junk, junk, kc, vc, 37)
+    np.testing.assert_array_equal(decode(q, kc, vc, 37, 64), before)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_attention_decode_large_scores_are_stable(kv_dtype):
+    nq, nkv, d = 4, 2, 32
+    k, v, kc, vc = fill_cache(300, nkv, d, 512, kv_dtype)
+    q = (RNG.standard_normal((nq, d)) * 200).astype(np.float32)  # exp would overflow without the max
+    out = decode(q, kc, vc, 300, 512)
+    assert np.all(np.isfinite(out))
+    qq = q if kv_dtype == "f16" else quantize_q_np(q)
+    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([299])), rel=1e-4)
+
+
+# ---- prefill -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+@pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70), (250, 20)])
+def test_attention_prefill_causal(kv_dtype, start, T):
+    nq, nkv, d = 20, 4, 128
+    k, v, kc, vc = fill_cache(start + T, nkv, d, 512, kv_dtype)
+    q = RNG.standard_normal((T, nq, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_prefill(q, kc, vc, start, out)
+    pos = np.arange(start, start + T)
+    assert_rel(out.reshape(T, -1), attention_np(q, k, v, pos))
+    assert_rel(out.reshape(T, -1), ref.attention(q, k, v, pos))
+
+
+# ---- argument checks ---------------------------------------------------------------------------
+
+def test_attention_rejects_bad_arguments():
+    k, v, kc, vc = fill_cache(4, 2, 16, 8, "f16")
+    q, out = np.zeros((4, 16), np.float32), np.empty((4, 16), np.float32)
+    with pytest.raises(ValueError):  # past the cache
+        attention.attention_decode(q, kc, vc, attention.KV_BLOCK + 1, out, attention.DecodeScratch(4, 16, 1024))
+    with pytest.raises(ValueError):  # past the scratch
+        attention.attention_decode(q, kc, vc, 9, out, attention.DecodeScratch(4, 16, 8))
+    with pytest.raises(ValueError):  # a cache in another layout
+        attention.attention_decode(q, np.zeros((2, 8, 16), np.uint16), np.zeros((2, 8, 16), np.uint16), 1, out,
+                                   attention.DecodeScratch(4, 16, 8))
+    k8, v8 = attention.new_kv_cache(2, 8, 16, "i8")
+    with pytest.raises(ValueError):  # K and V of different dtypes
+        attention.attention_decode(q, kc, v8, 1, out, attention.DecodeScratch(4, 16, 8))
+    with pytest.raises(ValueError):
+        attention.new_kv_cache(2, 8, 16, "f32")
+    with pytest.raises(ValueError):
+        attention.new_kv_cache(2, 8, 24)  # head_dim not a multiple of 16
+
+
+# ---- the other SIMD paths ------------------------------------------------------------------------
+
+_OTHER_PATH = """
+import numpy as np
+from ernie_edge.kernels import _jit, attention
+rng = np.random.default_rng(3)
+for dt in ("f16", "i8"):
+    k = rng.standard_normal((300, 2, 48)).astype(np.float32)
+    kc, vc = attention.new_kv_cache(2, 300, 48, dt)
+    attention.kv_write(k, k[::-1].copy(), kc, vc, 0)
+    q = rng.standard_normal((10, 48)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_decode(q, kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
+    np.save(f"{dir}/{_jit.SIMD}-{dt}.npy", out)
+"""
+
+
+@pytest.mark.slow
+def test_simd_paths_agree(tmp_path):
+    """generic (portable vector IR, NVEC 1) and avx2 give the host path's results (float round-off)."""
+    outs = {}
+    for path in ("generic", "avx2", ""):
+        env = dict(os.environ, ERNIE_EDGE_SIMD=path, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{path}"))
+        subprocess.run([sys.executable, "-c", _OTHER_PATH.replace("{dir}", str(tmp_path))], env=env, check=True)
+    for f in sorted(tmp_path.glob("*.npy")):
+        outs[f.stem] = np.load(f)
+    for dt in ("f16", "i8"):
+        got = [v for name, v in outs.items() if name.endswith(dt)]
+        assert len(got) >= 2
+        for x in got[1:]:
+            assert_rel(x, got[0])
