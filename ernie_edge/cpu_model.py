@@ -3,9 +3,11 @@ memory-mapped edge folder. It does not know how a weight is stored: `matvec` / `
 kernel from the QTensor's format. The numpy reference (reference.py) is the specification it is
 tested against.
 
-Decode (one token) runs on preallocated scratch buffers, with int8-quantized activations in the
-matvecs (llama.cpp Q8 style; error bound in kernels/q8.py). Prefill runs exact-fp32 tiled matmuls
-in chunks of PREFILL_CHUNK tokens, each routed expert's weights streamed once per chunk.
+Decode (one token) runs on preallocated scratch buffers; its matvecs round the activations to int16
+per block of 32 and multiply with integers (error bound in kernels/q8.py). Prefill runs in chunks of
+PREFILL_CHUNK tokens: routed experts grouped by expert, each expert's weights read once per chunk
+(kernels/qbatch.py, the same int16 activations); dense matmuls use the same integer kernels up to
+QBATCH_MAX_T tokens and exact-fp32 tiled sgemm above that (benchmarks/results/qbatch.json).
 
 Dimension letters: T tokens, H hidden, V vocab, Nq/Nkv heads, D head dim, E experts, K routed
 experts per token, I expert width, S shared-expert width, F dense-MLP width.
@@ -18,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ErnieConfig
-from .kernels import attention, moe, norm, q4, q8
+from .kernels import attention, moe, norm, q4, q8, qbatch
 from .kernels.rope import apply_rope
 from .kv_cache import KVCache
 from .reference import RoutingTrace
 from .weights import QTensor
 
 PREFILL_CHUNK = 512
+QBATCH_MAX_T = 64  # integer small-batch matmul is faster up to here (benchmarks/qbatch.py)
 
 
 # ---- weight-format dispatch ------------------------------------------------------------------------
@@ -40,7 +43,9 @@ def matvec(w: QTensor, x: np.ndarray, out: np.ndarray, act: q8.ActScratch) -> np
 
 
 def matmul(w: QTensor, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out [T, O] = X W^T (exact fp32)."""
+    """out [T, O] = X W^T."""
+    if w.quant in ("q4", "q8") and len(x) <= QBATCH_MAX_T:
+        return qbatch.qmatmul(x, w.data, w.scales, out, _bits(w))
     if w.quant == "q4":
         return q4.q4_matmul(x, w.data, w.scales, out)
     if w.quant == "q8":
@@ -269,6 +274,12 @@ class CpuModel:
         return h
 
     def _mlp_prefill(self, L: Layer, h: np.ndarray, out: np.ndarray) -> np.ndarray:
+        T = len(h)
+        if T <= QBATCH_MAX_T and L.gate.quant == L.up.quant == L.down.quant and L.gate.quant in ("q4", "q8"):
+            # The MLP as a one-expert bank with weight 1.0 (exact): gate, up, silu, down fused.
+            return qbatch.qexperts(h, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
+                                   L.gate.data[None], L.gate.scales[None], L.up.data[None], L.up.scales[None],
+                                   L.down.data[None], L.down.scales[None], out, _bits(L.gate))
         n = L.gate.shape[0]
         g = np.empty((len(h), n), np.float32)
         u = np.empty_like(g)
@@ -284,7 +295,7 @@ class CpuModel:
         moe.route(h, L.router, L.bias, cfg.moe_k, idx, w, cfg.moe_norm_min)
         if trace is not None:
             trace.add(li, idx)
-        moe.experts_prefill(h, idx, w, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data, L.up_bank.scales,
-                            L.down_bank.data, L.down_bank.scales, y, bits=_bits(L.gate_bank))
+        qbatch.qexperts(h, idx, w, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data, L.up_bank.scales,
+                        L.down_bank.data, L.down_bank.scales, y, _bits(L.gate_bank))
         if L.gate is not None:
             y += self._mlp_prefill(L, h, np.empty_like(y))
