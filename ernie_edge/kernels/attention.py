@@ -29,6 +29,8 @@ widening) + FMA on zmm registers with AVX-512, ymm with AVX2, NEON on ARM.
 
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as _llvm
 import numpy as np
 from llvmlite import ir
@@ -48,6 +50,7 @@ PREFILL_QBLOCK = 16  # queries per prefill work item
 PREFILL_KBLOCK = 64  # keys per prefill inner block (a multiple of KV_TILE)
 NEG_INF = np.float32(-np.inf)  # a float32 constant keeps the softmax in float32 (a Python -inf is float64)
 _MAX_HEADS = 6  # query heads per register tile (accumulators: 6 x 32 lanes)
+PREFETCH_TILES = DECODE_BLOCK // KV_TILE  # decode prefetches the tile this far ahead (the next block)
 
 
 # ---- cache layout ------------------------------------------------------------------------------
@@ -175,6 +178,7 @@ def _wide_vectors() -> int:
 
 
 NVEC = _wide_vectors()
+PREFETCH = os.environ.get("ERNIE_EDGE_ATTN_PREFETCH", "1") != "0"  # measured: see benchmarks/attention.py
 _SUBTILE = _VL * NVEC  # positions per score register tile
 
 
@@ -298,6 +302,7 @@ def _make_qk(nr):
     """Scores of `nr` query heads h0 .. h0+nr-1 for one K tile at flat element offset toff:
     s[soff + r*sstride + j] = q[h0 + r] . k_j for j < KT (q already scaled by D^-0.5).
     Args (kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride). f16 cache: q float32 [Nq, D].
+    Also prefetches the tile PREFETCH_TILES ahead (one line per loop step).
     int8 cache: q as int8 codes qi [Nq, D] with scales qsc [Nq] and code sums qsum [Nq] (int32)."""
 
     def typer(typingctx, kc, toff, d, q, qi, qsc, qsum, h0, s, soff, sstride):
@@ -318,6 +323,21 @@ def _make_qk(nr):
     return intrinsic(typer)
 
 
+def _prefetch(builder, ptr):
+    """Software prefetch of the cache line at ptr into all cache levels (never faults)."""
+    i8p = ir.IntType(8).as_pointer()
+    fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    i32 = ir.IntType(32)
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _ahead(builder, base, te, nbytes_per_elem):
+    """Pointer PREFETCH_TILES tiles (of te elements) past base (as i8*, not inbounds)."""
+    p = builder.bitcast(base, ir.IntType(8).as_pointer())
+    return builder.gep(p, [builder.mul(te, _i64(PREFETCH_TILES * nbytes_per_elem))])
+
+
 def _store_scores(builder, sbase, sstride, sub, vals):
     for r, row in enumerate(vals):
         for v, val in enumerate(row):
@@ -325,8 +345,15 @@ def _store_scores(builder, sbase, sstride, sub, vals):
             builder.store(val, builder.bitcast(dst, _F32V.as_pointer()), align=4)
 
 
+def _tile_elems_of(context, builder, arrty, arr):
+    """The array's last dimension (elements per tile) as i64."""
+    ary = context.make_array(arrty)(context, builder, arr)
+    return cgutils.unpack_tuple(builder, ary.shape, arrty.ndim)[arrty.ndim - 1]
+
+
 def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstride, nr):
     kbase = _ptr(context, builder, kty, kc, ir.IntType(16), toff)
+    te = _tile_elems_of(context, builder, kty, kc)
     qbase = _ptr(context, builder, qty, q, _F32, builder.mul(h0, d))
     sbase = _ptr(context, builder, sty, s, _F32, soff)
     zero = ir.Constant(_F32V, [0.0] * _VL)
@@ -337,6 +364,8 @@ def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstrid
                 builder.store(zero, a)
         with cgutils.for_range(builder, d) as loop:
             kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(KV_TILE)), _i64(sub))])
+            if PREFETCH and sub == 0:  # a row of KT fp16 keys is one 64-byte line
+                _prefetch(builder, _ahead(builder, kp, te, 2))
             kv = [_load_vec(builder, builder.gep(kp, [_i64(_VL * v)]), False) for v in range(NVEC)]
             for r in range(nr):
                 qv = _splat(builder, builder.load(builder.gep(qbase, [builder.add(builder.mul(_i64(r), d), loop.index)])))
@@ -353,6 +382,7 @@ def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsu
     qsumbase = _ptr(context, builder, qsumty, qsum, ir.IntType(32), h0)
     sbase = _ptr(context, builder, sty, s, _F32, soff)
     kscale = _scale_ptr(context, builder, kty, kc, toff, d, True)
+    te = _tile_elems_of(context, builder, kty, kc)
     d4 = builder.udiv(d, _i64(4))
     zero = ir.Constant(_I32V, [0] * _VL)
     accs = [[cgutils.alloca_once(builder, _I32V) for _ in range(NVEC)] for _ in range(nr)]
@@ -362,6 +392,10 @@ def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsu
                 builder.store(zero, a)
         with cgutils.for_range(builder, d4) as loop:
             kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(4 * KV_TILE)), _i64(4 * sub))])
+            if PREFETCH and sub == 0:  # 4 dims x KT positions = two lines
+                ahead = _ahead(builder, kp, te, 1)
+                _prefetch(builder, ahead)
+                _prefetch(builder, builder.gep(ahead, [_i64(64)]))
             kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()), align=1)
                   for v in range(NVEC)]
             for r in range(nr):
@@ -385,7 +419,7 @@ def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsu
         _store_scores(builder, sbase, sstride, sub, vals)
 
 
-def _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, nvec, nr):
+def _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, nvec, nr, te):
     """acc[r, d0 : d0 + 16*nvec] += sum_{j<n} p[r, j] * (scale[j] *) v[j, d0 : ...] for nr heads."""
     is_i8 = sptr is not None
     aptrs = [[builder.bitcast(builder.gep(abase, [builder.add(builder.mul(_i64(r), d), builder.add(d0, _i64(_VL * v)))]),
@@ -397,6 +431,8 @@ def _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abas
     with cgutils.for_range(builder, n) as loop:
         j = loop.index
         row = builder.gep(vbase, [builder.add(builder.mul(j, d), d0)])
+        if PREFETCH:
+            _prefetch(builder, _ahead(builder, row, te, 1 if is_i8 else 2))
         vv = [_load_vec(builder, builder.gep(row, [_i64(_VL * v)]), is_i8) for v in range(nvec)]
         sj = builder.load(builder.gep(sptr, [j])) if is_i8 else None
         for r in range(nr):
@@ -426,16 +462,17 @@ def _make_pv(nr):
             sptr = _scale_ptr(context, builder, vty, vc, toff, d, True) if is_i8 else None
             pbase = _ptr(context, builder, pty, p, _F32, poff)
             abase = _ptr(context, builder, aty, acc, _F32, aoff)
+            te = _tile_elems_of(context, builder, vty, vc)
             step = _VL * NVEC
             nfull = builder.udiv(d, _i64(step))
             with cgutils.for_range(builder, nfull) as loop:
                 d0 = builder.mul(loop.index, _i64(step))
-                _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, NVEC, nr)
+                _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, NVEC, nr, te)
             if NVEC > 1:  # D % 32 == 16: one 16-wide pass for the rest
                 nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
                 with cgutils.for_range(builder, nrest):
                     d0 = builder.mul(nfull, _i64(step))
-                    _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, 1, nr)
+                    _emit_pv_pass(context, builder, vty, vbase, sptr, d, n, pbase, pstride, abase, d0, 1, nr, te)
             return context.get_dummy_value()
 
         return sig, codegen
