@@ -29,8 +29,6 @@ widening) + FMA on zmm registers with AVX-512, ymm with AVX2, NEON on ARM.
 
 from __future__ import annotations
 
-import os
-
 import llvmlite.binding as _llvm
 import numpy as np
 from llvmlite import ir
@@ -178,7 +176,9 @@ def _wide_vectors() -> int:
 
 
 NVEC = _wide_vectors()
-PREFETCH = os.environ.get("ERNIE_EDGE_ATTN_PREFETCH", "1") != "0"  # measured: see benchmarks/attention.py
+# Software prefetch of the next block's tiles in decode: measured 10-30 % faster on one thread at 32k
+# context (the hardware prefetcher alone leaves DRAM latency exposed between K and V streams).
+PREFETCH = True
 _SUBTILE = _VL * NVEC  # positions per score register tile
 
 
@@ -629,8 +629,10 @@ def exp_nonpos(x):
     """float32 exp(x) for x <= 0 (softmax after subtracting the max), within ~2 ulp of expf.
 
     Cephes' expf, branch-free so that LLVM vectorises the softmax loops (numba's np.exp is a scalar
-    libm call per element). x is clamped at -87 (exp(-87) ~ 1.6e-38, negligible next to the max term).
+    libm call per element). Below -87 it returns 0 (exp(-87) ~ 1.6e-38 is negligible next to the max
+    term, and an exact 0 keeps P.V free of denormal products, which are slow on x86).
     """
+    tiny = x < np.float32(-87.0)
     x = max(x, np.float32(-87.0))
     n = np.floor(x * np.float32(1.4426950408889634) + np.float32(0.5))
     r = x - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)
@@ -641,7 +643,7 @@ def exp_nonpos(x):
     p = p * r + np.float32(1.6666665459e-1)
     p = p * r + np.float32(5.0000001201e-1)
     y = p * r * r + r + np.float32(1.0)
-    return y * simd.f32_from_bits((np.int32(n) + np.int32(127)) << 23)
+    return np.float32(0.0) if tiny else y * simd.f32_from_bits((np.int32(n) + np.int32(127)) << 23)
 
 
 @njit(inline="always")
