@@ -104,14 +104,6 @@ def _split_views(cache, head_dim: int, is_k: bool):
     return cache[:, :, :n].reshape(shape), cache[:, :, n:].view(np.float32)
 
 
-def _quantize_i8(x):
-    """Symmetric int8 per row of the last axis: (codes int8, scales float32 [...])."""
-    amax = np.abs(x).max(axis=-1)
-    scale = (amax / np.float32(127.0)).astype(np.float32)
-    inv = np.divide(np.float32(1.0), scale, out=np.zeros_like(scale), where=scale > 0)
-    return np.rint(x * inv[..., None]).astype(np.int8), scale
-
-
 def kv_write(k, v, k_cache, v_cache, start: int) -> None:
     """Store k, v float32 [T, Nkv, D] (post-RoPE) at positions start .. start+T-1 (rounded to fp16,
     or quantized to int8 with one scale per position and KV head)."""
@@ -122,23 +114,41 @@ def kv_write(k, v, k_cache, v_cache, start: int) -> None:
         raise ValueError(f"kv_write shapes: k {k.shape}, v {v.shape}, cache {k_cache.shape}")
     if start < 0 or start + T > nt * KV_TILE:
         raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {nt * KV_TILE} positions")
-    kc, ks = _split_views(k_cache, d, is_k=True)
-    vc, vs = _split_views(v_cache, d, is_k=False)
-    if ks is not None:
-        k, kscale = _quantize_i8(k)  # [T, Nkv, D], [T, Nkv]
-        v, vscale = _quantize_i8(v)
+    if k_cache.dtype == np.int8:
+        _kv_write_i8(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
+                     k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
+        return
+    kc, _ = _split_views(k_cache, d, is_k=True)
+    vc, _ = _split_views(v_cache, d, is_k=False)
     t = 0
     while t < T:
         tile, off = divmod(start + t, KV_TILE)
         n = min(KV_TILE - off, T - t)
-        if ks is None:
-            kc[:, tile, :, off:off + n] = k[t:t + n].transpose(1, 2, 0)  # [Nkv, D, n]
-        else:
-            kc[:, tile, :, off:off + n] = k[t:t + n].reshape(n, nkv, d // 4, 4).transpose(1, 2, 0, 3)
-            ks[:, tile, off:off + n] = kscale[t:t + n].T
-            vs[:, tile, off:off + n] = vscale[t:t + n].T
+        kc[:, tile, :, off:off + n] = k[t:t + n].transpose(1, 2, 0)  # [Nkv, D, n]
         vc[:, tile, off:off + n] = v[t:t + n].transpose(1, 0, 2)  # [Nkv, n, D]
         t += n
+
+
+@njit()
+def _kv_write_i8(k, v, kflat, vflat, ntc, start):
+    """Quantize k, v [T, Nkv, D] (symmetric int8, one scale per position and head) into the flat
+    int8 caches: K codes at _kpos, V codes [KT, D], scales after the D*KT codes of each tile."""
+    T, nkv, D = k.shape
+    te = kflat.shape[0] // (nkv * ntc)
+    for t in range(T):
+        tile, j = (start + t) // KV_TILE, (start + t) % KV_TILE
+        for g in range(nkv):
+            toff = (g * ntc + tile) * te
+            for x, flat, is_k in ((k[t, g], kflat, True), (v[t, g], vflat, False)):
+                amax = np.float32(0.0)
+                for d in range(D):
+                    amax = max(amax, abs(x[d]))
+                scale = amax / np.float32(127.0)
+                inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+                for d in range(D):
+                    off = _kpos(flat, d, j) if is_k else j * D + d
+                    flat[toff + off] = np.int8(np.rint(x[d] * inv))
+                _store_f32(flat, toff + D * KV_TILE + 4 * j, scale)
 
 
 def kv_read(k_cache, v_cache, start: int, n: int):
@@ -509,6 +519,19 @@ def _vmax(typingctx, a, off, n, init):
             b = builder.load(best)
             builder.store(builder.select(builder.fcmp_ordered(">", x, b), x, b), best)
         return builder.load(best)
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_f32(typingctx, arr, byte_off, x):
+    """Store float32 x at byte offset byte_off of an int8 array (a tile's scale)."""
+    sig = types.void(arr, types.intp, types.float32)
+
+    def codegen(context, builder, signature, args):
+        p = _ptr(context, builder, signature.args[0], args[0], ir.IntType(8), args[1])
+        builder.store(args[2], builder.bitcast(p, _F32.as_pointer()), align=1)
+        return context.get_dummy_value()
 
     return sig, codegen
 
