@@ -224,3 +224,37 @@ def test_simd_paths_agree(tmp_path):
         assert len(got) >= 2
         for x in got[1:]:
             assert_rel(x, got[0])
+
+
+# ---- the model's cache object ------------------------------------------------------------------
+
+def small_config():
+    from ernie_edge.config import ErnieConfig
+    return ErnieConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, moe_intermediate_size=32, moe_num_experts=4, moe_k=2,
+                       head_dim=32, max_position_embeddings=10000)
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_kv_cache_object_dtype_bytes_and_growth(kv_dtype):
+    from ernie_edge.kv_cache import GROW_CHUNK, KVCache, kv_bytes
+    cfg = small_config()
+    cache = KVCache(cfg, kv_dtype=kv_dtype)
+    cache.reserve(10)
+    assert cache.capacity == GROW_CHUNK and cache.nbytes() == kv_bytes(cfg, GROW_CHUNK, kv_dtype)
+    assert attention.cache_dtype(cache.k[0]) == kv_dtype
+    x = RNG.standard_normal((5, 2, 32)).astype(np.float32)
+    attention.kv_write(x, x, cache.k[1], cache.v[1], 3)
+    cache.length = GROW_CHUNK - 2
+    cache.reserve(5)  # grows, keeping what was written
+    assert cache.capacity == 2 * GROW_CHUNK
+    k, _ = attention.kv_read(cache.k[1], cache.v[1], 3, 5)
+    assert np.abs(k - x).max() <= (1e-2 if kv_dtype == "f16" else 0.51 * np.abs(x).max() / 127)
+    assert kv_bytes(cfg, 4096, "i8") / kv_bytes(cfg, 4096, "f16") == pytest.approx((32 + 4) / 64)
+
+
+def test_kv_cache_rejects_unknown_dtype():
+    from ernie_edge.errors import ErnieEdgeError
+    from ernie_edge.kv_cache import KVCache
+    with pytest.raises(ErnieEdgeError, match="kv_dtype"):
+        KVCache(small_config(), kv_dtype="f32")
