@@ -138,10 +138,12 @@ class DecodeBuffers:
 class CpuModel:
     """Fast forward over an EdgeCheckpoint. Same interface as reference.ReferenceModel."""
 
-    def __init__(self, ck, use_correction_bias: bool = True, max_context: int | None = None):
+    def __init__(self, ck, use_correction_bias: bool = True, max_context: int | None = None,
+                 kv_dtype: str = "f16"):
         self.ck = ck
         self.config = cfg = ck.config
         self.max_context = max_context
+        self.kv_dtype = kv_dtype
         self.embed = ck.qtensor("model.embed_tokens.weight")  # [V, H], also the tied LM head
         self.final_norm = np.ascontiguousarray(ck.dense("model.norm.weight"), np.float32)
         self.layers = [_load_layer(ck, cfg, i, use_correction_bias) for i in range(cfg.num_hidden_layers)]
@@ -149,7 +151,7 @@ class CpuModel:
         self.attn_scratch: attention.DecodeScratch | None = None
 
     def new_cache(self, start_position: int = 0) -> KVCache:
-        return KVCache(self.config, start=start_position, max_context=self.max_context)
+        return KVCache(self.config, start=start_position, max_context=self.max_context, kv_dtype=self.kv_dtype)
 
     def forward(self, token_ids, cache: KVCache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Run T new tokens after the cache; returns the final-normed hidden states [T, H]."""

@@ -117,7 +117,8 @@ BACKENDS = ("auto", "cpu", "reference")
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
-         threads: int | None = None, max_context: int | None = None, prefetch: bool = True) -> Model:
+         threads: int | None = None, max_context: int | None = None, prefetch: bool = True,
+         kv_dtype: str = "f16") -> Model:
     """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
     local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason.
 
@@ -125,7 +126,9 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     folder, slow), or "auto" (cpu for converted folders, reference for HF checkpoints).
     threads: kernel threads (default: all cores). max_context: cap the KV cache (default: the
     model's 131072). prefetch: map a converted model's weights up front when they fit in free
-    memory (otherwise they are paged in as used)."""
+    memory (otherwise they are paged in as used). kv_dtype: "f16" (default) or "i8" KV cache for
+    the cpu backend (half the memory and faster at long contexts; measured KLD 2e-3 vs f16 on the
+    small synthetic model, so opt-in)."""
     if backend not in BACKENDS:
         raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     location = resolve(path)
@@ -138,14 +141,19 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     else:
         from .edge_checkpoint import EdgeCheckpoint
         weights = EdgeCheckpoint(location.path)
+    if kv_dtype not in ("f16", "i8"):
+        raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} is not one of f16, i8")
     if location.kind == "edge" and backend in ("auto", "cpu"):
         from .cpu_model import CpuModel
         from .kernels._jit import set_threads
         if threads:
             set_threads(threads)
-        impl = CpuModel(weights, use_correction_bias=use_correction_bias, max_context=max_context)
+        impl = CpuModel(weights, use_correction_bias=use_correction_bias, max_context=max_context,
+                        kv_dtype=kv_dtype)
         if prefetch:
             weights.prefetch()
     else:
+        if kv_dtype != "f16":
+            raise ErnieEdgeError("kv_dtype 'i8' needs the cpu backend (a converted model)")
         impl = ReferenceModel(weights, use_correction_bias=use_correction_bias)
     return Model(location, weights, impl)
