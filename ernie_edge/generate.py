@@ -87,19 +87,47 @@ class GenerationResult:
                 "timings": self.timings.to_dict()}
 
 
+class PromptCache:
+    """The KV cache of a prompt prefix that every conversation shares (the chat template's opening
+    system block up to the user's text), computed once; new Sessions start from a copy of it, so
+    the first answer only computes the user's own tokens."""
+
+    def __init__(self, model, ids: Sequence[int]):
+        self.ids = [int(i) for i in ids]
+        self.cache = model.new_cache()
+        if self.ids:
+            model.prefill(self.ids, self.cache)
+
+    @classmethod
+    def for_chat(cls, model, system: str | None = None) -> "PromptCache":
+        """The tokens two different one-message chats share, found by rendering both."""
+        head = [{"role": "system", "content": system}] if system else []
+        a = render_prompt(model, head + [{"role": "user", "content": "a"}])
+        b = render_prompt(model, head + [{"role": "user", "content": "b"}])
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        return cls(model, a[:n])
+
+
 class Session:
     """A KV cache plus the token ids it holds, reused across the turns of one conversation."""
 
-    def __init__(self, model, max_context: int | None = None):
+    def __init__(self, model, max_context: int | None = None, prefix: PromptCache | None = None):
         self.model = model
         self.max_context = min(max_context or model.config.max_position_embeddings,
                                model.config.max_position_embeddings)
-        self.cache = model.new_cache()
-        self.ids: list[int] = []
+        self.prefix = prefix
+        self.reset()
 
     def reset(self) -> None:
-        self.cache = self.model.new_cache()
-        self.ids = []
+        """Forget the conversation (keeping the shared prompt prefix, if any)."""
+        if self.prefix is not None:
+            self.cache = self.prefix.cache.clone()
+            self.ids = list(self.prefix.ids)
+        else:
+            self.cache = self.model.new_cache()
+            self.ids = []
 
     def reuse_prefix(self, prompt: Sequence[int]) -> int:
         """Keep the longest cached prefix of `prompt` (at least one token is left to compute, since

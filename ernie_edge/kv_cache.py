@@ -94,6 +94,18 @@ class KVCache:
         self.capacity = self.k[0].shape[1] * KV_TILE
         self.cos, self.sin = rope_tables(self.capacity, cfg.dim_head, cfg.rope_theta, start=self.start)
 
+    def clone(self) -> "KVCache":
+        """A new cache holding the same positions (its own arrays, sized for growth)."""
+        new = KVCache(self.cfg, start=self.start, max_context=self.max_context, kv_dtype=self.kv_dtype)
+        if self.used:
+            new.reserve(self.used)
+            tiles = -(-self.used // KV_TILE)
+            for i in range(self.cfg.num_hidden_layers):
+                new.k[i][:, :tiles] = self.k[i][:, :tiles]
+                new.v[i][:, :tiles] = self.v[i][:, :tiles]
+        new.length = self.length
+        return new
+
     def truncate(self, length: int) -> None:
         """Forget positions >= length (their slots are overwritten by the next tokens)."""
         self.length = max(self.start, min(length, self.length))

@@ -118,6 +118,9 @@ class ReferenceCache:
     start: int = 0
     length: int = 0
 
+    def clone(self) -> "ReferenceCache":
+        return ReferenceCache(k=list(self.k), v=list(self.v), start=self.start, length=self.length)
+
     def truncate(self, length: int) -> None:
         """Forget every position >= length (reuse of a shared prompt prefix)."""
         keep = max(0, min(length, self.length) - self.start)

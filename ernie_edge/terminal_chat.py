@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
-from .generate import Session, render_prompt, stream_generate
+from .generate import PromptCache, Session, render_prompt, stream_generate
 from .sampling import SamplingParams
 
 DIM, BOLD, RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
@@ -34,7 +34,8 @@ class TerminalChat:
         self.s = settings
         self.out = out
         self.color = settings.color if settings.color is not None else out.isatty()
-        self.session = Session(model)
+        # The template's opening block is computed once, before the first question.
+        self.session = Session(model, prefix=PromptCache.for_chat(model, settings.system))
         self.messages: list[dict] = []
 
     def style(self, text: str, code: str) -> str:

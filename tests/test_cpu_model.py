@@ -155,3 +155,15 @@ def test_int8_kv_cache_option(small_edge, sequences):
     assert kld(la[None], lb[None])[0] < 0.05 and la.argmax() == lb.argmax()
     with pytest.raises(ErnieEdgeError, match="kv_dtype"):
         ernie_edge.load(small_edge, kv_dtype="fp8")
+
+
+def test_cache_clone_is_independent(pair, sequences):
+    fast, _ = pair
+    ids = sequences[0]
+    base = fast.new_cache()
+    fast.prefill(ids[:40], base)
+    twin = base.clone()
+    a = fast.prefill(ids[40:50], twin)
+    fast.prefill([1, 2, 3], base)  # diverges; must not touch the clone
+    twin.truncate(40)
+    np.testing.assert_allclose(fast.prefill(ids[40:50], twin), a, rtol=0, atol=1e-6)

@@ -124,3 +124,15 @@ def test_answer_is_unwrapped(model, prompt):
     text = "Thinking hard.\n</think>\n\n<response>\nThe sea is big.\n</response>\n"
     r = generate(scripted(model, prompt, text), prompt, greedy(200))
     assert (r.reasoning, r.content, r.finish_reason) == ("Thinking hard.", "The sea is big.", "stop")
+
+
+def test_prompt_cache_gives_the_same_answer(model):
+    from ernie_edge.generate import PromptCache
+    pc = PromptCache.for_chat(model)
+    ids = render_prompt(model, prompt="Tell me about the sea.")
+    assert 5 < len(pc.ids) < len(ids) and ids[: len(pc.ids)] == pc.ids
+    cached = generate(model, ids, greedy(10), session=Session(model, prefix=pc))
+    assert cached.timings.cached_tokens == len(pc.ids)
+    assert cached.token_ids == generate(model, ids, greedy(10)).token_ids
+    again = Session(model, prefix=pc)  # the prompt cache itself is not consumed
+    assert generate(model, ids, greedy(10), session=again).token_ids == cached.token_ids
