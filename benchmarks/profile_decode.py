@@ -1,6 +1,6 @@
 """Where decode time goes: per-kernel wall time of decode steps on a converted model.
 
-    .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024]
+    .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024] [--kv-dtype f16|i8]
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--warm", type=int, default=256, help="prefill this many tokens first (maps the experts)")
+    ap.add_argument("--kv-dtype", default="f16", choices=["f16", "i8"])
     a = ap.parse_args()
-    model = ernie_edge.load(a.model)
+    model = ernie_edge.load(a.model, kv_dtype=a.kv_dtype)
     cache = model.new_cache()
     rng = np.random.default_rng(0)
     model.prefill(rng.integers(0, 1000, a.warm), cache)
@@ -58,7 +59,7 @@ def main() -> None:
     for _ in range(a.tokens):
         model.decode(int(rng.integers(0, 1000)), cache)
     total = time.perf_counter() - t
-    print(f"{a.tokens / total:.2f} tok/s at context {a.context}; ms per token:")
+    print(f"{a.tokens / total:.2f} tok/s at context {a.context} ({a.kv_dtype} KV); ms per token:")
     for name, s in sorted(TIMES.items(), key=lambda kv: -kv[1]):
         print(f"  {name:28s} {1e3 * s / a.tokens:8.2f}")
     print(f"  {'(python + other)':28s} {1e3 * (total - sum(TIMES.values())) / a.tokens:8.2f}")
