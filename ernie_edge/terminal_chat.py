@@ -56,6 +56,7 @@ class TerminalChat:
         elif cmd == "/system":
             self.s.system = arg.strip() or None
             self.messages.clear()
+            self.session = Session(self.model, prefix=PromptCache.for_chat(self.model, self.s.system))
             self.write(f"(system prompt {'set' if self.s.system else 'cleared'}; new conversation)\n")
         elif cmd == "/think":
             self.s.show_thinking = not self.s.show_thinking
