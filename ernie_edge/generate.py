@@ -187,6 +187,38 @@ def render_prompt(model, messages: list[dict] | None = None, prompt: str | None 
     return model.tokenizer.encode(text)
 
 
+class _TextPipeline:
+    """Token ids -> text: detokenizer, then stop strings, then the reasoning/tool-call parser."""
+
+    def __init__(self, tok, params: SamplingParams, strict_response: bool):
+        self.detok = tok.stream_detokenizer()
+        self.stops = StopChecker(list(params.stop))
+        self.parser = StreamParser(strict_response=strict_response)
+        self.any_calls = False
+
+    def feed(self, token: int) -> tuple[GenerationChunk, bool]:
+        """The chunk for one token, and whether a stop string ended the text."""
+        text, stopped = self.stops.feed(self.detok.feed(token))
+        d = self.parser.feed(text)
+        self.any_calls |= bool(d.tool_calls)
+        chunk = GenerationChunk(text=text, reasoning=d.reasoning, content=d.content,
+                                tool_calls=d.tool_calls, token_ids=[token], malformed=d.malformed)
+        return chunk, stopped
+
+    def finish(self, finish: str, timings: Timings) -> GenerationChunk:
+        """The last chunk: flush what was held back; a turn that called tools ends `tool_calls`."""
+        tail, _ = self.stops.feed(self.detok.flush())
+        tail += self.stops.flush()
+        last, end = self.parser.feed(tail), self.parser.finish()
+        calls = last.tool_calls + end.tool_calls
+        if finish == FINISH_STOP and (calls or self.any_calls):
+            finish = FINISH_TOOLS
+        return GenerationChunk(text=tail, reasoning=last.reasoning + end.reasoning,
+                               content=last.content + end.content, tool_calls=calls,
+                               finish_reason=finish, malformed=last.malformed or end.malformed,
+                               timings=timings)
+
+
 def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None, *,
                     session: Session | None = None, reasoning_budget: int | None = None,
                     strict_response: bool = False) -> Iterator[GenerationChunk]:
@@ -204,19 +236,12 @@ def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | N
 
     sampler = Sampler(params, vocab_size=tok.vocab_size, prompt_ids=prompt_ids)
     stop_ids = set(tok.stop_ids()) | set(params.stop_token_ids)
-    stops = StopChecker(list(params.stop))
-    parser = StreamParser(strict_response=strict_response)
-    detok = tok.stream_detokenizer()
-    timings = Timings(prompt_tokens=len(prompt_ids))
-    timings.cached_tokens = session.reuse_prefix(prompt_ids)
-    forced: list[int] = []
-    budget_spent = False
-    finish = FINISH_LENGTH
-    in_reasoning = True  # until `</think>` has been generated
-    any_calls = False
+    text = _TextPipeline(tok, params, strict_response)
+    timings = Timings(prompt_tokens=len(prompt_ids), cached_tokens=session.reuse_prefix(prompt_ids))
+    forced: list[int] = []  # ids to emit instead of sampling (the reasoning budget's answer cue)
+    thinking, finish, t_first = True, FINISH_LENGTH, None
 
     steps = generate_step(session, prompt_ids, sampler, forced)
-    t_first = None
     for n, token in enumerate(steps, start=1):
         if t_first is None:
             t_first = time.perf_counter()
@@ -225,36 +250,20 @@ def stream_generate(model, prompt_ids: Sequence[int], params: SamplingParams | N
         if token in stop_ids:
             finish = FINISH_STOP
             break
-        if token == tok.think_end_id:
-            in_reasoning = False
-        text, stopped = stops.feed(detok.feed(token))
-        delta = parser.feed(text)
-        any_calls |= bool(delta.tool_calls)
-        yield GenerationChunk(text=text, reasoning=delta.reasoning, content=delta.content,
-                              tool_calls=delta.tool_calls, token_ids=[token], malformed=delta.malformed)
+        thinking = thinking and token != tok.think_end_id
+        chunk, stopped = text.feed(token)
+        yield chunk
         if stopped:
             finish = FINISH_STOP
             break
         if n >= max_tokens:
             break
-        if (reasoning_budget is not None and not budget_spent and in_reasoning
-                and n >= reasoning_budget and not forced):
+        if thinking and reasoning_budget is not None and n >= reasoning_budget and not forced:
             forced.extend(tok.encode("\n</think>\n\n<response>\n"))
-            budget_spent = True
+            thinking = False
     steps.close()
     timings.decode_s = time.perf_counter() - (t_first or t0)
-
-    tail, _ = stops.feed(detok.flush())
-    tail += stops.flush()
-    last = parser.feed(tail)
-    end = parser.finish()
-    calls = last.tool_calls + end.tool_calls
-    if finish == FINISH_STOP and (calls or any_calls):
-        finish = FINISH_TOOLS
-    yield GenerationChunk(text=tail, reasoning=last.reasoning + end.reasoning,
-                          content=last.content + end.content, tool_calls=calls,
-                          finish_reason=finish, malformed=last.malformed or end.malformed,
-                          timings=timings)
+    yield text.finish(finish, timings)
 
 
 def generate(model, prompt_ids: Sequence[int], params: SamplingParams | None = None,
