@@ -30,32 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.kernels import _jit, attention
+from _machine import machine_load, wait_quiet  # noqa: E402
 
 NQ, NKV, D, LAYERS = 20, 4, 128, 28
 REST_MS = 140.0  # whole-model decode time per token at 1k context, attention excluded (issue 5)
 COPY_BYTES = 1_100_000_000
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
-
-
-def machine_load() -> float:
-    """Fraction of all CPUs busy over 0.5 s (other processes on a shared machine)."""
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-    try:
-        t0, i0 = snap()
-        time.sleep(0.5)
-        t1, i1 = snap()
-        return round(1.0 - (i1 - i0) / max(1, t1 - t0), 2)
-    except OSError:
-        return -1.0
-
-
-def wait_quiet(seconds: float, threshold: float = 0.05) -> None:
-    end = time.time() + seconds
-    while time.time() < end and machine_load() >= threshold:
-        time.sleep(2.0)
 
 
 def best_time(fn, reps: int) -> float:

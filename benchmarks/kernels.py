@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.kernels import _jit, attention, moe, norm, q4, q8, rope
+from _machine import machine_load, wait_quiet  # noqa: E402
 
 H, NQ, NKV, D = 2560, 20, 4, 128
 E, K_ROUTED, I_EXP, I_SHARED, I_DENSE = 64, 6, 1536, 3072, 12288
@@ -264,28 +265,6 @@ def start_busy_process(seconds: float) -> subprocess.Popen:
     """A process spinning one core for at most `seconds` (it also stops when we kill it)."""
     code = f"import time\nend = time.time() + {seconds}\nwhile time.time() < end: pass\n"
     return subprocess.Popen([sys.executable, "-c", code])
-
-
-def machine_load() -> float:
-    """Fraction of all CPUs busy over 0.5 s (other processes on a shared machine)."""
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]
-    try:
-        t0, i0 = snap()
-        time.sleep(0.5)
-        t1, i1 = snap()
-        return round(1.0 - (i1 - i0) / max(1, t1 - t0), 2)
-    except OSError:
-        return -1.0
-
-
-def wait_quiet(seconds: float, threshold: float = 0.05) -> None:
-    """Return once other processes use < threshold of the CPUs (or after `seconds`)."""
-    end = time.time() + seconds
-    while time.time() < end and machine_load() >= threshold:
-        time.sleep(2.0)
 
 
 def main(argv=None) -> int:

@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 
 from . import _jit
 from ._jit import njit, pnjit
+from .simd import _data_ptr as _ptr, _idx as _mask  # shared LLVM IR helpers
 
 ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX]
 TILE_ROWS = 4  # R
@@ -64,17 +65,6 @@ _I64 = ir.IntType(64)
 
 def _c64(v):
     return ir.Constant(_I64, v)
-
-
-def _mask(values):
-    values = list(values)
-    return ir.Constant(ir.VectorType(_I32, len(values)), values)
-
-
-def _ptr(context, builder, arrty, arr, elem_ty):
-    """Pointer to the first element of a numba array, cast to `elem_ty*`."""
-    ary = context.make_array(arrty)(context, builder, arr)
-    return builder.bitcast(ary.data, elem_ty.as_pointer())
 
 
 def _load(builder, ptr, offset, vty):
