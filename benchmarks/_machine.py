@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: how busy is this (shared) machine?"""
+"""Shared helpers of the benchmark scripts: timing, and how busy this (shared) machine is."""
 
 from __future__ import annotations
 
@@ -25,3 +25,14 @@ def wait_quiet(seconds: float, threshold: float = 0.05) -> None:
     end = time.time() + seconds
     while time.time() < end and machine_load() >= threshold:
         time.sleep(2.0)
+
+
+def best_time(fn, reps: int) -> float:
+    """Best wall time of fn() over reps calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best

@@ -30,22 +30,12 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.kernels import _jit, attention
-from _machine import machine_load, wait_quiet  # noqa: E402
+from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
 NQ, NKV, D, LAYERS = 20, 4, 128, 28
 REST_MS = 140.0  # whole-model decode time per token at 1k context, attention excluded (issue 5)
 COPY_BYTES = 1_100_000_000
 RESULTS = Path(__file__).resolve().parent / "results" / "attention.json"
-
-
-def best_time(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def random_caches(rng, length: int, kv_dtype: str, new_cache):

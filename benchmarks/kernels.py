@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.kernels import _jit, attention, moe, norm, q4, q8, rope
-from _machine import machine_load, wait_quiet  # noqa: E402
+from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
 H, NQ, NKV, D = 2560, 20, 4, 128
 E, K_ROUTED, I_EXP, I_SHARED, I_DENSE = 64, 6, 1536, 3072, 12288
@@ -54,17 +54,6 @@ def q8_weight(rng, *shape):
 
 def nbytes(*arrays) -> int:
     return sum(a.nbytes for a in arrays)
-
-
-def best_time(fn, reps: int) -> float:
-    """Best wall time of fn() over reps calls (after one warm-up call)."""
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 class Rotating:
