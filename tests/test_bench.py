@@ -1,0 +1,54 @@
+"""`ernie-edge bench`: the figures it reports (contract keys) on the tiny converted model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ernie_edge.bench import BenchSettings, _read_sum, run_bench, weights_bytes_per_token
+
+KEYS = {"prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "jit_s", "peak_rss_bytes", "anon_rss_bytes",
+        "file_rss_bytes", "weights_bytes_per_token", "read_bandwidth_gbs", "bandwidth_fraction"}
+
+
+@pytest.fixture(scope="module")
+def tiny_edge(tiny_dir, tmp_path_factory):
+    from ernie_edge.quant.convert import ConvertSettings, convert
+    return convert(ConvertSettings(source=str(tiny_dir), dest=tmp_path_factory.mktemp("b") / "edge",
+                                   progress=False))
+
+
+def test_read_probe_sums_every_element():
+    a = np.arange(300 * 64, dtype=np.float32).reshape(300, 64) % 7
+    assert _read_sum(a, 2) == pytest.approx(float(a.sum()))
+    assert _read_sum(a, 3) == pytest.approx(float(a.sum()))
+
+
+def test_bench_reports_the_contract_keys(tiny_edge):
+    r = run_bench(BenchSettings(model=str(tiny_edge), prompt_tokens=20, gen_tokens=5, probe_bytes=1 << 24))
+    assert KEYS <= set(r)
+    assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["read_bandwidth_gbs"] > 0
+    assert r["bandwidth_fraction"] == pytest.approx(
+        r["decode_tok_s"] * r["weights_bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
+
+
+def test_weights_per_token_counts_k_experts_not_all(tiny_edge):
+    import ernie_edge
+    model = ernie_edge.load(tiny_edge)
+    cfg, ck = model.config, model.weights
+    per_token = weights_bytes_per_token(model)
+    all_bytes = sum(f.file_size for f in ck.files.values())
+    bank = ck.experts(cfg.moe_layers[0])
+    one_expert = sum(t.nbytes for t in (bank.gate, bank.up, bank.down)) // bank.num_experts
+    assert per_token < all_bytes
+    assert per_token >= cfg.moe_k * one_expert * len(cfg.moe_layers)
+
+
+def test_bench_cli_writes_json(tiny_edge, tmp_path):
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, "-m", "ernie_edge.cli", "bench", "--model", str(tiny_edge),
+                    "--prompt-tokens", "8", "--gen-tokens", "3", "--json", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    assert KEYS <= set(json.loads(out.read_text()))
