@@ -54,7 +54,7 @@ def ensure_model(layers: int, dense_bits: int, keep_source: bool) -> Path:
 
 def run_bench(model: Path, threads: int, prompt_tokens: int, gen_tokens: int) -> dict:
     out = WORK / f"bench-{model.name}-t{threads}.json"
-    env = dict(os.environ, OMP_WAIT_POLICY="passive")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     subprocess.run([*CLI, "bench", "--model", model, "--threads", str(threads), "--prompt-tokens",
                     str(prompt_tokens), "--gen-tokens", str(gen_tokens), "--json", out],
                    check=True, cwd=ROOT, env=env)

@@ -8,16 +8,14 @@ and the OpenMP wait policy, which must be chosen before numba starts its thread 
   because the attention softmax relies on -inf and exp(-inf) = 0.
 - Cache: `cache=True`; compiled kernels go to $NUMBA_CACHE_DIR, by default
   `<platformdirs user cache>/ernie-edge/numba` (site-packages may be read-only).
-- Threads: GNU OpenMP with OMP_WAIT_POLICY=PASSIVE. Measured on the 2-core VM, one decode layer
-  (9 parallel regions): spinning workers (active / GOMP_SPINCOUNT=30000) 4.7 ms quiet but 12-35 ms
-  when another process loads a core (a descheduled spinning worker stalls every region); passive
-  5.8 ms quiet and 9.5 ms loaded, i.e. no worse than one thread (8.9 ms). Kernels are written as
-  few, coarse parallel regions (one per projection or expert group). Both settings can be
-  overridden from the environment (NUMBA_THREADING_LAYER, OMP_WAIT_POLICY) before the import.
-  The price of passive: waking a sleeping worker costs ~80 µs per region on an otherwise idle
-  2-vCPU VM (~3 µs when the other vCPU is busy anyway), ~15 ms per decoded token. On a machine
-  you know is idle, GOMP_SPINCOUNT=10000 (spin ~100 µs, then sleep) removes it (measured 2-4 µs
-  per region); setting GOMP_SPINCOUNT leaves OMP_WAIT_POLICY alone.
+- Threads: GNU OpenMP; workers spin briefly, then sleep (GOMP_SPINCOUNT=10000, ~100 µs). Measured
+  on the 2-core VM: fully spinning workers (active / GOMP_SPINCOUNT=30000) stall every region when
+  another process loads a core (a descheduled spinner; 12-35 ms per decode layer vs 9.5 ms);
+  fully passive workers cost ~80-95 µs per region to wake on an idle machine (~15 ms per token).
+  The short spin gets both: whole-model decode 5.19 tok/s vs 3.13 passive on a quiet machine, and
+  2.60 vs 2.66 with the other core busy (benchmarks/profile_decode.py, full 21B shapes). Kernels
+  are written as few, coarse parallel regions. OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the
+  environment before the import win (the test suite uses OMP_WAIT_POLICY=passive).
 - Integer SIMD path (`SIMD`, see kernels/simd.py): "avxvnni" when the CPU has AVX-VNNI or
   AVX512-VNNI (vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else
   "generic" (portable LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks
@@ -32,8 +30,8 @@ import os
 
 import platformdirs
 
-if "GOMP_SPINCOUNT" not in os.environ:  # an explicit spin count is the user's choice of policy
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+    os.environ["GOMP_SPINCOUNT"] = "10000"  # spin ~100 µs, then sleep (see above)
 os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(platformdirs.user_cache_dir("ernie-edge"), "numba"))
 
 import llvmlite.binding as _llvm  # noqa: E402
