@@ -69,7 +69,13 @@ def test_deterministic(models):
     src, q4, _ = models
     a = evaluate(EvalSettings(model=str(q4), reference=str(src), prompts=2, tokens=16, seed=3))
     b = evaluate(EvalSettings(model=str(q4), reference=str(src), prompts=2, tokens=16, seed=3))
-    assert a == b
+    # Same sequences, same counts; the statistics agree to float rounding. (Bit-equality of the
+    # floats is not promised: numpy may take a BLAS or a non-BLAS matmul path for the reference
+    # depending on a temporary's memory alignment. One CI run differed by 1e-8 relative.)
+    assert (a["settings"], a["sequences"], a["positions"]) == (b["settings"], b["sequences"], b["positions"])
+    assert a["top1_agreement"] == b["top1_agreement"]
+    for key in ("kld", "perplexity"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6)
 
 
 def test_sequences_are_fixed_and_in_range(models):
