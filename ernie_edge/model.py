@@ -29,7 +29,6 @@ class Model:
         self.config: ErnieConfig = weights.config
         self.backend = backend  # ReferenceModel (numpy spec) or CpuModel (numba kernels)
         self.backend_name = "reference" if isinstance(backend, ReferenceModel) else "cpu"
-        self.backend = backend
         self._tokenizer = None
         self._chat_template = None
 

@@ -39,6 +39,7 @@ from numba.extending import intrinsic
 
 from . import _jit
 from ._jit import njit, pnjit
+from .q8 import as_u16 as _as_u16
 from .simd import _data_ptr as _ptr, _idx as _mask  # shared LLVM IR helpers
 
 ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX]
@@ -346,14 +347,6 @@ def _qmatmul(x, w, s, out, xq, xd, toks, gs):
         while r < r1:
             _rows_all_tokens(1, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
             r += 1
-
-
-def _as_u16(scales: np.ndarray) -> np.ndarray:
-    if scales.dtype == np.float16:
-        return scales.view(np.uint16)
-    if scales.dtype != np.uint16:
-        raise TypeError(f"scales must be float16 or their uint16 view, got {scales.dtype}")
-    return scales
 
 
 def _check_weight(w, s, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
