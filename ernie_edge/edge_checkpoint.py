@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .manifest import PROJECTIONS, TensorEntry, bank_name, read_manifest, stored_names, stored_shapes
-from .mmap_store import SafetensorsFile
+from .mmap_store import HUGE_PAGE, SafetensorsFile
 from .quant.hf_ernie import expected_tensors
 from .weights import ExpertBank, QTensor
 
@@ -43,6 +43,8 @@ class EdgeCheckpoint:
                       for name in sorted({t.file for t in self.manifest.tensors.values()})}
         for entry in self.manifest.tensors.values():
             self._check_stored(entry)
+        for f in self.files.values():
+            f.advise_huge_pages()
         fp32_bytes = 4 * sum(t.parameters for t in self.manifest.tensors.values())
         self._cache_all = fp32_bytes <= CACHE_LIMIT_BYTES
         self._cache: dict = {}
@@ -51,12 +53,28 @@ class EdgeCheckpoint:
         """Map all weights into the process up front when they fit comfortably in available
         memory (they then cost no page faults during the first prompt: measured 17 -> 13 s time
         to first token at full size). When they do not fit, nothing is done: experts are paged in
-        as they are routed. Returns whether it prefetched."""
+        as they are routed. Returns whether it prefetched.
+
+        The files are mapped in 2 MiB pages where the OS can (see SafetensorsFile.advise_huge_pages;
+        decode reads ~1.3x faster). Pages another read already cached in 4 KiB pages stay that
+        size, so a file that comes back mostly in small pages is dropped from the page cache and
+        read again, once (it stays cached in 2 MiB pages for later runs); if that does not give
+        large pages (a filesystem without large folios), no other file is re-read."""
         import psutil
         total = sum(f.file_size for f in self.files.values())
         if total > budget_fraction * psutil.virtual_memory().available:
             return False
-        return all([f.populate() for f in self.files.values()])
+        repack = True
+        for f in self.files.values():
+            if not f.populate():
+                return False
+            fraction = f.huge_page_fraction()  # None: the OS does not say
+            if repack and fraction is not None and fraction < 0.5 and f.file_size >= 4 * HUGE_PAGE:
+                f.unmap_pages()
+                f.drop_cached_pages()
+                f.populate()
+                repack = (f.huge_page_fraction() or 0.0) >= 0.5
+        return True
 
     # ---- load-time checks --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from .errors import CheckpointError
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_NAME_CHARS = 1024
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux value; not in every Python
+HUGE_PAGE = 2 * 1024 * 1024  # x86-64 / arm64 PMD size: one TLB entry maps this much
 # Filler tensors our writer inserts to keep the next tensor aligned (quant/safetensors_writer.py).
 PAD_PREFIX = "__pad__."
 
@@ -206,9 +207,80 @@ class SafetensorsFile:
             return False
         return True
 
+    def advise_huge_pages(self) -> bool:
+        """Ask for the file to be mapped in 2 MiB pages (MADV_HUGEPAGE on the whole map).
+
+        Decode streams gigabytes of weights per token; with 4 KiB pages every 4 KiB costs a TLB
+        miss (a nested page walk in a VM). Measured on the project VM (Linux 6.18, ext4 with large
+        folios): one thread summing a 1.5 GB weight file reads 8.8 GB/s through 4 KiB pages and
+        14 GB/s through 2 MiB pages; whole-model decode went from 3.4 to 4.3 tok/s. Pages the
+        kernel reads in from now on come as 2 MiB folios where the filesystem supports it;
+        pages already cached keep their size (see `huge_page_fraction`). False where the OS
+        cannot (no THP, another OS)."""
+        if self._map is None or not hasattr(mmap, "MADV_HUGEPAGE"):
+            return False
+        try:
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            return False
+        return True
+
+    def huge_page_fraction(self) -> float | None:
+        """The fraction of this file's mapped bytes that sit in 2 MiB pages (/proc/self/smaps
+        FilePmdMapped over Rss of this mapping); None where the OS does not say (not Linux)."""
+        if self._map is None:
+            return None
+        start = np.frombuffer(self._map, dtype=np.uint8, count=1).ctypes.data
+        return mapping_huge_fraction(start)
+
+    def drop_cached_pages(self) -> None:
+        """Tell the OS this file's cached pages are not needed (POSIX_FADV_DONTNEED): it drops the
+        clean ones no process maps, and later reads fetch them again from disk. The file is
+        read-only to us, so nothing can be lost; it costs one read of the file."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+    def unmap_pages(self) -> None:
+        """Remove this process's page-table entries for the file (MADV_DONTNEED on a read-only
+        file map: the next access faults the pages back in; the data is the file's)."""
+        if self._map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         # Views may still reference the map; dropping our handle lets it close when they go.
         self._map = None
+
+
+def mapping_huge_fraction(address: int, smaps: str | None = None) -> float | None:
+    """FilePmdMapped / Rss of the mapping that starts at `address`, from /proc/self/smaps (or the
+    given text of one); None when it cannot be read, has no such mapping, or none of it is resident."""
+    if smaps is None:
+        try:
+            with open("/proc/self/smaps") as f:
+                smaps = f.read()
+        except OSError:
+            return None
+    lines = smaps.splitlines()
+    want = f"{address:08x}-"
+    for i, line in enumerate(lines):
+        if not line.startswith(want):
+            continue
+        fields = {}
+        for row in lines[i + 1:]:
+            key, _, rest = row.partition(":")
+            if not rest or "-" in key:  # the next mapping's header line
+                break
+            parts = rest.split()
+            if parts and parts[0].isdigit():
+                fields[key] = int(parts[0])
+        rss = fields.get("Rss", 0)
+        return fields.get("FilePmdMapped", 0) / rss if rss else None
+    return None
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

@@ -321,3 +321,45 @@ def test_prefetch_maps_when_it_fits_and_skips_when_not(tmp_path, monkeypatch):
     fake = psutil.virtual_memory()._replace(available=1000)
     monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
     assert ck.prefetch() is False
+
+
+def test_prefetch_rereads_small_page_files_once_and_stops_when_it_does_not_help(tmp_path, monkeypatch):
+    from ernie_edge.edge_checkpoint import EdgeCheckpoint
+    from ernie_edge.mmap_store import HUGE_PAGE, SafetensorsFile
+    from ernie_edge.quant import synthetic
+    from ernie_edge.quant.convert import ConvertSettings, convert
+
+    src = synthetic.write_checkpoint(tmp_path / "src", "tiny", layers=2)
+    ck = EdgeCheckpoint(convert(ConvertSettings(source=str(src), dest=tmp_path / "edge", progress=False)))
+    assert len(ck.files) >= 2
+    dropped = []
+    for f in ck.files.values():
+        f.file_size = 4 * HUGE_PAGE  # pretend every file is big enough to be worth 2 MiB pages
+    monkeypatch.setattr(SafetensorsFile, "drop_cached_pages", lambda self: dropped.append(self.path.name))
+
+    # The OS keeps reporting small pages: the first file is re-read, then no other.
+    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self: 0.0)
+    assert ck.prefetch() is True
+    assert dropped == [sorted(ck.files)[0]]
+
+    # Re-reading gives large pages: every small-page file is re-read once.
+    dropped.clear()
+    state: dict = {}
+
+    def fraction(self):
+        return 1.0 if state.get(self.path.name) else 0.1
+
+    def drop(self):
+        dropped.append(self.path.name)
+        state[self.path.name] = True
+
+    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", fraction)
+    monkeypatch.setattr(SafetensorsFile, "drop_cached_pages", drop)
+    assert ck.prefetch() is True
+    assert dropped == sorted(ck.files)
+    dropped.clear()
+    assert ck.prefetch() is True and dropped == []  # already in large pages: nothing re-read
+
+    # Where the OS does not say (None), nothing is re-read.
+    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self: None)
+    assert ck.prefetch() is True and dropped == []

@@ -264,3 +264,40 @@ def test_tiny_files(tmp_path, content):
     path = tmp_path / "tiny.safetensors"
     path.write_bytes(content)
     refused(path, "shorter than the 8-byte header length")
+
+
+# ---- 2 MiB pages ---------------------------------------------------------------------------------
+
+SMAPS = """\
+7f0000000000-7f0000400000 r--s 00000000 fe:00 123 /models/a.safetensors
+Size:               4096 kB
+Rss:                4096 kB
+FilePmdMapped:      2048 kB
+VmFlags: rd sh mr mw me ms hg
+7f0000400000-7f0000600000 r--s 00000000 fe:00 124 /models/b.safetensors
+Size:               2048 kB
+Rss:                   0 kB
+FilePmdMapped:         0 kB
+00400000-00452000 r-xp 00000000 fe:00 1 /usr/bin/python
+Rss:                 328 kB
+"""
+
+
+def test_mapping_huge_fraction_reads_its_own_mapping():
+    from ernie_edge.mmap_store import mapping_huge_fraction
+
+    assert mapping_huge_fraction(0x7F0000000000, SMAPS) == 0.5
+    assert mapping_huge_fraction(0x7F0000400000, SMAPS) is None  # nothing resident
+    assert mapping_huge_fraction(0x400000, SMAPS) == 0.0  # zero-padded short address, no PMD line
+    assert mapping_huge_fraction(0x123000, SMAPS) is None  # no such mapping
+
+
+def test_huge_page_advice_and_fraction_on_a_real_map(tmp_path):
+    f = SafetensorsFile(good_tensors(tmp_path / "ok.safetensors", alignment=64))
+    assert f.advise_huge_pages() in (True, False)  # False only where the OS has no THP
+    assert f.populate() in (True, False)
+    frac = f.huge_page_fraction()
+    assert frac is None or 0.0 <= frac <= 1.0
+    f.unmap_pages()
+    f.drop_cached_pages()
+    assert list(f.view("b")) == [0, 1, 2, 3, 4]  # the data comes back from the file
