@@ -175,3 +175,55 @@ def test_q8_matvec3_equals_three_matvecs():
         one = np.empty(w.shape[0], np.float32)
         q8.q8_matvec(x, w, s, one, ActScratch(128))
         np.testing.assert_array_equal(got, one)
+
+
+# ---- the work-unit schedule --------------------------------------------------------------------
+
+@pytest.mark.parametrize("nt, n", [(1, 1), (1, 7), (2, 1), (2, 2), (2, 9), (3, 10), (4, 3), (4, 64)])
+def test_every_work_unit_is_claimed_once_under_any_interleaving(nt, n):
+    rng = np.random.default_rng(nt * 100 + n)
+    for trial in range(20):
+        claims = np.zeros(max(n, 1), np.int64)
+        state = {t: (0, t * n // nt) for t in range(nt)}
+        done: dict[int, list[int]] = {t: [] for t in range(nt)}
+        while state:
+            t = int(rng.choice(list(state)))  # any thread may run next
+            u, k, pos = q8._next_unit(claims, t, nt, n, *state[t])
+            if u < 0:
+                del state[t]
+            else:
+                done[t].append(u)
+                state[t] = (k, pos)
+        got = sorted(u for units in done.values() for u in units)
+        assert got == list(range(n))
+        for t in range(nt):  # each thread starts with its own share, in order
+            lo, hi = t * n // nt, (t + 1) * n // nt
+            own = [u for u in done[t] if lo <= u < hi]
+            assert own == list(range(lo, lo + len(own)))
+
+
+def test_decode_kernels_give_the_same_bits_on_one_or_two_threads():
+    from ernie_edge.kernels import _jit
+
+    x = RNG.standard_normal(256).astype(np.float32)
+    codes = RNG.integers(-127, 128, size=(4 * 8 * 9 + 3, 256)).astype(np.int8)  # 9 units + a tail
+    scales = (RNG.random((codes.shape[0], 8)) * 0.01).astype(np.float16)
+    outs = []
+    before = _jit.get_threads()
+    try:
+        for n in (1, 2):
+            _jit.set_threads(n)
+            out = np.empty(codes.shape[0], np.float32)
+            outs.append(q8.q8_matvec(x, codes, scales, out, ActScratch(256)).copy())
+    finally:
+        _jit.set_threads(before)
+    np.testing.assert_array_equal(outs[0], outs[1])
+    want = dequantize_q8(codes, scales, 32) @ x
+    assert np.abs(outs[0] - want).max() < 1e-3 * np.abs(want).max()
+
+
+def test_big_matrices_get_bigger_units_not_more_claims():
+    claims = np.zeros(q8.MAX_UNITS, np.int64)
+    assert q8._unit_quads(100, claims) == q8.UNIT_QUADS
+    uq = q8._unit_quads(q8.MAX_UNITS * q8.UNIT_QUADS * 3 + 1, claims)
+    assert -(-(q8.MAX_UNITS * q8.UNIT_QUADS * 3 + 1) // uq) <= q8.MAX_UNITS

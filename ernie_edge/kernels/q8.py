@@ -39,6 +39,9 @@ from ._jit import ACT_BLOCK, get_threads, njit, pnjit, single_threaded_blas, wor
 
 # ---- activation quantization (shared) ---------------------------------------------------------
 
+MAX_UNITS = 1 << 13  # work-unit claim flags per ActScratch (see `_next_unit`; bigger matrices get bigger units)
+
+
 class ActScratch:
     """Preallocated quantized-activation buffers for up to `rows` vectors of length up to `k`.
 
@@ -53,6 +56,7 @@ class ActScratch:
         self.xq = np.zeros((rows, k), np.int16)
         self.xd = np.zeros((rows, k // ACT_BLOCK), np.float32)
         self.xs = np.zeros((rows, k // ACT_BLOCK), np.int32)
+        self.claims = np.zeros(MAX_UNITS, np.int64)  # the decode kernels' work-unit claims (`_next_unit`)
 
     def views(self, k: int, rows: int = 1):
         """(xq [rows, k], xd [rows, k/32], xs [rows, k/32]) C-contiguous views for a k-long input."""
@@ -117,22 +121,67 @@ def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
 
 
+# ---- the decode kernels' schedule --------------------------------------------------------------
+# A kernel's rows are cut into work units of UNIT_QUADS groups of 4 rows. Thread t owns the t-th
+# contiguous share of the units and works through it in order (one sequential stream per thread,
+# as a static split gives); a thread that finishes its share then takes units from the END of the
+# other shares, walking backwards, until it meets their owners. Every unit is claimed exactly once
+# (simd.fetch_add on its flag in `claims`), and every output row is computed by one thread in a
+# fixed order, so results do not depend on the schedule. A static split made the region wait for
+# the slower thread: random experts read from DRAM at unequal speeds (measured in
+# benchmarks/experts_dram.py; a fully dynamic, interleaved schedule was 10-30 % slower still,
+# because it breaks each thread's sequential stream and its prefetches).
+
+UNIT_QUADS = 8  # groups of 4 rows per work unit (32 rows: 40-80 KiB of int4 / int8 weights)
+
+
+@njit(inline="always")
+def _unit_quads(nquads, claims):
+    """Quads per work unit for a kernel of `nquads` groups of 4 rows (keeps units <= len(claims))."""
+    return max(UNIT_QUADS, -(-nquads // claims.shape[0]))
+
+
+@njit(inline="always")
+def _next_unit(claims, t, nt, n, k, pos):
+    """Thread t's next work unit of n (see above): returns (unit or -1 when all are done, k, pos).
+
+    State: k = 0 while in its own share, k > 0 while taking from share (t + k) % nt; pos = the unit
+    to try next (n: start at the end of that share). Start with k = 0, pos = t * n // nt."""
+    while k < nt:
+        o = (t + k) % nt
+        lo, hi = o * n // nt, (o + 1) * n // nt
+        if k == 0:
+            if pos < hi and simd.fetch_add(claims, pos, 1) == 0:
+                return pos, k, pos + 1
+        else:
+            if pos >= hi:
+                pos = hi - 1
+            if pos >= lo and simd.fetch_add(claims, pos, 1) == 0:
+                return pos, k, pos - 1
+        k, pos = k + 1, n
+    return -1, k, pos
+
+
 # ---- shared decode kernels (w: uint8 packed int4 or int8 codes) ------------------------------
 
 @pnjit()
-def _matvec(x, w, s, out, xq, xd, xs, gs):
-    """out [O] = W x, one parallel region; rows split across threads four at a time."""
+def _matvec(x, w, s, out, xq, xd, xs, gs, claims, nt):
+    """out [O] = W x, one parallel region of nt threads; rows in work units (`_next_unit`)."""
     K, O, kw, nsg = x.shape[0], w.shape[0], w.shape[1], s.shape[1]
     nb = K // 32
     l2 = _log2_sub(nb, nsg)
     quantize_act(x, xq, xd, xs, gs)
     nq = O // 4
-    for p in prange(nq):
-        r = 4 * p
-        a, b, c, d = simd.rows_dot4(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
-        out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
-    for r in range(4 * nq, O):
-        out[r] = simd.rows_dot1(w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
+    uq = _unit_quads(nq, claims)
+    n = -(-nq // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                _rows4_into(w, s, out, 4 * p, xq, xd, xs, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    _rows_tail(w, s, out, xq, xd, xs, nb, l2)
 
 
 @njit(inline="always")
@@ -150,26 +199,34 @@ def _rows_tail(w, s, out, xq, xd, xs, nb, l2):
 
 
 @pnjit()
-def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs):
+def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs, claims, nt):
     """Three matvecs of the same x (e.g. q, k, v projections) in one parallel region."""
     nb = x.shape[0] // 32
     l2 = _log2_sub(nb, s0.shape[1])
     quantize_act(x, xq, xd, xs, gs)
     n0, n1, n2 = o0.shape[0] // 4, o1.shape[0] // 4, o2.shape[0] // 4
-    for p in prange(n0 + n1 + n2):
-        if p < n0:
-            _rows4_into(w0, s0, o0, 4 * p, xq, xd, xs, nb, l2)
-        elif p < n0 + n1:
-            _rows4_into(w1, s1, o1, 4 * (p - n0), xq, xd, xs, nb, l2)
-        else:
-            _rows4_into(w2, s2, o2, 4 * (p - n0 - n1), xq, xd, xs, nb, l2)
+    nq = n0 + n1 + n2
+    uq = _unit_quads(nq, claims)
+    n = -(-nq // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                if p < n0:
+                    _rows4_into(w0, s0, o0, 4 * p, xq, xd, xs, nb, l2)
+                elif p < n0 + n1:
+                    _rows4_into(w1, s1, o1, 4 * (p - n0), xq, xd, xs, nb, l2)
+                else:
+                    _rows4_into(w2, s2, o2, 4 * (p - n0 - n1), xq, xd, xs, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     _rows_tail(w0, s0, o0, xq, xd, xs, nb, l2)
     _rows_tail(w1, s1, o1, xq, xd, xs, nb, l2)
     _rows_tail(w2, s2, o2, xq, xd, xs, nb, l2)
 
 
 @pnjit()
-def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs):
+def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims, nt):
     """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
     K = x.shape[0]
     inter, kw, nsg = wg.shape[1], wg.shape[2], sg.shape[2]
@@ -178,16 +235,23 @@ def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs):
     quantize_act(x, xq, xd, xs, gs)
     nslot = ids.shape[0]
     nq = inter // 4
-    for p in prange(nslot * nq):
-        j = p // nq
-        r = 4 * (p % nq)
-        row = ids[j] * inter + r
-        g0, g1, g2, g3 = simd.rows_dot4(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
-        u0, u1, u2, u3 = simd.rows_dot4(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
-        out_h[j, r] = _silu_mul(g0, u0)
-        out_h[j, r + 1] = _silu_mul(g1, u1)
-        out_h[j, r + 2] = _silu_mul(g2, u2)
-        out_h[j, r + 3] = _silu_mul(g3, u3)
+    uq = _unit_quads(nslot * nq, claims)
+    n = -(-(nslot * nq) // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nslot * nq, (u + 1) * uq)):
+                j = p // nq
+                r = 4 * (p % nq)
+                row = ids[j] * inter + r
+                g0, g1, g2, g3 = simd.rows_dot4(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
+                u0, u1, u2, u3 = simd.rows_dot4(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
+                out_h[j, r] = _silu_mul(g0, u0)
+                out_h[j, r + 1] = _silu_mul(g1, u1)
+                out_h[j, r + 2] = _silu_mul(g2, u2)
+                out_h[j, r + 3] = _silu_mul(g3, u3)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     for j in range(nslot):
         for r in range(4 * nq, inter):
             row = ids[j] * inter + r
@@ -209,7 +273,7 @@ def _nth_slot(ids, prev_key):
 
 
 @pnjit()
-def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs):
+def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims, nt):
     """out [H] = sum over slots in ascending expert id of weights[j] * Wd[ids[j]] h[j]."""
     nslot, inter = h.shape
     hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
@@ -218,20 +282,15 @@ def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs):
     for j in range(nslot):
         quantize_act(h[j], hq[j], hd[j], hs[j], gs)
     nq = hid // 4
-    for p in prange(nq):
-        r = 4 * p
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        key = -1
-        for _ in range(nslot):
-            j, key = _nth_slot(ids, key)
-            row = ids[j] * hid + r
-            y0, y1, y2, y3 = simd.rows_dot4(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
-            wj = weights[j]
-            a0 += wj * y0
-            a1 += wj * y1
-            a2 += wj * y2
-            a3 += wj * y3
-        out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    uq = _unit_quads(nq, claims)
+    n = -(-nq // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                _down_rows4(wd, sd, ids, weights, out, 4 * p, hq, hd, hs, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     for r in range(4 * nq, hid):
         acc = np.float32(0.0)
         key = -1
@@ -240,6 +299,25 @@ def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs):
             row = ids[j] * hid + r
             acc += weights[j] * simd.rows_dot1(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
         out[r] = acc
+
+
+@njit(inline="always")
+def _down_rows4(wd, sd, ids, weights, out, r, hq, hd, hs, nb, l2):
+    """out[r:r+4] = sum over slots in ascending expert id of weights[j] * rows r..r+3 of Wd[ids[j]] h[j]."""
+    nslot = ids.shape[0]
+    hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    key = -1
+    for _ in range(nslot):
+        j, key = _nth_slot(ids, key)
+        row = ids[j] * hid + r
+        y0, y1, y2, y3 = simd.rows_dot4(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
+        wj = weights[j]
+        a0 += wj * y0
+        a1 += wj * y1
+        a2 += wj * y2
+        a3 += wj * y3
+    out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
 
 
 # ---- argument checks shared by the q4 / q8 wrappers ------------------------------------------
@@ -284,7 +362,8 @@ def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
     xq, xd, xs = act.views(k)
-    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits))
+    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits), act.claims,
+            get_threads())
     return out
 
 
@@ -303,7 +382,8 @@ def matvec3(x, mats, act: ActScratch, bits: int):
     if len({a.shape[-1] for a in args[1::3]}) != 1:
         raise ValueError("matvec3: the three weights must share one group size")
     xq, xd, xs = act.views(k)
-    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits))
+    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits),
+             act.claims, get_threads())
     return tuple(args[2::3])
 
 
@@ -320,7 +400,7 @@ def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: i
     check_contig(out_h=out_h)
     xq, xd, xs = act.views(k)
     _experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0],
-                          act_group(k, sg, bits))
+                          act_group(k, sg, bits), act.claims, get_threads())
     return out_h
 
 
@@ -335,7 +415,8 @@ def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: i
         raise ValueError(f"out must be float32 [{wd.shape[1]}], got {out.dtype} {out.shape}")
     hq, hd, hs = act.views(inter, nslot)
     _experts_down_weighted(np.ascontiguousarray(h, np.float32), wd, sd, ids,
-                           np.ascontiguousarray(weights, np.float32), out, hq, hd, hs, act_group(inter, sd, bits))
+                           np.ascontiguousarray(weights, np.float32), out, hq, hd, hs, act_group(inter, sd, bits),
+                           act.claims, get_threads())
     return out
 
 

@@ -338,3 +338,17 @@ def f32_from_bits(typingctx, bits):
         return builder.bitcast(args[0], _F32)
 
     return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, counter, index, value):
+    """Atomically add `value` to int64 counter[index]; returns the old value (lock xadd). The
+    decode kernels claim their work units with it (kernels/q8.py `_next_unit`)."""
+    sig = types.int64(counter, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr, idx, val = args
+        ptr = builder.gep(_data_ptr(context, builder, signature.args[0], arr, _I64), [idx])
+        return builder.atomic_rmw("add", ptr, val, "monotonic")
+
+    return sig, codegen
