@@ -30,7 +30,8 @@ def timed(name, fn):
 
 def instrument() -> None:
     for mod, names in ((q4, ["q4_matvec", "q4_matvec3", "q4_experts_gate_up_silu", "q4_experts_down_weighted"]),
-                       (q8, ["q8_matvec", "q8_matvec3", "q8_experts_gate_up_silu", "q8_experts_down_weighted"]),
+                       (q8, ["q8_matvec", "q8_matvec3", "q8_experts_gate_up_silu", "q8_experts_down_weighted",
+                             "experts_pair_gate_up_silu", "experts_pair_down_weighted"]),
                        (attention, ["attention_decode", "kv_write"]), (moe, ["route"]),
                        (norm, ["rmsnorm", "add_rmsnorm", "silu_mul"])):
         for n in names:

@@ -64,6 +64,11 @@ def _bits(w: QTensor) -> int:
     return 4 if w.quant == "q4" else 8
 
 
+def _quantized(*ws: QTensor) -> bool:
+    """All of ws in one integer format (q4 or q8), as the fused decode kernels take them."""
+    return ws[0].quant in ("q4", "q8") and all(w.quant == ws[0].quant for w in ws)
+
+
 # ---- weights of one layer --------------------------------------------------------------------------
 
 @dataclass
@@ -128,6 +133,8 @@ class DecodeBuffers:
         self.g = np.zeros(widest, np.float32)
         self.u = np.zeros(widest, np.float32)
         self.act = q8.ActScratch(-(-widest // 32) * 32, rows=k)
+        self.act_shared = q8.ActScratch(-(-widest // 32) * 32)  # the shared expert's, beside the routed ones
+        self.one = np.ones(1, np.float32)  # the shared expert's weight in a fused down projection
         self.pos = np.zeros(1, np.int64)
         self.zero_id = np.zeros(1, np.int64)  # expert id 0 of a one-expert bank
         self.logits = np.zeros(cfg.vocab_size, np.float32)
@@ -228,6 +235,21 @@ class CpuModel:
         if trace is not None:
             trace.add(li, b.idx)
         ids, weights = b.idx[0], b.w[0]
+        if L.gate is not None and _quantized(L.gate_bank, L.up_bank, L.down_bank) and _quantized(L.gate, L.up, L.down):
+            # Routed experts and the shared expert in two parallel regions (gate+up, down) instead
+            # of four; the shared expert's output is still added last (ERNIE_SPEC P6, P13).
+            n = L.gate.shape[0]
+            g = b.g[:n][None]  # the shared expert as a one-expert bank [1, n]
+            q8.experts_pair_gate_up_silu(
+                b.h, (L.gate_bank.data, L.gate_bank.scales, L.up_bank.data, L.up_bank.scales, ids, b.he,
+                      _bits(L.gate_bank)),
+                (L.gate.data[None], L.gate.scales[None], L.up.data[None], L.up.scales[None], b.zero_id, g,
+                 _bits(L.gate)), b.act, b.act_shared)
+            q8.experts_pair_down_weighted(
+                (b.he, L.down_bank.data, L.down_bank.scales, ids, weights, _bits(L.down_bank)),
+                (g, L.down.data[None], L.down.scales[None], b.zero_id, b.one, _bits(L.down)),
+                b.y, b.act, b.act_shared)
+            return
         if L.gate_bank.quant == "q4":
             q4.q4_experts_gate_up_silu(b.h, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data,
                                        L.up_bank.scales, ids, b.he, b.act)

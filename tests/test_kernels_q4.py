@@ -285,3 +285,44 @@ def test_q4_matvec3_equals_three_matvecs():
         one = np.empty(p.shape[0], np.float32)
         q4.q4_matvec(x, p, s, one, ActScratch(256))
         np.testing.assert_array_equal(got, one)
+
+
+# ---- routed + shared expert in one region -------------------------------------------------------
+
+@pytest.mark.parametrize("inter, shared, hid, gs", [(96, 64, 64, 32), (128, 96, 192, 64), (128, 160, 256, 128)])
+def test_experts_pair_equals_two_calls_bit_for_bit(inter, shared, hid, gs):
+    """int4 routed bank (group gs) + int8 shared expert: the fused kernels give exactly the two
+    separate kernels' results, the shared expert's down output added last."""
+    from ernie_edge.kernels import q8
+
+    E, k = 8, 3
+    rng = np.random.default_rng(inter + shared)
+    x = rng.standard_normal(hid).astype(np.float32)
+    bank = lambda o, i: [a.reshape(E, o, -1) for a in random_q4(E * o, i, gs, rng=rng)[1:]]  # noqa: E731
+    (gw, gsc), (uw, usc), (dw, dsc) = bank(inter, hid), bank(inter, hid), bank(hid, inter)
+    s8 = lambda o, i: (rng.integers(-127, 128, size=(1, o, i)).astype(np.int8),  # noqa: E731
+                       (rng.random((1, o, i // 32)) * 0.01).astype(np.float16))
+    (sgw, sgs), (suw, sus), (sdw, sds) = s8(shared, hid), s8(shared, hid), s8(hid, shared)
+    ids = np.array([5, 1, 6])
+    w = np.array([0.5, 0.3, 0.2], np.float32)
+    zero, one = np.zeros(1, np.int64), np.ones(1, np.float32)
+
+    h_two, g_two = np.empty((k, inter), np.float32), np.empty((1, shared), np.float32)
+    q4.q4_experts_gate_up_silu(x, gw, gsc, uw, usc, ids, h_two, ActScratch(hid))
+    q8.q8_experts_gate_up_silu(x, sgw, sgs, suw, sus, zero, g_two, ActScratch(hid))
+    y_routed, y_shared = np.empty(hid, np.float32), np.empty(hid, np.float32)
+    q4.q4_experts_down_weighted(h_two, dw, dsc, ids, w, y_routed, ActScratch(inter, rows=k))
+    q8.q8_matvec(g_two[0], sdw[0], sds[0], y_shared, ActScratch(shared))
+
+    h_one, g_one = np.empty_like(h_two), np.empty_like(g_two)
+    act_a, act_b = ActScratch(max(hid, inter), rows=k), ActScratch(max(hid, shared))
+    q8.experts_pair_gate_up_silu(x, (gw, gsc, uw, usc, ids, h_one, 4), (sgw, sgs, suw, sus, zero, g_one, 8),
+                                 act_a, act_b)
+    np.testing.assert_array_equal(h_one, h_two)
+    np.testing.assert_array_equal(g_one, g_two)
+    y = np.empty(hid, np.float32)
+    q8.experts_pair_down_weighted((h_one, dw, dsc, ids, w, 4), (g_one, sdw, sds, zero, one, 8), y, act_a, act_b)
+    np.testing.assert_array_equal(y, y_routed + y_shared)
+    with pytest.raises(ValueError, match="bank b: down bank"):
+        q8.experts_pair_down_weighted((h_one, dw, dsc, ids, w, 4), (g_one, sdw[:, :, :32], sds, zero, one, 8), y,
+                                      act_a, act_b)

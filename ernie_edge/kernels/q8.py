@@ -225,39 +225,79 @@ def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs, claims, nt):
     _rows_tail(w2, s2, o2, xq, xd, xs, nb, l2)
 
 
-@pnjit()
-def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims, nt):
-    """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
-    K = x.shape[0]
+@njit(inline="always")
+def _gate_up_quad(wg, sg, wu, su, ids, out_h, p, nq, xq, xd, xs, nb, l2):
+    """Work quad p of a bank: slot j = p // nq, rows r..r+3 (r = 4 (p % nq)) of silu(G x) * (U x)."""
     inter, kw, nsg = wg.shape[1], wg.shape[2], sg.shape[2]
-    nb = K // 32
-    l2 = _log2_sub(nb, nsg)
-    quantize_act(x, xq, xd, xs, gs)
-    nslot = ids.shape[0]
-    nq = inter // 4
-    uq = _unit_quads(nslot * nq, claims)
-    n = -(-(nslot * nq) // uq)
-    claims[:n] = 0
-    for t in prange(nt):
-        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
-        while u >= 0:
-            for p in range(u * uq, min(nslot * nq, (u + 1) * uq)):
-                j = p // nq
-                r = 4 * (p % nq)
-                row = ids[j] * inter + r
-                g0, g1, g2, g3 = simd.rows_dot4(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
-                u0, u1, u2, u3 = simd.rows_dot4(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
-                out_h[j, r] = _silu_mul(g0, u0)
-                out_h[j, r + 1] = _silu_mul(g1, u1)
-                out_h[j, r + 2] = _silu_mul(g2, u2)
-                out_h[j, r + 3] = _silu_mul(g3, u3)
-            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
-    for j in range(nslot):
-        for r in range(4 * nq, inter):
+    j = p // nq
+    r = 4 * (p % nq)
+    row = ids[j] * inter + r
+    g0, g1, g2, g3 = simd.rows_dot4(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
+    u0, u1, u2, u3 = simd.rows_dot4(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
+    out_h[j, r] = _silu_mul(g0, u0)
+    out_h[j, r + 1] = _silu_mul(g1, u1)
+    out_h[j, r + 2] = _silu_mul(g2, u2)
+    out_h[j, r + 3] = _silu_mul(g3, u3)
+
+
+@njit()
+def _gate_up_tail(wg, sg, wu, su, ids, out_h, xq, xd, xs, nb, l2):
+    """The last inter % 4 rows of every slot (serial)."""
+    inter, kw, nsg = wg.shape[1], wg.shape[2], sg.shape[2]
+    for j in range(ids.shape[0]):
+        for r in range(4 * (inter // 4), inter):
             row = ids[j] * inter + r
             g = simd.rows_dot1(wg, row * kw, kw, sg, row * nsg, nsg, xq, xd, xs, nb, l2)
             u = simd.rows_dot1(wu, row * kw, kw, su, row * nsg, nsg, xq, xd, xs, nb, l2)
             out_h[j, r] = _silu_mul(g, u)
+
+
+@pnjit()
+def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims, nt):
+    """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
+    nb = x.shape[0] // 32
+    l2 = _log2_sub(nb, sg.shape[2])
+    quantize_act(x, xq, xd, xs, gs)
+    nq = wg.shape[1] // 4
+    total = ids.shape[0] * nq
+    uq = _unit_quads(total, claims)
+    n = -(-total // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(total, (u + 1) * uq)):
+                _gate_up_quad(wg, sg, wu, su, ids, out_h, p, nq, xq, xd, xs, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    _gate_up_tail(wg, sg, wu, su, ids, out_h, xq, xd, xs, nb, l2)
+
+
+@pnjit()
+def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
+                           wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, claims, nt):
+    """`_experts_gate_up_silu` of two banks a and b (e.g. the routed experts and the shared expert,
+    int4 and int8) on the same x in ONE parallel region: one stream of work units for both."""
+    nb = x.shape[0] // 32
+    l2a, l2b = _log2_sub(nb, sga.shape[2]), _log2_sub(nb, sgb.shape[2])
+    quantize_act(x, xqa, xda, xsa, gsa)
+    quantize_act(x, xqb, xdb, xsb, gsb)
+    nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
+    ta = idsa.shape[0] * nqa
+    total = ta + idsb.shape[0] * nqb
+    uq = _unit_quads(total, claims)
+    n = -(-total // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(total, (u + 1) * uq)):
+                if p < ta:
+                    _gate_up_quad(wga, sga, wua, sua, idsa, outa, p, nqa, xqa, xda, xsa, nb, l2a)
+                else:
+                    _gate_up_quad(wgb, sgb, wub, sub, idsb, outb, p - ta, nqb, xqb, xdb, xsb, nb, l2b)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
+    _gate_up_tail(wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, nb, l2b)
 
 
 @njit(inline="always")
@@ -272,43 +312,13 @@ def _nth_slot(ids, prev_key):
     return best, best_key
 
 
-@pnjit()
-def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims, nt):
-    """out [H] = sum over slots in ascending expert id of weights[j] * Wd[ids[j]] h[j]."""
-    nslot, inter = h.shape
-    hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
-    nb = inter // 32
-    l2 = _log2_sub(nb, nsg)
-    for j in range(nslot):
-        quantize_act(h[j], hq[j], hd[j], hs[j], gs)
-    nq = hid // 4
-    uq = _unit_quads(nq, claims)
-    n = -(-nq // uq)
-    claims[:n] = 0
-    for t in prange(nt):
-        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
-        while u >= 0:
-            for p in range(u * uq, min(nq, (u + 1) * uq)):
-                _down_rows4(wd, sd, ids, weights, out, 4 * p, hq, hd, hs, nb, l2)
-            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
-    for r in range(4 * nq, hid):
-        acc = np.float32(0.0)
-        key = -1
-        for _ in range(nslot):
-            j, key = _nth_slot(ids, key)
-            row = ids[j] * hid + r
-            acc += weights[j] * simd.rows_dot1(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
-        out[r] = acc
-
-
 @njit(inline="always")
-def _down_rows4(wd, sd, ids, weights, out, r, hq, hd, hs, nb, l2):
-    """out[r:r+4] = sum over slots in ascending expert id of weights[j] * rows r..r+3 of Wd[ids[j]] h[j]."""
-    nslot = ids.shape[0]
+def _down_sum4(wd, sd, ids, weights, r, hq, hd, hs, nb, l2):
+    """Rows r..r+3 of sum over slots, in ascending expert id, of weights[j] * Wd[ids[j]] h[j]."""
     hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
     a0 = a1 = a2 = a3 = np.float32(0.0)
     key = -1
-    for _ in range(nslot):
+    for _ in range(ids.shape[0]):
         j, key = _nth_slot(ids, key)
         row = ids[j] * hid + r
         y0, y1, y2, y3 = simd.rows_dot4(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
@@ -317,7 +327,76 @@ def _down_rows4(wd, sd, ids, weights, out, r, hq, hd, hs, nb, l2):
         a1 += wj * y1
         a2 += wj * y2
         a3 += wj * y3
-    out[r], out[r + 1], out[r + 2], out[r + 3] = a0, a1, a2, a3
+    return a0, a1, a2, a3
+
+
+@njit(inline="always")
+def _down_sum1(wd, sd, ids, weights, r, hq, hd, hs, nb, l2):
+    """Row r of the same sum (the rows past the last group of 4)."""
+    hid, kw, nsg = wd.shape[1], wd.shape[2], sd.shape[2]
+    acc = np.float32(0.0)
+    key = -1
+    for _ in range(ids.shape[0]):
+        j, key = _nth_slot(ids, key)
+        row = ids[j] * hid + r
+        acc += weights[j] * simd.rows_dot1(wd, row * kw, kw, sd, row * nsg, nsg, hq[j], hd[j], hs[j], nb, l2)
+    return acc
+
+
+@njit(inline="always")
+def _quantize_slots(h, hq, hd, hs, gs):
+    for j in range(h.shape[0]):
+        quantize_act(h[j], hq[j], hd[j], hs[j], gs)
+
+
+@pnjit()
+def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims, nt):
+    """out [H] = sum over slots in ascending expert id of weights[j] * Wd[ids[j]] h[j]."""
+    nb = h.shape[1] // 32
+    l2 = _log2_sub(nb, sd.shape[2])
+    _quantize_slots(h, hq, hd, hs, gs)
+    hid = wd.shape[1]
+    nq = hid // 4
+    uq = _unit_quads(nq, claims)
+    n = -(-nq // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                r = 4 * p
+                out[r], out[r + 1], out[r + 2], out[r + 3] = _down_sum4(wd, sd, ids, weights, r, hq, hd, hs, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    for r in range(4 * nq, hid):
+        out[r] = _down_sum1(wd, sd, ids, weights, r, hq, hd, hs, nb, l2)
+
+
+@pnjit()
+def _experts2_down_weighted(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa,
+                            hb, wdb, sdb, idsb, wb, hqb, hdb, hsb, gsb, out, claims, nt):
+    """out [H] = (bank a's weighted sum) + (bank b's), each as `_experts_down_weighted`, in ONE
+    parallel region (the routed experts and the shared expert, added last: ERNIE_SPEC P13)."""
+    nba, nbb = ha.shape[1] // 32, hb.shape[1] // 32
+    l2a, l2b = _log2_sub(nba, sda.shape[2]), _log2_sub(nbb, sdb.shape[2])
+    _quantize_slots(ha, hqa, hda, hsa, gsa)
+    _quantize_slots(hb, hqb, hdb, hsb, gsb)
+    hid = wda.shape[1]
+    nq = hid // 4
+    uq = _unit_quads(nq, claims)
+    n = -(-nq // uq)
+    claims[:n] = 0
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                r = 4 * p
+                a0, a1, a2, a3 = _down_sum4(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a)
+                b0, b1, b2, b3 = _down_sum4(wdb, sdb, idsb, wb, r, hqb, hdb, hsb, nbb, l2b)
+                out[r], out[r + 1], out[r + 2], out[r + 3] = a0 + b0, a1 + b1, a2 + b2, a3 + b3
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    for r in range(4 * nq, hid):
+        out[r] = (_down_sum1(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a)
+                  + _down_sum1(wdb, sdb, idsb, wb, r, hqb, hdb, hsb, nbb, l2b))
 
 
 # ---- argument checks shared by the q4 / q8 wrappers ------------------------------------------
@@ -387,17 +466,35 @@ def matvec3(x, mats, act: ActScratch, bits: int):
     return tuple(args[2::3])
 
 
-def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
+def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
     k = x.shape[0]
     sg, su = as_u16(sg), as_u16(su)
-    check_weight(wg, sg, k, bits, "gate bank")
-    check_weight(wu, su, k, bits, "up bank")
+    check_weight(wg, sg, k, bits, f"{what}gate bank")
+    check_weight(wu, su, k, bits, f"{what}up bank")
     if wg.shape != wu.shape or wg.ndim != 3:
-        raise ValueError(f"gate bank {wg.shape} and up bank {wu.shape} must both be [E, I, K']")
+        raise ValueError(f"{what}gate bank {wg.shape} and up bank {wu.shape} must both be [E, I, K']")
     ids = _check_ids(ids, wg.shape[0])
     if out_h.shape != (ids.shape[0], wg.shape[1]) or out_h.dtype != np.float32:
-        raise ValueError(f"out_h must be float32 [{ids.shape[0]}, {wg.shape[1]}], got {out_h.dtype} {out_h.shape}")
+        raise ValueError(f"{what}out_h must be float32 [{ids.shape[0]}, {wg.shape[1]}], got {out_h.dtype} {out_h.shape}")
     check_contig(out_h=out_h)
+    return sg, su, ids
+
+
+def _check_down(h, wd, sd, ids, weights, out, bits: int, what: str = ""):
+    nslot, inter = h.shape
+    sd = as_u16(sd)
+    check_weight(wd, sd, inter, bits, f"{what}down bank")
+    ids = _check_ids(ids, wd.shape[0])
+    if ids.shape[0] != nslot or weights.shape != (nslot,):
+        raise ValueError(f"{what}h {h.shape}, expert_ids {ids.shape} and weights {weights.shape} disagree")
+    if out.shape != (wd.shape[1],) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{wd.shape[1]}], got {out.dtype} {out.shape}")
+    return sd, ids, np.ascontiguousarray(h, np.float32), np.ascontiguousarray(weights, np.float32)
+
+
+def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
+    sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits)
+    k = x.shape[0]
     xq, xd, xs = act.views(k)
     _experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0],
                           act_group(k, sg, bits), act.claims, get_threads())
@@ -405,18 +502,44 @@ def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: i
 
 
 def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int) -> np.ndarray:
-    nslot, inter = h.shape
-    sd = as_u16(sd)
-    check_weight(wd, sd, inter, bits, "down bank")
-    ids = _check_ids(ids, wd.shape[0])
-    if ids.shape[0] != nslot or weights.shape != (nslot,):
-        raise ValueError(f"h {h.shape}, expert_ids {ids.shape} and weights {weights.shape} disagree")
-    if out.shape != (wd.shape[1],) or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 [{wd.shape[1]}], got {out.dtype} {out.shape}")
-    hq, hd, hs = act.views(inter, nslot)
-    _experts_down_weighted(np.ascontiguousarray(h, np.float32), wd, sd, ids,
-                           np.ascontiguousarray(weights, np.float32), out, hq, hd, hs, act_group(inter, sd, bits),
+    sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits)
+    hq, hd, hs = act.views(h.shape[1], h.shape[0])
+    _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, act_group(h.shape[1], sd, bits),
                            act.claims, get_threads())
+    return out
+
+
+def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
+    """Gate, up and SwiGLU of two expert banks on the same x in ONE parallel region.
+
+    a, b: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits) each, as
+    q4/q8_experts_gate_up_silu takes them (bits 4 or 8; the banks may differ: routed int4 experts
+    and an int8 shared expert as a one-expert bank). Results are bit-identical to two separate
+    calls. Returns (out_h of a, out_h of b)."""
+    k = x.shape[0]
+    x = np.ascontiguousarray(x, np.float32)
+    args = []
+    for (wg, sg, wu, su, ids, out_h, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
+        sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits, what)
+        xq, xd, xs = act.views(k)
+        args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], act_group(k, sg, bits)]
+    _experts2_gate_up_silu(x, *args, act_a.claims, get_threads())
+    return a[5], b[5]
+
+
+def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch) -> np.ndarray:
+    """out [H] = (weighted down projection of bank a) + (that of bank b), in ONE parallel region.
+
+    a, b: (h, down, down_scales, expert_ids, weights, bits) each, as q4/q8_experts_down_weighted
+    takes them. Bit-identical to computing each sum on its own and adding b's to a's."""
+    args = []
+    for (h, wd, sd, ids, weights, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
+        sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits, what)
+        hq, hd, hs = act.views(h.shape[1], h.shape[0])
+        args += [h, wd, sd, ids, weights, hq, hd, hs, act_group(h.shape[1], sd, bits)]
+    if a[1].shape[1] != b[1].shape[1]:
+        raise ValueError(f"bank a's output size {a[1].shape[1]} differs from bank b's {b[1].shape[1]}")
+    _experts2_down_weighted(*args, out, act_a.claims, get_threads())
     return out
 
 
