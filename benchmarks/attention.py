@@ -102,6 +102,7 @@ def baseline_module(rev: str):
     """The attention module of an older commit, imported from a temporary file."""
     src = subprocess.run(["git", "show", f"{rev}:ernie_edge/kernels/attention.py"], capture_output=True, text=True,
                          check=True, cwd=Path(__file__).resolve().parent.parent).stdout
+    src = src.replace("from . import _jit, simd", "from ernie_edge.kernels import _jit, simd")
     src = src.replace("from . import simd", "from ernie_edge.kernels import simd")
     src = src.replace("from ._jit import", "from ernie_edge.kernels._jit import")
     path = Path(tempfile.mkdtemp()) / "attention_baseline.py"
