@@ -10,21 +10,35 @@ each token's expert outputs in ascending expert id (P13), starting from zero.
 from __future__ import annotations
 
 import numpy as np
+from numba import prange
 
 from . import norm, q4, q8
-from ._jit import get_threads, njit, single_threaded_blas, worker_pool
+from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
+
+
+@pnjit()
+def _router_logits_1(x, wg, logits):
+    """logits [E] = wg x for one token, experts shared out to the threads (decode: the router
+    weights come from DRAM every token, and two threads read them twice as fast as one)."""
+    E, H = wg.shape
+    for e in prange(E):
+        s = np.float32(0.0)
+        for j in range(H):
+            s += x[0, j] * wg[e, j]
+        logits[e] = s
 
 
 @njit()
-def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p):
+def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, have_logits):
     T, H = x.shape
     E = wg.shape[0]
     for t in range(T):
-        for e in range(E):
-            s = np.float32(0.0)
-            for j in range(H):
-                s += x[t, j] * wg[e, j]
-            logits[e] = s
+        if not have_logits:
+            for e in range(E):
+                s = np.float32(0.0)
+                for j in range(H):
+                    s += x[t, j] * wg[e, j]
+                logits[e] = s
         mx = logits.max()
         tot = np.float32(0.0)
         for e in range(E):
@@ -66,8 +80,11 @@ def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12):
         raise ValueError("idx_out must be int64 and w_out float32")
     use_bias = bias is not None
     b = np.ascontiguousarray(bias, np.float32) if use_bias else np.zeros(E, np.float32)
+    logits = np.empty(E, np.float32)
+    if T == 1:
+        _router_logits_1(x2, wg, logits)
     _route(x2, wg, b, use_bias, k, np.float32(norm_min), idx_out.reshape(T, k), w_out.reshape(T, k),
-           np.empty(E, np.float32), np.empty(E, np.float32))
+           logits, np.empty(E, np.float32), T == 1)
     return idx_out, w_out
 
 
