@@ -444,8 +444,10 @@ def _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, aba
     with cgutils.for_range(builder, n) as loop:
         j = loop.index
         row = builder.gep(vbase, [builder.add(builder.mul(j, d), d0)])
-        if PREFETCH:
-            _prefetch(builder, _ahead(builder, row, te, 1 if is_i8 else 2))
+        if PREFETCH:  # every 64-byte line of this pass's part of the row, PREFETCH_TILES tiles ahead
+            ahead = _ahead(builder, row, te, 1 if is_i8 else 2)
+            for line in range(0, nvec * _VL * (1 if is_i8 else 2), 64):
+                _prefetch(builder, builder.gep(ahead, [_i64(line)]))
         vv = [_load_vec(builder, builder.gep(row, [_i64(_VL * v)]), is_i8) for v in range(nvec)]
         for r in range(nr):
             pj = builder.load(builder.gep(pbase, [builder.add(builder.mul(_i64(r), pstride), j)]))
