@@ -1,19 +1,26 @@
 """Where decode time goes: per-kernel wall time of decode steps on a converted model.
 
-    .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024] [--kv-dtype f16|i8]
+    .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024 [32768 ...]]
+        [--rounds 3] [--kv-dtype f16|i8] [--json OUT]
+
+With several contexts (one cache each, filled to that length), rounds alternate between them in one
+process, so their ratio is measured under the same machine load (issue 5: decode at 32k >= 0.8x 1k).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
 import ernie_edge
 from ernie_edge import cpu_model
 from ernie_edge.kernels import attention, moe, norm, q4, q8
+from _machine import machine_load  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
 
@@ -40,38 +47,70 @@ def instrument() -> None:
     cpu_model.embed_rows = timed("embed_rows", cpu_model.embed_rows)
 
 
+def fill_cache(model, cache, context: int, rng) -> None:
+    """Make the cache attend over `context` positions holding real keys and values (random normal,
+    written by kv_write as a prefill would: untouched zero pages would all map to one shared page,
+    and random bytes in an int8 cache would make NaN scales)."""
+    cfg = model.config
+    cache.reserve(context - cache.length)
+    chunk = rng.standard_normal((4096, cfg.num_key_value_heads, cfg.dim_head)).astype(np.float32)
+    for layer in range(cfg.num_hidden_layers):
+        for s in range(cache.used, context - cache.start, 4096):
+            n = min(4096, context - cache.start - s)
+            attention.kv_write(chunk[:n], chunk[:n], cache.k[layer], cache.v[layer], s)
+    cache.length = max(cache.length, context)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model")
     ap.add_argument("--tokens", type=int, default=32)
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--context", type=int, nargs="+", default=[1024],
+                    help="one or more contexts; with several, rounds alternate between them and the "
+                         "speed ratios to the first are reported (e.g. --context 1024 32768)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds when several contexts are given")
     ap.add_argument("--warm", type=int, default=256, help="prefill this many tokens first (maps the experts)")
     ap.add_argument("--kv-dtype", default="f16", choices=["f16", "i8"])
+    ap.add_argument("--json", default="", help="save the figures here")
     a = ap.parse_args()
     model = ernie_edge.load(a.model, kv_dtype=a.kv_dtype)
-    cache = model.new_cache()
     rng = np.random.default_rng(0)
-    model.prefill(rng.integers(0, 1000, a.warm), cache)
-    model.decode(1, cache)  # compile
-    cache.reserve(a.context)
-    # Attend over `context` positions. Fill the slots with real bytes: untouched zero pages would
-    # all map to one shared page, and reading them would look faster than reading a real cache.
-    fill = rng.integers(0x2000, 0x2C00, size=1 << 20, dtype=np.uint16)  # small positive fp16 bits
-    for arr in cache.k + cache.v:
-        flat = arr.reshape(-1)
-        for s in range(0, flat.size, fill.size):
-            n = min(fill.size, flat.size - s)
-            flat[s:s + n] = fill[:n].astype(flat.dtype) if flat.dtype != np.uint16 else fill[:n]
-    cache.length = max(cache.length, a.context)
+    caches = {}
+    for ctx in a.context:
+        cache = model.new_cache()
+        model.prefill(rng.integers(0, 1000, a.warm), cache)
+        model.decode(1, cache)  # compile
+        fill_cache(model, cache, ctx, rng)
+        caches[ctx] = (cache, cache.length)
     instrument()
-    t = time.perf_counter()
-    for _ in range(a.tokens):
-        model.decode(int(rng.integers(0, 1000)), cache)
-    total = time.perf_counter() - t
-    print(f"{a.tokens / total:.2f} tok/s at context {a.context} ({a.kv_dtype} KV); ms per token:")
-    for name, s in sorted(TIMES.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {1e3 * s / a.tokens:8.2f}")
-    print(f"  {'(python + other)':28s} {1e3 * (total - sum(TIMES.values())) / a.tokens:8.2f}")
+    speeds: dict[int, list[float]] = {ctx: [] for ctx in a.context}
+    for _ in range(a.rounds if len(a.context) > 1 else 1):
+        for ctx, (cache, length) in caches.items():
+            cache.truncate(length)
+            TIMES.clear()
+            t = time.perf_counter()
+            for _ in range(a.tokens):
+                model.decode(int(rng.integers(0, 1000)), cache)
+            total = time.perf_counter() - t
+            speeds[ctx].append(a.tokens / total)
+    for ctx in a.context:  # the per-kernel table of the last round at each context
+        print(f"{np.median(speeds[ctx]):.2f} tok/s at context {ctx} ({a.kv_dtype} KV; median of {len(speeds[ctx])}"
+              f" rounds: {', '.join(f'{v:.2f}' for v in speeds[ctx])})")
+    print(f"ms per token at context {a.context[-1]}:")
+    total_ms = 1e3 / speeds[a.context[-1]][-1]
+    for name, sec in sorted(TIMES.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:28s} {1e3 * sec / a.tokens:8.2f}")
+    print(f"  {'(python + other)':28s} {total_ms - 1e3 * sum(TIMES.values()) / a.tokens:8.2f}")
+    base = float(np.median(speeds[a.context[0]]))
+    ratios = {f"{ctx}_vs_{a.context[0]}": round(float(np.median(speeds[ctx])) / base, 3) for ctx in a.context[1:]}
+    if ratios:
+        print("decode speed ratios:", ratios)
+    if a.json:
+        res = {"model": a.model, "kv_dtype": a.kv_dtype, "tokens": a.tokens, "load": machine_load(),
+               "decode_tok_s": {str(ctx): speeds[ctx] for ctx in a.context}, "ratios": ratios,
+               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+        Path(a.json).write_text(json.dumps(res, indent=1))
+        print(f"saved {a.json}")
 
 
 if __name__ == "__main__":
