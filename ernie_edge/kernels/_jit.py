@@ -97,15 +97,23 @@ def max_threads() -> int:
     return int(numba.config.NUMBA_NUM_THREADS)
 
 
+_threads: list[int] = []  # the value set_threads() last set (numba's own getter costs ~5 µs a call)
+
+
 def set_threads(n: int) -> int:
-    """Use `n` threads in the parallel kernels (clipped to 1..max_threads()); returns the value set."""
+    """Use `n` threads in the parallel kernels (clipped to 1..max_threads()); returns the value set.
+    Set threads through this function (not numba.set_num_threads): get_threads() remembers it."""
     n = max(1, min(int(n), max_threads()))
     numba.set_num_threads(n)
+    _threads[:] = [n]
     return n
 
 
 def get_threads() -> int:
-    return int(numba.get_num_threads())
+    """The kernels' thread count (called before every parallel kernel, so it is cached)."""
+    if not _threads:
+        _threads.append(int(numba.get_num_threads()))
+    return _threads[0]
 
 
 # ---- BLAS threads and the prefill worker pool ----------------------------------------------------
