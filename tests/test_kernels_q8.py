@@ -223,7 +223,9 @@ def test_decode_kernels_give_the_same_bits_on_one_or_two_threads():
 
 
 def test_big_matrices_get_bigger_units_not_more_claims():
-    claims = np.zeros(q8.MAX_UNITS, np.int64)
-    assert q8._unit_quads(100, claims) == q8.UNIT_QUADS
-    uq = q8._unit_quads(q8.MAX_UNITS * q8.UNIT_QUADS * 3 + 1, claims)
-    assert -(-(q8.MAX_UNITS * q8.UNIT_QUADS * 3 + 1) // uq) <= q8.MAX_UNITS
+    claims = np.ones(q8.MAX_UNITS, np.int64)
+    assert q8._units(100, claims) == (q8.UNIT_QUADS, -(-100 // q8.UNIT_QUADS))
+    assert not claims[:13].any() and claims[13:].all()  # only the units in use are cleared
+    big = q8.MAX_UNITS * q8.UNIT_QUADS * 3 + 1
+    uq, n = q8._units(big, claims)
+    assert uq > q8.UNIT_QUADS and n <= q8.MAX_UNITS and n * uq >= big

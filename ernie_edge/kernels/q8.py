@@ -136,9 +136,13 @@ UNIT_QUADS = 8  # groups of 4 rows per work unit (32 rows: 40-80 KiB of int4 / i
 
 
 @njit(inline="always")
-def _unit_quads(nquads, claims):
-    """Quads per work unit for a kernel of `nquads` groups of 4 rows (keeps units <= len(claims))."""
-    return max(UNIT_QUADS, -(-nquads // claims.shape[0]))
+def _units(nquads, claims):
+    """(quads per unit, number of units) for a kernel of `nquads` groups of 4 rows, with those units'
+    claim flags cleared (units grow past UNIT_QUADS so that there are at most len(claims))."""
+    uq = max(UNIT_QUADS, -(-nquads // claims.shape[0]))
+    n = -(-nquads // uq)
+    claims[:n] = 0
+    return uq, n
 
 
 @njit(inline="always")
@@ -172,9 +176,7 @@ def _matvec(x, w, s, out, xq, xd, xs, gs, claims, nt):
     l2 = _log2_sub(nb, nsg)
     quantize_act(x, xq, xd, xs, gs)
     nq = O // 4
-    uq = _unit_quads(nq, claims)
-    n = -(-nq // uq)
-    claims[:n] = 0
+    uq, n = _units(nq, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
@@ -206,9 +208,7 @@ def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs, claims, nt):
     quantize_act(x, xq, xd, xs, gs)
     n0, n1, n2 = o0.shape[0] // 4, o1.shape[0] // 4, o2.shape[0] // 4
     nq = n0 + n1 + n2
-    uq = _unit_quads(nq, claims)
-    n = -(-nq // uq)
-    claims[:n] = 0
+    uq, n = _units(nq, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
@@ -260,9 +260,7 @@ def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims,
     quantize_act(x, xq, xd, xs, gs)
     nq = wg.shape[1] // 4
     total = ids.shape[0] * nq
-    uq = _unit_quads(total, claims)
-    n = -(-total // uq)
-    claims[:n] = 0
+    uq, n = _units(total, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
@@ -284,9 +282,7 @@ def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa
     nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
     ta = idsa.shape[0] * nqa
     total = ta + idsb.shape[0] * nqb
-    uq = _unit_quads(total, claims)
-    n = -(-total // uq)
-    claims[:n] = 0
+    uq, n = _units(total, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
@@ -357,9 +353,7 @@ def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims,
     _quantize_slots(h, hq, hd, hs, gs)
     hid = wd.shape[1]
     nq = hid // 4
-    uq = _unit_quads(nq, claims)
-    n = -(-nq // uq)
-    claims[:n] = 0
+    uq, n = _units(nq, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
@@ -382,9 +376,7 @@ def _experts2_down_weighted(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa,
     _quantize_slots(hb, hqb, hdb, hsb, gsb)
     hid = wda.shape[1]
     nq = hid // 4
-    uq = _unit_quads(nq, claims)
-    n = -(-nq // uq)
-    claims[:n] = 0
+    uq, n = _units(nq, claims)
     for t in prange(nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
