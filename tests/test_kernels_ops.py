@@ -170,3 +170,18 @@ def test_experts_prefill_matches_per_token_sum(bits):
             e = idx[t, j]
             want[t] += w[t, j] * ref.mlp(x[t:t + 1].astype(np.float64), g[2][e], u[2][e], d[2][e])[0]
     assert_rel(out, want)
+
+
+def test_route_of_one_token_equals_its_row_in_a_batch():
+    """Decode (one token, parallel logits) and prefill (a batch) route a token identically."""
+    T, H, E, k = 9, 2560, 64, 6
+    x = RNG.standard_normal((T, H)).astype(np.float32)
+    wg = (RNG.standard_normal((E, H)) * 0.02).astype(np.float32)
+    bias = (RNG.standard_normal(E) * 0.01).astype(np.float32)
+    idx, w = np.empty((T, k), np.int64), np.empty((T, k), np.float32)
+    moe.route(x, wg, bias, k, idx, w)
+    for t in range(T):
+        i1, w1 = np.empty((1, k), np.int64), np.empty((1, k), np.float32)
+        moe.route(x[t], wg, bias, k, i1, w1)
+        np.testing.assert_array_equal(i1[0], idx[t])
+        np.testing.assert_array_equal(w1[0], w[t])

@@ -2,7 +2,8 @@
 
 Legend: T tokens, H hidden size, E experts, k experts per token, I expert intermediate size.
 
-Decode uses q4.q4_experts_gate_up_silu / q4_experts_down_weighted (one parallel region each).
+Decode runs the routed experts with the shared expert in two parallel regions
+(q8.experts_pair_gate_up_silu / experts_pair_down_weighted; cpu_model._moe_decode).
 Prefill groups tokens by expert so each routed expert's weights are read once per batch, and adds
 each token's expert outputs in ascending expert id (P13), starting from zero.
 """
@@ -16,16 +17,21 @@ from . import norm, q4, q8
 from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
 
 
+@njit(inline="always")
+def _logit(x, t, wg, e):
+    """Router logit of expert e for token t (one loop for the decode and prefill paths)."""
+    s = np.float32(0.0)
+    for j in range(x.shape[1]):
+        s += x[t, j] * wg[e, j]
+    return s
+
+
 @pnjit()
 def _router_logits_1(x, wg, logits):
     """logits [E] = wg x for one token, experts shared out to the threads (decode: the router
     weights come from DRAM every token, and two threads read them twice as fast as one)."""
-    E, H = wg.shape
-    for e in prange(E):
-        s = np.float32(0.0)
-        for j in range(H):
-            s += x[0, j] * wg[e, j]
-        logits[e] = s
+    for e in prange(wg.shape[0]):
+        logits[e] = _logit(x, 0, wg, e)
 
 
 @njit()
@@ -35,10 +41,7 @@ def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, have_logits):
     for t in range(T):
         if not have_logits:
             for e in range(E):
-                s = np.float32(0.0)
-                for j in range(H):
-                    s += x[t, j] * wg[e, j]
-                logits[e] = s
+                logits[e] = _logit(x, t, wg, e)
         mx = logits.max()
         tot = np.float32(0.0)
         for e in range(E):
