@@ -21,6 +21,10 @@ float32 rounding. That is 1/258 of the int8 (Q8_0) bound, at the same speed (mea
 went from KLD 4.8e-3 / top-1 0.958 with int8 activations to 1.9e-5 / 1.000 (prefill: 1.3e-5).
 The rounding still makes results jump by up to ~d_b * |W| when an input moves by an ulp.
 
+Decode kernels are one parallel region each; their rows are shared out in work units that a thread
+takes from its own share first, then from the end of the other's (`_next_unit`), and the MoE layer
+runs its routed experts and its shared expert together (`experts_pair_*`: two regions, not four).
+
 Prefill (`*_matmul`) is exact float32: weight rows are dequantized into a small fp32 tile that
 stays in cache and multiplied with all T tokens by BLAS sgemm (numpy).
 
