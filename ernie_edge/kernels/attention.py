@@ -692,7 +692,7 @@ def _softmax_step(sc, n, m, l, acc):
 
 
 @pnjit()
-def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, out):
+def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart, out):
     nq, D = qs.shape
     if _is_i8(k_cache):
         _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
@@ -703,10 +703,14 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
     for item in prange(nkv * nsplit):
         g, sp = item // nsplit, item % nsplit
         b0, b1 = sp * nblk // nsplit, (sp + 1) * nblk // nsplit
-        sc = np.empty((R, B), np.float32)  # scores, then probabilities, of one block
-        acc = np.zeros((R, D), np.float32)
-        m = np.full(R, NEG_INF, np.float32)
-        l = np.zeros(R, np.float32)
+        # This item's softmax state is its slice of the per-split outputs (nothing allocated here).
+        sc = spart[sp, g * R:(g + 1) * R]  # [R, B] scores, then probabilities, of one block
+        acc = apart[sp, g * R:(g + 1) * R]  # [R, D] unnormalised P.V
+        m = mpart[sp, g * R:(g + 1) * R]  # [R] running max
+        l = lpart[sp, g * R:(g + 1) * R]  # [R] running sum
+        m[:] = NEG_INF
+        l[:] = 0.0
+        acc[:] = 0.0
         for b in range(b0, b1):
             n = min(B, length - b * B)
             tile0 = g * ntc + b * (B // KT)
@@ -717,11 +721,6 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
                 _scale_probs(v_cache, tile0 * te, te, D, sc, n)
             for t in range((n + KT - 1) // KT):
                 _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
-        for r in range(R):
-            mpart[sp, g * R + r] = m[r]
-            lpart[sp, g * R + r] = l[r]
-            for d in range(D):
-                apart[sp, g * R + r, d] = acc[r, d]
     _combine_splits(mpart, lpart, apart, nsplit, out)
 
 
@@ -791,6 +790,7 @@ class DecodeScratch:
         self.m = np.empty((MAX_SPLIT, n_heads), np.float32)
         self.l = np.empty((MAX_SPLIT, n_heads), np.float32)
         self.acc = np.empty((MAX_SPLIT, n_heads, head_dim), np.float32)
+        self.scores = np.empty((MAX_SPLIT, n_heads, DECODE_BLOCK), np.float32)  # one block's, per item
 
 
 def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
@@ -819,7 +819,7 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
         raise ValueError(f"attention_decode: out {out.shape} / scratch do not match q {q.shape}")
     np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
     _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
-                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, out)
+                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, out)
     return out
 
 
