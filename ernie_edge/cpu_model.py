@@ -129,6 +129,7 @@ class DecodeBuffers:
         self.y = np.zeros(H, np.float32)
         self.idx = np.zeros((1, k), np.int64)
         self.w = np.zeros((1, k), np.float32)
+        self.route_work = np.zeros((3, max(cfg.moe_num_experts, 1)), np.float32)
         self.he = np.zeros((k, cfg.moe_intermediate_size), np.float32)
         self.g = np.zeros(widest, np.float32)
         self.u = np.zeros(widest, np.float32)
@@ -231,7 +232,7 @@ class CpuModel:
 
     def _moe_decode(self, li: int, L: Layer, b: DecodeBuffers, trace: RoutingTrace | None) -> None:
         cfg = self.config
-        moe.route(b.h, L.router, L.bias, cfg.moe_k, b.idx, b.w, cfg.moe_norm_min)
+        moe.route(b.h, L.router, L.bias, cfg.moe_k, b.idx, b.w, cfg.moe_norm_min, work=b.route_work)
         if trace is not None:
             trace.add(li, b.idx)
         ids, weights = b.idx[0], b.w[0]

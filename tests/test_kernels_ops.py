@@ -180,8 +180,16 @@ def test_route_of_one_token_equals_its_row_in_a_batch():
     bias = (RNG.standard_normal(E) * 0.01).astype(np.float32)
     idx, w = np.empty((T, k), np.int64), np.empty((T, k), np.float32)
     moe.route(x, wg, bias, k, idx, w)
+    work = np.full((3, E), np.nan, np.float32)  # decode's scratch: whatever it held before is overwritten
     for t in range(T):
         i1, w1 = np.empty((1, k), np.int64), np.empty((1, k), np.float32)
-        moe.route(x[t], wg, bias, k, i1, w1)
-        np.testing.assert_array_equal(i1[0], idx[t])
-        np.testing.assert_array_equal(w1[0], w[t])
+        moe.route(x[t], wg, bias if t % 2 else None, k, i1, w1, work=work)
+        i2, w2 = np.empty((1, k), np.int64), np.empty((1, k), np.float32)
+        moe.route(x[t:t + 1], wg, bias if t % 2 else None, k, i2, w2)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(w1, w2)
+        if t % 2:
+            np.testing.assert_array_equal(i1[0], idx[t])
+            np.testing.assert_array_equal(w1[0], w[t])
+    with pytest.raises(ValueError, match=r"work must be C-contiguous float32 \[3, 64\]"):
+        moe.route(x[0], wg, bias, k, i1, w1, work=np.zeros((2, E), np.float32))

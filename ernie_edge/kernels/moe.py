@@ -67,11 +67,12 @@ def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, have_logits):
             w[t, slot] = w[t, slot] / denom
 
 
-def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12):
+def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12, work=None):
     """Router in float32: logits = x wg^T, p = softmax over all E, slots = top-k of p + bias (bias
     only selects), weights = p[slots] / max(sum, norm_min). x float32 [T, H] or [H]; wg float32
     [E, H]; bias float32 [E] or None; writes idx_out int64 [T, k] (in descending p + bias) and
-    w_out float32 [T, k]; returns them."""
+    w_out float32 [T, k]; returns them. work: optional float32 [3, E] scratch (decode passes one,
+    so that nothing is allocated per token)."""
     x2 = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
     T, H = x2.shape
     E = wg.shape[0]
@@ -81,13 +82,17 @@ def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12):
         raise ValueError(f"route: k={k}, idx_out {idx_out.shape}, w_out {w_out.shape} for T={T}, E={E}")
     if idx_out.dtype != np.int64 or w_out.dtype != np.float32:
         raise ValueError("idx_out must be int64 and w_out float32")
+    if work is None:
+        work = np.zeros((3, E), np.float32)
+    elif work.shape != (3, E) or work.dtype != np.float32 or not work.flags.c_contiguous:
+        raise ValueError(f"route: work must be C-contiguous float32 [3, {E}], got {work.dtype} {work.shape}")
+    logits, p, no_bias = work
     use_bias = bias is not None
-    b = np.ascontiguousarray(bias, np.float32) if use_bias else np.zeros(E, np.float32)
-    logits = np.empty(E, np.float32)
+    b = np.ascontiguousarray(bias, np.float32) if use_bias else no_bias  # no_bias: never read
     if T == 1:
         _router_logits_1(x2, wg, logits)
     _route(x2, wg, b, use_bias, k, np.float32(norm_min), idx_out.reshape(T, k), w_out.reshape(T, k),
-           logits, np.empty(E, np.float32), T == 1)
+           logits, p, T == 1)
     return idx_out, w_out
 
 
