@@ -43,8 +43,6 @@ class EdgeCheckpoint:
                       for name in sorted({t.file for t in self.manifest.tensors.values()})}
         for entry in self.manifest.tensors.values():
             self._check_stored(entry)
-        for f in self.files.values():
-            f.advise_huge_pages()
         fp32_bytes = 4 * sum(t.parameters for t in self.manifest.tensors.values())
         self._cache_all = fp32_bytes <= CACHE_LIMIT_BYTES
         self._cache: dict = {}
@@ -55,17 +53,20 @@ class EdgeCheckpoint:
         to first token at full size). When they do not fit, nothing is done: experts are paged in
         as they are routed. Returns whether it prefetched.
 
-        The files are mapped in 2 MiB pages where the OS can (see SafetensorsFile.advise_huge_pages;
-        decode reads ~1.3x faster). Pages another read already cached in 4 KiB pages stay that
-        size, so a file that comes back mostly in small pages is dropped from the page cache and
-        read again, once (it stays cached in 2 MiB pages for later runs); if that does not give
-        large pages (a filesystem without large folios), no other file is re-read."""
+        The files it maps are mapped in 2 MiB pages where the OS can (see
+        SafetensorsFile.advise_huge_pages; decode reads ~1.3x faster). Pages another read already
+        cached in 4 KiB pages stay that size, so a file that comes back mostly in small pages is
+        dropped from the page cache and read again, once (it stays cached in 2 MiB pages for later
+        runs); if that does not give large pages (a filesystem without large folios), no other
+        file is re-read. A model that does not fit keeps 4 KiB pages: a fault then reads in only
+        what the routed experts need, not 2 MiB around it."""
         import psutil
         total = sum(f.file_size for f in self.files.values())
         if total > budget_fraction * psutil.virtual_memory().available:
             return False
         repack = True
         for f in self.files.values():
+            f.advise_huge_pages()
             if not f.populate():
                 return False
             fraction = f.huge_page_fraction()  # None: the OS does not say

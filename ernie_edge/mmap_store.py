@@ -215,8 +215,9 @@ class SafetensorsFile:
         folios): one thread summing a 1.5 GB weight file reads 8.8 GB/s through 4 KiB pages and
         14 GB/s through 2 MiB pages; whole-model decode went from 3.4 to 4.3 tok/s. Pages the
         kernel reads in from now on come as 2 MiB folios where the filesystem supports it;
-        pages already cached keep their size (see `huge_page_fraction`). False where the OS
-        cannot (no THP, another OS)."""
+        pages already cached keep their size (see `huge_page_fraction`), and a fault reads in the
+        whole 2 MiB around it (so EdgeCheckpoint asks only when the model fits in memory). False
+        where the OS cannot (no THP, another OS)."""
         if self._map is None or not hasattr(mmap, "MADV_HUGEPAGE"):
             return False
         try:
