@@ -55,8 +55,8 @@ class EdgeCheckpoint:
 
         The files it maps are mapped in 2 MiB pages where the OS can (see
         SafetensorsFile.advise_huge_pages; decode reads ~1.3x faster). Pages another read already
-        cached in 4 KiB pages stay that size, so a file that comes back mostly in small pages is
-        dropped from the page cache and read again, once (it stays cached in 2 MiB pages for later
+        cached in 4 KiB pages stay that size, so a file that comes back with more than 10 % of it in
+        small pages is dropped from the page cache and read again, once (it stays cached in 2 MiB pages for later
         runs); if that does not give large pages (a filesystem without large folios), no other
         file is re-read. A model that does not fit keeps 4 KiB pages: a fault then reads in only
         what the routed experts need, not 2 MiB around it."""
@@ -70,11 +70,11 @@ class EdgeCheckpoint:
             if not f.populate():
                 return False
             fraction = f.huge_page_fraction()  # None: the OS does not say
-            if repack and fraction is not None and fraction < 0.5 and f.file_size >= 4 * HUGE_PAGE:
+            if repack and fraction is not None and fraction < 0.9 and f.file_size >= 4 * HUGE_PAGE:
                 f.unmap_pages()
                 f.drop_cached_pages()
                 f.populate()
-                repack = (f.huge_page_fraction() or 0.0) >= 0.5
+                repack = (f.huge_page_fraction() or 0.0) >= 0.5  # else this OS does not give them
         return True
 
     # ---- load-time checks --------------------------------------------------------------------
