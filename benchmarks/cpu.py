@@ -62,11 +62,13 @@ def run_bench(model: Path, threads: int, prompt_tokens: int, gen_tokens: int) ->
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | threads | prefill tok/s | decode tok/s | ttft s | jit s | anon RSS GB | "
-             "weights GB/token | read GB/s | bandwidth fraction |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | threads | prefill tok/s | decode tok/s | decode ms/token (median) | ttft s | jit s | "
+             "anon RSS GB | weights GB/token | read GB/s | bandwidth fraction |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        p50 = f"{r['decode_ms_p50']:.0f}" if "decode_ms_p50" in r else "-"
         lines.append(f"| {Path(r['model']).name} | {r['threads']} | {r['prefill_tok_s']:.2f} | "
-                     f"{r['decode_tok_s']:.2f} | {r['ttft_s']:.2f} | {r['jit_s']:.1f} | "
+                     f"{r['decode_tok_s']:.2f} | {p50} | {r['ttft_s']:.2f} | {r['jit_s']:.1f} | "
                      f"{r['anon_rss_bytes'] / 1e9:.2f} | {r['weights_bytes_per_token'] / 1e9:.3f} | "
                      f"{r['read_bandwidth_gbs']:.1f} | {r['bandwidth_fraction']:.2f} |")
     return "\n".join(lines)

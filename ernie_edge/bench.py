@@ -2,7 +2,9 @@
 
 Figures (keys of --json): prefill_tok_s, decode_tok_s, ttft_s, load_s, jit_s, peak_rss_bytes,
 anon_rss_bytes, file_rss_bytes, weights_bytes_per_token, read_bandwidth_gbs, bandwidth_fraction
-(= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus).
+(= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus);
+also decode_ms_p50 / decode_ms_p90, the median and 90th percentile of the decode steps' times (on
+a shared machine the median is the steadier figure for comparing code versions).
 """
 
 from __future__ import annotations
@@ -131,9 +133,12 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     prefill_s = time.perf_counter() - t
 
     print(f"decode: {s.gen_tokens} tokens ...", file=log, flush=True)
+    steps = np.empty(s.gen_tokens)
     t = time.perf_counter()
-    for _ in range(s.gen_tokens):
+    for i in range(s.gen_tokens):
+        t_step = time.perf_counter()
         logits = model.decode(int(np.argmax(logits[:vocab])), cache)
+        steps[i] = time.perf_counter() - t_step
     decode_s = time.perf_counter() - t
     mem = memory_status()
 
@@ -145,6 +150,7 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
         "model": str(model.path), "backend": model.backend_name, "threads": get_threads(),
         "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens,
         "prefill_tok_s": s.prompt_tokens / prefill_s, "decode_tok_s": decode_tok_s,
+        "decode_ms_p50": 1e3 * float(np.median(steps)), "decode_ms_p90": 1e3 * float(np.percentile(steps, 90)),
         "ttft_s": ttft_s, "ttft_cold_s": ttft_cold_s, "ttft_prompt_tokens": len(short),
         "ttft_cached_tokens": len(session.prefix.ids), "load_s": load_s, "jit_s": jit_s,
         "peak_rss_bytes": mem.get("VmHWM"), "anon_rss_bytes": mem.get("RssAnon"),
@@ -159,7 +165,8 @@ def format_bench(r: dict) -> str:
     return "\n".join([
         f"model            {r['model']} ({r['backend']}, {r['threads']} threads)",
         f"prefill          {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens)",
-        f"decode           {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens)",
+        f"decode           {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens; per token: median "
+        f"{r['decode_ms_p50']:.1f} ms, 90th percentile {r['decode_ms_p90']:.1f} ms)",
         f"time to 1st tok  {r['ttft_s']:.3f} s (short chat prompt of {r['ttft_prompt_tokens']} tokens, "
         f"{r['ttft_cached_tokens']} of them the template's cached opening); "
         f"{r['ttft_cold_s']:.3f} s with nothing cached",

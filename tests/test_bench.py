@@ -30,6 +30,8 @@ def test_bench_reports_the_contract_keys(tiny_edge):
     r = run_bench(BenchSettings(model=str(tiny_edge), prompt_tokens=20, gen_tokens=5, probe_bytes=1 << 24))
     assert KEYS <= set(r)
     assert r["decode_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["read_bandwidth_gbs"] > 0
+    assert 0 < r["decode_ms_p50"] <= r["decode_ms_p90"]
+    assert r["decode_ms_p50"] * r["gen_tokens"] <= 1e3 * r["gen_tokens"] / r["decode_tok_s"] * 1.5
     assert r["bandwidth_fraction"] == pytest.approx(
         r["decode_tok_s"] * r["weights_bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
 
