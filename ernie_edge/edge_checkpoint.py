@@ -15,7 +15,7 @@ import numpy as np
 
 from .errors import CheckpointError
 from .manifest import PROJECTIONS, TensorEntry, bank_name, read_manifest, stored_names, stored_shapes
-from .mmap_store import HUGE_PAGE, SafetensorsFile
+from .mmap_store import HUGE_PAGE, SafetensorsFile, read_smaps
 from .quant.hf_ernie import expected_tensors
 from .weights import ExpertBank, QTensor
 
@@ -64,17 +64,19 @@ class EdgeCheckpoint:
         total = sum(f.file_size for f in self.files.values())
         if total > budget_fraction * psutil.virtual_memory().available:
             return False
-        repack = True
         for f in self.files.values():
             f.advise_huge_pages()
             if not f.populate():
                 return False
-            fraction = f.huge_page_fraction()  # None: the OS does not say
-            if repack and fraction is not None and fraction < 0.9 and f.file_size >= 4 * HUGE_PAGE:
+        smaps = read_smaps()  # once for all files: each read walks every mapping's page tables
+        for f in self.files.values():
+            fraction = f.huge_page_fraction(smaps)  # None: the OS does not say
+            if fraction is not None and fraction < 0.9 and f.file_size >= 4 * HUGE_PAGE:
                 f.unmap_pages()
                 f.drop_cached_pages()
                 f.populate()
-                repack = (f.huge_page_fraction() or 0.0) >= 0.5  # else this OS does not give them
+                if (f.huge_page_fraction() or 0.0) < 0.5:
+                    break  # this OS does not give large file pages: re-read no other file
         return True
 
     # ---- load-time checks --------------------------------------------------------------------

@@ -338,7 +338,7 @@ def test_prefetch_rereads_small_page_files_once_and_stops_when_it_does_not_help(
     monkeypatch.setattr(SafetensorsFile, "drop_cached_pages", lambda self: dropped.append(self.path.name))
 
     # The OS keeps reporting small pages: the first file is re-read, then no other.
-    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self: 0.0)
+    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self, smaps=None: 0.0)
     assert ck.prefetch() is True
     assert dropped == [sorted(ck.files)[0]]
 
@@ -346,7 +346,7 @@ def test_prefetch_rereads_small_page_files_once_and_stops_when_it_does_not_help(
     dropped.clear()
     state: dict = {}
 
-    def fraction(self):
+    def fraction(self, smaps=None):
         return 1.0 if state.get(self.path.name) else 0.1
 
     def drop(self):
@@ -361,5 +361,5 @@ def test_prefetch_rereads_small_page_files_once_and_stops_when_it_does_not_help(
     assert ck.prefetch() is True and dropped == []  # already in large pages: nothing re-read
 
     # Where the OS does not say (None), nothing is re-read.
-    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self: None)
+    monkeypatch.setattr(SafetensorsFile, "huge_page_fraction", lambda self, smaps=None: None)
     assert ck.prefetch() is True and dropped == []
