@@ -282,7 +282,8 @@ def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa
     nb = x.shape[0] // 32
     l2a, l2b = _log2_sub(nb, sga.shape[2]), _log2_sub(nb, sgb.shape[2])
     quantize_act(x, xqa, xda, xsa, gsa)
-    quantize_act(x, xqb, xdb, xsb, gsb)
+    if gsb != gsa:  # else the wrapper passes bank a's buffers for b too: the same quantized x
+        quantize_act(x, xqb, xdb, xsb, gsb)
     nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
     ta = idsa.shape[0] * nqa
     total = ta + idsb.shape[0] * nqb
@@ -517,8 +518,11 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
     args = []
     for (wg, sg, wu, su, ids, out_h, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits, what)
+        gs = act_group(k, sg, bits)
+        if args and gs == args[-1]:
+            act = act_a  # both banks take x quantized the same way: quantize it once
         xq, xd, xs = act.views(k)
-        args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], act_group(k, sg, bits)]
+        args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], gs]
     _experts2_gate_up_silu(x, *args, act_a.claims, get_threads())
     return a[5], b[5]
 
