@@ -1,5 +1,6 @@
 """Decode attention on the real ERNIE-4.5-21B-A3B shapes (20 query heads, 4 KV heads, head dim 128)
-at long context, fp16 vs int8 KV cache, and the int8 cache's accuracy on the small synthetic model.
+at long context, fp16 vs int8 vs int4 KV cache, and the quantized caches' accuracy on the small
+synthetic model.
 
     .venv/bin/python benchmarks/attention.py [--quick] [--lengths 1024,4096,32768,131072]
         [--threads N] [--wait-quiet S] [--baseline-rev REV] [--no-kld]
@@ -10,8 +11,8 @@ decode step does (28 layers' caches plus the expert weights in between). GB/s co
 the attended positions. The projection uses 140 ms/token for the rest of the model at 1k context:
 token time(L) = 140 ms + 28 layers x attention(L); ratio = time(1k) / time(L).
 --baseline-rev times the attention kernel of an older commit the same way (e.g. before the tiled
-layout). KLD: decode 2 x 608 tokens (after a 32-token prompt) on the small synthetic model, fp16 vs
-int8 cache vs the reference backend. Saves benchmarks/results/attention.json.
+layout). KLD: decode 2 x 608 tokens (after a 32-token prompt) on the small synthetic model, each
+cache vs the reference backend and the quantized caches vs fp16. Saves benchmarks/results/attention.json.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def baseline_module(rev: str):
 
 
 def kld_small_model(n_tokens: int = 640, prompt: int = 32) -> dict:
-    """KLD of the int8 cache's logits vs the fp16 cache's (and both vs the reference backend)."""
+    """KLD of the quantized caches' logits vs the fp16 cache's (and all vs the reference backend)."""
     import ernie_edge
     from ernie_edge.kv_cache import KVCache
     from ernie_edge.quant import synthetic
@@ -144,9 +145,12 @@ def kld_small_model(n_tokens: int = 640, prompt: int = 32) -> dict:
                                      + [fast.decode(int(t), cache) for t in ids[prompt:-1]]))
             runs[dt] = np.concatenate(outs)
         want = np.concatenate([ref.logits(ids)[prompt - 1:-1] for ids in seqs])
-    return {"model": "synthetic small, 3 layers", "tokens": int(len(want)), "prompt": prompt,
-            "f16_vs_reference": stats(want, runs["f16"]), "i8_vs_reference": stats(want, runs["i8"]),
-            "i8_vs_f16": stats(runs["f16"], runs["i8"])}
+    res = {"model": "synthetic small, 3 layers", "tokens": int(len(want)), "prompt": prompt}
+    for dt in attention.KV_DTYPES:
+        res[f"{dt}_vs_reference"] = stats(want, runs[dt])
+        if dt != "f16":
+            res[f"{dt}_vs_f16"] = stats(runs["f16"], runs[dt])
+    return res
 
 
 def main(argv=None) -> int:

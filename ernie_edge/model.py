@@ -113,6 +113,7 @@ class Model:
 
 
 BACKENDS = ("auto", "cpu", "reference")
+KV_DTYPES = ("f16", "i8", "i4")  # kernels/attention.py's cache formats (not imported here: no numba for the reference)
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
@@ -125,9 +126,9 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     folder, slow), or "auto" (cpu for converted folders, reference for HF checkpoints).
     threads: kernel threads (default: all cores). max_context: cap the KV cache (default: the
     model's 131072). prefetch: map a converted model's weights up front when they fit in free
-    memory (otherwise they are paged in as used). kv_dtype: "f16" (default) or "i8" KV cache for
-    the cpu backend (half the memory and faster at long contexts; measured KLD 2e-3 vs f16 on the
-    small synthetic model, so opt-in)."""
+    memory (otherwise they are paged in as used). kv_dtype: "f16" (default), "i8" or "i4" KV cache
+    for the cpu backend: int8 takes half the memory of fp16, int4 a quarter, and both decode faster
+    at long contexts, at some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in."""
     if backend not in BACKENDS:
         raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     location = resolve(path)
@@ -140,8 +141,8 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     else:
         from .edge_checkpoint import EdgeCheckpoint
         weights = EdgeCheckpoint(location.path)
-    if kv_dtype not in ("f16", "i8"):
-        raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} is not one of f16, i8")
+    if kv_dtype not in KV_DTYPES:
+        raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
     if location.kind == "edge" and backend in ("auto", "cpu"):
         from .cpu_model import CpuModel
         from .kernels._jit import set_threads
@@ -153,6 +154,6 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
             weights.prefetch()
     else:
         if kv_dtype != "f16":
-            raise ErnieEdgeError("kv_dtype 'i8' needs the cpu backend (a converted model)")
+            raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} needs the cpu backend (a converted model)")
         impl = ReferenceModel(weights, use_correction_bias=use_correction_bias)
     return Model(location, weights, impl)

@@ -11,14 +11,26 @@ Each layer holds k_cache, v_cache arrays [Nkv, NT, tile], one tile per KT = 32 p
   "i8"   int8 codes, then KT float32 scales (as 4*KT bytes) per tile: K [D/4, KT, 4] + [KT] (four dims
          of a position side by side: one 32-bit lane of an integer dot-product instruction), V [KT, D] + [KT];
          value = code * scale, symmetric, one scale per (position, KV head): scale = max|x| / 127.
-fp16 takes 7.5 GB for 131072 positions x 28 layers, int8 3.9 GB. K is transposed within a tile so the
+  "i4"   uint8 bytes of int4 codes stored + 8 (0..15), then KT float32 scales per tile, scale = max|x| / 7:
+         K [D/4, 64 bytes]: the i8 order of a 4-dim group (position j, dim d%4 at byte 4j + d%4) with
+         positions 0-15 in the low nibbles and 16-31 in the high nibbles; V [KT/4, D, 2]: bytes (g, d, 0..1)
+         hold positions 4g, 4g+1 (low, high nibble of byte 0) and 4g+2, 4g+3 (byte 1) of dim d, so the
+         four codes of a dim unpack into one 32-bit lane of an integer dot-product instruction
+         (vpdpbusd) against four quantized probabilities.
+fp16 takes 7.5 GB for 131072 positions x 28 layers, int8 3.9 GB, int4 2.0 GB. K is transposed within a tile so the
 score loop runs over positions innermost (contiguous vector multiply-adds for the R query heads of a
 KV head, no horizontal sums) while a whole tile stays one contiguous 4-8 KiB run of memory.
 Query head h reads KV head h // R. Scores are (q . k) * D^-0.5, softmax in float32.
 
 int8 decode quantizes q per head (symmetric int8) and forms the scores as exact integer dots
 (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd with AVX2, widening multiplies elsewhere), like
-llama.cpp's q8_0 KV cache; V is widened to float32.
+llama.cpp's q8_0 KV cache; V is widened to float32. int4 decode scores the same way (nibbles
+unpacked in registers), and forms P.V in integers too: per tile and head the probabilities (times the
+positions' V scales) are rounded to uint8 relative to their maximum (`_quantize_tile`, error <=
+max/510 each: ~1/20 of the int4 V codes' own rounding error, which is max|v|/14 per value) and
+multiplied with the V codes four positions at a time, so the P.V arithmetic per position is a quarter
+of the float path's (measured: float P.V made the int8 cache's attention compute-bound at 32k
+positions on 2 cores).
 
 Decode reads the cache once per token (it is memory-bound at long context): each work item is one
 KV head x one contiguous range of positions, processed in blocks of DECODE_BLOCK positions with an
@@ -43,7 +55,9 @@ KV_TILE = 32  # KT: positions per cache tile
 KV_BLOCK = 256  # allocation granularity of new_kv_cache (positions; a multiple of KV_TILE)
 DECODE_BLOCK = 256  # positions per online-softmax step in decode (a multiple of KV_TILE)
 MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
-KV_DTYPES = ("f16", "i8")
+KV_DTYPES = ("f16", "i8", "i4")
+_CODE_DTYPES = {"f16": np.uint16, "i8": np.int8, "i4": np.uint8}  # the cache array's dtype per kv_dtype
+P_ONE = 255  # int4 P.V: a tile's largest probability is rounded to this uint8 code
 PREFILL_QBLOCK = 16  # queries per prefill work item
 PREFILL_KBLOCK = 64  # keys per prefill inner block (a multiple of KV_TILE)
 NEG_INF = np.float32(-np.inf)  # a float32 constant keeps the softmax in float32 (a Python -inf is float64)
@@ -59,30 +73,35 @@ def tile_elems(head_dim: int, kv_dtype: str) -> int:
         return head_dim * KV_TILE
     if kv_dtype == "i8":
         return (head_dim + 4) * KV_TILE
+    if kv_dtype == "i4":
+        return (head_dim // 2 + 4) * KV_TILE
     raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
 
 
 def new_kv_cache(n_kv_heads: int, capacity: int, head_dim: int, kv_dtype: str = "f16"):
     """(k_cache, v_cache) zero-filled [Nkv, NT, tile] arrays for >= capacity positions (rounded up to
-    KV_BLOCK). kv_dtype "f16" (uint16 bits of float16) or "i8" (int8 codes + float32 scales)."""
+    KV_BLOCK). kv_dtype "f16" (uint16 bits of float16), "i8" (int8 codes + float32 scales) or "i4"
+    (uint8 bytes of two int4 codes + float32 scales)."""
     if head_dim % 16:
         raise ValueError(f"head_dim must be a multiple of 16, got {head_dim}")
     nt = max(1, -(-capacity // KV_BLOCK)) * (KV_BLOCK // KV_TILE)
     te = tile_elems(head_dim, kv_dtype)
-    dt = np.uint16 if kv_dtype == "f16" else np.int8
+    dt = _CODE_DTYPES[kv_dtype]
     return np.zeros((n_kv_heads, nt, te), dt), np.zeros((n_kv_heads, nt, te), dt)
 
 
 def cache_dtype(k_cache) -> str:
-    return "f16" if k_cache.dtype == np.uint16 else "i8"
+    return next(name for name, dt in _CODE_DTYPES.items() if k_cache.dtype == dt)
 
 
 def _check_cache(k_cache, v_cache, head_dim=None) -> int:
     """Validate the layout; returns the head dim D."""
-    if k_cache.dtype not in (np.uint16, np.int8) or k_cache.ndim != 3:
-        raise ValueError("k_cache / v_cache must be uint16 or int8 [Nkv, NT, tile] arrays (see new_kv_cache)")
+    if k_cache.dtype not in (np.uint16, np.int8, np.uint8) or k_cache.ndim != 3:
+        raise ValueError("k_cache / v_cache must be uint16, int8 or uint8 [Nkv, NT, tile] arrays (see new_kv_cache)")
     nkv, nt, te = k_cache.shape
-    d = te // KV_TILE - (4 if k_cache.dtype == np.int8 else 0)
+    d = te // KV_TILE
+    if k_cache.dtype != np.uint16:
+        d = (d - 4) * (2 if k_cache.dtype == np.uint8 else 1)
     if (v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape or te % KV_TILE or d <= 0 or d % 16
             or (head_dim is not None and d != head_dim)):
         raise ValueError(f"cache shapes k {k_cache.shape} {k_cache.dtype}, v {v_cache.shape} {v_cache.dtype} "
@@ -94,11 +113,23 @@ def _check_cache(k_cache, v_cache, head_dim=None) -> int:
 
 def _split_views(cache, head_dim: int, is_k: bool):
     """(codes, scales) numpy views of one cache array. codes: f16 K [Nkv, NT, D, KT], i8 K
-    [Nkv, NT, D/4, KT, 4], V [Nkv, NT, KT, D] (float16 or int8); scales float32 [Nkv, NT, KT] or None."""
+    [Nkv, NT, D/4, KT, 4], V [Nkv, NT, KT, D] (float16 or int8; i4 codes are unpacked into a new int8
+    array in the i8 order); scales float32 [Nkv, NT, KT] or None."""
     nkv, nt, _ = cache.shape
     if cache.dtype == np.uint16:
         shape = (nkv, nt, head_dim, KV_TILE) if is_k else (nkv, nt, KV_TILE, head_dim)
         return cache.view(np.float16).reshape(shape), None
+    if cache.dtype == np.uint8:
+        n = head_dim * KV_TILE // 2
+        b = cache[:, :, :n]
+        nib = np.stack([b & 15, b >> 4], axis=3).astype(np.int8) - 8  # [Nkv, NT, n, 2]
+        if is_k:  # [D/4, 64 bytes = 16 positions x 4 dims] x (low, high) -> [D/4, KT, 4]
+            codes = nib.reshape(nkv, nt, head_dim // 4, 16, 4, 2).transpose(0, 1, 2, 5, 3, 4)
+            codes = codes.reshape(nkv, nt, head_dim // 4, KV_TILE, 4)
+        else:  # [KT/4, D, 2 bytes] x (low, high) -> [KT, D]
+            codes = nib.reshape(nkv, nt, KV_TILE // 4, head_dim, 2, 2).transpose(0, 1, 2, 4, 5, 3)
+            codes = codes.reshape(nkv, nt, KV_TILE, head_dim)
+        return codes, cache[:, :, n:].view(np.float32)
     n = head_dim * KV_TILE
     shape = (nkv, nt, head_dim // 4, KV_TILE, 4) if is_k else (nkv, nt, KV_TILE, head_dim)
     return cache[:, :, :n].reshape(shape), cache[:, :, n:].view(np.float32)
@@ -106,7 +137,7 @@ def _split_views(cache, head_dim: int, is_k: bool):
 
 def kv_write(k, v, k_cache, v_cache, start: int) -> None:
     """Store k, v float32 [T, Nkv, D] (post-RoPE) at positions start .. start+T-1 (rounded to fp16,
-    or quantized to int8 with one scale per position and KV head)."""
+    or quantized to int8 / int4 with one scale per position and KV head)."""
     T = k.shape[0]
     d = _check_cache(k_cache, v_cache)
     nkv, nt, _ = k_cache.shape
@@ -116,6 +147,10 @@ def kv_write(k, v, k_cache, v_cache, start: int) -> None:
         raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {nt * KV_TILE} positions")
     if k_cache.dtype == np.int8:
         _kv_write_i8(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
+                     k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
+        return
+    if k_cache.dtype == np.uint8:
+        _kv_write_i4(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
                      k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
         return
     kc, _ = _split_views(k_cache, d, is_k=True)
@@ -149,6 +184,33 @@ def _kv_write_i8(k, v, kflat, vflat, ntc, start):
                     off = _kpos(flat, d, j) if is_k else j * D + d
                     flat[toff + off] = np.int8(np.rint(x[d] * inv))
                 _store_f32(flat, toff + D * KV_TILE + 4 * j, scale)
+
+
+@njit()
+def _kv_write_i4(k, v, kflat, vflat, ntc, start):
+    """Quantize k, v [T, Nkv, D] (symmetric int4 in [-7, 7], stored + 8, one scale per position and
+    head) into the flat uint8 caches in the "i4" order (module doc); scales after the D*KT/2 bytes."""
+    T, nkv, D = k.shape
+    te = kflat.shape[0] // (nkv * ntc)
+    for t in range(T):
+        tile, j = (start + t) // KV_TILE, (start + t) % KV_TILE
+        for g in range(nkv):
+            toff = (g * ntc + tile) * te
+            for x, flat, is_k in ((k[t, g], kflat, True), (v[t, g], vflat, False)):
+                amax = np.float32(0.0)
+                for d in range(D):
+                    amax = max(amax, abs(x[d]))
+                scale = amax / np.float32(7.0)
+                inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+                for d in range(D):
+                    code = np.uint8(np.int32(np.rint(x[d] * inv)) + 8)
+                    if is_k:
+                        off, shift = (d // 4) * 64 + (j % 16) * 4 + d % 4, 4 * (j // 16)
+                    else:
+                        off, shift = (j // 4) * 2 * D + 2 * d + (j % 4) // 2, 4 * (j % 2)
+                    old = flat[toff + off]
+                    flat[toff + off] = (old & np.uint8(0xF0 >> shift)) | (code << np.uint8(shift))
+                _store_f32(flat, toff + D * KV_TILE // 2 + 4 * j, scale)
 
 
 def kv_read(k_cache, v_cache, start: int, n: int):
@@ -258,25 +320,29 @@ def _load_vec(builder, ptr, is_i8):
     return _half_to_float(builder, raw)
 
 
-def _scale_ptr(context, builder, arrty, arr, toff, d, is_i8):
-    """float* to the KT scales of the int8 tile at element offset toff (they follow D*KT codes)."""
-    p = _ptr(context, builder, arrty, arr, ir.IntType(8), builder.add(toff, builder.mul(d, _i64(KV_TILE))))
+def _scale_ptr(context, builder, arrty, arr, toff, d):
+    """float* to the KT scales of the int8 / int4 tile at byte offset toff (after its D*KT or D*KT/2
+    bytes of codes)."""
+    nbytes = builder.mul(d, _i64(KV_TILE // 2 if arrty.dtype == types.uint8 else KV_TILE))
+    p = _ptr(context, builder, arrty, arr, ir.IntType(8), builder.add(toff, nbytes))
     return builder.bitcast(p, _F32.as_pointer())
 
 
 _VNNI512 = (_jit.SIMD == "avxvnni" and NVEC == 2 and bool(_llvm.get_host_cpu_features().get("avx512vnni")))
 _I8x64 = ir.VectorType(ir.IntType(8), 4 * _VL)
+_I16x32 = ir.VectorType(ir.IntType(16), 2 * _VL)
 
 
-def _dot4(builder, acc, kb, qb):
-    """acc <16 x i32> + sums of 4 adjacent products kb * qb (<64 x i8> each, signed).
+def _dot4(builder, acc, kb, qb, k_unsigned=False):
+    """acc <16 x i32> + sums of 4 adjacent products kb * qb (<64 x i8> each; q signed, k signed, or
+    unsigned with k_unsigned: the int4 cache's K nibbles 0..15, or int4 P.V's uint8 probabilities).
 
-    VNNI: vpdpbusd needs an unsigned operand, so it takes k + 128 (k xor 0x80) and the caller
-    subtracts 128 * sum(q) (`_needs_q_offset`). AVX2: vpmaddubsw + vpmaddwd with the sign trick
-    |q| x (k * sign(q)), |pair| <= 2 * 127 * 127 < 32767. Generic: widen to i32 and multiply."""
+    VNNI: vpdpbusd needs an unsigned operand, so it takes signed k as k + 128 (k xor 0x80) and the
+    caller subtracts 128 * sum(q) (`_needs_q_offset`). AVX2: vpmaddubsw + vpmaddwd, with the sign trick
+    |q| x (k * sign(q)) for signed k, |pair| <= 2 * 127 * 127 < 32767. Generic: widen to i32 and multiply."""
     i32x8, i8x32 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32)
     if _jit.SIMD == "avxvnni":
-        ku = builder.xor(kb, ir.Constant(_I8x64, [-128] * 64))
+        ku = kb if k_unsigned else builder.xor(kb, ir.Constant(_I8x64, [-128] * 64))
         if _VNNI512:
             return _x86(builder, "llvm.x86.avx512.vpdpbusd.512", _I32V,
                              [acc, builder.bitcast(ku, _I32V), builder.bitcast(qb, _I32V)])
@@ -292,14 +358,18 @@ def _dot4(builder, acc, kb, qb):
         elif _jit.SIMD == "avx2":
             k = builder.shuffle_vector(kb, kb, bytes_)
             q = builder.shuffle_vector(qb, qb, bytes_)
-            aq = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [q, q])
-            sk = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [k, q])
+            if k_unsigned:
+                aq, sk = k, q
+            else:
+                aq = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [q, q])
+                sk = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [k, q])
             p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), [aq, sk])
             ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
             halves.append(builder.add(a, _x86(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [p16, ones])))
         else:  # widen, multiply, add the 4 products of each 32-bit lane
             i32x32 = ir.VectorType(ir.IntType(32), 32)
-            k = builder.sext(builder.shuffle_vector(kb, kb, bytes_), i32x32)
+            widen = builder.zext if k_unsigned else builder.sext
+            k = widen(builder.shuffle_vector(kb, kb, bytes_), i32x32)
             q = builder.sext(builder.shuffle_vector(qb, qb, bytes_), i32x32)
             prod = builder.mul(k, q)
             parts = [builder.shuffle_vector(prod, prod, _idx(range(i, 32, 4))) for i in range(4)]
@@ -324,8 +394,8 @@ def _make_qk(nr):
         def codegen(context, builder, signature, args):
             kc, toff, d, q, qi, qsc, qsum, h0, s, soff, sstride = args
             kty, _, _, qty, qity, qscty, qsumty, _, sty, _, _ = signature.args
-            if kty.dtype == types.int8:
-                _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff,
+            if kty.dtype in (types.int8, types.uint8):
+                _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff,
                        sstride, nr)
             else:
                 _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstride, nr)
@@ -387,16 +457,20 @@ def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstrid
         _store_scores(builder, sbase, sstride, sub, [[builder.load(a) for a in row] for row in accs])
 
 
-def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff, sstride, nr):
-    """Integer scores: K tile codes [D/4, KT, 4]; one <64 x i8> load = 16 positions x 4 dims."""
+def _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff, sstride, nr):
+    """Integer scores. int8 K tile codes [D/4, KT, 4]: one <64 x i8> load = 16 positions x 4 dims.
+    int4 [D/4, 64 bytes]: one load holds a 4-dim group of all KT positions, 0-15 in the low nibbles."""
+    i4 = kty.dtype == types.uint8
     kbase = _ptr(context, builder, kty, kc, ir.IntType(8), toff)
     qibase = _ptr(context, builder, qity, qi, ir.IntType(32), builder.mul(h0, builder.udiv(d, _i64(4))))
     qscbase = _ptr(context, builder, qscty, qsc, _F32, h0)
     qsumbase = _ptr(context, builder, qsumty, qsum, ir.IntType(32), h0)
     sbase = _ptr(context, builder, sty, s, _F32, soff)
-    kscale = _scale_ptr(context, builder, kty, kc, toff, d, True)
+    kscale = _scale_ptr(context, builder, kty, kc, toff, d)
     te = _tile_elems_of(context, builder, kty, kc)
     d4 = builder.udiv(d, _i64(4))
+    group_bytes = 2 * KV_TILE if i4 else 4 * KV_TILE  # one 4-dim group of the tile's KT positions
+    q_offset = 8 if i4 else (128 if _needs_q_offset() else 0)  # the k codes' offset (unsigned k)
     zero = ir.Constant(_I32V, [0] * _VL)
     accs = [[cgutils.alloca_once(builder, _I32V) for _ in range(NVEC)] for _ in range(nr)]
     for sub in range(0, KV_TILE, _SUBTILE):
@@ -404,26 +478,33 @@ def _qk_i8(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsu
             for a in row:
                 builder.store(zero, a)
         with cgutils.for_range(builder, d4) as loop:
-            kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(4 * KV_TILE)), _i64(4 * sub))])
-            if PREFETCH and sub == 0:  # 4 dims x KT positions = two lines
-                ahead = _ahead(builder, kp, te, 1)
-                _prefetch(builder, ahead)
-                _prefetch(builder, builder.gep(ahead, [_i64(64)]))
-            kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()), align=1)
-                  for v in range(NVEC)]
+            gp = builder.gep(kbase, [builder.mul(loop.index, _i64(group_bytes))])
+            if PREFETCH and sub == 0:  # one line (int4) or two (int8) per group
+                ahead = _ahead(builder, gp, te, 1)
+                for line in range(0, group_bytes, 64):
+                    _prefetch(builder, builder.gep(ahead, [_i64(line)]))
+            if i4:  # low nibbles: positions 0-15, high nibbles: 16-31 (each the i8 order of 16 positions)
+                raw = builder.load(builder.bitcast(gp, _I8x64.as_pointer()), align=1)
+                halves = [builder.and_(raw, ir.Constant(_I8x64, [15] * 64)),
+                          builder.lshr(raw, ir.Constant(_I8x64, [4] * 64))]
+                kv = halves[sub // _VL: sub // _VL + NVEC]
+            else:
+                kp = builder.gep(gp, [_i64(4 * sub)])
+                kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()),
+                                   align=1) for v in range(NVEC)]
             for r in range(nr):
                 q4 = builder.load(builder.gep(qibase, [builder.add(builder.mul(_i64(r), d4), loop.index)]), align=1)
                 qv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), q4, ir.Constant(ir.IntType(32), 0))
                 qb = builder.bitcast(builder.shuffle_vector(qv, qv, ir.Constant(_I32V, [0] * _VL)), _I8x64)
                 for v in range(NVEC):
-                    builder.store(_dot4(builder, builder.load(accs[r][v]), kv[v], qb), accs[r][v])
+                    builder.store(_dot4(builder, builder.load(accs[r][v]), kv[v], qb, k_unsigned=i4), accs[r][v])
         ks = [builder.load(builder.bitcast(builder.gep(kscale, [_i64(sub + _VL * v)]), _F32V.as_pointer()), align=4)
               for v in range(NVEC)]
         vals = []
         for r in range(nr):
             dot = [builder.load(a) for a in accs[r]]
-            if _needs_q_offset():
-                off = builder.mul(builder.load(builder.gep(qsumbase, [_i64(r)])), ir.Constant(ir.IntType(32), 128))
+            if q_offset:
+                off = builder.mul(builder.load(builder.gep(qsumbase, [_i64(r)])), ir.Constant(ir.IntType(32), q_offset))
                 offv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), off, ir.Constant(ir.IntType(32), 0))
                 offv = builder.shuffle_vector(offv, offv, ir.Constant(_I32V, [0] * _VL))
                 dot = [builder.sub(x, offv) for x in dot]
@@ -491,7 +572,89 @@ def _make_pv(nr):
     return intrinsic(typer)
 
 
+def _unpack_v_quads(builder, raw):
+    """32 bytes of an int4 V quad row (<32 x i8>: dim i at bytes 2i, 2i+1, each two positions) ->
+    <64 x i8> whose 32-bit lane i holds dim i's four codes (stored + 8, 0..15) in position order."""
+    w = builder.zext(raw, _I16x32)  # 0x00HL per byte
+    b = builder.and_(builder.or_(w, builder.shl(w, ir.Constant(_I16x32, [4] * 32))), ir.Constant(_I16x32, [0x0F0F] * 32))
+    return builder.bitcast(b, _I8x64)  # each 16-bit lane 0x0H0L: bytes L, H
+
+
+def _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride, abase, d0,
+                     nvec, nr, te):
+    """acc[r, d0 : d0 + 16*nvec] += psc[r] * (sum_quads pq . codes - 8 * psum[r]) for one int4 V tile."""
+    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_I32V, [0] * _VL)) for _ in range(nvec)]
+            for _ in range(nr)]
+    with cgutils.for_range(builder, nquads) as loop:
+        row = builder.gep(vbase, [builder.add(builder.mul(loop.index, builder.mul(d, _i64(2))), builder.mul(d0, _i64(2)))])
+        if PREFETCH:
+            ahead = _ahead(builder, row, te, 1)
+            for line in range(0, 2 * nvec * _VL, 64):
+                _prefetch(builder, builder.gep(ahead, [_i64(line)]))
+        i8x32 = ir.VectorType(ir.IntType(8), 2 * _VL)
+        vv = [_unpack_v_quads(builder, builder.load(builder.bitcast(builder.gep(row, [_i64(2 * _VL * v)]),
+                                                                    i8x32.as_pointer()), align=1)) for v in range(nvec)]
+        for r in range(nr):
+            pp = builder.gep(pbase, [builder.add(builder.mul(_i64(r), pstride), builder.mul(loop.index, _i64(4)))])
+            pw = builder.load(builder.bitcast(pp, ir.IntType(32).as_pointer()), align=1)
+            pv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), pw, ir.Constant(ir.IntType(32), 0))
+            pv = builder.bitcast(builder.shuffle_vector(pv, pv, ir.Constant(_I32V, [0] * _VL)), _I8x64)
+            for v in range(nvec):
+                builder.store(_dot4(builder, builder.load(accs[r][v]), pv, vv[v], k_unsigned=True), accs[r][v])
+    for r in range(nr):
+        q_off = builder.mul(builder.load(builder.gep(sumbase, [builder.mul(_i64(r), qstride)])),
+                            ir.Constant(ir.IntType(32), 8))
+        offv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), q_off, ir.Constant(ir.IntType(32), 0))
+        offv = builder.shuffle_vector(offv, offv, ir.Constant(_I32V, [0] * _VL))
+        psc = _splat(builder, builder.load(builder.gep(scbase, [builder.mul(_i64(r), qstride)])))
+        for v in range(nvec):
+            ap = builder.bitcast(builder.gep(abase, [builder.add(builder.mul(_i64(r), d), builder.add(d0, _i64(_VL * v)))]),
+                                 _F32V.as_pointer())
+            f = builder.sitofp(builder.sub(builder.load(accs[r][v]), offv), _F32V)
+            builder.store(_fma(builder, f, psc, builder.load(ap, align=4)), ap, align=4)
+
+
+def _make_pv_i4(nr):
+    """Integer P.V of one int4 V tile for `nr` heads: acc[aoff + r*D + :] += psc * (pq . codes - 8 psum),
+    pq uint8 [.., pstride] quantized probabilities (zero past n), psc / psum float32 / int32 [.., qstride]
+    the tile's scale and code sum per head. Args (vc, toff, D, n, pq, poff, pstride, psc, psum, qoff,
+    qstride, acc, aoff); n <= KT valid positions."""
+
+    def typer(typingctx, vc, toff, d, n, pq, poff, pstride, psc, psum, qoff, qstride, acc, aoff):
+        sig = types.void(vc, types.intp, types.intp, types.intp, pq, types.intp, types.intp, psc, psum,
+                         types.intp, types.intp, acc, types.intp)
+
+        def codegen(context, builder, signature, args):
+            vc, toff, d, n, pq, poff, pstride, psc, psum, qoff, qstride, acc, aoff = args
+            vty, _, _, _, pqty, _, _, pscty, psumty, _, _, aty, _ = signature.args
+            vbase = _ptr(context, builder, vty, vc, ir.IntType(8), toff)
+            pbase = _ptr(context, builder, pqty, pq, ir.IntType(8), poff)
+            scbase = _ptr(context, builder, pscty, psc, _F32, qoff)
+            sumbase = _ptr(context, builder, psumty, psum, ir.IntType(32), qoff)
+            abase = _ptr(context, builder, aty, acc, _F32, aoff)
+            te = _tile_elems_of(context, builder, vty, vc)
+            nquads = builder.udiv(builder.add(n, _i64(3)), _i64(4))
+            step = _VL * PV_NVEC
+            nfull = builder.udiv(d, _i64(step))
+            with cgutils.for_range(builder, nfull) as loop:
+                d0 = builder.mul(loop.index, _i64(step))
+                _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride, abase,
+                                 d0, PV_NVEC, nr, te)
+            if PV_NVEC > 1:
+                nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
+                with cgutils.for_range(builder, nrest) as loop:
+                    d0 = builder.add(builder.mul(nfull, _i64(step)), builder.mul(loop.index, _i64(_VL)))
+                    _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride,
+                                     abase, d0, 1, nr, te)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
 _qk1, _qk2, _qk3, _qk4, _qk5, _qk6 = (_make_qk(n) for n in range(1, _MAX_HEADS + 1))
+_pvi1, _pvi2, _pvi3, _pvi4, _pvi5, _pvi6 = (_make_pv_i4(n) for n in range(1, _MAX_HEADS + 1))
 _pv1, _pv2, _pv3, _pv4, _pv5, _pv6 = (_make_pv(n) for n in range(1, _MAX_HEADS + 1))
 
 
@@ -537,15 +700,23 @@ def _store_f32(typingctx, arr, byte_off, x):
     return sig, codegen
 
 
-@intrinsic
-def _is_i8(typingctx, arr):
-    """Compile-time constant: is this an int8 cache array?"""
-    sig = types.boolean(arr)
+def _make_dtype_test(dtypes):
+    @intrinsic
+    def test(typingctx, arr):
+        sig = types.boolean(arr)
 
-    def codegen(context, builder, signature, args):
-        return ir.Constant(ir.IntType(1), int(signature.args[0].dtype == types.int8))
+        def codegen(context, builder, signature, args):
+            return ir.Constant(ir.IntType(1), int(signature.args[0].dtype in dtypes))
 
-    return sig, codegen
+        return sig, codegen
+
+    return test
+
+
+# Compile-time constants: is this cache array int8 (i8), int4 (i4), or either (integer codes)?
+_is_i8 = _make_dtype_test((types.int8,))
+_is_i4 = _make_dtype_test((types.uint8,))
+_is_int = _make_dtype_test((types.int8, types.uint8))
 
 
 @intrinsic
@@ -563,19 +734,56 @@ def _kpos(typingctx, arr, d, j):
     return sig, codegen
 
 
-@intrinsic
-def _code_f32(typingctx, arr, off):
-    """Flat element `off` of a cache array as float32 (fp16 bits or an int8 code; unscaled)."""
-    sig = types.float32(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        aty = signature.args[0]
-        x = builder.load(_ptr(context, builder, aty, args[0], _code_ty(aty), args[1]))
-        if aty.dtype == types.int8:
-            return builder.sitofp(x, _F32)
+def _load_code(context, builder, aty, arr, byte_off, shift):
+    """The code at byte_off of a cache array as float32: fp16 bits (byte_off then counts uint16
+    elements), an int8 code, or the int4 nibble at bit `shift` (an i64 value) minus 8."""
+    if aty.dtype == types.uint16:
+        x = builder.load(_ptr(context, builder, aty, arr, ir.IntType(16), byte_off))
         v = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), 1), ir.Undefined), x,
                                    ir.Constant(ir.IntType(32), 0))
         return builder.extract_element(_half_to_float(builder, v), ir.Constant(ir.IntType(32), 0))
+    x = builder.load(_ptr(context, builder, aty, arr, ir.IntType(8), byte_off))
+    if aty.dtype == types.int8:
+        return builder.sitofp(x, _F32)
+    nib = builder.and_(builder.lshr(x, builder.trunc(shift, ir.IntType(8))), ir.Constant(ir.IntType(8), 15))
+    return builder.sitofp(builder.sub(builder.zext(nib, ir.IntType(32)), ir.Constant(ir.IntType(32), 8)), _F32)
+
+
+@intrinsic
+def _k_code(typingctx, arr, toff, d, j):
+    """Key code of dim d, position j in the K tile at flat offset toff, as float32 (unscaled)."""
+    sig = types.float32(arr, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aty, (a, toff, d, j) = signature.args[0], args
+        grp, dd, shift = builder.lshr(d, _i64(2)), builder.and_(d, _i64(3)), _i64(0)
+        if aty.dtype == types.uint16:
+            off = builder.add(builder.mul(d, _i64(KV_TILE)), j)
+        elif aty.dtype == types.int8:
+            off = builder.add(builder.mul(builder.add(builder.mul(grp, _i64(KV_TILE)), j), _i64(4)), dd)
+        else:
+            off = builder.add(builder.mul(grp, _i64(2 * KV_TILE)),
+                              builder.add(builder.mul(builder.and_(j, _i64(15)), _i64(4)), dd))
+            shift = builder.mul(builder.lshr(j, _i64(4)), _i64(4))
+        return _load_code(context, builder, aty, a, builder.add(toff, off), shift)
+
+    return sig, codegen
+
+
+@intrinsic
+def _v_code(typingctx, arr, toff, dim, j, d):
+    """Value code of dim d, position j in the V tile at flat offset toff (head dim `dim`), unscaled."""
+    sig = types.float32(arr, types.intp, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        aty, (a, toff, dim, j, d) = signature.args[0], args
+        if aty.dtype == types.uint8:  # byte (j // 4, d, (j % 4) // 2), nibble j % 2
+            off = builder.add(builder.mul(builder.lshr(j, _i64(2)), builder.mul(dim, _i64(2))),
+                              builder.add(builder.mul(d, _i64(2)), builder.and_(builder.lshr(j, _i64(1)), _i64(1))))
+            shift = builder.mul(builder.and_(j, _i64(1)), _i64(4))
+        else:
+            off, shift = builder.add(builder.mul(j, dim), d), _i64(0)
+        return _load_code(context, builder, aty, a, builder.add(toff, off), shift)
 
     return sig, codegen
 
@@ -587,9 +795,9 @@ def _tile_scale(typingctx, arr, toff, d, j):
 
     def codegen(context, builder, signature, args):
         aty = signature.args[0]
-        if aty.dtype != types.int8:
+        if aty.dtype == types.uint16:
             return ir.Constant(_F32, 1.0)
-        sp = _scale_ptr(context, builder, aty, args[0], args[1], args[2], True)
+        sp = _scale_ptr(context, builder, aty, args[0], args[1], args[2])
         return builder.load(builder.gep(sp, [args[3]]))
 
     return sig, codegen
@@ -649,6 +857,98 @@ def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, R):
 
 
 @njit(inline="always")
+def _pv_heads_i4(vc, toff, D, n, pq, poff, pstride, psc, psum, t, qstride, acc, R):
+    """Integer P.V of one int4 V tile (tile t of the block) for R heads (acc [R, D])."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        po, qo, ao = r0 * pstride + poff, r0 * qstride + t, r0 * D
+        if nr == 1:
+            _pvi1(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+        elif nr == 2:
+            _pvi2(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+        elif nr == 3:
+            _pvi3(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+        elif nr == 4:
+            _pvi4(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+        elif nr == 5:
+            _pvi5(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+        else:
+            _pvi6(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+
+
+P_TINY = 1e-30  # a tile whose largest probability is below this adds nothing (zeroed)
+
+
+def _hreduce(builder, v, op):
+    """Reduce a <16 x T> vector to its lane-0 scalar with op(builder, a, b), halving 4 times."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        v = op(builder, builder.shuffle_vector(v, v, _idx(range(n))), builder.shuffle_vector(v, v, _idx(range(n, 2 * n))))
+    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _quantize_tile(typingctx, sc, soff, vc, voff, m, pq, poff, psc, psum, qoff):
+    """int4 V, one head and tile: p[j] = sc[soff + j] * (V scale j, the float32s at byte voff of vc) for
+    j < m (0 past m); pq[poff + j] = round(p[j] / s) as uint8 with s = max(p) / P_ONE, psc[qoff] = s,
+    psum[qoff] = sum(pq). A tile with max p < P_TINY (<= 1e-30 of the block's largest probability,
+    which is 1) is zeroed. Two <16 x float> vectors per KT = 32 positions."""
+    sig = types.void(sc, types.intp, vc, types.intp, types.intp, pq, types.intp, psc, psum, types.intp)
+
+    def codegen(context, builder, signature, args):
+        sc, soff, vc, voff, m, pq, poff, psc, psum, qoff = args
+        scty, _, vty, _, _, pqty, _, pscty, psumty, _ = signature.args
+        sp = _ptr(context, builder, scty, sc, _F32, soff)
+        vs = builder.bitcast(_ptr(context, builder, vty, vc, ir.IntType(8), voff), _F32.as_pointer())
+        pp = _ptr(context, builder, pqty, pq, ir.IntType(8), poff)
+        mv = builder.trunc(m, ir.IntType(32))
+        mvec = builder.shuffle_vector(builder.insert_element(ir.Constant(_I32V, ir.Undefined), mv,
+                                                             ir.Constant(ir.IntType(32), 0)), ir.Constant(_I32V, ir.Undefined),
+                                      ir.Constant(_I32V, [0] * _VL))
+        zero = ir.Constant(_F32V, [0.0] * _VL)
+        xs = []
+        for v in range(KV_TILE // _VL):
+            p = builder.load(builder.bitcast(builder.gep(sp, [_i64(_VL * v)]), _F32V.as_pointer()), align=4)
+            s = builder.load(builder.bitcast(builder.gep(vs, [_i64(_VL * v)]), _F32V.as_pointer()), align=1)
+            valid = builder.icmp_signed("<", _idx(range(_VL * v, _VL * v + _VL)), mvec)
+            xs.append(builder.select(valid, builder.fmul(p, s), zero))
+        fmax = lambda b, x, y: b.select(b.fcmp_ordered(">", x, y), x, y)  # noqa: E731
+        mx = _hreduce(builder, fmax(builder, xs[0], xs[1]), fmax)
+        ok = builder.fcmp_ordered(">=", mx, ir.Constant(_F32, P_TINY))
+        inv = builder.select(ok, builder.fdiv(ir.Constant(_F32, float(P_ONE)), mx), ir.Constant(_F32, 0.0))
+        invv, half = _splat(builder, inv), ir.Constant(_F32V, [0.5] * _VL)
+        tot = ir.Constant(_I32V, [0] * _VL)
+        for v, x in enumerate(xs):
+            c = builder.fptosi(builder.fadd(builder.fmul(x, invv), half), _I32V)
+            tot = builder.add(tot, c)
+            dst = builder.bitcast(builder.gep(pp, [_i64(_VL * v)]), ir.VectorType(ir.IntType(8), _VL).as_pointer())
+            builder.store(builder.trunc(c, ir.VectorType(ir.IntType(8), _VL)), dst, align=1)
+        scale = builder.select(ok, builder.fdiv(mx, ir.Constant(_F32, float(P_ONE))), ir.Constant(_F32, 0.0))
+        builder.store(scale, _ptr(context, builder, pscty, psc, _F32, qoff))
+        builder.store(_hreduce(builder, tot, lambda b, x, y: b.add(x, y)),
+                      _ptr(context, builder, psumty, psum, ir.IntType(32), qoff))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(inline="always")
+def _quantize_probs(v_cache, toff0, te, D, sc, n, pq, psc, psum):
+    """int4 V: the block's probabilities times the positions' V scales, rounded to uint8 per head and
+    tile (`_quantize_tile`): pq [R, B], psc and psum [R, B/KT]."""
+    KT = KV_TILE
+    R, B = sc.shape
+    for t in range((n + KT - 1) // KT):
+        voff = toff0 + t * te + D * KT // 2  # this tile's V scales
+        for r in range(R):
+            _quantize_tile(sc, r * B + t * KT, v_cache, voff, min(KT, n - t * KT), pq, r * B + t * KT,
+                           psc, psum, r * (B // KT) + t)
+
+
+@njit(inline="always")
 def exp_nonpos(x):
     """float32 exp(x) for x <= 0 (softmax after subtracting the max), within ~2 ulp of expf.
 
@@ -692,9 +992,10 @@ def _softmax_step(sc, n, m, l, acc):
 
 
 @pnjit()
-def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart, out):
+def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart,
+                      pqpart, pscpart, psumpart, out):
     nq, D = qs.shape
-    if _is_i8(k_cache):
+    if _is_int(k_cache):
         _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
     nkv, ntc, te = k_cache.shape
     R = nq // nkv
@@ -708,6 +1009,9 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
         acc = apart[sp, g * R:(g + 1) * R]  # [R, D] unnormalised P.V
         m = mpart[sp, g * R:(g + 1) * R]  # [R] running max
         l = lpart[sp, g * R:(g + 1) * R]  # [R] running sum
+        pq = pqpart[sp, g * R:(g + 1) * R]  # [R, B] int4 V: uint8 probabilities of one block
+        psc = pscpart[sp, g * R:(g + 1) * R]  # [R, B/KT] their scale per tile
+        psum = psumpart[sp, g * R:(g + 1) * R]  # [R, B/KT] their sum per tile
         m[:] = NEG_INF
         l[:] = 0.0
         acc[:] = 0.0
@@ -717,17 +1021,23 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
             for t in range((n + KT - 1) // KT):
                 _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, R)
             _softmax_step(sc, n, m, l, acc)
-            if _is_i8(v_cache):
-                _scale_probs(v_cache, tile0 * te, te, D, sc, n)
-            for t in range((n + KT - 1) // KT):
-                _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
+            if _is_i4(v_cache):
+                _quantize_probs(v_cache, tile0 * te, te, D, sc, n, pq, psc, psum)
+                for t in range((n + KT - 1) // KT):
+                    _pv_heads_i4(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), pq, t * KT, B, psc, psum, t,
+                                 B // KT, acc, R)
+            else:
+                if _is_i8(v_cache):
+                    _scale_probs(v_cache, tile0 * te, te, D, sc, n)
+                for t in range((n + KT - 1) // KT):
+                    _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
     _combine_splits(mpart, lpart, apart, nsplit, out)
 
 
 @njit(inline="always")
 def _scale_probs(v_cache, toff0, te, D, sc, n):
     """sc[r, j] *= V scale of position j, for the n positions of the tiles from flat offset toff0 on
-    (int8 V: P.V then multiplies the codes by these, one multiply per position instead of per head)."""
+    (int8 / int4 V: P.V then multiplies the codes by these, one multiply per position, not per head)."""
     KT = KV_TILE
     for t in range((n + KT - 1) // KT):
         toff = toff0 + t * te
@@ -791,6 +1101,10 @@ class DecodeScratch:
         self.l = np.empty((MAX_SPLIT, n_heads), np.float32)
         self.acc = np.empty((MAX_SPLIT, n_heads, head_dim), np.float32)
         self.scores = np.empty((MAX_SPLIT, n_heads, DECODE_BLOCK), np.float32)  # one block's, per item
+        # int4 caches: the block's probabilities as uint8 codes, with a scale and code sum per tile
+        self.pq = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK), np.uint8)
+        self.psc = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.float32)
+        self.psum = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.int32)
 
 
 def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
@@ -819,7 +1133,8 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
         raise ValueError(f"attention_decode: out {out.shape} / scratch do not match q {q.shape}")
     np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
     _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
-                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, out)
+                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, scratch.pq,
+                      scratch.psc, scratch.psum, out)
     return out
 
 
@@ -835,7 +1150,7 @@ def _load_kt(k_cache, g, k0, n, kt):
         m = min(KV_TILE, n - j0)
         for d in range(D):
             for j in range(m):
-                kt[d, j0 + j] = _code_f32(k_cache, toff + _kpos(k_cache, d, j)) * _tile_scale(k_cache, toff, D, j)
+                kt[d, j0 + j] = _k_code(k_cache, toff, d, j) * _tile_scale(k_cache, toff, D, j)
 
 
 @njit(inline="always")
@@ -848,7 +1163,7 @@ def _load_v(v_cache, g, k0, n, vb):
         for j in range(min(KV_TILE, n - j0)):
             s = _tile_scale(v_cache, toff, D, j)
             for d in range(D):
-                vb[j0 + j, d] = _code_f32(v_cache, toff + j * D + d) * s
+                vb[j0 + j, d] = _v_code(v_cache, toff, D, j, d) * s
 
 
 @njit(inline="always")
