@@ -1,5 +1,5 @@
 """Decode attention on the real ERNIE-4.5-21B-A3B shapes (20 query heads, 4 KV heads, head dim 128)
-at long context, fp16 vs int8 vs int4 KV cache, and the quantized caches' accuracy on the small
+at long context, fp16 vs int8 KV cache, and the quantized caches' accuracy on the small
 synthetic model.
 
     .venv/bin/python benchmarks/attention.py [--quick] [--lengths 1024,4096,32768,131072]

@@ -1,7 +1,7 @@
 """Where decode time goes: per-kernel wall time of decode steps on a converted model.
 
     .venv/bin/python benchmarks/profile_decode.py MODEL [--tokens 32] [--context 1024 [32768 ...]]
-        [--rounds 3] [--kv-dtype f16|i8|i4] [--json OUT]
+        [--rounds 3] [--kv-dtype f16|i8] [--json OUT]
 
 With several contexts (one cache each, filled to that length), rounds alternate between them in one
 process, so their ratio is measured under the same machine load (issue 5: decode at 32k >= 0.8x 1k).
@@ -70,7 +70,7 @@ def main() -> None:
                          "speed ratios to the first are reported (e.g. --context 1024 32768)")
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds when several contexts are given")
     ap.add_argument("--warm", type=int, default=256, help="prefill this many tokens first (maps the experts)")
-    ap.add_argument("--kv-dtype", default="f16", choices=["f16", "i8", "i4"])
+    ap.add_argument("--kv-dtype", default="f16", choices=["f16", "i8"])
     ap.add_argument("--json", default="", help="save the figures here")
     a = ap.parse_args()
     model = ernie_edge.load(a.model, kv_dtype=a.kv_dtype)

@@ -113,7 +113,7 @@ class Model:
 
 
 BACKENDS = ("auto", "cpu", "reference")
-KV_DTYPES = ("f16", "i8", "i4")  # kernels/attention.py's cache formats (not imported here: no numba for the reference)
+KV_DTYPES = ("f16", "i8")  # kernels/attention.py's cache formats (not imported here: no numba for the reference)
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
@@ -126,9 +126,9 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     folder, slow), or "auto" (cpu for converted folders, reference for HF checkpoints).
     threads: kernel threads (default: all cores). max_context: cap the KV cache (default: the
     model's 131072). prefetch: map a converted model's weights up front when they fit in free
-    memory (otherwise they are paged in as used). kv_dtype: "f16" (default), "i8" or "i4" KV cache
-    for the cpu backend: int8 takes half the memory of fp16, int4 a quarter, and both decode faster
-    at long contexts, at some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in."""
+    memory (otherwise they are paged in as used). kv_dtype: "f16" (default) or "i8" KV cache
+    for the cpu backend: int8 takes half the memory of fp16 and decodes faster at long contexts, at
+    some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in."""
     if backend not in BACKENDS:
         raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     location = resolve(path)

@@ -1,11 +1,11 @@
-"""Attention kernels (fp16, int8 and int4 KV caches) against a plain numpy twin written here and
-against ernie_edge.reference (ERNIE_SPEC §3.2): softmax((q k^T) * D^-0.5 + causal mask) v, GQA h -> h // R.
+"""Attention kernels (fp16 and int8 KV caches) against a plain numpy twin written here and against
+ernie_edge.reference (ERNIE_SPEC §3.2): softmax((q k^T) * D^-0.5 + causal mask) v, GQA h -> h // R.
 
-The integer caches' decode quantizes q per head to int8 (integer dot products); its twin does the same
-quantization in numpy, so every fp16 / int8 comparison is float32 round-off only (relative error
-<= 1e-5). The int4 decode also rounds each tile's probabilities to uint8 (error <= max / 510 per
-probability): against the float twin it is allowed 1e-2, against `attention_i4_np` (which rounds them
-the same way) 1e-5; its prefill is float round-off only."""
+The int8 cache's decode quantizes q per head to int8 (integer dot products) and rounds each tile's
+probabilities (times the V scales) to uint8 (error <= max / 510 per probability); its twin
+`attention_i8_np` does both in numpy, so every comparison with it is float32 round-off only
+(relative error <= 1e-5). Against the float twin the int8 decode is allowed 1e-2; its prefill is
+float round-off only."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from ernie_edge import reference as ref
 from ernie_edge.kernels import attention
 
 RNG = np.random.default_rng(7)
-DTYPES = ["f16", "i8", "i4"]
-DECODE_REL = {"f16": 1e-5, "i8": 1e-5, "i4": 1e-2}  # see the module doc
-CODE_MAX = {"i8": 127, "i4": 7}  # symmetric codes per (position, head): step = max|x| / CODE_MAX
+DTYPES = ["f16", "i8"]
+CODE_MAX = 127  # int8 codes per (position, head): step = max|x| / CODE_MAX
 
 
 def assert_rel(got, want, rel=1e-5):
@@ -54,28 +53,38 @@ def quantize_q_np(q):
     return (np.floor(qs * inv + np.float32(0.5)) * (amax / np.float32(127))) / np.float32(d ** -0.5)
 
 
-def attention_i4_np(q, kc, vc, length):
-    """The int4 decode's twin: q rounded as quantize_q_np, and each tile's probabilities times the V
+def attention_i8_np(q, kc, vc, length):
+    """The int8 decode's twin: q rounded as quantize_q_np, and each tile's probabilities times the V
     scales rounded to uint8 relative to the tile's largest (the rounding is scale-free, so the
-    kernel's online softmax gives the same codes)."""
+    kernel's online softmax gives the same codes); [1, Nq*D]."""
     nq, d = q.shape
     nkv = kc.shape[0]
     k, _ = attention.kv_read(kc, vc, 0, length)
     codes, scales = attention._split_views(vc, d, is_k=False)
     codes = codes.reshape(nkv, -1, d)[:, :length].astype(np.float64)
     scales = scales.reshape(nkv, -1)[:, :length].astype(np.float64)
-    qq = quantize_q_np(q)
+    qq = quantize_q_np(q).astype(np.float64)
     out = np.zeros((nq, d))
     for h in range(nq):
         g = h // (nq // nkv)
-        w = np.exp((k[:, g] @ qq[h]) * d ** -0.5 - ((k[:, g] @ qq[h]) * d ** -0.5).max())
+        s = (k[:, g] @ qq[h]) * d ** -0.5
+        w = np.exp(s - s.max())
         p = w * scales[g]
         for t0 in range(0, length, attention.KV_TILE):
             seg = p[t0:t0 + attention.KV_TILE]
             top = seg.max()
+            if top < attention.P_TINY:  # the kernel drops such a tile (<= 1e-30 of the total)
+                continue
             out[h] += top / attention.P_ONE * (np.floor(seg / top * attention.P_ONE + 0.5) @ codes[g, t0:t0 + len(seg)])
         out[h] /= w.sum()
-    return out
+    return out.reshape(1, -1)
+
+
+def decode_twin(q, k, v, kc, vc, length):
+    """What the decode kernel must give: the float twin for fp16, the rounding twin for int8."""
+    if kc.dtype == np.int8:
+        return attention_i8_np(q, kc, vc, length)
+    return attention_np(q[None], k, v, np.array([length - 1]))
 
 
 def fill_cache(S, nkv, d, cap, kv_dtype):
@@ -111,57 +120,52 @@ def test_kv_write_round_trip_across_tiles(kv_dtype):
         np.testing.assert_array_equal(v2, v.astype(np.float16).astype(np.float32))
     else:  # symmetric codes per (position, head): error <= half a step of max|x| / CODE_MAX
         for x, x2 in ((k, k2), (v, v2)):
-            step = np.abs(x).max(-1, keepdims=True) / CODE_MAX[kv_dtype]
+            step = np.abs(x).max(-1, keepdims=True) / CODE_MAX
             assert np.all(np.abs(x2 - x) <= 0.5001 * step)
             assert np.abs(x2 - x).max() > 0.2 * step.min()  # really quantized, and to this step
     with pytest.raises(ValueError):
         attention.kv_write(k[:10], v[:10], kc, vc, 3 * attention.KV_BLOCK - 5)
 
 
-@pytest.mark.parametrize("kv_dtype", ["i8", "i4"])
-def test_integer_cache_zero_row_and_bytes(kv_dtype):
-    kc, vc = attention.new_kv_cache(1, 32, 16, kv_dtype)
+def test_int8_cache_zero_row_and_bytes():
+    kc, vc = attention.new_kv_cache(1, 32, 16, "i8")
     attention.kv_write(np.zeros((1, 1, 16), np.float32), np.ones((1, 1, 16), np.float32), kc, vc, 0)
     k, v = attention.kv_read(kc, vc, 0, 1)
     assert np.all(k == 0) and np.all(v == 1)
     f16 = attention.new_kv_cache(4, 4096, 128, "f16")
-    q = attention.new_kv_cache(4, 4096, 128, kv_dtype)
-    per_position = {"i8": 128 + 4, "i4": 64 + 4}[kv_dtype]  # code bytes + a float32 scale, vs 256 for fp16
-    assert sum(a.nbytes for a in q) / sum(a.nbytes for a in f16) == pytest.approx(per_position / 256)
+    q = attention.new_kv_cache(4, 4096, 128, "i8")
+    # 128 code bytes + a float32 scale per position and head, vs 256 bytes for fp16
+    assert sum(a.nbytes for a in q) / sum(a.nbytes for a in f16) == pytest.approx((128 + 4) / 256)
 
 
-def test_int4_cache_layout_nibbles():
-    """The documented i4 order: K byte 4j + d%4 of group d//4 holds position j (low nibble, j < 16)
-    or j - 16 (high); V bytes (g, d, 0..1) hold positions 4g, 4g+1 (byte 0) and 4g+2, 4g+3 (byte 1),
-    low nibble first; codes stored + 8."""
+def test_int8_cache_layout():
+    """The documented i8 order: K tile [D/4, KT, 4] (byte (d//4 * KT + j) * 4 + d%4), V tile
+    [KT/4, D, 4] (byte ((j//4) * D + d) * 4 + j%4), then KT float32 scales."""
     d = 16
     k = np.zeros((32, 1, d), np.float32)
     v = np.zeros((32, 1, d), np.float32)
-    k[:, 0, 5] = np.arange(32) % 8 - 1  # dim 5: codes -1..6, scale 1 where dim 0 pins max|x| to 7
-    k[:, 0, 0] = 7
-    v[:, 0, 3] = np.arange(32) % 15 - 7
-    v[:, 0, 0] = 7
-    kc, vc = attention.new_kv_cache(1, 32, d, "i4")
+    k[:, 0, 0] = v[:, 0, 0] = 127  # pins every position's scale to 1
+    k[:, 0, 5] = np.arange(32) - 16
+    v[:, 0, 3] = 16 - np.arange(32)
+    kc, vc = attention.new_kv_cache(1, 32, d, "i8")
     attention.kv_write(k, v, kc, vc, 0)
     kb, vb = kc[0, 0], vc[0, 0]
     for j in range(32):
-        byte = kb[(5 // 4) * 64 + (j % 16) * 4 + 5 % 4]
-        assert (byte >> (4 * (j // 16))) & 15 == int(k[j, 0, 5]) + 8
-        byte = vb[(j // 4) * 2 * d + 2 * 3 + (j % 4) // 2]
-        assert (byte >> (4 * (j % 2))) & 15 == int(v[j, 0, 3]) + 8
-    scales = kb[d * 16:].view(np.float32)
-    np.testing.assert_array_equal(scales, np.ones(32, np.float32))
+        assert kb[((5 // 4) * 32 + j) * 4 + 5 % 4] == j - 16
+        assert vb[((j // 4) * d + 3) * 4 + j % 4] == 16 - j
+    np.testing.assert_array_equal(kb[d * 32:].view(np.float32), np.ones(32, np.float32))
+    np.testing.assert_array_equal(vb[d * 32:].view(np.float32), np.ones(32, np.float32))
 
 
-def test_int4_cache_overwrite_keeps_neighbours():
-    """Rewriting a position (a truncated conversation) replaces its nibbles and only those."""
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_cache_overwrite_keeps_neighbours(kv_dtype):
+    """Rewriting positions (a truncated conversation) replaces them and only them."""
     k = RNG.standard_normal((64, 2, 32)).astype(np.float32)
     v = RNG.standard_normal((64, 2, 32)).astype(np.float32)
-    kc, vc = attention.new_kv_cache(2, 64, 32, "i4")
+    kc, vc = attention.new_kv_cache(2, 64, 32, kv_dtype)
     attention.kv_write(k, v, kc, vc, 0)
     before_k, before_v = attention.kv_read(kc, vc, 0, 64)
-    k2, v2 = -k[20:23], -v[20:23]
-    attention.kv_write(k2, v2, kc, vc, 20)
+    attention.kv_write(-k[20:23], -v[20:23], kc, vc, 20)
     after_k, after_v = attention.kv_read(kc, vc, 0, 64)
     keep = np.r_[0:20, 23:64]
     np.testing.assert_array_equal(after_k[keep], before_k[keep])
@@ -173,24 +177,17 @@ def test_int4_cache_overwrite_keeps_neighbours():
 # ---- decode ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
-@pytest.mark.parametrize("length", [1, 255, 256, 257, 4097])
+@pytest.mark.parametrize("length", [1, 33, 255, 256, 257, 4097])
 def test_attention_decode(kv_dtype, length):
     nq, nkv, d = 20, 4, 128
     k, v, kc, vc = fill_cache(length, nkv, d, 4100, kv_dtype)
     q = RNG.standard_normal((nq, d)).astype(np.float32)
-    out = decode(q, kc, vc, length, 4100)
-    qq = q if kv_dtype == "f16" else quantize_q_np(q)
-    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([length - 1])), DECODE_REL[kv_dtype])
+    out = decode(q, kc, vc, length, 4100).reshape(1, -1)
+    assert_rel(out, decode_twin(q, k, v, kc, vc, length))
     if kv_dtype == "f16":
-        assert_rel(out.reshape(1, -1), ref.attention(q[None], k, v, np.array([length - 1])))
-
-
-@pytest.mark.parametrize("length", [1, 33, 300, 4097])
-def test_attention_decode_int4_rounds_probabilities_as_its_twin(length):
-    nq, nkv, d = 20, 4, 128
-    _, _, kc, vc = fill_cache(length, nkv, d, 4100, "i4")
-    q = RNG.standard_normal((nq, d)).astype(np.float32)
-    assert_rel(decode(q, kc, vc, length, 4100), attention_i4_np(q, kc, vc, length))
+        assert_rel(out, ref.attention(q[None], k, v, np.array([length - 1])))
+    else:  # the uint8 probabilities' rounding stays small next to the float result
+        assert_rel(out, attention_np(quantize_q_np(q)[None], k, v, np.array([length - 1])), 1e-2)
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -200,8 +197,7 @@ def test_attention_decode_head_groups_and_dims(kv_dtype, nq, nkv, d):
     k, v, kc, vc = fill_cache(300, nkv, d, 512, kv_dtype)
     q = RNG.standard_normal((nq, d)).astype(np.float32)
     out = decode(q, kc, vc, 300, 512)
-    qq = q if kv_dtype == "f16" else quantize_q_np(q)
-    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([299])), DECODE_REL[kv_dtype])
+    assert_rel(out.reshape(1, -1), decode_twin(q, k, v, kc, vc, 300))
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -211,9 +207,7 @@ def test_attention_decode_any_split(kv_dtype, nsplit, monkeypatch):
     monkeypatch.setattr(attention, "decode_splits", lambda nkv, length: min(nsplit, -(-length // 256)))
     k, v, kc, vc = fill_cache(5000, 2, 32, 5000, kv_dtype)
     q = RNG.standard_normal((4, 32)).astype(np.float32)
-    qq = q if kv_dtype == "f16" else quantize_q_np(q)
-    assert_rel(decode(q, kc, vc, 5000, 5000).reshape(1, -1), attention_np(qq[None], k, v, np.array([4999])),
-               DECODE_REL[kv_dtype])
+    assert_rel(decode(q, kc, vc, 5000, 5000).reshape(1, -1), decode_twin(q, k, v, kc, vc, 5000))
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
@@ -234,8 +228,7 @@ def test_attention_decode_large_scores_are_stable(kv_dtype):
     q = (RNG.standard_normal((nq, d)) * 200).astype(np.float32)  # exp would overflow without the max
     out = decode(q, kc, vc, 300, 512)
     assert np.all(np.isfinite(out))
-    qq = q if kv_dtype == "f16" else quantize_q_np(q)
-    assert_rel(out.reshape(1, -1), attention_np(qq[None], k, v, np.array([299])), rel=max(1e-4, DECODE_REL[kv_dtype]))
+    assert_rel(out.reshape(1, -1), decode_twin(q, k, v, kc, vc, 300), rel=1e-4)
 
 
 # ---- prefill -----------------------------------------------------------------------------------
@@ -280,7 +273,7 @@ _OTHER_PATH = """
 import numpy as np
 from ernie_edge.kernels import _jit, attention
 rng = np.random.default_rng(3)
-for dt in ("f16", "i8", "i4"):
+for dt in ("f16", "i8"):
     k = rng.standard_normal((300, 2, 48)).astype(np.float32)
     kc, vc = attention.new_kv_cache(2, 300, 48, dt)
     attention.kv_write(k, k[::-1].copy(), kc, vc, 0)
@@ -330,9 +323,8 @@ def test_kv_cache_object_dtype_bytes_and_growth(kv_dtype):
     cache.reserve(5)  # grows, keeping what was written
     assert cache.capacity == 2 * GROW_CHUNK
     k, _ = attention.kv_read(cache.k[1], cache.v[1], 3, 5)
-    assert np.abs(k - x).max() <= (1e-2 if kv_dtype == "f16" else 0.51 * np.abs(x).max() / CODE_MAX[kv_dtype])
+    assert np.abs(k - x).max() <= (1e-2 if kv_dtype == "f16" else 0.51 * np.abs(x).max() / CODE_MAX)
     assert kv_bytes(cfg, 4096, "i8") / kv_bytes(cfg, 4096, "f16") == pytest.approx((32 + 4) / 64)
-    assert kv_bytes(cfg, 4096, "i4") / kv_bytes(cfg, 4096, "f16") == pytest.approx((16 + 4) / 64)
 
 
 def test_kv_cache_rejects_unknown_dtype():

@@ -9,28 +9,24 @@ KV cache layout (allocate with `new_kv_cache`, write with `kv_write`, read back 
 Each layer holds k_cache, v_cache arrays [Nkv, NT, tile], one tile per KT = 32 positions:
   "f16"  uint16 bits of float16:  K tile [D, KT] (transposed: positions innermost), V tile [KT, D]
   "i8"   int8 codes, then KT float32 scales (as 4*KT bytes) per tile: K [D/4, KT, 4] + [KT] (four dims
-         of a position side by side: one 32-bit lane of an integer dot-product instruction), V [KT, D] + [KT];
+         of a position side by side), V [KT/4, D, 4] + [KT] (four positions of a dim side by side);
+         each group of four is one 32-bit lane of an integer dot-product instruction (vpdpbusd);
          value = code * scale, symmetric, one scale per (position, KV head): scale = max|x| / 127.
-  "i4"   uint8 bytes of int4 codes stored + 8 (0..15), then KT float32 scales per tile, scale = max|x| / 7:
-         K [D/4, 64 bytes]: the i8 order of a 4-dim group (position j, dim d%4 at byte 4j + d%4) with
-         positions 0-15 in the low nibbles and 16-31 in the high nibbles; V [KT/4, D, 2]: bytes (g, d, 0..1)
-         hold positions 4g, 4g+1 (low, high nibble of byte 0) and 4g+2, 4g+3 (byte 1) of dim d, so the
-         four codes of a dim unpack into one 32-bit lane of an integer dot-product instruction
-         (vpdpbusd) against four quantized probabilities.
-fp16 takes 7.5 GB for 131072 positions x 28 layers, int8 3.9 GB, int4 2.0 GB. K is transposed within a tile so the
-score loop runs over positions innermost (contiguous vector multiply-adds for the R query heads of a
-KV head, no horizontal sums) while a whole tile stays one contiguous 4-8 KiB run of memory.
+fp16 takes 7.5 GB for 131072 positions x 28 layers, int8 3.9 GB. (This layout lives in memory only;
+nothing of it is written to disk.) K is transposed within a tile so the score loop runs over
+positions innermost (contiguous vector multiply-adds for the R query heads of a KV head, no
+horizontal sums) while a whole tile stays one contiguous 4-8 KiB run of memory.
 Query head h reads KV head h // R. Scores are (q . k) * D^-0.5, softmax in float32.
 
-int8 decode quantizes q per head (symmetric int8) and forms the scores as exact integer dots
-(vpdpbusd with VNNI, vpmaddubsw + vpmaddwd with AVX2, widening multiplies elsewhere), like
-llama.cpp's q8_0 KV cache; V is widened to float32. int4 decode scores the same way (nibbles
-unpacked in registers), and forms P.V in integers too: per tile and head the probabilities (times the
-positions' V scales) are rounded to uint8 relative to their maximum (`_quantize_tile`, error <=
-max/510 each: ~1/20 of the int4 V codes' own rounding error, which is max|v|/14 per value) and
-multiplied with the V codes four positions at a time, so the P.V arithmetic per position is a quarter
-of the float path's (measured: float P.V made the int8 cache's attention compute-bound at 32k
-positions on 2 cores).
+int8 decode works in integers on both sides, like llama.cpp's q8_0 KV cache: q is quantized per head
+(symmetric int8) and the scores are exact integer dots (vpdpbusd with VNNI, vpmaddubsw + vpmaddwd
+with AVX2, widening multiplies elsewhere); then per tile and head the probabilities times the
+positions' V scales are rounded to uint8 relative to their maximum (`_quantize_tile`: error <=
+max/510 per position, a quarter of the int8 V codes' own rounding error) and multiplied with the V
+codes four positions at a time. Float P.V made the int8 cache's attention compute-bound at 32k
+positions on 2 cores (1.35 ms per layer with the cache in L2/L3 against 0.76 ms in integers).
+(An int4 cache was tried and dropped: KL divergence vs fp16 0.12 on the small synthetic model,
+against 0.002 for int8; commit 5843702.)
 
 Decode reads the cache once per token (it is memory-bound at long context): each work item is one
 KV head x one contiguous range of positions, processed in blocks of DECODE_BLOCK positions with an
@@ -55,9 +51,9 @@ KV_TILE = 32  # KT: positions per cache tile
 KV_BLOCK = 256  # allocation granularity of new_kv_cache (positions; a multiple of KV_TILE)
 DECODE_BLOCK = 256  # positions per online-softmax step in decode (a multiple of KV_TILE)
 MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
-KV_DTYPES = ("f16", "i8", "i4")
-_CODE_DTYPES = {"f16": np.uint16, "i8": np.int8, "i4": np.uint8}  # the cache array's dtype per kv_dtype
-P_ONE = 255  # int4 P.V: a tile's largest probability is rounded to this uint8 code
+KV_DTYPES = ("f16", "i8")
+_CODE_DTYPES = {"f16": np.uint16, "i8": np.int8}  # the cache array's dtype per kv_dtype
+P_ONE = 255  # int8 P.V: a tile's largest probability is rounded to this uint8 code
 PREFILL_QBLOCK = 16  # queries per prefill work item
 PREFILL_KBLOCK = 64  # keys per prefill inner block (a multiple of KV_TILE)
 NEG_INF = np.float32(-np.inf)  # a float32 constant keeps the softmax in float32 (a Python -inf is float64)
@@ -73,15 +69,12 @@ def tile_elems(head_dim: int, kv_dtype: str) -> int:
         return head_dim * KV_TILE
     if kv_dtype == "i8":
         return (head_dim + 4) * KV_TILE
-    if kv_dtype == "i4":
-        return (head_dim // 2 + 4) * KV_TILE
     raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
 
 
 def new_kv_cache(n_kv_heads: int, capacity: int, head_dim: int, kv_dtype: str = "f16"):
     """(k_cache, v_cache) zero-filled [Nkv, NT, tile] arrays for >= capacity positions (rounded up to
-    KV_BLOCK). kv_dtype "f16" (uint16 bits of float16), "i8" (int8 codes + float32 scales) or "i4"
-    (uint8 bytes of two int4 codes + float32 scales)."""
+    KV_BLOCK). kv_dtype "f16" (uint16 bits of float16) or "i8" (int8 codes + float32 scales)."""
     if head_dim % 16:
         raise ValueError(f"head_dim must be a multiple of 16, got {head_dim}")
     nt = max(1, -(-capacity // KV_BLOCK)) * (KV_BLOCK // KV_TILE)
@@ -96,12 +89,10 @@ def cache_dtype(k_cache) -> str:
 
 def _check_cache(k_cache, v_cache, head_dim=None) -> int:
     """Validate the layout; returns the head dim D."""
-    if k_cache.dtype not in (np.uint16, np.int8, np.uint8) or k_cache.ndim != 3:
-        raise ValueError("k_cache / v_cache must be uint16, int8 or uint8 [Nkv, NT, tile] arrays (see new_kv_cache)")
+    if k_cache.dtype not in (np.uint16, np.int8) or k_cache.ndim != 3:
+        raise ValueError("k_cache / v_cache must be uint16 or int8 [Nkv, NT, tile] arrays (see new_kv_cache)")
     nkv, nt, te = k_cache.shape
-    d = te // KV_TILE
-    if k_cache.dtype != np.uint16:
-        d = (d - 4) * (2 if k_cache.dtype == np.uint8 else 1)
+    d = te // KV_TILE - (0 if k_cache.dtype == np.uint16 else 4)
     if (v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape or te % KV_TILE or d <= 0 or d % 16
             or (head_dim is not None and d != head_dim)):
         raise ValueError(f"cache shapes k {k_cache.shape} {k_cache.dtype}, v {v_cache.shape} {v_cache.dtype} "
@@ -113,31 +104,24 @@ def _check_cache(k_cache, v_cache, head_dim=None) -> int:
 
 def _split_views(cache, head_dim: int, is_k: bool):
     """(codes, scales) numpy views of one cache array. codes: f16 K [Nkv, NT, D, KT], i8 K
-    [Nkv, NT, D/4, KT, 4], V [Nkv, NT, KT, D] (float16 or int8; i4 codes are unpacked into a new int8
-    array in the i8 order); scales float32 [Nkv, NT, KT] or None."""
+    [Nkv, NT, D/4, KT, 4], V [Nkv, NT, KT, D] (float16, or int8 transposed from [KT/4, D, 4]); scales
+    float32 [Nkv, NT, KT] or None."""
     nkv, nt, _ = cache.shape
     if cache.dtype == np.uint16:
         shape = (nkv, nt, head_dim, KV_TILE) if is_k else (nkv, nt, KV_TILE, head_dim)
         return cache.view(np.float16).reshape(shape), None
-    if cache.dtype == np.uint8:
-        n = head_dim * KV_TILE // 2
-        b = cache[:, :, :n]
-        nib = np.stack([b & 15, b >> 4], axis=3).astype(np.int8) - 8  # [Nkv, NT, n, 2]
-        if is_k:  # [D/4, 64 bytes = 16 positions x 4 dims] x (low, high) -> [D/4, KT, 4]
-            codes = nib.reshape(nkv, nt, head_dim // 4, 16, 4, 2).transpose(0, 1, 2, 5, 3, 4)
-            codes = codes.reshape(nkv, nt, head_dim // 4, KV_TILE, 4)
-        else:  # [KT/4, D, 2 bytes] x (low, high) -> [KT, D]
-            codes = nib.reshape(nkv, nt, KV_TILE // 4, head_dim, 2, 2).transpose(0, 1, 2, 4, 5, 3)
-            codes = codes.reshape(nkv, nt, KV_TILE, head_dim)
-        return codes, cache[:, :, n:].view(np.float32)
     n = head_dim * KV_TILE
-    shape = (nkv, nt, head_dim // 4, KV_TILE, 4) if is_k else (nkv, nt, KV_TILE, head_dim)
-    return cache[:, :, :n].reshape(shape), cache[:, :, n:].view(np.float32)
+    if is_k:
+        codes = cache[:, :, :n].reshape(nkv, nt, head_dim // 4, KV_TILE, 4)
+    else:  # [KT/4, D, 4] -> [KT, D]
+        codes = cache[:, :, :n].reshape(nkv, nt, KV_TILE // 4, head_dim, 4).transpose(0, 1, 2, 4, 3)
+        codes = codes.reshape(nkv, nt, KV_TILE, head_dim)
+    return codes, cache[:, :, n:].view(np.float32)
 
 
 def kv_write(k, v, k_cache, v_cache, start: int) -> None:
     """Store k, v float32 [T, Nkv, D] (post-RoPE) at positions start .. start+T-1 (rounded to fp16,
-    or quantized to int8 / int4 with one scale per position and KV head)."""
+    or quantized to int8 with one scale per position and KV head)."""
     T = k.shape[0]
     d = _check_cache(k_cache, v_cache)
     nkv, nt, _ = k_cache.shape
@@ -147,10 +131,6 @@ def kv_write(k, v, k_cache, v_cache, start: int) -> None:
         raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {nt * KV_TILE} positions")
     if k_cache.dtype == np.int8:
         _kv_write_i8(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
-                     k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
-        return
-    if k_cache.dtype == np.uint8:
-        _kv_write_i4(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
                      k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
         return
     kc, _ = _split_views(k_cache, d, is_k=True)
@@ -167,7 +147,7 @@ def kv_write(k, v, k_cache, v_cache, start: int) -> None:
 @njit()
 def _kv_write_i8(k, v, kflat, vflat, ntc, start):
     """Quantize k, v [T, Nkv, D] (symmetric int8, one scale per position and head) into the flat
-    int8 caches: K codes at _kpos, V codes [KT, D], scales after the D*KT codes of each tile."""
+    int8 caches: K codes at _kpos, V codes [KT/4, D, 4], scales after the D*KT codes of each tile."""
     T, nkv, D = k.shape
     te = kflat.shape[0] // (nkv * ntc)
     for t in range(T):
@@ -181,36 +161,9 @@ def _kv_write_i8(k, v, kflat, vflat, ntc, start):
                 scale = amax / np.float32(127.0)
                 inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
                 for d in range(D):
-                    off = _kpos(flat, d, j) if is_k else j * D + d
+                    off = _kpos(flat, d, j) if is_k else ((j // 4) * D + d) * 4 + j % 4
                     flat[toff + off] = np.int8(np.rint(x[d] * inv))
                 _store_f32(flat, toff + D * KV_TILE + 4 * j, scale)
-
-
-@njit()
-def _kv_write_i4(k, v, kflat, vflat, ntc, start):
-    """Quantize k, v [T, Nkv, D] (symmetric int4 in [-7, 7], stored + 8, one scale per position and
-    head) into the flat uint8 caches in the "i4" order (module doc); scales after the D*KT/2 bytes."""
-    T, nkv, D = k.shape
-    te = kflat.shape[0] // (nkv * ntc)
-    for t in range(T):
-        tile, j = (start + t) // KV_TILE, (start + t) % KV_TILE
-        for g in range(nkv):
-            toff = (g * ntc + tile) * te
-            for x, flat, is_k in ((k[t, g], kflat, True), (v[t, g], vflat, False)):
-                amax = np.float32(0.0)
-                for d in range(D):
-                    amax = max(amax, abs(x[d]))
-                scale = amax / np.float32(7.0)
-                inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
-                for d in range(D):
-                    code = np.uint8(np.int32(np.rint(x[d] * inv)) + 8)
-                    if is_k:
-                        off, shift = (d // 4) * 64 + (j % 16) * 4 + d % 4, 4 * (j // 16)
-                    else:
-                        off, shift = (j // 4) * 2 * D + 2 * d + (j % 4) // 2, 4 * (j % 2)
-                    old = flat[toff + off]
-                    flat[toff + off] = (old & np.uint8(0xF0 >> shift)) | (code << np.uint8(shift))
-                _store_f32(flat, toff + D * KV_TILE // 2 + 4 * j, scale)
 
 
 def kv_read(k_cache, v_cache, start: int, n: int):
@@ -292,10 +245,6 @@ def _ptr(context, builder, arrty, arr, elem_ty, off):
     return builder.gep(builder.bitcast(data, elem_ty.as_pointer()), [off])
 
 
-def _code_ty(arrty):
-    return ir.IntType(8) if arrty.dtype == types.int8 else ir.IntType(16)
-
-
 def _half_to_float(builder, raw):
     """<n x i16> IEEE half bits -> <n x float>: fpext (vcvtph2ps; F16C is checked in _jit) on x86,
     exact bit manipulation on the generic path (no compiler-rt call). Inf/NaN do not occur."""
@@ -311,20 +260,15 @@ def _half_to_float(builder, raw):
     return builder.bitcast(builder.or_(builder.bitcast(f, i32v), sign), f32v)
 
 
-def _load_vec(builder, ptr, is_i8):
-    """16 consecutive cache codes at ptr -> <16 x float> (int8 codes, or fp16 bits)."""
-    if is_i8:
-        raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(8), _VL).as_pointer()), align=1)
-        return builder.sitofp(builder.sext(raw, _I32V), _F32V)
+def _load_f16(builder, ptr):
+    """16 consecutive fp16 cache values at ptr (i16*) -> <16 x float>."""
     raw = builder.load(builder.bitcast(ptr, ir.VectorType(ir.IntType(16), _VL).as_pointer()), align=2)
     return _half_to_float(builder, raw)
 
 
 def _scale_ptr(context, builder, arrty, arr, toff, d):
-    """float* to the KT scales of the int8 / int4 tile at byte offset toff (after its D*KT or D*KT/2
-    bytes of codes)."""
-    nbytes = builder.mul(d, _i64(KV_TILE // 2 if arrty.dtype == types.uint8 else KV_TILE))
-    p = _ptr(context, builder, arrty, arr, ir.IntType(8), builder.add(toff, nbytes))
+    """float* to the KT scales of the int8 tile at byte offset toff (after its D*KT bytes of codes)."""
+    p = _ptr(context, builder, arrty, arr, ir.IntType(8), builder.add(toff, builder.mul(d, _i64(KV_TILE))))
     return builder.bitcast(p, _F32.as_pointer())
 
 
@@ -335,7 +279,7 @@ _I16x32 = ir.VectorType(ir.IntType(16), 2 * _VL)
 
 def _dot4(builder, acc, kb, qb, k_unsigned=False):
     """acc <16 x i32> + sums of 4 adjacent products kb * qb (<64 x i8> each; q signed, k signed, or
-    unsigned with k_unsigned: the int4 cache's K nibbles 0..15, or int4 P.V's uint8 probabilities).
+    unsigned with k_unsigned: int8 P.V passes its uint8 probabilities as kb and the V codes as qb).
 
     VNNI: vpdpbusd needs an unsigned operand, so it takes signed k as k + 128 (k xor 0x80) and the
     caller subtracts 128 * sum(q) (`_needs_q_offset`). AVX2: vpmaddubsw + vpmaddwd, with the sign trick
@@ -394,7 +338,7 @@ def _make_qk(nr):
         def codegen(context, builder, signature, args):
             kc, toff, d, q, qi, qsc, qsum, h0, s, soff, sstride = args
             kty, _, _, qty, qity, qscty, qsumty, _, sty, _, _ = signature.args
-            if kty.dtype in (types.int8, types.uint8):
+            if kty.dtype == types.int8:
                 _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff,
                        sstride, nr)
             else:
@@ -413,6 +357,13 @@ def _prefetch(builder, ptr):
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
     i32 = ir.IntType(32)
     builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _prefetch_scales_ahead(builder, scale_ptr, te):
+    """Prefetch the KT float32 scales (2 lines) of the int8 tile PREFETCH_TILES ahead."""
+    ahead = _ahead(builder, scale_ptr, te, 1)
+    for line in range(0, 4 * KV_TILE, 64):
+        _prefetch(builder, builder.gep(ahead, [_i64(line)]))
 
 
 def _ahead(builder, base, te, nbytes_per_elem):
@@ -449,7 +400,7 @@ def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstrid
             kp = builder.gep(kbase, [builder.add(builder.mul(loop.index, _i64(KV_TILE)), _i64(sub))])
             if PREFETCH and sub == 0:  # a row of KT fp16 keys is one 64-byte line
                 _prefetch(builder, _ahead(builder, kp, te, 2))
-            kv = [_load_vec(builder, builder.gep(kp, [_i64(_VL * v)]), False) for v in range(NVEC)]
+            kv = [_load_f16(builder, builder.gep(kp, [_i64(_VL * v)])) for v in range(NVEC)]
             for r in range(nr):
                 qv = _splat(builder, builder.load(builder.gep(qbase, [builder.add(builder.mul(_i64(r), d), loop.index)])))
                 for v in range(NVEC):
@@ -458,9 +409,7 @@ def _qk_f16(context, builder, kty, kc, toff, d, qty, q, h0, sty, s, soff, sstrid
 
 
 def _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qsum, h0, sty, s, soff, sstride, nr):
-    """Integer scores. int8 K tile codes [D/4, KT, 4]: one <64 x i8> load = 16 positions x 4 dims.
-    int4 [D/4, 64 bytes]: one load holds a 4-dim group of all KT positions, 0-15 in the low nibbles."""
-    i4 = kty.dtype == types.uint8
+    """Integer scores. int8 K tile codes [D/4, KT, 4]: one <64 x i8> load = 16 positions x 4 dims."""
     kbase = _ptr(context, builder, kty, kc, ir.IntType(8), toff)
     qibase = _ptr(context, builder, qity, qi, ir.IntType(32), builder.mul(h0, builder.udiv(d, _i64(4))))
     qscbase = _ptr(context, builder, qscty, qsc, _F32, h0)
@@ -468,9 +417,11 @@ def _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qs
     sbase = _ptr(context, builder, sty, s, _F32, soff)
     kscale = _scale_ptr(context, builder, kty, kc, toff, d)
     te = _tile_elems_of(context, builder, kty, kc)
+    if PREFETCH:  # the KT scales (two lines) of the tile ahead: the group loop prefetches only its codes
+        _prefetch_scales_ahead(builder, kscale, te)
     d4 = builder.udiv(d, _i64(4))
-    group_bytes = 2 * KV_TILE if i4 else 4 * KV_TILE  # one 4-dim group of the tile's KT positions
-    q_offset = 8 if i4 else (128 if _needs_q_offset() else 0)  # the k codes' offset (unsigned k)
+    group_bytes = 4 * KV_TILE  # one 4-dim group of the tile's KT positions
+    q_offset = 128 if _needs_q_offset() else 0  # vpdpbusd takes k + 128 (module doc of _dot4)
     zero = ir.Constant(_I32V, [0] * _VL)
     accs = [[cgutils.alloca_once(builder, _I32V) for _ in range(NVEC)] for _ in range(nr)]
     for sub in range(0, KV_TILE, _SUBTILE):
@@ -479,25 +430,19 @@ def _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qs
                 builder.store(zero, a)
         with cgutils.for_range(builder, d4) as loop:
             gp = builder.gep(kbase, [builder.mul(loop.index, _i64(group_bytes))])
-            if PREFETCH and sub == 0:  # one line (int4) or two (int8) per group
+            if PREFETCH and sub == 0:  # the group's two lines
                 ahead = _ahead(builder, gp, te, 1)
                 for line in range(0, group_bytes, 64):
                     _prefetch(builder, builder.gep(ahead, [_i64(line)]))
-            if i4:  # low nibbles: positions 0-15, high nibbles: 16-31 (each the i8 order of 16 positions)
-                raw = builder.load(builder.bitcast(gp, _I8x64.as_pointer()), align=1)
-                halves = [builder.and_(raw, ir.Constant(_I8x64, [15] * 64)),
-                          builder.lshr(raw, ir.Constant(_I8x64, [4] * 64))]
-                kv = halves[sub // _VL: sub // _VL + NVEC]
-            else:
-                kp = builder.gep(gp, [_i64(4 * sub)])
-                kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()),
-                                   align=1) for v in range(NVEC)]
+            kp = builder.gep(gp, [_i64(4 * sub)])
+            kv = [builder.load(builder.bitcast(builder.gep(kp, [_i64(4 * _VL * v)]), _I8x64.as_pointer()), align=1)
+                  for v in range(NVEC)]
             for r in range(nr):
                 q4 = builder.load(builder.gep(qibase, [builder.add(builder.mul(_i64(r), d4), loop.index)]), align=1)
                 qv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), q4, ir.Constant(ir.IntType(32), 0))
                 qb = builder.bitcast(builder.shuffle_vector(qv, qv, ir.Constant(_I32V, [0] * _VL)), _I8x64)
                 for v in range(NVEC):
-                    builder.store(_dot4(builder, builder.load(accs[r][v]), kv[v], qb, k_unsigned=i4), accs[r][v])
+                    builder.store(_dot4(builder, builder.load(accs[r][v]), kv[v], qb), accs[r][v])
         ks = [builder.load(builder.bitcast(builder.gep(kscale, [_i64(sub + _VL * v)]), _F32V.as_pointer()), align=4)
               for v in range(NVEC)]
         vals = []
@@ -513,9 +458,21 @@ def _qk_int(context, builder, kty, kc, toff, d, qity, qi, qscty, qsc, qsumty, qs
         _store_scores(builder, sbase, sstride, sub, vals)
 
 
-def _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, abase, d0, nvec, nr, te):
-    """acc[r, d0 : d0 + 16*nvec] += sum_{j<n} p[r, j] * v[j, d0 : ...] for nr heads (for int8 V
-    the probabilities already carry the positions' V scales: `_scale_probs`)."""
+def _dim_passes(builder, d, emit):
+    """emit(d0, nvec) for the passes of P.V over D dims: PV_NVEC vectors of 16 dims at a time, then
+    16 at a time for the dims past the last full pass (D % 64)."""
+    step = _VL * PV_NVEC
+    nfull = builder.udiv(d, _i64(step))
+    with cgutils.for_range(builder, nfull) as loop:
+        emit(builder.mul(loop.index, _i64(step)), PV_NVEC)
+    if PV_NVEC > 1:
+        nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
+        with cgutils.for_range(builder, nrest) as loop:
+            emit(builder.add(builder.mul(nfull, _i64(step)), builder.mul(loop.index, _i64(_VL))), 1)
+
+
+def _emit_pv_pass(context, builder, vbase, d, n, pbase, pstride, abase, d0, nvec, nr, te):
+    """acc[r, d0 : d0 + 16*nvec] += sum_{j<n} p[r, j] * v[j, d0 : ...] for nr heads (fp16 V)."""
     aptrs = [[builder.bitcast(builder.gep(abase, [builder.add(builder.mul(_i64(r), d), builder.add(d0, _i64(_VL * v)))]),
                               _F32V.as_pointer()) for v in range(nvec)] for r in range(nr)]
     accs = [[cgutils.alloca_once(builder, _F32V) for _ in range(nvec)] for _ in range(nr)]
@@ -526,10 +483,10 @@ def _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, aba
         j = loop.index
         row = builder.gep(vbase, [builder.add(builder.mul(j, d), d0)])
         if PREFETCH:  # every 64-byte line of this pass's part of the row, PREFETCH_TILES tiles ahead
-            ahead = _ahead(builder, row, te, 1 if is_i8 else 2)
-            for line in range(0, nvec * _VL * (1 if is_i8 else 2), 64):
+            ahead = _ahead(builder, row, te, 2)
+            for line in range(0, 2 * nvec * _VL, 64):
                 _prefetch(builder, builder.gep(ahead, [_i64(line)]))
-        vv = [_load_vec(builder, builder.gep(row, [_i64(_VL * v)]), is_i8) for v in range(nvec)]
+        vv = [_load_f16(builder, builder.gep(row, [_i64(_VL * v)])) for v in range(nvec)]
         for r in range(nr):
             pj = builder.load(builder.gep(pbase, [builder.add(builder.mul(_i64(r), pstride), j)]))
             pv = _splat(builder, pj)
@@ -541,7 +498,7 @@ def _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, aba
 
 
 def _make_pv(nr):
-    """acc[aoff + r*D + :] += sum_{j<n} p[poff + r*pstride + j] * v[j, :] for one V tile and `nr`
+    """acc[aoff + r*D + :] += sum_{j<n} p[poff + r*pstride + j] * v[j, :] for one fp16 V tile and `nr`
     heads. Args (vc, toff, D, n, p, poff, pstride, acc, aoff); n <= KT valid positions."""
 
     def typer(typingctx, vc, toff, d, n, p, poff, pstride, acc, aoff):
@@ -550,21 +507,12 @@ def _make_pv(nr):
         def codegen(context, builder, signature, args):
             vc, toff, d, n, p, poff, pstride, acc, aoff = args
             vty, _, _, _, pty, _, _, aty, _ = signature.args
-            is_i8 = vty.dtype == types.int8
-            vbase = _ptr(context, builder, vty, vc, _code_ty(vty), toff)
+            vbase = _ptr(context, builder, vty, vc, ir.IntType(16), toff)
             pbase = _ptr(context, builder, pty, p, _F32, poff)
             abase = _ptr(context, builder, aty, acc, _F32, aoff)
             te = _tile_elems_of(context, builder, vty, vc)
-            step = _VL * PV_NVEC
-            nfull = builder.udiv(d, _i64(step))
-            with cgutils.for_range(builder, nfull) as loop:
-                d0 = builder.mul(loop.index, _i64(step))
-                _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, abase, d0, PV_NVEC, nr, te)
-            if PV_NVEC > 1:  # the dims past the last full pass (D % 64), 16 at a time
-                nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
-                with cgutils.for_range(builder, nrest) as loop:
-                    d0 = builder.add(builder.mul(nfull, _i64(step)), builder.mul(loop.index, _i64(_VL)))
-                    _emit_pv_pass(context, builder, vty, vbase, is_i8, d, n, pbase, pstride, abase, d0, 1, nr, te)
+            _dim_passes(builder, d, lambda d0, nvec: _emit_pv_pass(context, builder, vbase, d, n, pbase, pstride, abase,
+                                                                   d0, nvec, nr, te))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -572,28 +520,20 @@ def _make_pv(nr):
     return intrinsic(typer)
 
 
-def _unpack_v_quads(builder, raw):
-    """32 bytes of an int4 V quad row (<32 x i8>: dim i at bytes 2i, 2i+1, each two positions) ->
-    <64 x i8> whose 32-bit lane i holds dim i's four codes (stored + 8, 0..15) in position order."""
-    w = builder.zext(raw, _I16x32)  # 0x00HL per byte
-    b = builder.and_(builder.or_(w, builder.shl(w, ir.Constant(_I16x32, [4] * 32))), ir.Constant(_I16x32, [0x0F0F] * 32))
-    return builder.bitcast(b, _I8x64)  # each 16-bit lane 0x0H0L: bytes L, H
-
-
-def _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride, abase, d0,
-                     nvec, nr, te):
-    """acc[r, d0 : d0 + 16*nvec] += psc[r] * (sum_quads pq . codes - 8 * psum[r]) for one int4 V tile."""
+def _emit_pv_int_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, qstride, abase, d0, nvec, nr, te):
+    """acc[r, d0 : d0 + 16*nvec] += psc[r] * sum_quads pq . codes for one int8 V tile: per quad of
+    positions, one <64 x i8> load of 16 dims x 4 positions against each head's 4 uint8 probabilities."""
     accs = [[cgutils.alloca_once_value(builder, ir.Constant(_I32V, [0] * _VL)) for _ in range(nvec)]
             for _ in range(nr)]
+    dim_bytes = 4  # bytes of one dim's 4 codes in a quad row
     with cgutils.for_range(builder, nquads) as loop:
-        row = builder.gep(vbase, [builder.add(builder.mul(loop.index, builder.mul(d, _i64(2))), builder.mul(d0, _i64(2)))])
+        row = builder.gep(vbase, [builder.mul(builder.add(builder.mul(loop.index, d), d0), _i64(dim_bytes))])
         if PREFETCH:
             ahead = _ahead(builder, row, te, 1)
-            for line in range(0, 2 * nvec * _VL, 64):
+            for line in range(0, dim_bytes * nvec * _VL, 64):
                 _prefetch(builder, builder.gep(ahead, [_i64(line)]))
-        i8x32 = ir.VectorType(ir.IntType(8), 2 * _VL)
-        vv = [_unpack_v_quads(builder, builder.load(builder.bitcast(builder.gep(row, [_i64(2 * _VL * v)]),
-                                                                    i8x32.as_pointer()), align=1)) for v in range(nvec)]
+        vv = [builder.load(builder.bitcast(builder.gep(row, [_i64(dim_bytes * _VL * v)]), _I8x64.as_pointer()), align=1)
+              for v in range(nvec)]
         for r in range(nr):
             pp = builder.gep(pbase, [builder.add(builder.mul(_i64(r), pstride), builder.mul(loop.index, _i64(4)))])
             pw = builder.load(builder.bitcast(pp, ir.IntType(32).as_pointer()), align=1)
@@ -602,50 +542,36 @@ def _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase,
             for v in range(nvec):
                 builder.store(_dot4(builder, builder.load(accs[r][v]), pv, vv[v], k_unsigned=True), accs[r][v])
     for r in range(nr):
-        q_off = builder.mul(builder.load(builder.gep(sumbase, [builder.mul(_i64(r), qstride)])),
-                            ir.Constant(ir.IntType(32), 8))
-        offv = builder.insert_element(ir.Constant(_I32V, ir.Undefined), q_off, ir.Constant(ir.IntType(32), 0))
-        offv = builder.shuffle_vector(offv, offv, ir.Constant(_I32V, [0] * _VL))
+        dots = [builder.load(a) for a in accs[r]]
         psc = _splat(builder, builder.load(builder.gep(scbase, [builder.mul(_i64(r), qstride)])))
         for v in range(nvec):
             ap = builder.bitcast(builder.gep(abase, [builder.add(builder.mul(_i64(r), d), builder.add(d0, _i64(_VL * v)))]),
                                  _F32V.as_pointer())
-            f = builder.sitofp(builder.sub(builder.load(accs[r][v]), offv), _F32V)
-            builder.store(_fma(builder, f, psc, builder.load(ap, align=4)), ap, align=4)
+            builder.store(_fma(builder, builder.sitofp(dots[v], _F32V), psc, builder.load(ap, align=4)), ap, align=4)
 
 
-def _make_pv_i4(nr):
-    """Integer P.V of one int4 V tile for `nr` heads: acc[aoff + r*D + :] += psc * (pq . codes - 8 psum),
-    pq uint8 [.., pstride] quantized probabilities (zero past n), psc / psum float32 / int32 [.., qstride]
-    the tile's scale and code sum per head. Args (vc, toff, D, n, pq, poff, pstride, psc, psum, qoff,
-    qstride, acc, aoff); n <= KT valid positions."""
+def _make_pv_int(nr):
+    """Integer P.V of one int8 V tile for `nr` heads: acc[aoff + r*D + :] += psc * (pq . codes); pq uint8
+    [.., pstride] quantized probabilities (zero past n), psc float32 [.., qstride] the tile's scale per
+    head. Args (vc, toff, D, n, pq, poff, pstride, psc, qoff, qstride, acc, aoff); n <= KT valid positions."""
 
-    def typer(typingctx, vc, toff, d, n, pq, poff, pstride, psc, psum, qoff, qstride, acc, aoff):
-        sig = types.void(vc, types.intp, types.intp, types.intp, pq, types.intp, types.intp, psc, psum,
+    def typer(typingctx, vc, toff, d, n, pq, poff, pstride, psc, qoff, qstride, acc, aoff):
+        sig = types.void(vc, types.intp, types.intp, types.intp, pq, types.intp, types.intp, psc,
                          types.intp, types.intp, acc, types.intp)
 
         def codegen(context, builder, signature, args):
-            vc, toff, d, n, pq, poff, pstride, psc, psum, qoff, qstride, acc, aoff = args
-            vty, _, _, _, pqty, _, _, pscty, psumty, _, _, aty, _ = signature.args
+            vc, toff, d, n, pq, poff, pstride, psc, qoff, qstride, acc, aoff = args
+            vty, _, _, _, pqty, _, _, pscty, _, _, aty, _ = signature.args
             vbase = _ptr(context, builder, vty, vc, ir.IntType(8), toff)
             pbase = _ptr(context, builder, pqty, pq, ir.IntType(8), poff)
             scbase = _ptr(context, builder, pscty, psc, _F32, qoff)
-            sumbase = _ptr(context, builder, psumty, psum, ir.IntType(32), qoff)
             abase = _ptr(context, builder, aty, acc, _F32, aoff)
             te = _tile_elems_of(context, builder, vty, vc)
+            if PREFETCH:
+                _prefetch_scales_ahead(builder, _scale_ptr(context, builder, vty, vc, toff, d), te)
             nquads = builder.udiv(builder.add(n, _i64(3)), _i64(4))
-            step = _VL * PV_NVEC
-            nfull = builder.udiv(d, _i64(step))
-            with cgutils.for_range(builder, nfull) as loop:
-                d0 = builder.mul(loop.index, _i64(step))
-                _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride, abase,
-                                 d0, PV_NVEC, nr, te)
-            if PV_NVEC > 1:
-                nrest = builder.udiv(builder.urem(d, _i64(step)), _i64(_VL))
-                with cgutils.for_range(builder, nrest) as loop:
-                    d0 = builder.add(builder.mul(nfull, _i64(step)), builder.mul(loop.index, _i64(_VL)))
-                    _emit_pv_i4_pass(context, builder, vbase, d, nquads, pbase, pstride, scbase, sumbase, qstride,
-                                     abase, d0, 1, nr, te)
+            _dim_passes(builder, d, lambda d0, nvec: _emit_pv_int_pass(
+                context, builder, vbase, d, nquads, pbase, pstride, scbase, qstride, abase, d0, nvec, nr, te))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -654,7 +580,7 @@ def _make_pv_i4(nr):
 
 
 _qk1, _qk2, _qk3, _qk4, _qk5, _qk6 = (_make_qk(n) for n in range(1, _MAX_HEADS + 1))
-_pvi1, _pvi2, _pvi3, _pvi4, _pvi5, _pvi6 = (_make_pv_i4(n) for n in range(1, _MAX_HEADS + 1))
+_pvi1, _pvi2, _pvi3, _pvi4, _pvi5, _pvi6 = (_make_pv_int(n) for n in range(1, _MAX_HEADS + 1))
 _pv1, _pv2, _pv3, _pv4, _pv5, _pv6 = (_make_pv(n) for n in range(1, _MAX_HEADS + 1))
 
 
@@ -713,10 +639,8 @@ def _make_dtype_test(dtypes):
     return test
 
 
-# Compile-time constants: is this cache array int8 (i8), int4 (i4), or either (integer codes)?
+# A compile-time constant: is this cache array int8 (kv_dtype "i8")?
 _is_i8 = _make_dtype_test((types.int8,))
-_is_i4 = _make_dtype_test((types.uint8,))
-_is_int = _make_dtype_test((types.int8, types.uint8))
 
 
 @intrinsic
@@ -734,19 +658,14 @@ def _kpos(typingctx, arr, d, j):
     return sig, codegen
 
 
-def _load_code(context, builder, aty, arr, byte_off, shift):
-    """The code at byte_off of a cache array as float32: fp16 bits (byte_off then counts uint16
-    elements), an int8 code, or the int4 nibble at bit `shift` (an i64 value) minus 8."""
+def _load_code(context, builder, aty, arr, off):
+    """The code at element `off` of a cache array as float32: fp16 bits or an int8 code (unscaled)."""
     if aty.dtype == types.uint16:
-        x = builder.load(_ptr(context, builder, aty, arr, ir.IntType(16), byte_off))
+        x = builder.load(_ptr(context, builder, aty, arr, ir.IntType(16), off))
         v = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), 1), ir.Undefined), x,
                                    ir.Constant(ir.IntType(32), 0))
         return builder.extract_element(_half_to_float(builder, v), ir.Constant(ir.IntType(32), 0))
-    x = builder.load(_ptr(context, builder, aty, arr, ir.IntType(8), byte_off))
-    if aty.dtype == types.int8:
-        return builder.sitofp(x, _F32)
-    nib = builder.and_(builder.lshr(x, builder.trunc(shift, ir.IntType(8))), ir.Constant(ir.IntType(8), 15))
-    return builder.sitofp(builder.sub(builder.zext(nib, ir.IntType(32)), ir.Constant(ir.IntType(32), 8)), _F32)
+    return builder.sitofp(builder.load(_ptr(context, builder, aty, arr, ir.IntType(8), off)), _F32)
 
 
 @intrinsic
@@ -756,16 +675,12 @@ def _k_code(typingctx, arr, toff, d, j):
 
     def codegen(context, builder, signature, args):
         aty, (a, toff, d, j) = signature.args[0], args
-        grp, dd, shift = builder.lshr(d, _i64(2)), builder.and_(d, _i64(3)), _i64(0)
-        if aty.dtype == types.uint16:
+        if aty.dtype == types.uint16:  # [D, KT]
             off = builder.add(builder.mul(d, _i64(KV_TILE)), j)
-        elif aty.dtype == types.int8:
-            off = builder.add(builder.mul(builder.add(builder.mul(grp, _i64(KV_TILE)), j), _i64(4)), dd)
-        else:
-            off = builder.add(builder.mul(grp, _i64(2 * KV_TILE)),
-                              builder.add(builder.mul(builder.and_(j, _i64(15)), _i64(4)), dd))
-            shift = builder.mul(builder.lshr(j, _i64(4)), _i64(4))
-        return _load_code(context, builder, aty, a, builder.add(toff, off), shift)
+        else:  # [D/4, KT, 4]
+            grp = builder.add(builder.mul(builder.lshr(d, _i64(2)), _i64(KV_TILE)), j)
+            off = builder.add(builder.mul(grp, _i64(4)), builder.and_(d, _i64(3)))
+        return _load_code(context, builder, aty, a, builder.add(toff, off))
 
     return sig, codegen
 
@@ -777,13 +692,12 @@ def _v_code(typingctx, arr, toff, dim, j, d):
 
     def codegen(context, builder, signature, args):
         aty, (a, toff, dim, j, d) = signature.args[0], args
-        if aty.dtype == types.uint8:  # byte (j // 4, d, (j % 4) // 2), nibble j % 2
-            off = builder.add(builder.mul(builder.lshr(j, _i64(2)), builder.mul(dim, _i64(2))),
-                              builder.add(builder.mul(d, _i64(2)), builder.and_(builder.lshr(j, _i64(1)), _i64(1))))
-            shift = builder.mul(builder.and_(j, _i64(1)), _i64(4))
-        else:
-            off, shift = builder.add(builder.mul(j, dim), d), _i64(0)
-        return _load_code(context, builder, aty, a, builder.add(toff, off), shift)
+        if aty.dtype == types.uint16:  # [KT, D]
+            off = builder.add(builder.mul(j, dim), d)
+        else:  # [KT/4, D, 4]
+            quad = builder.add(builder.mul(builder.lshr(j, _i64(2)), dim), d)
+            off = builder.add(builder.mul(quad, _i64(4)), builder.and_(j, _i64(3)))
+        return _load_code(context, builder, aty, a, builder.add(toff, off))
 
     return sig, codegen
 
@@ -857,25 +771,25 @@ def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, R):
 
 
 @njit(inline="always")
-def _pv_heads_i4(vc, toff, D, n, pq, poff, pstride, psc, psum, t, qstride, acc, R):
-    """Integer P.V of one int4 V tile (tile t of the block) for R heads (acc [R, D])."""
+def _pv_heads_int(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, R):
+    """Integer P.V of one int8 V tile (tile t of the block) for R heads (acc [R, D])."""
     nch, size = _head_chunks(R)
     for c in range(nch):
         r0 = c * size
         nr = min(size, R - r0)
         po, qo, ao = r0 * pstride + poff, r0 * qstride + t, r0 * D
         if nr == 1:
-            _pvi1(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi1(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
         elif nr == 2:
-            _pvi2(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi2(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
         elif nr == 3:
-            _pvi3(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi3(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
         elif nr == 4:
-            _pvi4(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi4(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
         elif nr == 5:
-            _pvi5(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi5(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
         else:
-            _pvi6(vc, toff, D, n, pq, po, pstride, psc, psum, qo, qstride, acc, ao)
+            _pvi6(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
 
 
 P_TINY = 1e-30  # a tile whose largest probability is below this adds nothing (zeroed)
@@ -891,16 +805,15 @@ def _hreduce(builder, v, op):
 
 
 @intrinsic
-def _quantize_tile(typingctx, sc, soff, vc, voff, m, pq, poff, psc, psum, qoff):
-    """int4 V, one head and tile: p[j] = sc[soff + j] * (V scale j, the float32s at byte voff of vc) for
-    j < m (0 past m); pq[poff + j] = round(p[j] / s) as uint8 with s = max(p) / P_ONE, psc[qoff] = s,
-    psum[qoff] = sum(pq). A tile with max p < P_TINY (<= 1e-30 of the block's largest probability,
-    which is 1) is zeroed. Two <16 x float> vectors per KT = 32 positions."""
-    sig = types.void(sc, types.intp, vc, types.intp, types.intp, pq, types.intp, psc, psum, types.intp)
+def _quantize_tile(typingctx, sc, soff, vc, voff, m, pq, poff, psc, qoff):
+    """int8 V, one head and tile: p[j] = sc[soff + j] * (V scale j, the float32s at byte voff of vc) for
+    j < m (0 past m); pq[poff + j] = round(p[j] / s) as uint8 with s = max(p) / P_ONE, psc[qoff] = s. A tile
+    with max p < P_TINY (<= 1e-30 of the block's largest probability, which is 1) is zeroed. Two <16 x float> vectors per KT = 32 positions."""
+    sig = types.void(sc, types.intp, vc, types.intp, types.intp, pq, types.intp, psc, types.intp)
 
     def codegen(context, builder, signature, args):
-        sc, soff, vc, voff, m, pq, poff, psc, psum, qoff = args
-        scty, _, vty, _, _, pqty, _, pscty, psumty, _ = signature.args
+        sc, soff, vc, voff, m, pq, poff, psc, qoff = args
+        scty, _, vty, _, _, pqty, _, pscty, _ = signature.args
         sp = _ptr(context, builder, scty, sc, _F32, soff)
         vs = builder.bitcast(_ptr(context, builder, vty, vc, ir.IntType(8), voff), _F32.as_pointer())
         pp = _ptr(context, builder, pqty, pq, ir.IntType(8), poff)
@@ -920,32 +833,28 @@ def _quantize_tile(typingctx, sc, soff, vc, voff, m, pq, poff, psc, psum, qoff):
         ok = builder.fcmp_ordered(">=", mx, ir.Constant(_F32, P_TINY))
         inv = builder.select(ok, builder.fdiv(ir.Constant(_F32, float(P_ONE)), mx), ir.Constant(_F32, 0.0))
         invv, half = _splat(builder, inv), ir.Constant(_F32V, [0.5] * _VL)
-        tot = ir.Constant(_I32V, [0] * _VL)
         for v, x in enumerate(xs):
             c = builder.fptosi(builder.fadd(builder.fmul(x, invv), half), _I32V)
-            tot = builder.add(tot, c)
             dst = builder.bitcast(builder.gep(pp, [_i64(_VL * v)]), ir.VectorType(ir.IntType(8), _VL).as_pointer())
             builder.store(builder.trunc(c, ir.VectorType(ir.IntType(8), _VL)), dst, align=1)
         scale = builder.select(ok, builder.fdiv(mx, ir.Constant(_F32, float(P_ONE))), ir.Constant(_F32, 0.0))
         builder.store(scale, _ptr(context, builder, pscty, psc, _F32, qoff))
-        builder.store(_hreduce(builder, tot, lambda b, x, y: b.add(x, y)),
-                      _ptr(context, builder, psumty, psum, ir.IntType(32), qoff))
         return context.get_dummy_value()
 
     return sig, codegen
 
 
 @njit(inline="always")
-def _quantize_probs(v_cache, toff0, te, D, sc, n, pq, psc, psum):
-    """int4 V: the block's probabilities times the positions' V scales, rounded to uint8 per head and
-    tile (`_quantize_tile`): pq [R, B], psc and psum [R, B/KT]."""
+def _quantize_probs(v_cache, toff0, te, D, sc, n, pq, psc):
+    """int8 V: the block's probabilities times the positions' V scales, rounded to uint8 per head and
+    tile (`_quantize_tile`): pq [R, B], psc [R, B/KT]."""
     KT = KV_TILE
     R, B = sc.shape
     for t in range((n + KT - 1) // KT):
-        voff = toff0 + t * te + D * KT // 2  # this tile's V scales
+        voff = toff0 + t * te + D * KT  # this tile's V scales
         for r in range(R):
             _quantize_tile(sc, r * B + t * KT, v_cache, voff, min(KT, n - t * KT), pq, r * B + t * KT,
-                           psc, psum, r * (B // KT) + t)
+                           psc, r * (B // KT) + t)
 
 
 @njit(inline="always")
@@ -993,9 +902,9 @@ def _softmax_step(sc, n, m, l, acc):
 
 @pnjit()
 def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart,
-                      pqpart, pscpart, psumpart, out):
+                      pqpart, pscpart, out):
     nq, D = qs.shape
-    if _is_int(k_cache):
+    if _is_i8(k_cache):
         _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
     nkv, ntc, te = k_cache.shape
     R = nq // nkv
@@ -1009,9 +918,8 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
         acc = apart[sp, g * R:(g + 1) * R]  # [R, D] unnormalised P.V
         m = mpart[sp, g * R:(g + 1) * R]  # [R] running max
         l = lpart[sp, g * R:(g + 1) * R]  # [R] running sum
-        pq = pqpart[sp, g * R:(g + 1) * R]  # [R, B] int4 V: uint8 probabilities of one block
+        pq = pqpart[sp, g * R:(g + 1) * R]  # [R, B] int8 V: uint8 probabilities of one block
         psc = pscpart[sp, g * R:(g + 1) * R]  # [R, B/KT] their scale per tile
-        psum = psumpart[sp, g * R:(g + 1) * R]  # [R, B/KT] their sum per tile
         m[:] = NEG_INF
         l[:] = 0.0
         acc[:] = 0.0
@@ -1021,30 +929,15 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
             for t in range((n + KT - 1) // KT):
                 _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, R)
             _softmax_step(sc, n, m, l, acc)
-            if _is_i4(v_cache):
-                _quantize_probs(v_cache, tile0 * te, te, D, sc, n, pq, psc, psum)
+            if _is_i8(v_cache):
+                _quantize_probs(v_cache, tile0 * te, te, D, sc, n, pq, psc)
                 for t in range((n + KT - 1) // KT):
-                    _pv_heads_i4(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), pq, t * KT, B, psc, psum, t,
-                                 B // KT, acc, R)
+                    _pv_heads_int(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), pq, t * KT, B, psc, t,
+                                  B // KT, acc, R)
             else:
-                if _is_i8(v_cache):
-                    _scale_probs(v_cache, tile0 * te, te, D, sc, n)
                 for t in range((n + KT - 1) // KT):
                     _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
     _combine_splits(mpart, lpart, apart, nsplit, out)
-
-
-@njit(inline="always")
-def _scale_probs(v_cache, toff0, te, D, sc, n):
-    """sc[r, j] *= V scale of position j, for the n positions of the tiles from flat offset toff0 on
-    (int8 / int4 V: P.V then multiplies the codes by these, one multiply per position, not per head)."""
-    KT = KV_TILE
-    for t in range((n + KT - 1) // KT):
-        toff = toff0 + t * te
-        for j in range(min(KT, n - t * KT)):
-            vs = _tile_scale(v_cache, toff, D, j)
-            for r in range(sc.shape[0]):
-                sc[r, t * KT + j] *= vs
 
 
 @njit(inline="always")
@@ -1101,10 +994,9 @@ class DecodeScratch:
         self.l = np.empty((MAX_SPLIT, n_heads), np.float32)
         self.acc = np.empty((MAX_SPLIT, n_heads, head_dim), np.float32)
         self.scores = np.empty((MAX_SPLIT, n_heads, DECODE_BLOCK), np.float32)  # one block's, per item
-        # int4 caches: the block's probabilities as uint8 codes, with a scale and code sum per tile
+        # int8 caches: the block's probabilities as uint8 codes, with a scale per tile
         self.pq = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK), np.uint8)
         self.psc = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.float32)
-        self.psum = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.int32)
 
 
 def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
@@ -1134,7 +1026,7 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
     np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
     _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
                       decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, scratch.pq,
-                      scratch.psc, scratch.psum, out)
+                      scratch.psc, out)
     return out
 
 
