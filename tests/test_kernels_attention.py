@@ -281,12 +281,20 @@ for dt in ("f16", "i8"):
     out = np.empty_like(q)
     attention.attention_decode(q, kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
     np.save(f"{dir}/{_jit.SIMD}-{dt}.npy", out)
+# every probability and V code at its largest (255 x 127): pair sums overflow int16 multiply-adds
+ones = np.ones((300, 2, 48), np.float32)
+kc, vc = attention.new_kv_cache(2, 300, 48, "i8")
+attention.kv_write(ones, ones, kc, vc, 0)
+out = np.empty((10, 48), np.float32)
+attention.attention_decode(ones[0, :1].repeat(10, 0), kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
+np.save(f"{dir}/{_jit.SIMD}-flat.npy", out)
 """
 
 
 @pytest.mark.slow
 def test_simd_paths_agree(tmp_path):
-    """generic (portable vector IR, NVEC 1) and avx2 give the host path's results (float round-off)."""
+    """generic (portable vector IR, NVEC 1) and avx2 give the host path's results (float round-off),
+    also where int8 P.V's products are at their largest."""
     outs = {}
     for path in ("generic", "avx2", ""):
         env = dict(os.environ, ERNIE_EDGE_SIMD=path, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{path}"))
@@ -298,6 +306,10 @@ def test_simd_paths_agree(tmp_path):
         assert len(got) >= 2
         for x in got[1:]:
             assert_rel(x, got[0])
+    flat = [v for name, v in outs.items() if name.endswith("flat")]
+    assert len(flat) >= 2
+    for x in flat:  # softmax of equal scores over rows of ones: exactly 1 up to the uint8 rounding
+        np.testing.assert_allclose(x, 1.0, rtol=1e-5)
 
 
 # ---- the model's cache object ------------------------------------------------------------------

@@ -287,8 +287,10 @@ def _dot4(builder, acc, kb, qb, k_unsigned=False):
     unsigned with k_unsigned: int8 P.V passes its uint8 probabilities as kb and the V codes as qb).
 
     VNNI: vpdpbusd needs an unsigned operand, so it takes signed k as k + 128 (k xor 0x80) and the
-    caller subtracts 128 * sum(q) (`_needs_q_offset`). AVX2: vpmaddubsw + vpmaddwd, with the sign trick
-    |q| x (k * sign(q)) for signed k, |pair| <= 2 * 127 * 127 < 32767. Generic: widen to i32 and multiply."""
+    caller subtracts 128 * sum(q) (`_needs_q_offset`). AVX2, signed k: vpmaddubsw + vpmaddwd with the
+    sign trick |q| x (k * sign(q)), |pair| <= 2 * 127 * 127 < 32767; unsigned k: widened to int16 for
+    vpmaddwd (`_dot4_avx2_wide`: uint8 x int8 pairs would saturate vpmaddubsw). Generic: widen to i32
+    and multiply."""
     i32x8, i8x32 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32)
     if _jit.SIMD == "avxvnni":
         ku = kb if k_unsigned else builder.xor(kb, ir.Constant(_I8x64, [-128] * 64))
@@ -307,11 +309,11 @@ def _dot4(builder, acc, kb, qb, k_unsigned=False):
         elif _jit.SIMD == "avx2":
             k = builder.shuffle_vector(kb, kb, bytes_)
             q = builder.shuffle_vector(qb, qb, bytes_)
-            if k_unsigned:
-                aq, sk = k, q
-            else:
-                aq = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [q, q])
-                sk = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [k, q])
+            if k_unsigned:  # uint8 x int8 pairs reach 2 * 255 * 127: too big for vpmaddubsw's int16
+                halves.append(builder.add(a, _dot4_avx2_wide(builder, k, q)))
+                continue
+            aq = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [q, q])
+            sk = _x86(builder, "llvm.x86.avx2.psign.b", i8x32, [k, q])
             p16 = _x86(builder, "llvm.x86.avx2.pmadd.ub.sw", ir.VectorType(ir.IntType(16), 16), [aq, sk])
             ones = ir.Constant(ir.VectorType(ir.IntType(16), 16), [1] * 16)
             halves.append(builder.add(a, _x86(builder, "llvm.x86.avx2.pmadd.wd", i32x8, [p16, ones])))
@@ -324,6 +326,21 @@ def _dot4(builder, acc, kb, qb, k_unsigned=False):
             parts = [builder.shuffle_vector(prod, prod, _idx(range(i, 32, 4))) for i in range(4)]
             halves.append(builder.add(a, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))))
     return builder.shuffle_vector(halves[0], halves[1], _idx(range(16)))
+
+
+def _dot4_avx2_wide(builder, ku, q):
+    """<8 x i32> sums of 4 adjacent products of uint8 ku and int8 q (<32 x i8> each), exact: both
+    widened to int16, vpmaddwd sums pairs into int32, then adjacent pairs are added."""
+    i16x32, i16x16 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(ir.IntType(16), 16)
+    k16, q16 = builder.zext(ku, i16x32), builder.sext(q, i16x32)
+    pairs = []
+    for h in range(2):
+        sel = _idx(range(16 * h, 16 * h + 16))
+        pairs.append(_x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(ir.IntType(32), 8),
+                          [builder.shuffle_vector(k16, k16, sel), builder.shuffle_vector(q16, q16, sel)]))
+    ps = builder.shuffle_vector(pairs[0], pairs[1], _idx(range(16)))  # ps[i] = products 2i + 2i+1
+    return builder.add(builder.shuffle_vector(ps, ps, _idx(range(0, 16, 2))),
+                       builder.shuffle_vector(ps, ps, _idx(range(1, 16, 2))))
 
 
 def _needs_q_offset() -> bool:
