@@ -27,6 +27,7 @@ class BenchSettings:
     threads: int | None = None
     seed: int = 0
     max_context: int | None = None
+    kv_dtype: str = "f16"  # KV cache storage (model.load's kv_dtype)
     probe_bytes: int = 1 << 30  # size of the read-bandwidth probe (larger than any CPU cache)
 
 
@@ -102,7 +103,7 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     rng = np.random.default_rng(s.seed)
 
     t = time.perf_counter()
-    model = load(s.model, threads=s.threads, max_context=s.max_context)
+    model = load(s.model, threads=s.threads, max_context=s.max_context, kv_dtype=s.kv_dtype)
     load_s = time.perf_counter() - t
     vocab = model.tokenizer.vocab_size
 
@@ -154,7 +155,7 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
         "ttft_s": ttft_s, "ttft_cold_s": ttft_cold_s, "ttft_prompt_tokens": len(short),
         "ttft_cached_tokens": len(session.prefix.ids), "load_s": load_s, "jit_s": jit_s,
         "peak_rss_bytes": mem.get("VmHWM"), "anon_rss_bytes": mem.get("RssAnon"),
-        "file_rss_bytes": mem.get("RssFile"), "kv_cache_bytes": cache.nbytes(),
+        "file_rss_bytes": mem.get("RssFile"), "kv_dtype": s.kv_dtype, "kv_cache_bytes": cache.nbytes(),
         "weights_bytes_per_token": wbytes, "read_bandwidth_gbs": bw,
         "bandwidth_fraction": decode_tok_s * wbytes / (bw * 1e9),
     }
@@ -172,7 +173,7 @@ def format_bench(r: dict) -> str:
         f"{r['ttft_cold_s']:.3f} s with nothing cached",
         f"load / jit       {r['load_s']:.2f} s / {r['jit_s']:.2f} s",
         f"memory           peak {r['peak_rss_bytes'] / gb:.2f} GB, anonymous {r['anon_rss_bytes'] / gb:.2f} GB, "
-        f"file-backed {r['file_rss_bytes'] / gb:.2f} GB",
+        f"file-backed {r['file_rss_bytes'] / gb:.2f} GB; KV cache {r['kv_cache_bytes'] / gb:.3f} GB ({r['kv_dtype']})",
         f"weights/token    {r['weights_bytes_per_token'] / gb:.3f} GB",
         f"read bandwidth   {r['read_bandwidth_gbs']:.1f} GB/s -> bandwidth fraction {r['bandwidth_fraction']:.2f}",
     ])

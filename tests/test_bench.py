@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+import ernie_edge
+
 from ernie_edge.bench import BenchSettings, _read_sum, run_bench, weights_bytes_per_token
 
 KEYS = {"prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "jit_s", "peak_rss_bytes", "anon_rss_bytes",
@@ -54,3 +56,16 @@ def test_bench_cli_writes_json(tiny_edge, tmp_path):
                     "--prompt-tokens", "8", "--gen-tokens", "3", "--json", str(out)],
                    check=True, capture_output=True, timeout=300)
     assert KEYS <= set(json.loads(out.read_text()))
+
+
+def test_bench_cli_int8_kv_cache_is_half_the_bytes(tiny_edge, tmp_path):
+    figures = {}
+    for kv in ("f16", "i8"):
+        out = tmp_path / f"{kv}.json"
+        subprocess.run([sys.executable, "-m", "ernie_edge.cli", "bench", "--model", str(tiny_edge),
+                        "--prompt-tokens", "8", "--gen-tokens", "3", "--kv-dtype", kv, "--json", str(out)],
+                       check=True, capture_output=True, timeout=300)
+        figures[kv] = json.loads(out.read_text())
+    assert figures["i8"]["kv_dtype"] == "i8" and figures["f16"]["kv_dtype"] == "f16"
+    d = ernie_edge.load(tiny_edge).config.dim_head
+    assert figures["i8"]["kv_cache_bytes"] / figures["f16"]["kv_cache_bytes"] == pytest.approx((d + 4) / (2 * d))

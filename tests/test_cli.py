@@ -47,6 +47,16 @@ def test_bad_input_exits_2_with_a_clear_message(tiny_dir, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_kv_dtype_flag_errors_are_clear(tiny_dir):
+    """--kv-dtype i8 needs a converted model (tiny_dir is an HF folder: the reference backend); the
+    working i8 path is run by test_bench on the converted model."""
+    proc = run("generate", "--model", tiny_dir, "--prompt", "Hi", "--kv-dtype", "i8", check=False)
+    assert proc.returncode == 2 and "needs the cpu backend (a converted model)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("generate", "--model", tiny_dir, "--prompt", "Hi", "--kv-dtype", "i4", check=False)
+    assert proc.returncode == 2 and "--kv-dtype" in proc.stderr
+
+
 def test_missing_model_is_a_clear_error(tmp_path):
     proc = run("generate", "--model", tmp_path / "nowhere", "--prompt", "x", check=False)
     assert proc.returncode == 2 and "no such file or folder" in proc.stderr
