@@ -206,12 +206,11 @@ NVEC = _wide_vectors()
 PV_NVEC = 4 if NVEC == 2 else NVEC
 # Software prefetch of the tiles two blocks ahead in decode: measured 10-30 % faster on one thread at
 # 32k context (the hardware prefetcher alone leaves DRAM latency exposed between K and V streams).
-# Into L2, not L1 (prefetcht1, locality 2): two blocks of K and V are ~130 KB, four times L1, and
+# Into L2, not L1 (simd.PREFETCH_LOCALITY, prefetcht1): two blocks of K and V are ~130 KB, four times L1, and
 # lines prefetched into L1 were evicted before use. 28 DRAM-resident layers at 32k positions, 2
 # threads, AMD EPYC VM: int8 2.0 -> 1.1-1.4 ms per layer, fp16 3.1 -> 2.2 (one block ahead into L1
 # before; one block into L2 was 1.3 for int8).
 PREFETCH = True
-PREFETCH_LOCALITY = 2
 _SUBTILE = _VL * NVEC  # positions per score register tile
 
 
@@ -378,7 +377,8 @@ def _prefetch(builder, ptr):
     fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
     i32 = ir.IntType(32)
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, PREFETCH_LOCALITY), ir.Constant(i32, 1)])
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, simd.PREFETCH_LOCALITY),
+                      ir.Constant(i32, 1)])
 
 
 def _prefetch_scales_ahead(builder, scale_ptr, te):
