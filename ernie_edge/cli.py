@@ -142,7 +142,8 @@ def _add_model_flags(p) -> None:
 
 
 def _add_kv_dtype_flag(p) -> None:
-    p.add_argument("--kv-dtype", choices=["f16", "i8"], default="f16",
+    from .model import KV_DTYPES
+    p.add_argument("--kv-dtype", choices=KV_DTYPES, default="f16",
                    help="KV cache storage: f16 (default), or i8: half the memory and faster at long contexts, "
                         "slightly less exact (converted models only)")
 

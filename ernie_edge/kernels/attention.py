@@ -330,8 +330,7 @@ def _dot4(builder, acc, kb, qb, k_unsigned=False):
 def _dot4_avx2_wide(builder, ku, q):
     """<8 x i32> sums of 4 adjacent products of uint8 ku and int8 q (<32 x i8> each), exact: both
     widened to int16, vpmaddwd sums pairs into int32, then adjacent pairs are added."""
-    i16x32, i16x16 = ir.VectorType(ir.IntType(16), 32), ir.VectorType(ir.IntType(16), 16)
-    k16, q16 = builder.zext(ku, i16x32), builder.sext(q, i16x32)
+    k16, q16 = builder.zext(ku, _I16x32), builder.sext(q, _I16x32)
     pairs = []
     for h in range(2):
         sel = _idx(range(16 * h, 16 * h + 16))
@@ -830,7 +829,8 @@ def _hreduce(builder, v, op):
 def _quantize_tile(typingctx, sc, soff, vc, voff, m, pq, poff, psc, qoff):
     """int8 V, one head and tile: p[j] = sc[soff + j] * (V scale j, the float32s at byte voff of vc) for
     j < m (0 past m); pq[poff + j] = round(p[j] / s) as uint8 with s = max(p) / P_ONE, psc[qoff] = s. A tile
-    with max p < P_TINY (<= 1e-30 of the block's largest probability, which is 1) is zeroed. Two <16 x float> vectors per KT = 32 positions."""
+    with max p < P_TINY (<= 1e-30 of the block's largest probability, which is 1) is zeroed. Two
+    <16 x float> vectors per KT = 32 positions."""
     sig = types.void(sc, types.intp, vc, types.intp, types.intp, pq, types.intp, psc, types.intp)
 
     def codegen(context, builder, signature, args):
