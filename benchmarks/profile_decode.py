@@ -49,12 +49,13 @@ def instrument() -> None:
     cpu_model.embed_rows = timed("embed_rows", cpu_model.embed_rows)
 
 
-def fill_cache(model, cache, context: int, rng) -> None:
+def fill_cache(model, cache, context: int, rng, headroom: int) -> None:
     """Make the cache attend over `context` positions holding real keys and values (random normal,
     written by kv_write as a prefill would: untouched zero pages would all map to one shared page,
-    and random bytes in an int8 cache would make NaN scales)."""
+    and random bytes in an int8 cache would make NaN scales). Room is reserved for `headroom` more
+    tokens, so that no timed decode step grows (copies) the cache."""
     cfg = model.config
-    cache.reserve(context - cache.length)
+    cache.reserve(context + headroom - cache.length)
     chunk = rng.standard_normal((4096, cfg.num_key_value_heads, cfg.dim_head)).astype(np.float32)
     for layer in range(cfg.num_hidden_layers):
         for s in range(cache.used, context - cache.start, 4096):
@@ -82,10 +83,12 @@ def main() -> None:
         cache = model.new_cache()
         model.prefill(rng.integers(0, 1000, a.warm), cache)
         model.decode(1, cache)  # compile
-        fill_cache(model, cache, ctx, rng)
+        fill_cache(model, cache, ctx, rng, headroom=a.tokens)
         caches[ctx] = (cache, cache.length)
     instrument()
     speeds: dict[int, list[float]] = {ctx: [] for ctx in a.context}
+    kernel_s: dict[int, dict[str, float]] = {ctx: defaultdict(float) for ctx in a.context}  # summed over rounds
+    total_s: dict[int, float] = defaultdict(float)
     for _ in range(a.rounds if len(a.context) > 1 else 1):
         for ctx, (cache, length) in caches.items():
             cache.truncate(length)
@@ -95,14 +98,22 @@ def main() -> None:
                 model.decode(int(rng.integers(0, 1000)), cache)
             total = time.perf_counter() - t
             speeds[ctx].append(a.tokens / total)
-    for ctx in a.context:  # the per-kernel table of the last round at each context
+            total_s[ctx] += total
+            for name, sec in TIMES.items():
+                kernel_s[ctx][name] += sec
+    for ctx in a.context:
         print(f"{np.median(speeds[ctx]):.2f} tok/s at context {ctx} ({a.kv_dtype} KV; median of {len(speeds[ctx])}"
               f" rounds: {', '.join(f'{v:.2f}' for v in speeds[ctx])})")
-    print(f"ms per token at context {a.context[-1]}:")
-    total_ms = 1e3 / speeds[a.context[-1]][-1]
-    for name, sec in sorted(TIMES.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:28s} {1e3 * sec / a.tokens:8.2f}")
-    print(f"  {'(python + other)':28s} {total_ms - 1e3 * sum(TIMES.values()) / a.tokens:8.2f}")
+    # ms per token of each kernel, averaged over every round at each context
+    steps = a.tokens * len(speeds[a.context[0]])
+    profile = {str(ctx): {name: round(1e3 * sec / steps, 3) for name, sec in kernel_s[ctx].items()} for ctx in a.context}
+    for ctx in a.context:
+        profile[str(ctx)]["(python + other)"] = round(1e3 * (total_s[ctx] - sum(kernel_s[ctx].values())) / steps, 3)
+        profile[str(ctx)]["total"] = round(1e3 * total_s[ctx] / steps, 3)
+    print("ms per token (mean of all rounds):")
+    print(f"  {'':28s}" + "".join(f"{ctx:>10d}" for ctx in a.context))
+    for name in sorted(profile[str(a.context[-1])], key=lambda n: -profile[str(a.context[-1])][n] if n != "total" else 0):
+        print(f"  {name:28s}" + "".join(f"{profile[str(ctx)].get(name, 0.0):10.2f}" for ctx in a.context))
     # Each round's ratio pairs runs seconds apart, so it is the figure least moved by the shared
     # machine's drift; their median is reported (the ratio of the medians is kept beside it).
     base = np.array(speeds[a.context[0]])
@@ -116,7 +127,7 @@ def main() -> None:
     if a.json:
         res = {"model": a.model, "kv_dtype": a.kv_dtype, "tokens": a.tokens, "load": machine_load(),
                "decode_tok_s": {str(ctx): speeds[ctx] for ctx in a.context}, "ratios": ratios,
-               "ratio_of_medians": ratio_of_medians, "rounds": len(base),
+               "ratio_of_medians": ratio_of_medians, "rounds": len(base), "ms_per_token": profile,
                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         Path(a.json).write_text(json.dumps(res, indent=1))
         print(f"saved {a.json}")
