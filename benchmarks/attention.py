@@ -8,7 +8,8 @@ synthetic model.
 Per-layer `attention_decode` time for one token, best of several calls, rotating over enough cache
 copies (> 1.1 GB in all, more than the L3 cache) that every call reads its K/V from DRAM as a real
 decode step does (28 layers' caches plus the expert weights in between). GB/s counts the K/V bytes of
-the attended positions. The projection uses 100 ms/token for the rest of the model at 1k context (REST_MS):
+the attended positions. Beside each, a bare read of the same caches (every byte XORed, one KV head per
+thread, nothing computed) gives the memory floor on the machine as it is during the run. The projection uses 100 ms/token for the rest of the model at 1k context (REST_MS):
 token time(L) = 140 ms + 28 layers x attention(L); ratio = time(1k) / time(L).
 --baseline-rev times the attention kernel of an older commit the same way (e.g. before the tiled
 layout). KLD: decode 2 x 608 tokens (after a 32-token prompt) on the small synthetic model, each
@@ -31,8 +32,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from numba import prange
 
 from ernie_edge.kernels import _jit, attention
+from ernie_edge.kernels._jit import pnjit
 from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
 NQ, NKV, D, LAYERS = 20, 4, 128, 28
@@ -56,7 +59,23 @@ def random_caches(rng, length: int, kv_dtype: str, new_cache):
     return [(k, v)] + [(k.copy(), v.copy()) for _ in range(n - 1)]
 
 
-def time_decode(decode, scratch_cls, new_cache, lengths, dtypes, reps, rng) -> dict:
+@pnjit()
+def _bare_read(k, v):
+    """XOR of every 64-bit word of both caches ([Nkv, n] uint64 views), one KV head per work item: the
+    memory floor of a decode step's attention, read in the same order and threads as the kernel."""
+    nkv = k.shape[0]
+    out = np.zeros(nkv, np.uint64)
+    for g in prange(nkv):
+        acc = np.uint64(0)
+        for i in range(k.shape[1]):
+            acc ^= k[g, i]
+        for i in range(v.shape[1]):
+            acc ^= v[g, i]
+        out[g] = acc
+    return out
+
+
+def time_decode(decode, scratch_cls, new_cache, lengths, dtypes, reps, rng, bare_read: bool = False) -> dict:
     q = rng.standard_normal((NQ, D)).astype(np.float32)
     out = np.empty_like(q)
     res = {}
@@ -74,7 +93,20 @@ def time_decode(decode, scratch_cls, new_cache, lengths, dtypes, reps, rng) -> d
             t = best_time(call, reps if length < 100_000 else max(3, reps // 3))
             kv = attention.tile_elems(D, dt) * (2 if dt == "f16" else 1) * 2 * NKV * length // attention.KV_TILE
             res[f"{dt}_{length}"] = {"ms": round(t * 1e3, 4), "gb_s": round(kv / t / 1e9, 2), "kv_mib": round(kv / 2**20, 1)}
-            print(f"  {dt:4s} {length:7d}: {t * 1e3:8.3f} ms  {kv / t / 1e9:6.1f} GB/s", flush=True)
+            line = f"  {dt:4s} {length:7d}: {t * 1e3:8.3f} ms  {kv / t / 1e9:6.1f} GB/s"
+            if bare_read:  # the same caches read and nothing computed, timed the same way
+                words = [(k.reshape(NKV, -1).view(np.uint64), v.reshape(NKV, -1).view(np.uint64)) for k, v in caches]
+
+                def read():
+                    state["i"] = (state["i"] + 1) % len(words)
+                    _bare_read(*words[state["i"]])
+
+                read()
+                tr = best_time(read, reps if length < 100_000 else max(3, reps // 3))
+                nbytes = caches[0][0].nbytes + caches[0][1].nbytes
+                res[f"{dt}_{length}"].update(read_ms=round(tr * 1e3, 4), read_gb_s=round(nbytes / tr / 1e9, 2))
+                line += f"   bare read {tr * 1e3:7.3f} ms  {nbytes / tr / 1e9:5.1f} GB/s"
+            print(line, flush=True)
             del caches
     return res
 
@@ -198,7 +230,7 @@ def main(argv=None) -> int:
     print("current:")
     res["decode"] = best_of_rounds(args.rounds, args.wait_quiet, lambda: time_decode(
         attention.attention_decode, attention.DecodeScratch, lambda n, dt: attention.new_kv_cache(NKV, n, D, dt),
-        lengths, list(attention.KV_DTYPES), reps, rng))
+        lengths, list(attention.KV_DTYPES), reps, rng, bare_read=True))
     res["projected_ratio"] = projection(res["decode"], list(attention.KV_DTYPES), lengths)
     res["rounds"] = args.rounds
     print("projected whole-model decode speed vs the first length:", res["projected_ratio"])
