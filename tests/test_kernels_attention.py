@@ -139,20 +139,23 @@ def test_int8_cache_zero_row_and_bytes():
 
 
 def test_int8_cache_layout():
-    """The documented i8 order: K tile [D/4, KT, 4] (byte (d//4 * KT + j) * 4 + d%4), V tile
-    [KT/4, D, 4] (byte ((j//4) * D + d) * 4 + j%4), then KT float32 scales."""
-    d = 16
+    """The documented i8 order: K tile [D/4, KT, 4] (byte (d//4 * KT + j) * 4 + d%4); V tile in chunks of
+    64 dims, chunk c0 .. c0+w-1 at byte c0 * KT as [KT/4, w, 4] (w = 64, or D % 64 for the last one);
+    then KT float32 scales. D = 80: one full V chunk and one of 16 dims."""
+    d = 80
     k = np.zeros((32, 1, d), np.float32)
     v = np.zeros((32, 1, d), np.float32)
     k[:, 0, 0] = v[:, 0, 0] = 127  # pins every position's scale to 1
     k[:, 0, 5] = np.arange(32) - 16
-    v[:, 0, 3] = 16 - np.arange(32)
+    v[:, 0, 3] = 16 - np.arange(32)  # first chunk (w = 64)
+    v[:, 0, 70] = np.arange(32) - 8  # second chunk (dims 64..79, w = 16)
     kc, vc = attention.new_kv_cache(1, 32, d, "i8")
     attention.kv_write(k, v, kc, vc, 0)
     kb, vb = kc[0, 0], vc[0, 0]
     for j in range(32):
         assert kb[((5 // 4) * 32 + j) * 4 + 5 % 4] == j - 16
-        assert vb[((j // 4) * d + 3) * 4 + j % 4] == 16 - j
+        assert vb[((j // 4) * 64 + 3) * 4 + j % 4] == 16 - j
+        assert vb[64 * 32 + ((j // 4) * 16 + 70 - 64) * 4 + j % 4] == j - 8
     np.testing.assert_array_equal(kb[d * 32:].view(np.float32), np.ones(32, np.float32))
     np.testing.assert_array_equal(vb[d * 32:].view(np.float32), np.ones(32, np.float32))
 
@@ -191,9 +194,10 @@ def test_attention_decode(kv_dtype, length):
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
-@pytest.mark.parametrize("nq,nkv,d", [(4, 2, 16), (6, 1, 32), (14, 2, 48), (16, 1, 64)])
+@pytest.mark.parametrize("nq,nkv,d", [(4, 2, 16), (6, 1, 32), (14, 2, 48), (16, 1, 64), (10, 2, 80), (6, 2, 144)])
 def test_attention_decode_head_groups_and_dims(kv_dtype, nq, nkv, d):
-    """R = 2, 6, 7 (two register tiles: 4 + 3) and 16 (three tiles); D with a 16-wide remainder."""
+    """R = 2, 3, 5, 6, 7 (two register tiles: 4 + 3) and 16 (three tiles); D with a 16- or 48-wide
+    remainder past 64-dim P.V passes (and int8 V chunks: 80 = 64 + 16, 144 = 2 x 64 + 16)."""
     k, v, kc, vc = fill_cache(300, nkv, d, 512, kv_dtype)
     q = RNG.standard_normal((nq, d)).astype(np.float32)
     out = decode(q, kc, vc, 300, 512)
@@ -246,6 +250,17 @@ def test_attention_prefill_causal(kv_dtype, start, T):
     assert_rel(out.reshape(T, -1), ref.attention(q, k, v, pos))
 
 
+@pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_attention_prefill_head_dim_80(kv_dtype):
+    """A head dim that is not a multiple of 64 (int8 V in chunks of 64 + 16 dims)."""
+    start, T, nq, nkv, d = 40, 30, 10, 2, 80
+    k, v, kc, vc = fill_cache(start + T, nkv, d, 256, kv_dtype)
+    q = RNG.standard_normal((T, nq, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_prefill(q, kc, vc, start, out)
+    assert_rel(out.reshape(T, -1), attention_np(q, k, v, np.arange(start, start + T)))
+
+
 # ---- argument checks ---------------------------------------------------------------------------
 
 def test_attention_rejects_bad_arguments():
@@ -273,13 +288,13 @@ _OTHER_PATH = """
 import numpy as np
 from ernie_edge.kernels import _jit, attention
 rng = np.random.default_rng(3)
-for dt in ("f16", "i8"):
-    k = rng.standard_normal((300, 2, 48)).astype(np.float32)
-    kc, vc = attention.new_kv_cache(2, 300, 48, dt)
+for dt in ("f16", "i8"):  # head dim 80: int8 V in two chunks (64 + 16 dims), read in 16-dim passes or 64 + 16
+    k = rng.standard_normal((300, 2, 80)).astype(np.float32)
+    kc, vc = attention.new_kv_cache(2, 300, 80, dt)
     attention.kv_write(k, k[::-1].copy(), kc, vc, 0)
-    q = rng.standard_normal((10, 48)).astype(np.float32)
+    q = rng.standard_normal((10, 80)).astype(np.float32)
     out = np.empty_like(q)
-    attention.attention_decode(q, kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
+    attention.attention_decode(q, kc, vc, 299, out, attention.DecodeScratch(10, 80, 300))
     np.save(f"{dir}/{_jit.SIMD}-{dt}.npy", out)
 # every probability and V code at its largest (255 x 127): pair sums overflow int16 multiply-adds
 ones = np.ones((300, 2, 48), np.float32)
