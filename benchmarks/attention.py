@@ -9,8 +9,9 @@ Per-layer `attention_decode` time for one token, best of several calls, rotating
 copies (> 1.1 GB in all, more than the L3 cache) that every call reads its K/V from DRAM as a real
 decode step does (28 layers' caches plus the expert weights in between). GB/s counts the K/V bytes of
 the attended positions. Beside each, a bare read of the same caches (every byte XORed, one KV head per
-thread, nothing computed) gives the memory floor on the machine as it is during the run. The projection uses 100 ms/token for the rest of the model at 1k context (REST_MS):
-token time(L) = 140 ms + 28 layers x attention(L); ratio = time(1k) / time(L).
+thread, nothing computed) gives the memory floor on the machine as it is during the run. The
+projection takes REST_MS = 100 ms/token for the rest of the model at 1k context:
+token time(L) = REST_MS + 28 layers x attention(L); ratio = time(1k) / time(L).
 --baseline-rev times the attention kernel of an older commit the same way (e.g. before the tiled
 layout). KLD: decode 2 x 608 tokens (after a 32-token prompt) on the small synthetic model, each
 cache vs the reference backend on the same (dequantized) weights, the quantized caches vs fp16, and,
