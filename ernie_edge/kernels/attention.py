@@ -238,10 +238,6 @@ def _x86(builder, name, ret, args):
     return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
 
 
-def _splat_i32(x):
-    return ir.Constant(_I32V, [x] * _VL)
-
-
 def _splat(builder, x):
     v = builder.insert_element(ir.Constant(_F32V, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
     return builder.shuffle_vector(v, v, ir.Constant(_I32V, [0] * _VL))
