@@ -146,7 +146,7 @@ def timed_verify(folder: Path, evict: bool) -> float:
 
 def quality(presets: list[str], prompts: int, tokens: int) -> list[dict]:
     from ernie_edge.quant import synthetic
-    from ernie_edge.quant.recipe import Recipe
+    from ernie_edge.formats.recipe import Recipe
 
     rows = []
     for preset in presets:

@@ -1,4 +1,4 @@
-"""Quantization error and quantizer throughput of the q4 / q8 formats (quant/formats.py).
+"""Quantization error and quantizer throughput of the q4 / q8 formats (ernie_edge/formats/quant.py).
 
     .venv/bin/python benchmarks/quant_error.py [--rows 1536] [--cols 2560] [--threads 2]
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie_edge.quant.formats import (GROUP_SIZES, bits_per_weight, dequantize_q4, dequantize_q8,
+from ernie_edge.formats.quant import (GROUP_SIZES, bits_per_weight, dequantize_q4, dequantize_q8,
                                       quantize_q4, quantize_q8)
 
 RESULTS = Path(__file__).parent / "results" / "quant_error.json"

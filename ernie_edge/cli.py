@@ -62,7 +62,7 @@ def _add_convert(sub) -> None:
 
 def _run_convert(a) -> int:
     from .quant.convert import ConvertSettings, convert
-    from .quant.recipe import Recipe
+    from .formats.recipe import Recipe
     settings = ConvertSettings(
         source=a.src, dest=a.dst,
         recipe=Recipe(expert_bits=a.expert_bits, dense_bits=a.dense_bits, group_size=a.group_size),

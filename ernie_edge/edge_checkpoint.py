@@ -16,7 +16,7 @@ import numpy as np
 from .errors import CheckpointError
 from .manifest import PROJECTIONS, TensorEntry, bank_name, read_manifest, stored_names, stored_shapes
 from .mmap_store import HUGE_PAGE, SafetensorsFile, read_smaps
-from .quant.hf_ernie import expected_tensors
+from .formats.hf_ernie import expected_tensors
 from .weights import ExpertBank, QTensor
 
 ALIGNMENT = 64

@@ -17,7 +17,7 @@ import numpy as np
 from .config import ErnieConfig
 from .errors import CheckpointError
 from .mmap_store import SafetensorsFile, TensorInfo, to_f32
-from .quant.hf_ernie import TensorSpec, check_names, check_shape, expected_tensors
+from .formats.hf_ernie import TensorSpec, check_names, check_shape, expected_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

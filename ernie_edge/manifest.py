@@ -261,7 +261,7 @@ def _tensor_entry(name, entry, files, bad) -> TensorEntry:
 
 
 def _check_recipe(recipe: dict) -> None:
-    from .quant.recipe import Recipe
+    from .formats.recipe import Recipe
     Recipe.from_dict(recipe)
 
 
@@ -350,7 +350,7 @@ def _bar(total: int, enabled: bool):
 def describe(folder: str | os.PathLike) -> dict:
     """Facts for `ernie-edge info`: recipe, per-role parameters / bytes / bits per weight, total
     bytes, and a memory estimate (resident dense bytes, expert bytes read per token, KV cache)."""
-    from .quant.hf_ernie import expected_tensors
+    from .formats.hf_ernie import expected_tensors
 
     folder = Path(folder)
     m = read_manifest(folder)

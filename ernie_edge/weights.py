@@ -2,7 +2,7 @@
 
 A `QTensor` holds read-only numpy views straight into the memory-mapped files (zero copy): the
 codes (or plain values) and, for q4/q8, the fp16 scales as their uint16 bits (numba cannot take
-float16 arrays; TOOLCHAIN.md). The layout is quant/formats.py's, unchanged:
+float16 arrays; TOOLCHAIN.md). The layout is ernie_edge/formats/quant.py's, unchanged:
 
   quant  data                        scales
   q4     uint8  [..., O, K/2]        uint16 [..., O, K/G]   (fp16 bits)
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .quant.formats import dequantize_q4, dequantize_q8
+from .formats.quant import dequantize_q4, dequantize_q8
 
 QUANTS = ("q4", "q8", "f16", "f32")
 
@@ -52,7 +52,7 @@ class QTensor:
         return QTensor(self.quant, self.data[e], scales, self.group_size, self.shape[1:])
 
     def dequantize(self) -> np.ndarray:
-        """The weight as a new float32 array of `shape` (quant/formats.py is the spec)."""
+        """The weight as a new float32 array of `shape` (ernie_edge/formats/quant.py is the spec)."""
         if self.quant == "q4":
             out = dequantize_q4(self.data, self.scales.view(np.float16), self.group_size)
         elif self.quant == "q8":

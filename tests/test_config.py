@@ -4,7 +4,7 @@ import pytest
 
 from ernie_edge.config import ErnieConfig
 from ernie_edge.errors import ConfigError
-from ernie_edge.quant.hf_ernie import count_parameters
+from ernie_edge.formats.hf_ernie import count_parameters
 from ernie_edge.quant.synthetic import make_config
 
 

@@ -25,8 +25,8 @@ from ernie_edge.manifest import read_manifest, verify
 from ernie_edge.mmap_store import SafetensorsFile
 from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertError, ConvertSettings, convert
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
-from ernie_edge.quant.recipe import Recipe
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+from ernie_edge.formats.recipe import Recipe
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 from ernie_edge.reference import ReferenceModel
 
@@ -79,7 +79,7 @@ def assert_no_complete_folder(dest: Path):
 # ---- round trip ----------------------------------------------------------------------------------
 
 class Dequantized:
-    """WeightSource: the HF weights quantized and dequantized by quant/formats.py directly."""
+    """WeightSource: the HF weights quantized and dequantized by ernie_edge/formats/quant.py directly."""
 
     def __init__(self, hf: HFCheckpoint, recipe: Recipe):
         self.hf, self.recipe, self.config = hf, recipe, hf.config

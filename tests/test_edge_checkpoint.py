@@ -19,7 +19,7 @@ from ernie_edge.hf_checkpoint import HFCheckpoint
 from ernie_edge.manifest import describe, format_description, read_manifest, verify
 from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertSettings, convert
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, quantize_q4
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, quantize_q4
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 
 TOKENIZER_JSON = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}})

@@ -14,7 +14,7 @@ from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertSettings, convert
 from ernie_edge.quant.evaluate import (EvalSettings, compare_logits, eval_sequences, evaluate, format_report,
                                        log_softmax)
-from ernie_edge.quant.recipe import Recipe
+from ernie_edge.formats.recipe import Recipe
 
 # A stand-in tokenizer.json without the ERNIE chat tokens: Model.tokenizer refuses it, so the
 # evaluation falls back to random ids (test_text_sequences covers the real tokenizer).

@@ -1,4 +1,4 @@
-"""quant/formats.py: the q4 / q8 layout, the reference quantizers and their edge cases.
+"""ernie_edge/formats/quant.py: the q4 / q8 layout, the reference quantizers and their edge cases.
 
 The numba quantizers are checked bit for bit against a plain numpy twin written here from the
 algorithm description in formats.py; the layout is pinned by hand-written bytes.
@@ -12,8 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_edge.quant import formats as F
-from ernie_edge.quant.formats import (
+from ernie_edge.formats import quant as F
+from ernie_edge.formats.quant import (
     QuantizationError,
     bits_per_weight,
     dequantize_q4,
@@ -430,7 +430,7 @@ def test_quantization_is_deterministic_and_pinned():
 
 def test_same_output_without_jit():
     code = ("import sys; sys.path.insert(0, %r); from test_formats import golden_input, digest; "
-            "from ernie_edge.quant.formats import quantize_q4, quantize_q8; w = golden_input()[:2, :64]; "
+            "from ernie_edge.formats.quant import quantize_q4, quantize_q8; w = golden_input()[:2, :64]; "
             "print(digest(*quantize_q4(w, 32)), digest(*quantize_q8(w, 32)))" % os.path.dirname(__file__))
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,

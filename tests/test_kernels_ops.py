@@ -8,7 +8,7 @@ import pytest
 
 from ernie_edge import reference as ref
 from ernie_edge.kernels import moe, norm, rope
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4
 
 RNG = np.random.default_rng(7)
 

@@ -1,4 +1,4 @@
-"""int4 kernels against the spec (quant.formats.dequantize_q4) and against a numpy twin of the
+"""int4 kernels against the spec (formats.quant.dequantize_q4) and against a numpy twin of the
 int16-activation arithmetic (which must agree to float32 rounding)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 
 from ernie_edge.kernels import _jit, q4
 from ernie_edge.kernels.q8 import ACT_MAX, ActScratch
-from ernie_edge.quant.formats import FP16_MAX, dequantize_q4, pack_q4, unpack_q4
+from ernie_edge.formats.quant import FP16_MAX, dequantize_q4, pack_q4, unpack_q4
 
 RNG = np.random.default_rng(1234)
 
@@ -240,7 +240,7 @@ def test_q4_dequant_rows_is_the_spec(gs):
 GENERIC_CHECK = """
 import numpy as np
 from ernie_edge.kernels import _jit, q4, q8
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4
 assert _jit.SIMD == "generic", _jit.SIMD
 rng = np.random.default_rng(0)
 for gs in (32, 64):

@@ -1,4 +1,4 @@
-"""int8 kernels and the int16 activation quantization, against quant.formats.dequantize_q8 and a
+"""int8 kernels and the int16 activation quantization, against formats.quant.dequantize_q8 and a
 numpy twin of the integer arithmetic.
 
 The decode error bound tested here (ernie_edge/kernels/q8.py):
@@ -12,7 +12,7 @@ import pytest
 
 from ernie_edge.kernels import q8
 from ernie_edge.kernels.q8 import ACT_MAX, ActScratch
-from ernie_edge.quant.formats import FP16_MAX, dequantize_q8
+from ernie_edge.formats.quant import FP16_MAX, dequantize_q8
 
 RNG = np.random.default_rng(99)
 

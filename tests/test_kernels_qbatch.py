@@ -1,4 +1,4 @@
-"""kernels/qbatch.py: small-batch int16-activation matmuls, against quant.formats.dequantize_* + numpy.
+"""kernels/qbatch.py: small-batch int16-activation matmuls, against formats.quant.dequantize_* + numpy.
 
 Bound tested (module doc of qbatch.py), per token t and output row o:
     |y[t, o] - (W x_t)[o]| <= sum_b max|x_t block b| / 65534 * sum_{j in b} |W[o, j]|   (+ float32)
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ernie_edge.kernels import _jit, qbatch
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4, quantize_q4, quantize_q8
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4, quantize_q4, quantize_q8
 
 RNG = np.random.default_rng(7)
 
@@ -209,7 +209,7 @@ def test_qexperts_rejects_bad_ids_and_banks():
 PATH_CHECK = """
 import numpy as np
 from ernie_edge.kernels import _jit, qbatch
-from ernie_edge.quant.formats import dequantize_q4, dequantize_q8, pack_q4
+from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4
 assert _jit.SIMD == "{path}", _jit.SIMD
 rng = np.random.default_rng(0)
 for gs in (32, 64):

@@ -1,4 +1,4 @@
-"""quant/recipe.py: precision per tensor role, option validation, manifest round trip."""
+"""ernie_edge/formats/recipe.py: precision per tensor role, option validation, manifest round trip."""
 
 import json
 
@@ -6,8 +6,8 @@ import pytest
 
 from ernie_edge.config import ErnieConfig
 from ernie_edge.errors import ErnieEdgeError
-from ernie_edge.quant.hf_ernie import expected_tensors
-from ernie_edge.quant.recipe import ROLES, Recipe, RecipeError
+from ernie_edge.formats.hf_ernie import expected_tensors
+from ernie_edge.formats.recipe import ROLES, Recipe, RecipeError
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, moe_intermediate_size=32, moe_num_experts=4,

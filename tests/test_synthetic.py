@@ -11,7 +11,7 @@ import pytest
 from ernie_edge.config import ErnieConfig
 from ernie_edge.hf_checkpoint import HFCheckpoint
 from ernie_edge.quant import synthetic
-from ernie_edge.quant.hf_ernie import count_parameters
+from ernie_edge.formats.hf_ernie import count_parameters
 
 
 def digest(folder):

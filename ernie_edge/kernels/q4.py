@@ -4,7 +4,7 @@ groups, and the prefill matmul.
 Legend: T tokens, K input features, O output features, G group size, E experts in a bank,
 k routed slots, I expert intermediate size, H hidden size.
 
-Layout (quant/formats.py): packed uint8 [.., O, K/2], byte j of a group holds code j in the low
+Layout (ernie_edge/formats/quant.py): packed uint8 [.., O, K/2], byte j of a group holds code j in the low
 nibble and code j + G/2 in the high nibble, both stored +8; scales fp16 [.., O, K/G] (pass the
 float16 array or its uint16 view). The decode kernels and their error bound are described in
 q8.py (they are shared: the int16-activation dot is the same for both formats).

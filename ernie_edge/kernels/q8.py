@@ -3,7 +3,7 @@
 Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
 blocks, E experts in a bank, k routed slots per token, I expert intermediate size, H hidden size.
 
-Weights are read exactly as quant/formats.py stores them (no repacking):
+Weights are read exactly as ernie_edge/formats/quant.py stores them (no repacking):
   int8  codes int8 [.., O, K]      scales fp16 [.., O, K/G]
   int4  packed uint8 [.., O, K/2]  scales fp16 [.., O, K/G]   (q4.py)
 fp16 scales are passed as their uint16 view (numba cannot take float16 arrays); the wrappers accept

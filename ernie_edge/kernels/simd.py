@@ -272,7 +272,7 @@ def _dequant_row(context, builder, sig, args, unpack):
 
     args: (w, woff, s, soff, gs, out, ooff, k). For int4, 32-block b = (group g, chunk c) takes
     bytes woff + g*gs/2 + 16c .. +16 whose low nibbles are values g*gs + 16c + (0..15) and high
-    nibbles the same + gs/2 (the Q4_0 order of quant/formats.py).
+    nibbles the same + gs/2 (the Q4_0 order of ernie_edge/formats/quant.py).
     """
     (w, woff, s, soff, gs, out, ooff, k) = args
     wty, _, sty, _, _, oty, _, _ = sig.args

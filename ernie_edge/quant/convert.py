@@ -40,8 +40,8 @@ from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
 from ernie_edge.paths import models_dir
 
-from .formats import QuantizationError, quantize_q4, quantize_q8
-from .recipe import Recipe
+from ..formats.quant import QuantizationError, quantize_q4, quantize_q8
+from ..formats.recipe import Recipe
 from .safetensors_writer import PlannedTensor, StreamingWriter, encode_header, plan_layout
 
 log = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """The quantization recipe: which precision each tensor of the model gets.
 
-A tensor's precision follows from its role (quant/hf_ernie.py assigns one to every tensor):
+A tensor's precision follows from its role (ernie_edge/formats/hf_ernie.py assigns one to every tensor):
 
   role            precision            what it is
   expert          expert_bits (q4/q8)  routed experts, layers 1..27: 64 x {gate, up, down}
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 from ernie_edge.errors import ErnieEdgeError
 
-from .formats import GROUP_SIZES
+from .quant import GROUP_SIZES
 
 EXPERT_BITS = (4, 8)
 DENSE_BITS = (4, 8, 16)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.config import ErnieConfig
-from ernie_edge.quant.hf_ernie import TensorSpec, expected_tensors
+from ernie_edge.formats.hf_ernie import TensorSpec, expected_tensors
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 
 PRESETS: dict[str, dict] = {
