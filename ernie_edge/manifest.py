@@ -22,6 +22,8 @@ from pathlib import Path
 
 from .config import ErnieConfig
 from .errors import CheckpointError, ErnieEdgeError
+from .formats.quant import GROUP_SIZES
+from .formats.table import FORMATS, get_format
 from .mmap_store import loads_strict
 
 FORMAT_NAME = "ernie-edge"
@@ -29,9 +31,6 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 PROJECTIONS = ("gate", "up", "down")
-STORED_DTYPE = {"q4": "U8", "q8": "I8", "f16": "F16", "f32": "F32"}
-QUANT_BITS = {"q4": 4, "q8": 8, "f16": 16, "f32": 32}
-GROUP_SIZES = (32, 64, 128)
 MAX_MANIFEST_BYTES = 64 << 20
 HASH_BLOCK = 8 << 20
 _KEYS = ("format", "format_version", "source", "config", "recipe", "tensors", "files", "skipped", "created_by")
@@ -50,28 +49,12 @@ def bank_name(layer: int, proj: str) -> str:
 
 def stored_names(name: str, quant: str) -> tuple[str, str | None]:
     """(data tensor, scales tensor or None) names inside the safetensors file."""
-    if quant in ("q4", "q8"):
-        return name + ".qweight", name + ".scales"
-    return name, None
+    return get_format(quant).stored_names(name)
 
 
 def stored_shapes(shape: tuple[int, ...], quant: str, group_size: int | None):
     """(data shape, scales shape or None) of a logical [..., K] tensor."""
-    if quant == "q4":
-        return (*shape[:-1], shape[-1] // 2), (*shape[:-1], shape[-1] // group_size)
-    if quant == "q8":
-        return tuple(shape), (*shape[:-1], shape[-1] // group_size)
-    return tuple(shape), None
-
-
-def tensor_nbytes(shape: tuple[int, ...], quant: str, group_size: int | None) -> int:
-    """Bytes on disk of a logical tensor (codes + fp16 scales, or plain values)."""
-    count = 1
-    for d in shape:
-        count *= d
-    if quant in ("q4", "q8"):
-        return count * QUANT_BITS[quant] // 8 + (count // group_size) * 2
-    return count * QUANT_BITS[quant] // 8
+    return get_format(quant).stored_shapes(shape, group_size)
 
 
 # ---- the manifest ---------------------------------------------------------------------------------
@@ -86,8 +69,13 @@ class TensorEntry:
     group_size: int | None
 
     @property
+    def format(self):
+        """The row of ernie_edge/formats/table.py this tensor is stored in."""
+        return FORMATS[self.quant]
+
+    @property
     def nbytes(self) -> int:
-        return tensor_nbytes(self.shape, self.quant, self.group_size)
+        return self.format.nbytes(self.shape, self.group_size)
 
     @property
     def parameters(self) -> int:
@@ -242,15 +230,16 @@ def _tensor_entry(name, entry, files, bad) -> TensorEntry:
     quant, group = entry.get("quant"), entry.get("group_size")
     if not isinstance(file, str) or file not in files or not file.endswith(".safetensors"):
         raise bad(where + ".file", f"{_short(file)} is not a .safetensors file listed in \"files\"")
-    if quant not in STORED_DTYPE:
-        raise bad(where + ".quant", f"{_short(quant)} is not one of {list(STORED_DTYPE)}")
-    if dtype != STORED_DTYPE[quant]:
+    if not isinstance(quant, str) or quant not in FORMATS:
+        raise bad(where + ".quant", f"{_short(quant)} is not one of {list(FORMATS)}")
+    fmt = FORMATS[quant]
+    if dtype != fmt.dtype:
         raise bad(where + ".dtype", f"{_short(dtype)} does not match quant {quant!r} "
-                                    f"(expected {STORED_DTYPE[quant]!r})")
+                                    f"(expected {fmt.dtype!r})")
     if (not isinstance(shape, list) or not 1 <= len(shape) <= 8
             or not all(type(d) is int and 0 <= d <= 1 << 32 for d in shape)):
         raise bad(where + ".shape", f"must be a list of 1 to 8 non-negative integers, got {_short(shape)}")
-    if quant in ("q4", "q8"):
+    if fmt.grouped:
         if group not in GROUP_SIZES or type(group) is not int:
             raise bad(where + ".group_size", f"{_short(group)} is not one of {list(GROUP_SIZES)}")
         if shape[-1] % group:
@@ -367,6 +356,7 @@ def describe(folder: str | os.PathLike) -> dict:
             r["quant"].append(t.quant)
     for r in roles.values():
         r["bits_per_weight"] = round(8 * r["bytes"] / r["parameters"], 4) if r["parameters"] else 0.0
+    fallbacks = _fallbacks(m, roles_by_name)
     params = sum(r["parameters"] for r in roles.values())
     weight_bytes = sum(r["bytes"] for r in roles.values())
     expert_bytes = roles.get("expert", {}).get("bytes", 0)
@@ -387,6 +377,7 @@ def describe(folder: str | os.PathLike) -> dict:
         "bits_per_weight": round(8 * weight_bytes / params, 4) if params else 0.0,
         "roles": roles,
         "skipped": len(m.skipped),
+        "fallbacks": fallbacks,
         "memory": {
             "resident_dense_bytes": weight_bytes - expert_bytes,
             "expert_bytes_total": expert_bytes,
@@ -396,6 +387,27 @@ def describe(folder: str | os.PathLike) -> dict:
         },
         "template": _template_info(folder),
     }
+
+
+def _fallbacks(m: Manifest, roles_by_name: dict[str, str]) -> dict[str, str]:
+    """Tensors stored otherwise than the recipe asks (an input width its group size does not
+    divide: formats.table.choose_storage), e.g. {"layers.01.experts.down": "q4 g64 -> f16 (input
+    width 48)"}."""
+    from .formats.recipe import Recipe
+
+    recipe = Recipe.from_dict(m.recipe)
+    out = {}
+    for t in m.tensors.values():
+        role = "expert" if t.name.startswith("layers.") else roles_by_name.get(t.name)
+        if role is None:
+            continue
+        want = recipe.precision_for(role)
+        want_group = recipe.group_size if FORMATS[want].grouped else None
+        if (t.quant, t.group_size) != (want, want_group):
+            asked = want + (f" g{want_group}" if want_group else "")
+            got = t.quant + (f" g{t.group_size}" if t.group_size else "")
+            out[t.name] = f"{asked} -> {got} (input width {t.shape[-1]})"
+    return out
 
 
 def _template_info(folder: Path) -> dict | None:
@@ -447,6 +459,8 @@ def format_description(info: dict) -> str:
         f"{format_size(mem['expert_bytes_total'])} in all",
         f"  KV cache ({mem['kv_dtype']}): {format_size(mem['kv_bytes_per_1k_tokens'])} per 1k tokens",
     ]
+    for name, what in info.get("fallbacks", {}).items():
+        lines.append(f"  fallback: {name}: {what}")
     t = info.get("template")
     if t and "error" in t:
         lines.append(f"  chat template: ERROR {t['error']}")

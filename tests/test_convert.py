@@ -21,12 +21,13 @@ import ernie_edge.quant.convert as convert_mod
 from ernie_edge.edge_checkpoint import EdgeCheckpoint
 from ernie_edge.errors import ErnieEdgeError, ModelNotFoundError
 from ernie_edge.hf_checkpoint import HFCheckpoint
-from ernie_edge.manifest import read_manifest, verify
+from ernie_edge.manifest import describe, format_description, read_manifest, verify
 from ernie_edge.mmap_store import SafetensorsFile
 from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertError, ConvertSettings, convert
 from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
 from ernie_edge.formats.recipe import Recipe
+from ernie_edge.formats.table import choose_storage
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 from ernie_edge.reference import ReferenceModel
 
@@ -85,8 +86,9 @@ class Dequantized:
         self.hf, self.recipe, self.config = hf, recipe, hf.config
 
     def _roundtrip(self, name: str) -> np.ndarray:
-        w, G = self.hf.f32(name), self.recipe.group_size
-        quant = self.recipe.precision_for(self.hf.specs[name].role)
+        w = self.hf.f32(name)
+        quant, G = choose_storage(self.recipe.precision_for(self.hf.specs[name].role), w.shape[-1],
+                                  self.recipe.group_size)
         if quant == "q4":
             return dequantize_q4(*quantize_q4(w, G), G)
         if quant == "q8":
@@ -364,10 +366,31 @@ def test_edge_folder_as_source_is_refused(reference_out, tmp_path):
         run(reference_out, tmp_path / "again")
 
 
-def test_group_size_must_divide(source, tmp_path):
-    with pytest.raises(ConvertError, match=r"down_proj.weight.*input dimension 32.*--group-size 64"):
-        run(source, tmp_path / "out", recipe=Recipe(group_size=64))
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+def test_group_size_falls_back_per_tensor(tmp_path):
+    """Input widths the recipe's group does not divide fall back per tensor: the expert down
+    projections (width 48: no group size divides it) to f16, the rest stay q4/q8 at g64. The
+    manifest records it, `info` lists it, and the cpu kernels run every tensor at its format."""
+    src = make_source(tmp_path / "src", moe_intermediate_size=48)
+    recipe = Recipe(group_size=64)
+    out = run(src, tmp_path / "out", recipe=recipe)
+    t = read_manifest(out).tensors
+    assert (t["layers.01.experts.down"].quant, t["layers.01.experts.down"].group_size) == ("f16", None)
+    assert (t["layers.01.experts.gate"].quant, t["layers.01.experts.gate"].group_size) == ("q4", 64)
+    assert (t["model.layers.0.self_attn.q_proj.weight"].quant, t["model.layers.0.self_attn.q_proj.weight"].group_size) == ("q8", 64)
+    info = describe(out)
+    assert info["fallbacks"]["layers.01.experts.down"] == "q4 g64 -> f16 (input width 48)"
+    assert "layers.01.experts.gate" not in info["fallbacks"]
+    assert "fallback: layers.01.experts.down: q4 g64 -> f16 (input width 48)" in format_description(info)
+    ids = [1, 17, 300, 5, 900, 42, 7, 7, 1000]
+    ref = Dequantized(HFCheckpoint(src), recipe)
+    model = ReferenceModel(ref)
+    want = model.forward(ids, model.new_cache()) @ ref.dense("model.embed_tokens.weight").T
+    np.testing.assert_allclose(ernie_edge.load(out, backend="reference").logits(ids), want, rtol=0, atol=1e-4)
+    fast = ernie_edge.load(out, backend="cpu")
+    np.testing.assert_allclose(fast.logits(ids), want, rtol=0, atol=2e-2 * np.abs(want).max())
+    cache = fast.new_cache()
+    fast.prefill(ids[:-1], cache)
+    np.testing.assert_allclose(fast.decode(ids[-1], cache), want[-1], rtol=0, atol=2e-2 * np.abs(want).max())
 
 
 def test_repo_id_not_cached_offline(tmp_path, monkeypatch):

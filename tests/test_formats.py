@@ -15,14 +15,12 @@ import pytest
 from ernie_edge.formats import quant as F
 from ernie_edge.formats.quant import (
     QuantizationError,
-    bits_per_weight,
     dequantize_q4,
     dequantize_q8,
     pack_q4,
     quant_error_stats,
     quantize_q4,
     quantize_q8,
-    quantized_nbytes,
     unpack_q4,
 )
 
@@ -162,24 +160,6 @@ def test_q8_layout_hand_written_example():
     got_codes, scales = quantize_q8(w, 32)
     assert got_codes.dtype == np.int8 and scales.tolist() == [0.5]
     np.testing.assert_array_equal(got_codes, codes)
-
-
-def test_bits_per_weight_and_nbytes():
-    assert bits_per_weight(4, 32) == 4.5 and bits_per_weight(8, 32) == 8.5
-    assert bits_per_weight(4, 128) == 4.125
-    bank = (64, 1536, 2560)  # one ERNIE expert bank (gate or up)
-    assert quantized_nbytes(bank, 4, 32) == 64 * 1536 * 1280 + 64 * 1536 * 80 * 2
-    assert quantized_nbytes(bank, 4, 32) * 8 == 4.5 * 64 * 1536 * 2560
-    assert quantized_nbytes((2560,), 32, 32) == 2560 * 4
-    assert quantized_nbytes((4, 64), 16, 32) == 4 * 64 * 2
-    for bits, quantize in ((4, quantize_q4), (8, quantize_q8)):
-        for size in F.GROUP_SIZES:
-            arrays = quantize(gaussian((3, 2, 256)), size)
-            assert quantized_nbytes((3, 2, 256), bits, size) == sum(a.nbytes for a in arrays)
-    with pytest.raises(ValueError, match="bits 3"):
-        quantized_nbytes((32,), 3, 32)
-    with pytest.raises(ValueError, match="not a multiple"):
-        quantized_nbytes((48,), 4, 32)
 
 
 # ---- the quantizers match their numpy twin ------------------------------------------------------

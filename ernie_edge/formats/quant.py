@@ -40,14 +40,6 @@ Q8_MAX = 127
 FP16_MAX = 65504.0
 
 
-def format_name(bits: int, group_size: int) -> str:
-    return f"int{bits}-sym-g{group_size}"
-
-
-def bits_per_weight(bits: int, group_size: int) -> float:
-    return bits + 16.0 / group_size
-
-
 def check_group_size(k: int, group_size: int, what: str = "tensor") -> None:
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size {group_size} not supported (choose one of {GROUP_SIZES})")
@@ -161,22 +153,6 @@ def quantize_q8(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np
     return codes.reshape(*lead, k), scales.astype(np.float16).reshape(*lead, k // group_size)
 
 
-def quantized_nbytes(shape: tuple[int, ...], bits: int, group_size: int = DEFAULT_GROUP_SIZE) -> int:
-    """Bytes a tensor of `shape` [..., K] takes on disk: codes plus fp16 scales for bits 4 / 8;
-    plain elements for bits 16 (f16) and 32 (f32), where group_size plays no part."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    if bits in (16, 32):
-        return n * bits // 8
-    if bits not in (4, 8):
-        raise ValueError(f"bits {bits} not supported (choose 4, 8, 16 or 32)")
-    if not shape:
-        raise ValueError("a quantized tensor needs at least one dimension")
-    check_group_size(shape[-1], group_size)
-    return n * bits // 8 + (n // group_size) * 2
-
-
 def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """Quantize and dequantize `w`: {"rel_rms": ||w - deq|| / ||w|| (0 for all zeros),
     "max_abs": max |w - deq|, "bits_per_weight": ...}."""
@@ -192,7 +168,7 @@ def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GR
     err = float(np.sqrt(np.sum(diff * diff)))
     return {"rel_rms": err / norm if norm else 0.0,
             "max_abs": float(np.max(np.abs(diff))) if diff.size else 0.0,
-            "bits_per_weight": bits_per_weight(bits, group_size)}
+            "bits_per_weight": bits + 16.0 / group_size}
 
 
 def _prepare(w: np.ndarray, group_size: int, limit: float, what: str) -> np.ndarray:

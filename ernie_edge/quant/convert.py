@@ -34,13 +34,13 @@ from ernie_edge import __version__
 from ernie_edge.errors import ErnieEdgeError, ModelNotFoundError
 from ernie_edge.hf_checkpoint import HFCheckpoint, shard_names
 from ernie_edge.manifest import (DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PROJECTIONS,
-                                 STORED_DTYPE, bank_name, experts_file, format_size, read_manifest, sha256_file,
-                                 stored_names, stored_shapes, verify)
+                                 bank_name, experts_file, format_size, read_manifest, sha256_file, verify)
 from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
 from ernie_edge.paths import models_dir
 
-from ..formats.quant import QuantizationError, quantize_q4, quantize_q8
+from ..formats.quant import FP16_MAX, QuantizationError
+from ..formats.table import choose_storage, get_format
 from ..formats.recipe import Recipe
 from .safetensors_writer import PlannedTensor, StreamingWriter, encode_header, plan_layout
 
@@ -57,7 +57,6 @@ COPY_FILES = ("config.json", "generation_config.json", "tokenizer_config.json", 
               "added_tokens.json", "tokenizer.model", "chat_template.jinja", "chat_template.json")
 MAX_COPY_BYTES = 64 << 20
 CHUNK_ELEMENTS = 1 << 22  # elements per quantization job of a dense tensor (16 MB as fp32)
-_F16_MAX = 65504.0
 
 
 class ConvertError(ErnieEdgeError):
@@ -119,15 +118,16 @@ class OutTensor:
     jobs: list[Job]
 
     def planned(self) -> list[PlannedTensor]:
-        data_shape, scales_shape = stored_shapes(self.shape, self.quant, self.group_size)
-        data_name, scales_name = stored_names(self.name, self.quant)
-        out = [PlannedTensor(data_name, STORED_DTYPE[self.quant], data_shape)]
+        fmt = get_format(self.quant)
+        data_shape, scales_shape = fmt.stored_shapes(self.shape, self.group_size)
+        data_name, scales_name = fmt.stored_names(self.name)
+        out = [PlannedTensor(data_name, fmt.dtype, data_shape)]
         if scales_name:
             out.append(PlannedTensor(scales_name, "F16", scales_shape))
         return out
 
     def entry(self, file: str) -> dict:
-        return {"file": file, "dtype": STORED_DTYPE[self.quant], "shape": list(self.shape),
+        return {"file": file, "dtype": get_format(self.quant).dtype, "shape": list(self.shape),
                 "quant": self.quant, "group_size": self.group_size}
 
 
@@ -157,24 +157,22 @@ def _row_jobs(name: str, shape: tuple[int, ...]) -> list[Job]:
 
 def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
     """The output files in writing order: dense.safetensors, experts-LL.safetensors per MoE layer.
-    Raises ConvertError when the group size does not divide a tensor's input dimension."""
-    cfg, G = ckpt.config, recipe.group_size
+
+    A tensor whose input width the recipe's group size does not divide falls back on its own
+    (formats.table.choose_storage: another group size that divides, else f16); the manifest
+    records each tensor's format and group, and `ernie-edge info` lists the fallbacks."""
+    cfg = ckpt.config
     nbytes = {name: info.nbytes for name, (_, info) in ckpt.tensors.items()}
 
-    def quant_of(spec) -> str:
-        quant = recipe.precision_for(spec.role)
-        if quant in ("q4", "q8") and spec.shape[-1] % G:
-            raise ConvertError(f"{ckpt.folder}: tensor {spec.name!r} has input dimension {spec.shape[-1]}, "
-                               f"not a multiple of --group-size {G}; choose a group size that divides it")
-        return quant
+    def storage(spec) -> tuple[str, int | None]:
+        return choose_storage(recipe.precision_for(spec.role), spec.shape[-1], recipe.group_size)
 
     dense = OutFile(DENSE_FILE)
     for name, spec in ckpt.specs.items():
         if spec.role == "expert":
             continue
-        quant = quant_of(spec)
-        dense.tensors.append(OutTensor(name, quant, spec.shape, G if quant in ("q4", "q8") else None,
-                                       _row_jobs(name, spec.shape)))
+        quant, group = storage(spec)
+        dense.tensors.append(OutTensor(name, quant, spec.shape, group, _row_jobs(name, spec.shape)))
         dense.source_bytes += nbytes[name]
     files = [dense]
     for layer in cfg.moe_layers:
@@ -182,9 +180,9 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
         for proj in PROJECTIONS:
             names = [f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight" for e in range(cfg.moe_num_experts)]
             spec = ckpt.specs[names[0]]
-            quant = quant_of(spec)
+            quant, group = storage(spec)
             jobs = [Job(n, 0, spec.shape[0], True) for n in names]
-            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), G, jobs))
+            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), group, jobs))
             out.source_bytes += sum(nbytes[n] for n in names)
         files.append(out)
     return files
@@ -248,21 +246,21 @@ def encode(w: np.ndarray, quant: str, group_size: int | None, name: str, offset:
                                "reports them)")
         count = int(bad.sum())
         w = np.where(bad, np.float32(0.0), w)
-    if quant in ("q4", "q8"):
+    fmt = get_format(quant)
+    if fmt.grouped:
         try:
-            data, scales = (quantize_q4 if quant == "q4" else quantize_q8)(w, group_size)
+            data, scales = fmt.quantize(w, group_size)
         except QuantizationError as e:
             raise ConvertError(f"tensor {name!r}: cannot quantize to {quant} at index {where(e.index)}: "
                                f"{e}") from None
         return Encoded(data, scales, count, first)
     if quant == "f16":
-        big = np.abs(w) > _F16_MAX
+        big = np.abs(w) > FP16_MAX
         if big.any():
             index = np.unravel_index(int(np.argmax(big)), w.shape)
             raise ConvertError(f"tensor {name!r}: value {w[index]} at index {where(index)} overflows "
                                "float16; use --dense-bits 8")
-        return Encoded(w.astype(np.float16), None, count, first)
-    return Encoded(np.ascontiguousarray(w, np.float32), None, count, first)
+    return Encoded(fmt.quantize(w, None)[0], None, count, first)
 
 
 # ---- the conversion ------------------------------------------------------------------------------
@@ -522,7 +520,7 @@ class _Conversion:
             raise
 
     def _write_tensor(self, writer: StreamingWriter, t: OutTensor, pool: ThreadPoolExecutor) -> None:
-        data_name, scales_name = stored_names(t.name, t.quant)
+        data_name, scales_name = get_format(t.quant).stored_names(t.name)
         if self.bar is not None:
             self.bar.set_postfix_str(t.name, refresh=False)
         last_job = {job.hf_name: i for i, job in enumerate(t.jobs)}
