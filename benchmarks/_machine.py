@@ -36,3 +36,23 @@ def best_time(fn, reps: int) -> float:
         fn()
         best = min(best, time.perf_counter() - t)
     return best
+
+
+def machine() -> dict:
+    """The CPU this figure was measured on (model name and SIMD features: the project's machines
+    change type between sessions), cores, and how busy the machine was."""
+    import os
+
+    name, flags = "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown":
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return {"cpu": name, "simd_features": simd, "cores": os.cpu_count(), "load_before": machine_load()}

@@ -91,8 +91,8 @@ def weights_bytes_per_token(model) -> int:
         else:
             total += q.nbytes
     for layer in cfg.moe_layers:
-        bank = ck.experts(layer)
-        per_expert = sum(t.nbytes for t in (bank.gate, bank.up, bank.down)) // bank.num_experts
+        banks = [ck.expert_bank(layer, p) for p in ("gate", "up", "down")]
+        per_expert = sum(t.nbytes for t in banks) // cfg.moe_num_experts
         total += cfg.moe_k * per_expert
     return total
 

@@ -17,7 +17,7 @@ from .errors import CheckpointError
 from .manifest import PROJECTIONS, TensorEntry, bank_name, read_manifest, stored_names, stored_shapes
 from .mmap_store import HUGE_PAGE, SafetensorsFile, read_smaps
 from .formats.hf_ernie import expected_tensors
-from .weights import ExpertBank, QTensor
+from .weights import QTensor
 
 ALIGNMENT = 64
 # Dequantized fp32 copies are cached when the whole model fits in this much memory (tiny/small
@@ -158,9 +158,6 @@ class EdgeCheckpoint:
             raise ValueError(f"proj must be one of {PROJECTIONS}, got {proj!r}")
         return self.qtensor(bank_name(layer, proj))
 
-    def experts(self, layer: int) -> ExpertBank:
-        return ExpertBank(layer, *(self.expert_bank(layer, p) for p in PROJECTIONS))
-
     # ---- WeightSource: dequantized float32 ----------------------------------------------------
 
     def dense(self, name: str) -> np.ndarray:
@@ -181,7 +178,4 @@ class EdgeCheckpoint:
         if self._cache_all:
             self._cache[key] = out
         return out
-
-    def total_bytes(self) -> int:
-        return sum(f.bytes for f in self.manifest.files.values())
 

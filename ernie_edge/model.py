@@ -5,6 +5,7 @@
     cache = model.new_cache()
     last = model.prefill(prompt_ids, cache)  # [V] logits after the prompt
     nxt = model.decode(token_id, cache)      # [V] logits after one more token
+    rows = model.decode_batch([t1, t2], [cache1, cache2])  # [2, V]: one step of two sequences
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ class Model:
     def decode(self, token_id: int, cache, trace: RoutingTrace | None = None) -> np.ndarray:
         """Feed one token; returns the next-token logits [V]."""
         return self.prefill([token_id], cache, trace)
+
+    def decode_batch(self, token_ids, caches) -> np.ndarray:
+        """Feed one token to each of B sequences, token_ids[b] after what caches[b] holds; returns
+        the next-token logits [B, V]. The weights are read once for all B. Row b does not depend on
+        the other sequences in the batch: it has the same bits as decode_batch([t], [cache])."""
+        caches = list(caches)
+        if len(caches) != len(token_ids) or not caches:
+            raise ErnieEdgeError(f"decode_batch: {len(token_ids)} tokens for {len(caches)} caches; "
+                                 "give one token per cache (at least one)")
+        ids = [int(self._check_ids([t], c.length)[0]) for t, c in zip(token_ids, caches)]
+        if hasattr(self.backend, "decode_batch"):
+            return self.backend.decode_batch(ids, caches)
+        return np.stack([self.decode(t, c) for t, c in zip(ids, caches)])
 
     def logits(self, token_ids, trace: RoutingTrace | None = None) -> np.ndarray:
         """Full prefill from position 0 with a fresh cache: float32 [T, vocab]. Keeps no state."""

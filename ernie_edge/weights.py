@@ -2,7 +2,7 @@
 
 A `QTensor` holds read-only numpy views straight into the memory-mapped files (zero copy): the
 codes (or plain values) and, for q4/q8, the fp16 scales as their uint16 bits (numba cannot take
-float16 arrays; TOOLCHAIN.md). The layout is ernie_edge/formats/quant.py's, unchanged:
+float16 arrays). The layout is the format table's (ernie_edge/formats/table.py), unchanged:
 
   quant  data                        scales
   q4     uint8  [..., O, K/2]        uint16 [..., O, K/G]   (fp16 bits)
@@ -19,9 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .formats.quant import dequantize_q4, dequantize_q8
-
-QUANTS = ("q4", "q8", "f16", "f32")
+from .formats.table import FORMATS, Format, get_format
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,11 @@ class QTensor:
     scales: np.ndarray | None
     group_size: int
     shape: tuple[int, ...]
+
+    @property
+    def format(self) -> Format:
+        """Its row of the format table (ernie_edge/formats/table.py)."""
+        return get_format(self.quant)
 
     @property
     def nbytes(self) -> int:
@@ -51,31 +54,13 @@ class QTensor:
         scales = None if self.scales is None else self.scales[e]
         return QTensor(self.quant, self.data[e], scales, self.group_size, self.shape[1:])
 
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """Rows `ids` of a matrix [R, K], dequantized: float32 [len(ids), K] (embedding lookups)."""
+        scales = None if self.scales is None else self.scales[ids]
+        return self.format.dequantize(self.data[ids], scales, self.group_size or None).reshape(len(ids), -1)
+
     def dequantize(self) -> np.ndarray:
         """The weight as a new float32 array of `shape` (ernie_edge/formats/quant.py is the spec)."""
-        if self.quant == "q4":
-            out = dequantize_q4(self.data, self.scales.view(np.float16), self.group_size)
-        elif self.quant == "q8":
-            out = dequantize_q8(self.data, self.scales.view(np.float16), self.group_size)
-        elif self.quant in ("f16", "f32"):
-            out = self.data.astype(np.float32)
-        else:
-            raise ValueError(f"unknown quant {self.quant!r} (known: {', '.join(QUANTS)})")
-        return out.reshape(self.shape)
-
-
-@dataclass(frozen=True)
-class ExpertBank:
-    """The routed experts of one MoE layer: gate/up [E, I, H], down [E, H, I] (logical shapes)."""
-
-    layer: int
-    gate: QTensor
-    up: QTensor
-    down: QTensor
-
-    @property
-    def num_experts(self) -> int:
-        return self.gate.shape[0]
-
-    def expert(self, e: int) -> tuple[QTensor, QTensor, QTensor]:
-        return self.gate.expert(e), self.up.expert(e), self.down.expert(e)
+        if self.quant not in FORMATS:
+            raise ValueError(f"unknown quant {self.quant!r} (known: {', '.join(FORMATS)})")
+        return self.format.dequantize(self.data, self.scales, self.group_size or None).reshape(self.shape)

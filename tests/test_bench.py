@@ -44,8 +44,8 @@ def test_weights_per_token_counts_k_experts_not_all(tiny_edge):
     cfg, ck = model.config, model.weights
     per_token = weights_bytes_per_token(model)
     all_bytes = sum(f.file_size for f in ck.files.values())
-    bank = ck.experts(cfg.moe_layers[0])
-    one_expert = sum(t.nbytes for t in (bank.gate, bank.up, bank.down)) // bank.num_experts
+    banks = [ck.expert_bank(cfg.moe_layers[0], p) for p in ("gate", "up", "down")]
+    one_expert = sum(t.nbytes for t in banks) // cfg.moe_num_experts
     assert per_token < all_bytes
     assert per_token >= cfg.moe_k * one_expert * len(cfg.moe_layers)
 

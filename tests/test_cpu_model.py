@@ -101,9 +101,9 @@ def test_prefix_reuse_and_truncate(pair, sequences):
 
 
 def test_chunked_prefill_equals_single_pass(pair, sequences, monkeypatch):
-    from ernie_edge import cpu_model
+    from ernie_edge import cpu_model, cpu_weights
     fast, _ = pair
-    monkeypatch.setattr(cpu_model, "QBATCH_MAX_T", 1024)  # the same kernels for every chunk size
+    monkeypatch.setattr(cpu_weights, "QBATCH_MAX_T", 1024)  # the same kernels for every chunk size
     one = fast.logits(sequences[2])
     monkeypatch.setattr(cpu_model, "PREFILL_CHUNK", 40)
     np.testing.assert_allclose(fast.logits(sequences[2]), one, atol=1e-4)
@@ -167,3 +167,57 @@ def test_cache_clone_is_independent(pair, sequences):
     fast.prefill([1, 2, 3], base)  # diverges; must not touch the clone
     twin.truncate(40)
     np.testing.assert_allclose(fast.prefill(ids[40:50], twin), a, rtol=0, atol=1e-6)
+
+
+# ---- one step of several sequences -------------------------------------------------------------------
+
+def _batch_run(model, prompts, steps, batch_of):
+    """Prefill each prompt into its own cache, then `steps` greedy-free steps feeding fixed tokens,
+    `batch_of` sequences per decode_batch call; returns [steps, B, V]."""
+    caches = [model.new_cache() for _ in prompts]
+    for p, c in zip(prompts, caches):
+        model.prefill(p, c)
+    rng = np.random.default_rng(7)
+    feed = rng.integers(0, model.config.vocab_size, (steps, len(prompts)))
+    out = []
+    for t in range(steps):
+        rows = [model.decode_batch(feed[t, i:i + batch_of], caches[i:i + batch_of])
+                for i in range(0, len(prompts), batch_of)]
+        out.append(np.concatenate(rows))
+    return np.stack(out), caches
+
+
+def test_decode_batch_is_batch_invariant(pair):
+    """A sequence's logits do not depend on which other sequences share the step: bit-identical
+    whether run alone (batches of one) or with three others, at different positions."""
+    fast, _ = pair
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, fast.config.vocab_size, n) for n in (5, 17, 40, 9)]
+    together, caches = _batch_run(fast, prompts, 4, batch_of=4)
+    alone, _ = _batch_run(fast, prompts, 4, batch_of=1)
+    assert together.shape == (4, 4, fast.config.vocab_size)
+    np.testing.assert_array_equal(together, alone)
+    assert [c.length for c in caches] == [n + 4 for n in (5, 17, 40, 9)]
+
+
+def test_decode_batch_matches_reference(pair):
+    """decode_batch (small-batch integer matmuls, per-sequence attention) meets the same bar as
+    decode against the reference run one token at a time."""
+    fast, ref = pair
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, fast.config.vocab_size, n) for n in (12, 30, 7)]
+    got, _ = _batch_run(fast, prompts, 30, batch_of=3)
+    want, _ = _batch_run(ref, prompts, 30, batch_of=1)  # the reference backend loops over decode
+    kl = kld(want.reshape(-1, want.shape[-1]), got.reshape(-1, got.shape[-1]))
+    agree = want.argmax(-1) == got.argmax(-1)
+    assert kl.mean() <= DECODE_KLD and agree.mean() >= DECODE_TOP1
+
+
+def test_decode_batch_checks_its_arguments(pair):
+    fast, _ = pair
+    c = fast.new_cache()
+    with pytest.raises(ErnieEdgeError, match="2 tokens for 1 caches"):
+        fast.decode_batch([1, 2], [c])
+    with pytest.raises(ErnieEdgeError, match="outside the vocabulary"):
+        fast.decode_batch([fast.config.vocab_size], [c])
+    assert c.length == 0

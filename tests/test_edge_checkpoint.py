@@ -76,7 +76,6 @@ def test_dequantized_weights_match_the_spec(edge):
                                   dequantize_q8(q.data, q.scales.view(np.float16), 32))
     np.testing.assert_array_equal(ckpt.dense("model.layers.1.mlp.gate.weight"),
                                   hf.f32("model.layers.1.mlp.gate.weight"))
-    assert ckpt.experts(1).expert(7)[1].data.shape == (32, 32)
 
 
 def test_load_runs_the_model(edge):

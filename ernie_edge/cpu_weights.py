@@ -1,0 +1,278 @@
+"""Weights that carry their CPU kernels: the CPU backend's binding of the format table.
+
+The forward pass (cpu_model.py) never asks how a weight is stored: it calls `w.matvec(x, out)`,
+`mlp.decode(h, out)`, `moe.prefill(h, out)`, as mlx-lm's model files call their layers. Which kernel
+runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table.py:
+
+  format   decode (one token)                       prefill (T tokens)
+  q4, q8   q8.matvec: int16 activations x codes     T <= QBATCH_MAX_T: qbatch.qmatmul (same scheme)
+                                                    else exact fp32: dequantized tiles + sgemm
+  f16/f32  BLAS sgemv on a float32 matrix           BLAS sgemm
+           (f16 is widened once at load: twice its file size in RAM; f32 stays mapped)
+
+Fused kernels are picked at load too, when the tensors involved share an integer format: q, k and
+v in one parallel region (q8.matvec3); gate, up and SwiGLU in one (an MLP is a one-expert bank);
+a MoE layer's routed experts and its shared expert in two regions instead of four
+(q8.experts_pair_*). A new backend (CUDA) binds its own classes to the same rows.
+
+Legend: T tokens, H hidden, K input features, O output features, E experts, k routed slots per
+token, I expert width.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .kernels import moe, norm, q4, q8, qbatch
+from .weights import QTensor
+
+QBATCH_MAX_T = 64  # the integer small-batch matmul beats the exact fp32 one up to here (benchmarks/qbatch.py)
+
+
+class Scratch:
+    """The buffers the decode kernels of one layer's weights need, allocated once per model."""
+
+    def __init__(self, widest: int, k: int, n_experts: int, expert_width: int):
+        k = max(k, 1)
+        self.act = q8.ActScratch(-(-widest // 32) * 32, rows=k)  # x quantized to int16 (+ work claims)
+        self.act_shared = q8.ActScratch(-(-widest // 32) * 32)  # the shared expert's, beside the routed ones
+        self.g = np.zeros(widest, np.float32)  # gate (then SwiGLU) output of an MLP
+        self.u = np.zeros(widest, np.float32)  # up output, when not fused
+        self.he = np.zeros((k, expert_width), np.float32)  # [k, I] SwiGLU output per routed slot
+        self.idx = np.zeros((1, k), np.int64)  # chosen experts
+        self.w = np.zeros((1, k), np.float32)  # their weights
+        self.route_work = np.zeros((3, max(n_experts, 1)), np.float32)
+        self.shared_out = np.zeros(0, np.float32)  # sized on first use by MoE.decode
+        self.zero_id = np.zeros(1, np.int64)  # expert id 0 of a one-expert bank
+        self.one = np.ones(1, np.float32)  # the shared expert's weight in a fused down projection
+
+
+# ---- one matrix -----------------------------------------------------------------------------------
+
+class QuantLinear:
+    """W [O, K] in q4 or q8: integer decode kernels, small-batch integer or exact fp32 prefill."""
+
+    def __init__(self, t: QTensor):
+        self.shape, self.bits = t.shape, t.format.bits
+        self.data, self.scales = t.data, t.scales
+        self._exact_matmul = q4.q4_matmul if self.bits == 4 else q8.q8_matmul
+
+    def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
+        """out [O] = W x."""
+        return q8.matvec(x, self.data, self.scales, out, s.act, self.bits)
+
+    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out [T, O] = X W^T."""
+        if len(X) <= QBATCH_MAX_T:
+            return qbatch.qmatmul(X, self.data, self.scales, out, self.bits)
+        return self._exact_matmul(X, self.data, self.scales, out)
+
+    def bank(self):
+        """(data, scales) as a one-expert bank [1, O, ...], for the fused expert kernels."""
+        return self.data[None], self.scales[None]
+
+
+class FloatLinear:
+    """W [O, K] in f16 or f32, multiplied by BLAS as float32 (f16 widened once, here)."""
+
+    bits = None
+
+    def __init__(self, t: QTensor):
+        self.shape = t.shape
+        self.w = np.ascontiguousarray(t.data, np.float32)  # [O, K]; a view for f32
+
+    def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
+        np.dot(self.w, x, out=out)
+        return out
+
+    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.dot(X, self.w.T, out=out)
+        return out
+
+
+CPU_KERNELS = {"q4": QuantLinear, "q8": QuantLinear, "f16": FloatLinear, "f32": FloatLinear}
+
+
+def linear(t: QTensor):
+    """The CPU weight object of a stored matrix, by its format's row."""
+    return CPU_KERNELS[t.quant](t)
+
+
+def shared_bits(*ws) -> int | None:
+    """The integer format (4 or 8) every one of ws is stored in, or None: the fused kernels take
+    weights of one integer format."""
+    bits = {w.bits for w in ws}
+    return bits.pop() if len(bits) == 1 and None not in bits else None
+
+
+# ---- groups of matrices -------------------------------------------------------------------------------
+
+class QKV:
+    """The q, k and v projections, which read the same input."""
+
+    def __init__(self, q: QTensor, k: QTensor, v: QTensor):
+        self.q, self.k, self.v = linear(q), linear(k), linear(v)
+        self.bits = shared_bits(self.q, self.k, self.v)
+
+    def matvec(self, x, q_out, k_out, v_out, s: Scratch) -> None:
+        if self.bits:  # one parallel region for the three
+            mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
+            q8.matvec3(x, mats, s.act, self.bits)
+            return
+        for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
+            w.matvec(x, out, s)
+
+    def matmul(self, X, q_out, k_out, v_out) -> None:
+        for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
+            w.matmul(X, out)
+
+
+class SwiGLU:
+    """down(silu(gate x) * up x): layer 0's dense MLP, or a MoE layer's shared expert."""
+
+    def __init__(self, gate: QTensor, up: QTensor, down: QTensor):
+        self.gate, self.up, self.down = linear(gate), linear(up), linear(down)
+        self.width = gate.shape[0]
+        self.gate_up_bits = shared_bits(self.gate, self.up)
+        self.bits = shared_bits(self.gate, self.up, self.down)
+
+    def gate_up_silu(self, x: np.ndarray, s: Scratch) -> np.ndarray:
+        """silu(gate x) * up x into s.g[:width]; returns that view."""
+        g = s.g[:self.width]
+        if self.gate_up_bits:  # gate, up and silu in one parallel region: the MLP as a one-expert bank
+            q8.experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
+                                    self.gate_up_bits)
+        else:
+            u = s.u[:self.width]
+            self.gate.matvec(x, g, s)
+            self.up.matvec(x, u, s)
+            norm.silu_mul(g, u, g)
+        return g
+
+    def decode(self, x: np.ndarray, out: np.ndarray, s: Scratch, trace=None) -> np.ndarray:
+        """out [H] = the MLP of one token x [H]."""
+        return self.down.matvec(self.gate_up_silu(x, s), out, s)
+
+    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None) -> np.ndarray:
+        """out [T, H] = the MLP of T tokens X [T, H]."""
+        T = len(X)
+        if T <= QBATCH_MAX_T and self.bits:  # fused as a one-expert bank with weight 1.0 (exact)
+            return qbatch.qexperts(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
+                                   *self.gate.bank(), *self.up.bank(), *self.down.bank(), out, self.bits)
+        g = np.empty((T, self.width), np.float32)
+        u = np.empty_like(g)
+        self.gate.matmul(X, g)
+        self.up.matmul(X, u)
+        norm.silu_mul(g, u, g)
+        return self.down.matmul(g, out)
+
+
+class ExpertBank:
+    """The routed experts of one MoE layer: gate/up [E, I, H], down [E, H, I] (logical shapes)."""
+
+    def __init__(self, gate: QTensor, up: QTensor, down: QTensor):
+        self.banks = (gate, up, down)
+        self.width = gate.shape[1]
+        fmts = {t.quant for t in self.banks}
+        self.bits = gate.format.bits if len(fmts) == 1 and gate.format.grouped else None
+        # Mixed or float banks (a width no group size divides) run one expert at a time.
+        self._per_expert = None if self.bits else [
+            tuple(linear(t.expert(e)) for t in self.banks) for e in range(gate.shape[0])]
+
+    def arrays(self, proj: int):
+        """(data, scales) of projection 0 (gate), 1 (up) or 2 (down)."""
+        return self.banks[proj].data, self.banks[proj].scales
+
+    def gate_up_silu(self, x: np.ndarray, ids: np.ndarray, out_h: np.ndarray, s: Scratch) -> np.ndarray:
+        """out_h [k, I] = silu(G_e x) * U_e x for each chosen expert e = ids[j]."""
+        if self.bits:
+            return q8.experts_gate_up_silu(x, *self.arrays(0), *self.arrays(1), ids, out_h, s.act, self.bits)
+        u = s.u[:self.width]
+        for j, e in enumerate(ids):
+            gate, up, _ = self._per_expert[e]
+            gate.matvec(x, out_h[j], s)
+            up.matvec(x, u, s)
+            norm.silu_mul(out_h[j], u, out_h[j])
+        return out_h
+
+    def down_weighted(self, h, ids, weights, out, s: Scratch) -> np.ndarray:
+        """out [H] = sum_j weights[j] * D_e h[j], in ascending expert id (docs/ERNIE_SPEC.md P13)."""
+        if self.bits:
+            return q8.experts_down_weighted(h, *self.arrays(2), ids, weights, out, s.act, self.bits)
+        out[:] = 0.0
+        y = np.empty_like(out)
+        for j in np.argsort(ids, kind="stable"):
+            self._per_expert[ids[j]][2].matvec(h[j], y, s)
+            out += weights[j] * y
+        return out
+
+    def prefill(self, X: np.ndarray, idx: np.ndarray, weights: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """out [T, H] = each token's weighted routed experts; tokens grouped per expert."""
+        if self.bits:
+            return qbatch.qexperts(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out,
+                                   self.bits)
+        out[:] = 0.0
+        for e in np.unique(idx):  # ascending expert id
+            rows, slot = np.nonzero(idx == e)
+            gate, up, down = self._per_expert[e]
+            g = np.empty((len(rows), self.width), np.float32)
+            u = np.empty_like(g)
+            gate.matmul(X[rows], g)
+            up.matmul(X[rows], u)
+            norm.silu_mul(g, u, g)
+            y = np.empty((len(rows), out.shape[1]), np.float32)
+            down.matmul(g, y)
+            out[rows] += weights[rows, slot][:, None] * y
+        return out
+
+
+class MoE:
+    """A MoE layer: router (fp32, with the correction bias), routed experts, optional shared expert."""
+
+    def __init__(self, layer: int, router: np.ndarray, bias: np.ndarray | None, experts: ExpertBank,
+                 shared: SwiGLU | None, k: int, norm_min: float):
+        self.layer, self.router, self.bias = layer, router, bias  # fp32 [E, H], [E] or None
+        self.experts, self.shared = experts, shared
+        self.k, self.norm_min = k, norm_min
+        # Routed and shared experts in two parallel regions (gate+up, down) instead of four.
+        self.paired = experts.bits is not None and shared is not None and shared.bits is not None
+
+    def route(self, X, idx, weights, trace=None, work=None) -> None:
+        moe.route(X, self.router, self.bias, self.k, idx, weights, self.norm_min, work=work)
+        if trace is not None:
+            trace.add(self.layer, idx)
+
+    def decode(self, x: np.ndarray, out: np.ndarray, s: Scratch, trace=None) -> np.ndarray:
+        """out [H] = routed experts + shared expert of one token x [H]."""
+        self.route(x, s.idx, s.w, trace, work=s.route_work)
+        ids, weights = s.idx[0], s.w[0]
+        if self.paired:
+            self._decode_paired(x, ids, weights, out, s)
+            return out
+        self.experts.gate_up_silu(x, ids, s.he, s)
+        self.experts.down_weighted(s.he, ids, weights, out, s)
+        if self.shared is not None:  # added last (docs/ERNIE_SPEC.md P6, P13)
+            if s.shared_out.shape != out.shape:
+                s.shared_out = np.zeros_like(out)
+            out += self.shared.decode(x, s.shared_out, s)
+        return out
+
+    def _decode_paired(self, x, ids, weights, out, s: Scratch) -> None:
+        sh, ex = self.shared, self.experts
+        g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
+        q8.experts_pair_gate_up_silu(
+            x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
+            (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits), s.act, s.act_shared)
+        q8.experts_pair_down_weighted(  # the shared expert's output is still added last
+            (s.he, *ex.arrays(2), ids, weights, ex.bits),
+            (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared)
+
+    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None) -> np.ndarray:
+        """out [T, H] = routed experts (grouped by expert) + shared expert of T tokens X [T, H]."""
+        idx = np.empty((len(X), self.k), np.int64)
+        weights = np.empty((len(X), self.k), np.float32)
+        self.route(X, idx, weights, trace)
+        self.experts.prefill(X, idx, weights, out)
+        if self.shared is not None:
+            out += self.shared.prefill(X, np.empty_like(out))
+        return out
