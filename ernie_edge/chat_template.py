@@ -1,6 +1,6 @@
 """The chat template: OpenAI-style messages -> the prompt text the model was trained on.
 
-A checkpoint's template is untrusted input (RELIABILITY.md B1): it is rendered only in jinja2's
+A checkpoint's template is untrusted input (a template can try to escape the sandbox): it is rendered only in jinja2's
 `ImmutableSandboxedEnvironment`, with three extra limits enforced by `_LimitedSandbox`:
 
 - time: a trace function runs on every line of compiled template code and stops the render at a
@@ -473,7 +473,7 @@ class ChatTemplate:
 
     @classmethod
     def builtin(cls, **kwargs) -> ChatTemplate:
-        """The built-in ERNIE-4.5 Thinking template (ERNIE_SPEC.md §6)."""
+        """The built-in ERNIE-4.5 Thinking template (docs/ERNIE_SPEC.md §6)."""
         return cls(builtin_template_source(), origin="built-in", is_builtin=True, **kwargs)
 
     @classmethod

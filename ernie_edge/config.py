@@ -2,7 +2,7 @@
 
 Unknown keys are ignored; missing required keys, another architecture, and inconsistent values are
 a ConfigError naming the field. Defaults are the ones transformers' Ernie4_5_MoeConfig applies
-(ERNIE_SPEC.md §1). Both the v4 names (`moe_num_experts`, `moe_k`, `rope_theta`) and the v5 names
+(docs/ERNIE_SPEC.md §1). Both the v4 names (`moe_num_experts`, `moe_k`, `rope_theta`) and the v5 names
 (`num_experts`, `num_experts_per_tok`, `rope_parameters`) are accepted.
 """
 

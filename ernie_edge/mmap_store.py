@@ -1,7 +1,7 @@
 """The only place that knows about mmap: open safetensors files, validate every header, and hand
 out read-only numpy views of the tensors (zero copy).
 
-Every byte is treated as hostile (RELIABILITY.md A1-A5): the header length, the JSON, each name,
+Every byte is treated as hostile: the header length, the JSON, each name,
 dtype, shape and offset are checked with Python integers (no overflow) before a single tensor
 byte is touched, and the tensors must tile the data section exactly (no holes, no overlaps, no
 trailing bytes), as the safetensors spec requires.
@@ -211,9 +211,8 @@ class SafetensorsFile:
         """Ask for the file to be mapped in 2 MiB pages (MADV_HUGEPAGE on the whole map).
 
         Decode streams gigabytes of weights per token; with 4 KiB pages every 4 KiB costs a TLB
-        miss (a nested page walk in a VM). Measured on the project VM (Linux 6.18, ext4 with large
-        folios): one thread summing a 1.5 GB weight file reads 8.8 GB/s through 4 KiB pages and
-        14 GB/s through 2 MiB pages; whole-model decode went from 3.4 to 4.3 tok/s. Pages the
+        miss (a nested page walk in a VM). With 2 MiB pages a weight file reads ~1.6x faster and
+        whole-model decode ran ~1.3x faster (docs/PERF.md, "Memory & mmap"). Pages the
         kernel reads in from now on come as 2 MiB folios where the filesystem supports it;
         pages already cached keep their size (see `huge_page_fraction`), and a fault reads in the
         whole 2 MiB around it (so EdgeCheckpoint asks only when the model fits in memory). False

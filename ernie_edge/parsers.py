@@ -1,4 +1,4 @@
-"""Split what ERNIE-4.5-Thinking generates into reasoning, answer and tool calls (ERNIE_SPEC §6, §7).
+"""Split what ERNIE-4.5-Thinking generates into reasoning, answer and tool calls (docs/ERNIE_SPEC.md §6-7).
 
 The chat prompt ends with `<think>\\n`, so the output starts inside the reasoning:
 

@@ -1,4 +1,4 @@
-"""The ERNIE-4.5 MoE forward pass in plain numpy fp32, line by line with ERNIE_SPEC.md §2-3.
+"""The ERNIE-4.5 MoE forward pass in plain numpy fp32, line by line with docs/ERNIE_SPEC.md §2-3.
 
 This is the specification that every kernel and the fast path are tested against. It is never
 optimised: clarity over speed. Weights come from any `WeightSource` (an HF folder widened from

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import ConfigError, ErnieEdgeError
 
-# ERNIE_SPEC §8: no primary source publishes sampling values for the Thinking model. These follow
+# docs/ERNIE_SPEC.md §8: no primary source publishes sampling values for the Thinking model. These follow
 # the usual range for reasoning models (temperature 0.6, top_p 0.95, no penalties); a checkpoint's
 # generation_config.json overrides them.
 DEFAULT_TEMPERATURE = 0.6

@@ -1,4 +1,4 @@
-"""The tokenizer: text <-> token ids, on the `tokenizers` library (ERNIE_SPEC.md §5).
+"""The tokenizer: text <-> token ids, on the `tokenizers` library (docs/ERNIE_SPEC.md §5).
 
 A model folder has a `tokenizer.json`, or only the SentencePiece `tokenizer.model` the real ERNIE
 repository ships. In the second case the SentencePiece model is converted once into an equivalent
@@ -45,7 +45,7 @@ GENERATION_CONFIG = "generation_config.json"
 # Bump when the SentencePiece conversion changes, so cached tokenizer.json files are rebuilt.
 _CONVERTER_VERSION = "1"
 
-# Tokens the ERNIE-4.5 Thinking chat format and output parsers need (ERNIE_SPEC.md §5-7).
+# Tokens the ERNIE-4.5 Thinking chat format and output parsers need (ERNIE_SPEC §5-7).
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 THINK_START, THINK_END = "<think>", "</think>"
 RESPONSE_START, RESPONSE_END = "<response>", "</response>"

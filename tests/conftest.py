@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from ernie_edge.quant import synthetic  # noqa: E402
 
-# Three tiny configs that differ in experts / k / shared experts / layer layout (issue 2).
+# Three tiny configs that differ in experts / k / shared experts / layer layout.
 PARITY_CONFIGS = {
     # the real 20/4 head layout (GQA 5), explicit head_dim, 16 experts / 4 active, 2 shared.
     "real_heads": dict(preset="tiny"),

@@ -1,5 +1,6 @@
-"""Chat template: the exact ERNIE-4.5 Thinking prompt for each message shape (ERNIE_SPEC.md §6),
-validation errors, loading from a model folder, and the sandbox limits (RELIABILITY.md B1-B3)."""
+"""Chat template: the exact ERNIE-4.5 Thinking prompt for each message shape (docs/ERNIE_SPEC.md
+§6), validation errors, loading from a model folder, and the sandbox: escape attempts, time and
+size limits, fuzzed messages, and a template that differs from the built-in one."""
 
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ def test_old_tool_calls_lose_reasoning(template):
 
 def test_tool_loop_prompt_extends_previous_prompt(template):
     """The next step's prompt starts with the previous prompt plus what the model generated, so
-    the KV cache can be reused (ERNIE_SPEC.md §6 output format)."""
+    the KV cache can be reused (ERNIE_SPEC §6 output format)."""
     first = [user("Weather in Paris?")]
     prompt1 = template.render(first, tools=[WEATHER_TOOL])
     generated = ('Need the tool.\n</think>\n\n\n<tool_call>\n'

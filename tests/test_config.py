@@ -15,7 +15,7 @@ def full():
 def test_real_model_facts():
     cfg = full()
     assert cfg.dim_head == 128 and cfg.gqa_group == 5
-    assert cfg.shared_intermediate_size == 3072  # one MLP of 2 x 1536 (ERNIE_SPEC P6)
+    assert cfg.shared_intermediate_size == 3072  # one MLP of 2 x 1536 (docs/ERNIE_SPEC.md P6)
     assert not cfg.is_moe_layer(0)               # layer 0 is dense (P7)
     assert cfg.moe_layers == list(range(1, 28))
     assert count_parameters(cfg) == 21_825_437_888  # 21.83B, tied embeddings

@@ -1,5 +1,6 @@
 """EdgeCheckpoint and the manifest: zero-copy views, dequantized weights, and refusal of corrupt or
-tampered folders (RELIABILITY A12, C5, C6)."""
+tampered folders: bit flips, truncated or swapped files, bad offsets, unknown versions, and
+manifest entries pointing outside the folder (docs/FORMAT.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad HF checkpoints give a clear error naming the file and tensor (issue 2 'Bad input')."""
+"""Bad HF checkpoints give a clear error naming the file and tensor."""
 
 import json
 import shutil

@@ -1,5 +1,5 @@
 """Attention kernels (fp16 and int8 KV caches) against a plain numpy twin written here and against
-ernie_edge.reference (ERNIE_SPEC §3.2): softmax((q k^T) * D^-0.5 + causal mask) v, GQA h -> h // R.
+ernie_edge.reference (docs/ERNIE_SPEC.md §3.2): softmax((q k^T) * D^-0.5 + causal mask) v, GQA h -> h // R.
 
 The int8 cache's decode quantizes q per head to int8 (integer dot products) and rounds each tile's
 probabilities (times the V scales) to uint8 (error <= max / 510 per probability); its twin

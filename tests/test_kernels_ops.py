@@ -1,5 +1,5 @@
 """rmsnorm, RoPE, router and grouped MoE kernels against plain numpy twins written here
-and against ernie_edge.reference (ERNIE_SPEC §3). float32 paths: relative error <= 1e-5."""
+and against ernie_edge.reference (docs/ERNIE_SPEC.md §3). float32 paths: relative error <= 1e-5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Hostile safetensors headers are refused before any tensor byte is read (RELIABILITY A1-A5, A12).
+"""Hostile safetensors headers are refused before any tensor byte is read: bad header lengths,
+overlapping or out-of-range offsets, wrong dtypes and shapes, bad names, truncated files.
 
 Each bad file must raise CheckpointError naming the file and the reason, quickly, without
 allocating memory that scales with a claimed size."""
@@ -33,7 +34,7 @@ def json_file(path, header: dict, data: bytes = b""):
 
 def refused(path, match: str, max_alloc: int = 64 << 20, max_seconds: float = 1.0):
     """Open `path`; it must be refused fast, with the file name and `match` in the message, and
-    without allocating more than `max_alloc` bytes (RELIABILITY A1: growth < 64 MB)."""
+    without allocating more than `max_alloc` bytes (64 MB by default)."""
     tracemalloc.start()
     t0 = time.perf_counter()
     try:

@@ -30,7 +30,7 @@ def test_options_map_to_precisions(expert_bits, dense_bits, expert, dense):
     assert r.precision_for("expert") == expert
     for role in ("attn", "dense_mlp", "shared_expert", "embed"):
         assert r.precision_for(role) == dense
-    for role in ("router", "router_bias", "norm"):  # never quantized (ERNIE_SPEC P3)
+    for role in ("router", "router_bias", "norm"):  # never quantized (docs/ERNIE_SPEC.md P3)
         assert r.precision_for(role) == "f32"
 
 

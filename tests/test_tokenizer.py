@@ -166,7 +166,7 @@ def test_other_sentencepiece_settings_match(tmp_path, options):
     if options.get("normalization_rule_name") == "nmt_nfkc":
         # tokenizers' Precompiled normalizer drops one of two stacked combining marks where
         # SentencePiece keeps both (transformers' conversion shares this). The synthetic tokenizer
-        # has no charsmap; whether the real one has is unverified (ERNIE_SPEC.md §5).
+        # has no charsmap; whether the real one has is unverified (docs/ERNIE_SPEC.md §5).
         texts = [s for s in texts if not STACKED_MARKS.search(s)]
     bad = [s for s in texts if tokenizer.encode(s) != sentencepiece_reference(processor, s, specials)]
     assert bad == []

@@ -36,7 +36,7 @@ PRESETS: dict[str, dict] = {
     "small": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=4096, moe_intermediate_size=128,
                   moe_num_experts=32, moe_k=6, moe_num_shared_experts=2),
-    # the real ERNIE-4.5-21B-A3B-Thinking shapes (ERNIE_SPEC §1).
+    # the real ERNIE-4.5-21B-A3B-Thinking shapes (docs/ERNIE_SPEC.md §1).
     "full": dict(hidden_size=2560, intermediate_size=12288, num_hidden_layers=28, num_attention_heads=20,
                  num_key_value_heads=4, vocab_size=103424, moe_intermediate_size=1536,
                  moe_num_experts=64, moe_k=6, moe_num_shared_experts=2),

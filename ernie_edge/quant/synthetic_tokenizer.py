@@ -1,4 +1,5 @@
-"""Synthetic tokenizer files shaped like the real ERNIE-4.5 Thinking repository's (ERNIE_SPEC.md §5).
+"""Synthetic tokenizer files shaped like the real ERNIE-4.5 Thinking repository's
+(docs/ERNIE_SPEC.md §5).
 
 `write_tokenizer_files` trains a small SentencePiece BPE `tokenizer.model` in-process from a
 built-in multilingual corpus and writes `tokenizer_config.json` and `special_tokens_map.json`
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-# The specials of the real tokenizer (ERNIE_SPEC.md §5), in id order after <unk>, <s>, </s>.
+# The specials of the real tokenizer (ERNIE_SPEC §5), in id order after <unk>, <s>, </s>.
 SPECIAL_TOKENS = (
     "<|begin_of_sentence|>", "<|end_of_sentence|>", "<mask:1>",
     "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<response>", "</response>",
