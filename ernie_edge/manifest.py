@@ -2,7 +2,7 @@
 against their sha256, and describe the model for `ernie-edge info`.
 
 The manifest is written last by the converter, so a folder without a valid one is never a model.
-Everything in it is treated as hostile (RELIABILITY A12, C5, C6): types are checked, file names
+Everything in it is treated as hostile (tests/test_edge_checkpoint.py): types are checked, file names
 must be plain basenames inside the folder, and an unknown format version is refused.
 
 The tensor table is keyed by logical name: an HF name for dense tensors, `layers.LL.experts.PROJ`

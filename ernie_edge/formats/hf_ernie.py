@@ -1,7 +1,7 @@
 """The Hugging Face ERNIE-4.5 MoE checkpoint, as a table: every tensor name the checkpoint must
 have (derived from the config, with its shape and role), and the names we skip with a reason.
 
-`check_names` proves completeness (STYLE habit 2): each source tensor is either expected or on the
+`check_names` proves completeness: each source tensor is either expected or on the
 skip list; anything else, and anything missing, is an error that lists the names.
 
 Roles drive the quantization recipe: expert, shared_expert, dense_mlp, attn, embed, norm, router,

@@ -7,7 +7,7 @@ written, so peak memory does not grow with the model. Quantization runs on `thre
 (numpy and the numba quantizers release the GIL); results are written in a fixed order, so the
 output is byte-identical for any thread count.
 
-Crash safety (RELIABILITY C1-C3): everything is written into `DST.partial/`, each file first as
+Crash safety (tests/test_convert.py kills it at every step): everything is written into `DST.partial/`, each file first as
 `NAME.partial`, renamed once complete and fsynced; `progress.json` there records each finished file
 with its sha256. A rerun after Ctrl-C or kill -9 re-verifies the finished files and redoes the
 rest. The manifest is written last, then the staging folder is renamed to DST and the parent
