@@ -38,7 +38,7 @@ from ernie_edge.manifest import (DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFE
                                  stored_names, stored_shapes, verify)
 from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
-from ernie_edge.paths import models_dir
+from ernie_edge.paths import models_dir, share_file
 
 from ..formats.quant import QuantizationError, quantize_q4, quantize_q8
 from ..formats.recipe import Recipe
@@ -84,7 +84,7 @@ class ConvertSettings:
 
 def recipe_tag(recipe: Recipe) -> str:
     """A short name for a recipe, used in default folder names: q4g32-d8."""
-    return f"q{recipe.expert_bits}g{recipe.group_size}-d{recipe.dense_bits}"
+    return recipe.name
 
 
 def default_dest(source_name: str, recipe: Recipe) -> Path:
@@ -491,6 +491,7 @@ class _Conversion:
             if isinstance(f, _TokenizerFile):
                 from ernie_edge.tokenizer import build_tokenizer_json
                 build_tokenizer_json(f.build_from, partial)
+                share_file(partial)  # written through mkstemp (0600): give it the umask's mode
                 _fsync_file(partial)
             elif f.copy_from is not None:
                 shutil.copyfile(f.copy_from, partial)
