@@ -174,8 +174,9 @@ def _tools(path: Path | None) -> list[dict] | None:
     if path is None:
         return None
     from .chat_template import validate_tools
+    tools = _read_json_file(path, "--tools")
     try:
-        return validate_tools(_read_json_file(path, "--tools"))
+        return validate_tools(tools)
     except ErnieEdgeError as e:
         raise ErnieEdgeError(f"--tools {path}: {e}") from None
 
@@ -205,7 +206,12 @@ def _add_generate(sub) -> None:
 
 def _messages(a) -> list[dict]:
     if a.messages is not None:
-        return _read_json_file(a.messages, "--messages")
+        from .chat_template import validate_messages
+        messages = _read_json_file(a.messages, "--messages")
+        try:
+            return validate_messages(messages)
+        except ErnieEdgeError as e:
+            raise ErnieEdgeError(f"--messages {a.messages}: {e}") from None
     if a.prompt_file is not None:
         text = _read_text(a.prompt_file, "--prompt-file")
     else:
@@ -450,12 +456,10 @@ def _add_bench(sub) -> None:
 
 
 def _run_bench(a) -> int:
-    from .bench import BenchSettings, check_settings, format_bench, run_bench
+    from .bench import BenchSettings, format_bench, run_bench
     _check_writable(a.json, "--json")
-    settings = BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                             threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype)
-    check_settings(settings)
-    result = run_bench(settings)
+    result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
+                                     threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype))
     print(format_bench(result))
     _save_json(a.json, result)
     return 0

@@ -157,8 +157,8 @@ def test_ctrl_c_in_json_mode_prints_what_was_generated(tiny_edge_dir):
     assert result["usage"]["completion_tokens"] == 6 and result["reasoning"]
 
 
-def test_thinking_is_dimmed_on_a_terminal_and_plain_in_a_pipe(tiny_edge_dir):
-    args = ["generate", "--model", str(tiny_edge_dir), "--prompt", "Hi", "--max-tokens", "8", "--temperature", "0"]
+def test_thinking_is_dimmed_on_a_terminal_and_plain_in_a_pipe(tiny_dir):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "Hi", "--max-tokens", "8", *map(str, REF)]
     master, slave = pty.openpty()
     proc = subprocess.Popen([*CLI, *args], stdin=subprocess.DEVNULL, stdout=slave, stderr=subprocess.PIPE,
                             env=cli_env())
@@ -309,6 +309,8 @@ def walk_cases(tiny_dir, edge, nan_dir, tmp):
     (tmp / "full").mkdir()
     (tmp / "full" / "x").write_text("x")
     (tmp / "models" / "junk").mkdir(parents=True)
+    bad_messages = tmp / "messages.json"
+    bad_messages.write_text('[{"role": "robot", "content": "hi"}]')
     gen = ["generate", "--model", edge, "--prompt", "x"]
     return {
         "demo": [(["demo", "--prompt"], "expected one argument")],
@@ -327,6 +329,7 @@ def walk_cases(tiny_dir, edge, nan_dir, tmp):
             (gen + ["--threads", "-1"], "--threads: must be >= 0"),
             (["generate", "--model", edge, "--messages", tmp / "missing.json"], "cannot read it"),
             (["generate", "--model", edge, "--messages", a_file], "cannot read JSON"),
+            (["generate", "--model", edge, "--messages", bad_messages], "messages[0].role: unknown role"),
             (["generate", "--model", edge, "--prompt-file", tmp / "missing.txt"], "No such file"),
             (gen + ["--tools", tmp / "missing.json"], "--tools"),
             (["generate", "--model", edge, "--prompt", " "], "the prompt is empty"),
@@ -396,3 +399,16 @@ def test_every_subcommand_fails_cleanly_on_bad_input(tiny_dir, tiny_edge_dir, na
     with ThreadPoolExecutor(3) as pool:
         failures = [f for f in pool.map(check, [c for group in cases.values() for c in group]) if f]
     assert failures == []
+
+
+def test_os_errors_are_one_line_too(tiny_edge_dir, monkeypatch, capsys):
+    """A file another user made unreadable (e.g. an old 0600 tokenizer.json) is a message, not a
+    traceback: simulated here, since the tests may run as root."""
+    from ernie_edge import cli, manifest
+
+    def unreadable(folder, **kw):
+        raise PermissionError(13, "Permission denied", str(tiny_edge_dir / "tokenizer.json"))
+
+    monkeypatch.setattr(manifest, "verify", unreadable)
+    assert cli.main(["verify", str(tiny_edge_dir)]) == 2
+    assert capsys.readouterr().err == f"ernie-edge verify: error: {tiny_edge_dir / 'tokenizer.json'}: Permission denied\n"

@@ -76,3 +76,48 @@ def test_an_unconverted_checkpoint_points_to_its_converted_copy(home, tiny_dir):
     ("models/", True), ("baidu/ERNIE-4.5-21B-A3B-Thinking", False), ("tiny-q4g32-d8", False)])
 def test_what_looks_like_a_path(text, is_path):
     assert looks_like_path(text) == is_path
+
+
+def test_a_cached_repo_id_is_refused_with_its_convert_command(tiny_dir, tmp_path):
+    """A repo in the local HF cache (HF_HUB_CACHE layout) is an unconverted checkpoint too."""
+    import os
+    import subprocess
+
+    from cli_helpers import CLI, cli_env
+    snapshot = tmp_path / "hub" / "models--acme--Tiny-ERNIE" / "snapshots" / "abc123"
+    shutil.copytree(tiny_dir, snapshot)
+    (tmp_path / "hub" / "models--acme--Tiny-ERNIE" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--Tiny-ERNIE" / "refs" / "main").write_text("abc123")
+    env = dict(cli_env(home=tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"))
+    proc = subprocess.run([*CLI, "chat", "--model", "acme/Tiny-ERNIE"], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL, timeout=120)
+    assert_user_error(proc, "`ernie-edge convert acme/Tiny-ERNIE` (then use --model Tiny-ERNIE-q4g32-d8)")
+
+
+def test_rm_on_a_terminal_asks_first(home):
+    import os
+    import pty
+    import subprocess
+
+    from cli_helpers import CLI, cli_env
+
+    def rm_answering(answer: bytes) -> bytes:
+        master, slave = pty.openpty()
+        proc = subprocess.Popen([*CLI, "rm", "tiny-q4g32-d8"], stdin=slave, stdout=slave, stderr=slave,
+                                env=cli_env(home=home))
+        os.close(slave)
+        out = b""
+        while b"[y/N]" not in out:
+            out += os.read(master, 4096)
+        os.write(master, answer + b"\r")
+        assert proc.wait(timeout=60) == 0
+        try:
+            while chunk := os.read(master, 4096):
+                out += chunk
+        except OSError:  # EIO once the child has closed the terminal
+            pass
+        os.close(master)
+        return out
+
+    assert b"kept" in rm_answering(b"n") and (home / "models" / "tiny-q4g32-d8").is_dir()
+    assert b"deleted tiny-q4g32-d8" in rm_answering(b"y") and not (home / "models" / "tiny-q4g32-d8").exists()

@@ -20,8 +20,10 @@ STATS = "tok/s"
 
 
 def chat(model, lines, *flags, **kw):
-    return run("chat", "--model", model, "--max-tokens", 6, "--reasoning-budget", 2, "--seed", 0, *flags,
-               input="".join(line + "\n" for line in lines), **kw)
+    """A piped chat session on the HF folder `model`, run by the reference backend: what these tests
+    check does not depend on the backend, and the reference starts faster than the kernels."""
+    return run("chat", "--model", model, "--backend", "reference", "--max-tokens", 6, "--reasoning-budget", 2,
+               "--seed", 0, *flags, input="".join(line + "\n" for line in lines), **kw)
 
 
 def test_chat_session(tiny_edge_dir):
@@ -34,9 +36,9 @@ def test_chat_session(tiny_edge_dir):
     assert out.count(STATS) == 3
 
 
-def test_an_over_long_message_is_refused_and_the_chat_goes_on(tiny_edge_dir, tmp_path):
+def test_an_over_long_message_is_refused_and_the_chat_goes_on(tiny_dir, tmp_path):
     saved = tmp_path / "chat.json"
-    proc = chat(tiny_edge_dir, ["Hello", "word " * 300, "Still there?", f"/save {saved}", "/exit"],
+    proc = chat(tiny_dir, ["Hello", "word " * 300, "Still there?", f"/save {saved}", "/exit"],
                 "--ctx-size", 200)
     assert proc.returncode == 0
     assert "context holds 200. The message was not sent and the conversation is kept" in proc.stderr
@@ -45,28 +47,28 @@ def test_an_over_long_message_is_refused_and_the_chat_goes_on(tiny_edge_dir, tmp
     assert [m["content"] for m in messages if m["role"] == "user"] == ["Hello", "Still there?"]
 
 
-def test_multi_line_messages_and_save_load(tiny_edge_dir, tmp_path):
+def test_multi_line_messages_and_save_load(tiny_dir, tmp_path):
     saved, again = tmp_path / "chat.json", tmp_path / "again.json"
     lines = ["first line \\", "second line", '"""', "block one", "", "block two", '"""',
              f"/save {saved}", "/exit"]
-    chat(tiny_edge_dir, lines)
+    chat(tiny_dir, lines)
     messages = json.loads(saved.read_text())
     assert [m["content"] for m in messages if m["role"] == "user"] == [
         "first line \nsecond line", "block one\n\nblock two"]
     assert [m["role"] for m in messages] == ["user", "assistant"] * 2
-    proc = chat(tiny_edge_dir, [f"/load {saved}", "And now?", f"/save {again}", "/load missing.json", "/exit"])
+    proc = chat(tiny_dir, [f"/load {saved}", "And now?", f"/save {again}", "/load missing.json", "/exit"])
     assert f"(loaded 4 messages from {saved}" in proc.stdout
     assert json.loads(again.read_text())[:4] == messages and len(json.loads(again.read_text())) == 6
     assert "error: missing.json: No such file or directory" in proc.stderr
 
 
-def test_tools_file_is_rendered_into_the_prompt(tiny_edge_dir, tmp_path):
+def test_tools_file_is_rendered_into_the_prompt(tiny_dir, tmp_path):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "the weather in a city",
                                                "parameters": {"type": "object", "properties": {}}}}]
     (tmp_path / "tools.json").write_text(json.dumps(tools))
 
     def prompt_tokens(*flags):
-        out = chat(tiny_edge_dir, ["Weather in Paris?", "/tool sunny", "/exit"], *flags)
+        out = chat(tiny_dir, ["Weather in Paris?", "/tool sunny", "/exit"], *flags)
         return int(out.stdout.split("prompt ")[1].split()[0]), out.stderr
 
     without, _ = prompt_tokens()
@@ -117,14 +119,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(tiny_edge_dir):
             proc.kill()
 
 
-def test_line_editing_and_history_on_a_terminal(tiny_edge_dir, tmp_path):
+def test_line_editing_and_history_on_a_terminal(tiny_dir, tmp_path):
     """Through a pty: the left arrow moves the cursor (the edit lands mid-word), the up arrow
     recalls the last line, and the history is kept in the cache folder for the next session."""
     pytest.importorskip("readline")  # present on Linux and macOS; the test is about using it
     saved = tmp_path / "chat.json"
     master, slave = pty.openpty()
-    proc = subprocess.Popen([*CLI, "chat", "--model", str(tiny_edge_dir), "--max-tokens", "4", "--seed", "0"],
-                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=cli_env(home=tmp_path))
+    proc = subprocess.Popen([*CLI, "chat", "--model", str(tiny_dir), "--backend", "reference", "--max-tokens", "4",
+                             "--seed", "0"], stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=cli_env(home=tmp_path))
     os.close(slave)
     seen = b""
 
