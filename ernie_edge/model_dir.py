@@ -65,7 +65,7 @@ def resolve(path_or_repo: str | os.PathLike) -> ModelLocation:
         return _resolve_folder(path)
     if is_store_name(text) and (models_dir() / text).exists():
         return _resolve_folder(models_dir() / text)
-    if _REPO_ID.match(text) and not looks_like_path(text):
+    if _REPO_ID.match(text):
         repo, _, revision = text.partition("@")
         found = find_in_hf_cache(repo, revision or "main")
         if found:
