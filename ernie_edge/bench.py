@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
+from .errors import ErnieEdgeError
 from .kernels._jit import get_threads, pnjit
 
 
@@ -97,9 +98,22 @@ def weights_bytes_per_token(model) -> int:
     return total
 
 
+def check_settings(s: BenchSettings) -> None:
+    """Bad numbers and unconverted models are ErnieEdgeErrors, found before anything is loaded."""
+    from .model_dir import resolve
+    from .models_store import conversion_advice
+    if s.prompt_tokens < 1 or s.gen_tokens < 1:
+        raise ErnieEdgeError(f"bench needs --prompt-tokens >= 1 and --gen-tokens >= 1, got "
+                             f"{s.prompt_tokens} and {s.gen_tokens}")
+    location = resolve(s.model)
+    if location.kind != "edge":
+        raise ErnieEdgeError(conversion_advice(s.model, location, reference_ok=False))
+
+
 def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     from . import load
     from .generate import stream_generate
+    check_settings(s)
     rng = np.random.default_rng(s.seed)
 
     t = time.perf_counter()

@@ -1,143 +1,109 @@
-"""`ernie-edge` command line. Each subcommand parses its flags into typed settings and calls the
-library; argparse namespaces never leave this file. Errors caused by input (ErnieEdgeError) print
-one clear message and exit with code 2; anything else is a bug and keeps its traceback."""
+"""`ernie-edge` command line. Each subcommand has an `_add_NAME` function (its flags) and a
+`_run_NAME` function (flags -> typed settings -> the library); argparse namespaces never leave
+this file, and longer output logic lives in cli_*.py modules.
+
+Errors caused by input (ErnieEdgeError, bad flags, invalid numbers from a model, files that
+cannot be read or written) print one line and exit with code 2; Ctrl-C exits with 130; a closed
+stdout pipe (`ernie-edge info M | head -1`) exits quietly with 141. Anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from .errors import ErnieEdgeError
+from .errors import ErnieEdgeError, one_line
+
+DESCRIPTION = ("Run ERNIE-4.5-21B-A3B-Thinking offline: convert a Hugging Face checkpoint once, then "
+               "chat, generate or benchmark with the converted model.")
+EPILOG = ("--model takes a name from `ernie-edge list` (the models store, where convert puts models), "
+          "a converted folder, or, with --backend reference, an HF checkpoint folder or cached repo id.")
+EXIT_USAGE, EXIT_CANCELLED, EXIT_BROKEN_PIPE = 2, 130, 141
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _save_json(path: Path | None, obj) -> None:
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _check_writable(path: Path | None, flag: str) -> None:
+    """Fail before a long run, not after it, when `flag PATH` cannot be written."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ErnieEdgeError(f"{flag} {path}: is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ErnieEdgeError(f"{flag} {path}: cannot write there ({parent} is not a writable folder)")
+
+
+def _save_json(path: Path | None, obj, flag: str = "--json") -> None:
     """--json OUT: write the figures as JSON (nothing when the flag is absent)."""
-    if path is not None:
+    if path is None:
+        return
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(obj, indent=2))
+    except OSError as e:
+        raise ErnieEdgeError(f"{flag} {path}: cannot write it: {e.strerror or e} (the report is printed "
+                             "above)") from None
 
 
-# ---- synth -------------------------------------------------------------------------------------
-
-def _add_synth(sub) -> None:
-    p = sub.add_parser("synth", help="write a synthetic HF-format ERNIE checkpoint (real names and shapes)")
-    p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny")
-    p.add_argument("--layers", type=_positive_int, default=None, help="number of layers (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_run_synth)
-
-
-def _run_synth(a) -> int:
-    from .quant.synthetic import write_checkpoint
-    out = write_checkpoint(a.out, a.preset, layers=a.layers, seed=a.seed, progress=sys.stderr.isatty())
-    print(out)
-    return 0
+def _read_text(name: str, what: str) -> str:
+    """A file's text, or stdin's for "-"."""
+    try:
+        if name == "-":
+            return sys.stdin.read()
+        return Path(name).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ErnieEdgeError(f"{what} {name}: cannot read it: {getattr(e, 'strerror', None) or e}") from None
 
 
-# ---- convert / verify / info / eval --------------------------------------------------------------
-
-def _add_convert(sub) -> None:
-    p = sub.add_parser("convert", help="convert an HF checkpoint (folder or cached repo id) to an int4 edge folder")
-    p.add_argument("src", help="HF checkpoint folder, or a repo id in the local HF cache")
-    p.add_argument("dst", nargs="?", type=Path, default=None, help="output folder (default: the models store)")
-    p.add_argument("--expert-bits", type=int, choices=[4, 8], default=4)
-    p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=8)
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=32)
-    p.add_argument("--force", action="store_true", help="replace a finished DST")
-    p.add_argument("--threads", type=_positive_int, default=0, help="worker threads (0: all cores)")
-    p.add_argument("--allow-nonfinite", action="store_true", help="zero NaN/Inf weights instead of failing")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run_convert)
+def _read_json_file(name: str | Path, what: str):
+    text = _read_text(str(name), what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ErnieEdgeError(f"{what} {name}: cannot read JSON: {e}") from None
 
 
-def _run_convert(a) -> int:
-    from .quant.convert import ConvertSettings, convert
-    from .formats.recipe import Recipe
-    settings = ConvertSettings(
-        source=a.src, dest=a.dst,
-        recipe=Recipe(expert_bits=a.expert_bits, dense_bits=a.dense_bits, group_size=a.group_size),
-        force=a.force, threads=a.threads, progress=not a.no_progress, allow_nonfinite=a.allow_nonfinite)
-    print(convert(settings))
-    return 0
+# ---- flags shared by the commands that run a model -----------------------------------------------
 
-
-def _add_verify(sub) -> None:
-    p = sub.add_parser("verify", help="check every file of a converted folder against its sha256")
-    p.add_argument("model", type=Path)
-    p.set_defaults(func=_run_verify)
-
-
-def _run_verify(a) -> int:
-    from .manifest import verify
-    problems = verify(a.model, progress=sys.stderr.isatty())
-    for line in problems:
-        print(line)
-    print("OK" if not problems else f"{len(problems)} problem(s)")
-    return 0 if not problems else 1
-
-
-def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="recipe, sizes, bits per weight and memory estimate of a model")
-    p.add_argument("model")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_run_info)
-
-
-def _run_info(a) -> int:
-    from .manifest import describe, format_description
-    from .model_dir import resolve
-    info = describe(resolve(a.model).path)
-    print(json.dumps(info, indent=2) if a.json else format_description(info))
-    return 0
-
-
-def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="KL divergence / top-1 agreement / perplexity of a quantized model vs its source")
-    p.add_argument("--model", required=True)
-    p.add_argument("--reference", required=True)
-    p.add_argument("--prompts", type=_positive_int, default=8)
-    p.add_argument("--tokens", type=_positive_int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON")
-    p.set_defaults(func=_run_eval)
-
-
-def _run_eval(a) -> int:
-    from .quant.evaluate import EvalSettings, evaluate, format_report
-    report = evaluate(EvalSettings(model=a.model, reference=a.reference, prompts=a.prompts,
-                                   tokens=a.tokens, seed=a.seed))
-    print(format_report(report))
-    _save_json(a.json, report)
-    return 0
-
-
-# ---- generate / chat / demo ----------------------------------------------------------------------
-
-def _add_sampling_flags(p) -> None:
-    g = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
-    g.add_argument("--max-tokens", type=_positive_int, default=None)
-    g.add_argument("--temperature", type=float, default=None, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=_positive_int, default=None)
-    g.add_argument("--min-p", type=float, default=None)
-    g.add_argument("--repetition-penalty", type=float, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--reasoning-budget", type=_positive_int, default=None,
-                   help="at most this many thinking tokens, then the model is made to answer")
+def _add_model_arg(p, help_extra: str = "") -> None:
+    p.add_argument("--model", required=True, metavar="NAME|PATH",
+                   help="model: a name from `ernie-edge list`, or a converted folder" + help_extra)
 
 
 def _add_model_flags(p) -> None:
-    p.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    from .model import BACKENDS
+    _add_model_arg(p, "; an HF folder or cached repo id only with --backend reference")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="auto (default): the kernels, for converted models; reference: the slow numpy "
+                        "spec, which also runs unconverted HF checkpoints")
+    p.add_argument("--threads", type=_int_at_least(0), default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--ctx-size", type=_int_at_least(16), default=None, metavar="N",
+                   help="context: prompt + answer tokens at most (default: the model's 131072); "
+                        "also caps the KV cache's memory")
     _add_kv_dtype_flag(p)
 
 
@@ -148,86 +114,145 @@ def _add_kv_dtype_flag(p) -> None:
                         "slightly less exact (converted models only)")
 
 
-def _load_model(a):
-    """Load --model and get its kernels ready, telling the user what the wait is."""
-    from . import load
-    model = load(a.model, threads=a.threads, kv_dtype=a.kv_dtype)
-    if model.backend_name == "cpu":
-        print("preparing kernels (the first run compiles them, later runs load them from the cache) ...",
-              file=sys.stderr, flush=True)
-        print(f"kernels ready in {model.warmup():.1f} s", file=sys.stderr, flush=True)
-    return model
+def _add_sampling_flags(p) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    g.add_argument("--max-tokens", metavar="N", type=_int_at_least(1), default=None,
+                   help="at most this many generated tokens, thinking included (default: up to 4096)")
+    g.add_argument("--temperature", metavar="T", type=float, default=None, help="randomness; 0 = greedy (always the likeliest)")
+    g.add_argument("--top-p", metavar="P", type=float, default=None, help="sample from the likeliest tokens holding this "
+                                                             "much probability (1 = off)")
+    g.add_argument("--top-k", metavar="K", type=_int_at_least(0), default=None, help="sample from the k likeliest tokens (0 = off)")
+    g.add_argument("--min-p", metavar="P", type=float, default=None,
+                   help="drop tokens less likely than this fraction of the likeliest (0 = off)")
+    g.add_argument("--repetition-penalty", metavar="X", type=float, default=None,
+                   help="> 1 discourages tokens already in the prompt or answer (1 = off)")
+    g.add_argument("--presence-penalty", metavar="X", type=float, default=None,
+                   help="-2..2: subtracted from tokens already generated (0 = off)")
+    g.add_argument("--frequency-penalty", metavar="X", type=float, default=None,
+                   help="-2..2: subtracted once per time a token was generated (0 = off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop when the model writes TEXT (not printed); repeat for several")
+    g.add_argument("--seed", metavar="N", type=int, default=None, help="random seed, for repeatable answers")
+    g.add_argument("--reasoning-budget", type=_int_at_least(0), default=None, metavar="N",
+                   help="at most N thinking tokens, then the model is made to answer")
 
 
-def _sampling(a, model):
+def _sampling(a, model_path: Path):
     from .sampling import SamplingParams
     return SamplingParams.from_generation_config(
-        model.path, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-        min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+        model_path, max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+        min_p=a.min_p, repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+        frequency_penalty=a.frequency_penalty, stop=tuple(a.stop) if a.stop else None, seed=a.seed)
 
 
-def _read_json_file(path: Path, what: str):
-    from .errors import ErnieEdgeError
+def _note(text: str) -> None:
+    """Progress notes go to a terminal only: a script's stderr holds errors alone."""
+    if sys.stderr.isatty():
+        print(text, file=sys.stderr, flush=True)
+
+
+def _load_model(a):
+    """Load --model with its sampling settings: an unconverted checkpoint is refused unless
+    --backend reference, and bad settings are found before the load; the kernels are then got
+    ready, telling the user what the wait is. Returns (model, SamplingParams)."""
+    from . import load
+    from .model_dir import resolve
+    from .models_store import conversion_advice
+    location = resolve(a.model)
+    if location.kind == "hf" and a.backend != "reference":
+        raise ErnieEdgeError(conversion_advice(a.model, location))
+    params = _sampling(a, location.path)
+    model = load(a.model, backend=a.backend, threads=a.threads, kv_dtype=a.kv_dtype, max_context=a.ctx_size)
+    if model.backend_name == "cpu":
+        _note("preparing kernels (the first run compiles them, later runs load them from the cache) ...")
+        seconds = model.warmup()
+        _note(f"kernels ready in {seconds:.1f} s")
+    return model, params
+
+
+def _tools(path: Path | None) -> list[dict] | None:
+    if path is None:
+        return None
+    from .chat_template import validate_tools
+    tools = _read_json_file(path, "--tools")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ErnieEdgeError(f"{what} {path}: cannot read JSON: {e}") from None
+        return validate_tools(tools)
+    except ErnieEdgeError as e:
+        raise ErnieEdgeError(f"--tools {path}: {e}") from None
 
+
+# ---- generate / chat / demo ----------------------------------------------------------------------
 
 def _add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="one chat turn: render the template, generate, print the answer")
-    p.add_argument("--model", required=True, help="model folder (converted or HF) or cached repo id")
+    p = sub.add_parser("generate", help="one chat turn: the answer streams as it is generated",
+                       description="One chat turn: render the chat template, generate, stream the answer.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="the user message")
-    src.add_argument("--messages", type=Path, help="JSON file: a list of OpenAI-style messages")
-    p.add_argument("--system", default=None, help="system prompt (with --prompt)")
-    p.add_argument("--tools", type=Path, default=None, help="JSON file: a list of OpenAI tool definitions")
-    p.add_argument("--json", action="store_true", help="print one JSON object with reasoning, content, "
-                                                       "tool_calls, finish_reason, usage, timings")
+    src.add_argument("--prompt", help="the user message; - reads it from stdin")
+    src.add_argument("--prompt-file", metavar="FILE", help="read the user message from FILE (- = stdin)")
+    src.add_argument("--messages", metavar="FILE", help="JSON file: a list of OpenAI-style messages (- = stdin)")
+    p.add_argument("--system", default=None, help="system prompt (with --prompt / --prompt-file)")
+    p.add_argument("--tools", type=Path, default=None, metavar="FILE",
+                   help="JSON file: a list of OpenAI tool definitions")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end: reasoning "
+                   "(and reasoning_content), content, tool_calls, finish_reason, usage, timings")
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--show-thinking", action="store_true",
+                       help="print the thinking before the answer even when stdout is not a terminal")
+    shown.add_argument("--hide-thinking", action="store_true", help="print the answer only, also on a terminal")
     _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=_run_generate)
 
 
-def _run_generate(a) -> int:
-    from .generate import generate, render_prompt
-    model = _load_model(a)
+def _messages(a) -> list[dict]:
     if a.messages is not None:
+        from .chat_template import validate_messages
         messages = _read_json_file(a.messages, "--messages")
+        try:
+            return validate_messages(messages)
+        except ErnieEdgeError as e:
+            raise ErnieEdgeError(f"--messages {a.messages}: {e}") from None
+    if a.prompt_file is not None:
+        text = _read_text(a.prompt_file, "--prompt-file")
     else:
-        messages = ([{"role": "system", "content": a.system}] if a.system else []) + [
-            {"role": "user", "content": a.prompt}]
-    tools = _read_json_file(a.tools, "--tools") if a.tools else None
-    ids = render_prompt(model, messages, tools=tools)
-    result = generate(model, ids, _sampling(a, model), reasoning_budget=a.reasoning_budget)
-    if a.json:
-        print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
-        return 0
-    for call in result.tool_calls:
-        print(f"[tool call] {call.name}({call.arguments})")
-    if result.content is not None:
-        print(result.content)
-    elif not result.tool_calls:
-        print(f"(no answer: the model was still thinking when it stopped ({result.finish_reason}); "
-              "raise --max-tokens or set --reasoning-budget)", file=sys.stderr)
-    return 0
+        text = _read_text("-", "--prompt") if a.prompt == "-" else a.prompt
+    if not text.strip():
+        raise ErnieEdgeError("the prompt is empty")
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    return system + [{"role": "user", "content": text}]
+
+
+def _run_generate(a) -> int:
+    from .cli_generate import GenerateSettings, run_generate, wants_color
+    messages, tools = _messages(a), _tools(a.tools)
+    model, params = _load_model(a)
+    show = a.show_thinking or (sys.stdout.isatty() and not a.hide_thinking)
+    settings = GenerateSettings(params=params, tools=tools, reasoning_budget=a.reasoning_budget,
+                                max_context=a.ctx_size, json=a.json, show_thinking=show,
+                                color=wants_color(sys.stdout))
+    return run_generate(model, messages, settings)
 
 
 def _add_chat(sub) -> None:
-    p = sub.add_parser("chat", help="interactive chat in the terminal")
-    p.add_argument("--model", required=True)
-    p.add_argument("--system", default=None)
-    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning")
+    p = sub.add_parser("chat", help="interactive chat in the terminal (/help lists its commands)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--tools", type=Path, default=None, metavar="FILE",
+                   help="JSON file: OpenAI tool definitions the model may call (answer with /tool RESULT)")
+    p.add_argument("--hide-thinking", action="store_true", help="do not print the reasoning (/think toggles it)")
     _add_model_flags(p)
     _add_sampling_flags(p)
     p.set_defaults(func=_run_chat)
 
 
 def _run_chat(a) -> int:
+    from .cli_generate import wants_color
+    from .paths import chat_history_file
     from .terminal_chat import ChatSettings, TerminalChat
-    model = _load_model(a)
-    settings = ChatSettings(system=a.system, show_thinking=not a.hide_thinking,
-                            reasoning_budget=a.reasoning_budget, params=_sampling(a, model))
+    tools = _tools(a.tools)
+    model, params = _load_model(a)
+    settings = ChatSettings(system=a.system, show_thinking=not a.hide_thinking, reasoning_budget=a.reasoning_budget,
+                            params=params, color=wants_color(sys.stdout), tools=tools,
+                            max_context=a.ctx_size, history_file=chat_history_file())
     TerminalChat(model, settings).run()
     return 0
 
@@ -245,22 +270,194 @@ def _run_demo(a) -> int:
     return 0
 
 
+# ---- the models store: list / rm ----------------------------------------------------------------
+
+def _add_list(sub) -> None:
+    p = sub.add_parser("list", help="the models in the models store: name, size, recipe, path")
+    p.add_argument("--json", action="store_true", help="print JSON: the store's path and its models")
+    p.set_defaults(func=_run_list)
+
+
+def _run_list(a) -> int:
+    from .models_store import format_list, list_models
+    from .paths import models_dir
+    models = list_models()
+    if a.json:
+        print(json.dumps({"store": str(models_dir()), "models": [m.to_dict() for m in models]}, indent=2))
+    else:
+        print(format_list(models, models_dir()))
+    return 0
+
+
+def _add_rm(sub) -> None:
+    p = sub.add_parser("rm", help="delete a model from the models store")
+    p.add_argument("name", help="the model's name, as `ernie-edge list` shows it")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+    p.set_defaults(func=_run_rm)
+
+
+def _run_rm(a) -> int:
+    from .manifest import format_size
+    from .models_store import find, remove
+    model = find(a.name)
+    what = f"{model.name} ({format_size(model.bytes)}, {model.path})"
+    if not a.yes:
+        if not sys.stdin.isatty():
+            raise ErnieEdgeError(f"rm {a.name}: pass --yes to delete {what} without being asked")
+        if input(f"delete {what}? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("kept")
+            return 0
+    remove(model)
+    print(f"deleted {what}")
+    return 0
+
+
+# ---- synth / convert / verify / info / eval ------------------------------------------------------
+
+def _add_synth(sub) -> None:
+    p = sub.add_parser("synth", help="write a synthetic HF-format ERNIE checkpoint (real names and shapes)")
+    p.add_argument("out", type=Path, help="output folder (new or empty)")
+    p.add_argument("--preset", choices=["tiny", "small", "full"], default="tiny",
+                   help="tiny (default, ~1 MB), small (~40 MB), or full (the real shapes: ~44 GB)")
+    p.add_argument("--layers", type=_int_at_least(1), default=None, help="number of layers (default: the preset's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it holds files")
+    p.set_defaults(func=_run_synth)
+
+
+def _run_synth(a) -> int:
+    from .quant.synthetic import write_checkpoint
+    out = write_checkpoint(a.out, a.preset, layers=a.layers, seed=a.seed, progress=sys.stderr.isatty(),
+                           force=a.force)
+    print(out)
+    return 0
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert an HF checkpoint (folder or cached repo id) to an int4 edge folder")
+    p.add_argument("src", help="HF checkpoint folder, or a repo id in the local HF cache (`hf download REPO`)")
+    p.add_argument("dst", nargs="?", type=Path, default=None,
+                   help="output folder (default: the models store, as NAME-RECIPE)")
+    p.add_argument("--recipe", default=None, metavar="NAME",
+                   help="q{expert bits}g{group size}-d{dense bits}: q4g32-d8 (default), q4g32-d4 (all int4), "
+                        "q8g32-d8, ... (or the three flags below)")
+    p.add_argument("--expert-bits", type=int, choices=[4, 8], default=None, help="routed experts: 4 (default) or 8")
+    p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=None,
+                   help="attention, shared experts, embedding: 4, 8 (default) or 16 (f16)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+                   help="weights per quantization scale: 32 (default), 64 or 128")
+    p.add_argument("--force", action="store_true", help="replace a finished DST")
+    p.add_argument("--threads", type=_int_at_least(0), default=0, help="worker threads (0: all cores)")
+    p.add_argument("--allow-nonfinite", action="store_true", help="zero NaN/Inf weights instead of failing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_convert)
+
+
+def _recipe(a):
+    from .formats.recipe import Recipe
+    bits = {"expert_bits": a.expert_bits, "dense_bits": a.dense_bits, "group_size": a.group_size}
+    given = {k: v for k, v in bits.items() if v is not None}
+    if a.recipe is None:
+        return Recipe(**given)
+    if given:
+        raise ErnieEdgeError(f"give --recipe or --expert-bits/--dense-bits/--group-size, not both "
+                             f"(--recipe {a.recipe} already sets all three)")
+    return Recipe.from_name(a.recipe)
+
+
+def _run_convert(a) -> int:
+    from .model_dir import looks_like_path
+    from .quant.convert import ConvertSettings, convert
+    if looks_like_path(a.src) and not Path(a.src).expanduser().exists():
+        raise ErnieEdgeError(f"{a.src}: folder not found (a repo id looks like OWNER/NAME; get one with "
+                             "`hf download OWNER/NAME`)")
+    settings = ConvertSettings(source=a.src, dest=a.dst, recipe=_recipe(a), force=a.force, threads=a.threads,
+                               progress=not a.no_progress, allow_nonfinite=a.allow_nonfinite)
+    print(convert(settings))
+    return 0
+
+
+def _converted(name: str):
+    """The folder of a converted model (name or path), or an error saying what it is instead."""
+    from .model_dir import resolve
+    location = resolve(name)
+    if location.kind != "edge":
+        raise ErnieEdgeError(f"{name}: an unconverted HF checkpoint; this command reads converted models "
+                             "(`ernie-edge convert` makes one)")
+    return location.path
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser("verify", help="check every file of a converted model against its sha256")
+    p.add_argument("model", help="model name (`ernie-edge list`) or converted folder")
+    p.set_defaults(func=_run_verify)
+
+
+def _run_verify(a) -> int:
+    from .manifest import verify
+    problems = verify(_converted(a.model), progress=sys.stderr.isatty())
+    for line in problems:
+        print(line)
+    print("OK" if not problems else f"{len(problems)} problem(s)")
+    return 0 if not problems else 1
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="recipe, sizes, bits per weight and memory estimate of a model")
+    p.add_argument("model", help="model name (`ernie-edge list`) or converted folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(a) -> int:
+    from .manifest import describe, format_description
+    info = describe(_converted(a.model))
+    print(json.dumps(info, indent=2) if a.json else format_description(info))
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="KL divergence / top-1 agreement / perplexity of a quantized model vs its source")
+    _add_model_arg(p)
+    p.add_argument("--reference", required=True, metavar="PATH|REPO",
+                   help="the unquantized model it came from: HF folder or cached repo id")
+    p.add_argument("--prompts", type=_int_at_least(1), default=8, help="number of token sequences (default 8)")
+    p.add_argument("--tokens", type=_int_at_least(2), default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="picks the sequences")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(a) -> int:
+    from tqdm import tqdm
+    from .quant.evaluate import EvalSettings, evaluate, format_report
+    _check_writable(a.json, "--json")
+    settings = EvalSettings(model=a.model, reference=a.reference, prompts=a.prompts, tokens=a.tokens, seed=a.seed)
+    with tqdm(total=a.prompts, desc="eval", unit="seq", disable=a.no_progress) as bar:
+        report = evaluate(settings, on_sequence=lambda done, total: bar.update(1))
+    print(format_report(report))
+    _save_json(a.json, report)
+    return 0
+
+
 # ---- bench ---------------------------------------------------------------------------------------
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth fraction")
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompt-tokens", type=_positive_int, default=512)
-    p.add_argument("--gen-tokens", type=_positive_int, default=128)
-    p.add_argument("--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    _add_model_arg(p)
+    p.add_argument("--prompt-tokens", type=_int_at_least(1), default=512, help="prefill length (default 512)")
+    p.add_argument("--gen-tokens", type=_int_at_least(1), default=128, help="decode steps (default 128)")
+    p.add_argument("--threads", type=_int_at_least(0), default=None, help="kernel threads (default: all cores)")
     _add_kv_dtype_flag(p)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    p.add_argument("--seed", type=int, default=0, help="picks the random prompt")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_run_bench)
 
 
 def _run_bench(a) -> int:
     from .bench import BenchSettings, format_bench, run_bench
+    _check_writable(a.json, "--json")
     result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
                                      threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype))
     print(format_bench(result))
@@ -270,27 +467,37 @@ def _run_bench(a) -> int:
 
 # ---- main ----------------------------------------------------------------------------------------
 
+COMMANDS = (_add_demo, _add_generate, _add_chat, _add_list, _add_rm, _add_convert, _add_verify, _add_info,
+            _add_eval, _add_bench, _add_synth)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ernie-edge", description=__doc__.split("\n")[0])
     from . import __version__
+    parser = _Parser(prog="ernie-edge", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"ernie-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_demo, _add_generate, _add_chat, _add_synth, _add_convert, _add_verify,
-                _add_info, _add_eval, _add_bench):
+    for add in COMMANDS:
         add(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    name = f"ernie-edge {args.command}"
     try:
-        return args.func(args)
-    except ErnieEdgeError as e:
-        print(f"ernie-edge {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a closed pipe is seen below and not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`| head -1`): point stdout at devnull so the exit flush is silent.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
-        print(f"ernie-edge {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        return EXIT_CANCELLED
+    except (ErnieEdgeError, FloatingPointError, OSError) as e:
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

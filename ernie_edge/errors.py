@@ -23,3 +23,12 @@ class ModelNotFoundError(ErnieEdgeError):
 
 class ContextLengthError(ErnieEdgeError):
     """A prompt plus the requested generation does not fit the context."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line for the user: "FILE: reason" for OS errors, else its message."""
+    if isinstance(error, OSError) and error.strerror:
+        text = f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    else:
+        text = str(error) or type(error).__name__
+    return " ".join(text.split())

@@ -18,6 +18,7 @@ from .parsers import StreamParser, ToolCall
 from .sampling import Sampler, SamplingParams, StopChecker
 
 FINISH_STOP, FINISH_LENGTH, FINISH_TOOLS = "stop", "length", "tool_calls"
+FINISH_CANCELLED = "cancelled"  # the caller stopped the stream (Ctrl-C in the command line)
 DEFAULT_MAX_TOKENS = 4096
 
 
@@ -79,11 +80,12 @@ class GenerationResult:
                 "cached_tokens": t.cached_tokens}
 
     def to_dict(self) -> dict:
-        return {"reasoning": self.reasoning, "content": self.content,
-                "tool_calls": [{"id": c.id, "type": "function",
-                                "function": {"name": c.name, "arguments": c.arguments}}
-                               for c in self.tool_calls],
-                "finish_reason": self.finish_reason, "usage": self.usage,
+        """The `generate --json` object. `reasoning_content` (the server's and OpenAI-style clients'
+        name) repeats `reasoning`; `tool_calls` is null when there are none, as in the server."""
+        calls = [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                 for c in self.tool_calls]
+        return {"reasoning": self.reasoning, "reasoning_content": self.reasoning, "content": self.content,
+                "tool_calls": calls or None, "finish_reason": self.finish_reason, "usage": self.usage,
                 "timings": self.timings.to_dict()}
 
 
@@ -99,11 +101,11 @@ class PromptCache:
             model.prefill(self.ids, self.cache)
 
     @classmethod
-    def for_chat(cls, model, system: str | None = None) -> "PromptCache":
+    def for_chat(cls, model, system: str | None = None, tools: list[dict] | None = None) -> "PromptCache":
         """The tokens two different one-message chats share, found by rendering both."""
         head = [{"role": "system", "content": system}] if system else []
-        a = render_prompt(model, head + [{"role": "user", "content": "a"}])
-        b = render_prompt(model, head + [{"role": "user", "content": "b"}])
+        a = render_prompt(model, head + [{"role": "user", "content": "a"}], tools=tools)
+        b = render_prompt(model, head + [{"role": "user", "content": "b"}], tools=tools)
         n = 0
         while n < min(len(a), len(b)) and a[n] == b[n]:
             n += 1

@@ -1,4 +1,5 @@
-"""Where ernie-edge keeps things on disk: converted models and caches.
+"""Where ernie-edge keeps things on disk (converted models, caches, chat history), and with which
+permissions new files are made.
 
 In a source checkout converted models live in the repository's `models/` folder (git-ignored);
 in an installed copy, in the platform's user data dir. ERNIE_EDGE_HOME overrides both.
@@ -36,3 +37,28 @@ def cache_dir() -> Path:
     if os.environ.get("ERNIE_EDGE_HOME"):
         return Path(os.environ["ERNIE_EDGE_HOME"]) / "cache"
     return Path(platformdirs.user_cache_dir(APP))
+
+
+def chat_history_file() -> Path:
+    """The terminal chat's line-editing history (readline), kept between sessions."""
+    return cache_dir() / "chat_history"
+
+
+def current_umask() -> int:
+    """This process's umask (022 on most systems), read without changing it where /proc has it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it (and put it back)
+    os.umask(mask)
+    return mask
+
+
+def share_file(path: str | os.PathLike) -> None:
+    """Give a file the mode an ordinary new file gets (0644 under umask 022): for files made by
+    tempfile.mkstemp, which are 0600 whatever the umask, so other users could not read them."""
+    os.chmod(path, 0o666 & ~current_umask())

@@ -49,3 +49,11 @@ def make_parity_dir(tmp_path_factory):
 @pytest.fixture(scope="session", params=sorted(PARITY_CONFIGS))
 def parity_dir(request, make_parity_dir):
     return make_parity_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_edge_dir(tiny_dir, tmp_path_factory):
+    """tiny_dir converted with the default recipe: what the command line runs."""
+    from ernie_edge.quant.convert import ConvertSettings, convert
+    return convert(ConvertSettings(source=str(tiny_dir), dest=tmp_path_factory.mktemp("edge") / "tiny-q4g32-d8",
+                                   progress=False))

@@ -1,6 +1,7 @@
 """ernie_edge/formats/recipe.py: precision per tensor role, option validation, manifest round trip."""
 
 import json
+import re
 
 import pytest
 
@@ -78,3 +79,26 @@ def test_manifest_round_trip():
 def test_bad_manifest_recipe(d, match):
     with pytest.raises(RecipeError, match=match):
         Recipe.from_dict(d)
+
+
+@pytest.mark.parametrize("name, fields", [
+    ("q4g32-d8", (4, 8, 32)), ("q4g32-d4", (4, 4, 32)), ("q8g128-d16", (8, 16, 128)), ("Q4G64-D8", (4, 8, 64))])
+def test_names_round_trip(name, fields):
+    r = Recipe.from_name(name)
+    assert (r.expert_bits, r.dense_bits, r.group_size) == fields
+    assert r.name == name.lower() and Recipe.from_name(r.name) == r
+
+
+def test_default_name_is_the_readme_default():
+    assert Recipe().name == "q4g32-d8"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("q4-d8", "expected q{expert bits}g{group size}-d{dense bits}"),
+    ("", "expected q"),
+    ("q4g33-d8", "--recipe 'q4g33-d8': --group-size"),
+    ("q3g32-d8", "--expert-bits"),
+])
+def test_bad_names_say_the_accepted_form(name, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        Recipe.from_name(name)

@@ -31,6 +31,7 @@ Why the defaults (expert_bits=4, dense_bits=8, group_size=32):
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 from ernie_edge.errors import ErnieEdgeError
@@ -46,6 +47,7 @@ FP32_ROLES = ("router", "router_bias", "norm")
 ROLES = EXPERT_ROLES + DENSE_ROLES + FP32_ROLES
 
 _BITS_TO_PRECISION = {4: "q4", 8: "q8", 16: "f16"}
+_NAME = re.compile(r"^q(\d+)g(\d+)-d(\d+)$")  # q{expert_bits}g{group_size}-d{dense_bits}
 _OPTIONS = {"expert_bits": ("--expert-bits", EXPERT_BITS), "dense_bits": ("--dense-bits", DENSE_BITS),
             "group_size": ("--group-size", GROUP_SIZES)}
 
@@ -66,8 +68,7 @@ class Recipe:
         for field, (option, allowed) in _OPTIONS.items():
             value = getattr(self, field)
             if type(value) is not int or value not in allowed:
-                choices = ", ".join(str(a) for a in allowed)
-                raise RecipeError(f"{option} (recipe field {field!r}) must be one of {choices}, "
+                raise RecipeError(f"{option} (recipe field {field!r}) must be one of {_choices(allowed)}, "
                                   f"got {value!r}")
 
     def precision_for(self, role: str) -> str:
@@ -79,6 +80,27 @@ class Recipe:
         if role in FP32_ROLES:
             return "f32"
         raise ValueError(f"unknown tensor role {role!r} (known roles: {', '.join(ROLES)})")
+
+    @property
+    def name(self) -> str:
+        """The recipe's short name, q{expert_bits}g{group_size}-d{dense_bits}: q4g32-d8 (the
+        default), q4g32-d4 (all int4), ... Used in default folder names and by --recipe."""
+        return f"q{self.expert_bits}g{self.group_size}-d{self.dense_bits}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "Recipe":
+        """The recipe a name stands for ("q4g32-d8" -> Recipe(4, 8, 32)); a RecipeError names the
+        accepted form and the allowed values."""
+        m = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
+        if m is None:
+            raise RecipeError(f"--recipe {name!r}: expected q{{expert bits}}g{{group size}}-d{{dense bits}}, "
+                              f"e.g. q4g32-d8 (default) or q4g32-d4; expert bits {_choices(EXPERT_BITS)}, "
+                              f"group size {_choices(GROUP_SIZES)}, dense bits {_choices(DENSE_BITS)}")
+        expert_bits, group_size, dense_bits = (int(g) for g in m.groups())
+        try:
+            return cls(expert_bits=expert_bits, dense_bits=dense_bits, group_size=group_size)
+        except RecipeError as e:
+            raise RecipeError(f"--recipe {name!r}: {e}") from None
 
     def to_dict(self) -> dict:
         """The manifest's "recipe" object."""
@@ -95,3 +117,7 @@ class Recipe:
             raise RecipeError(f"recipe: missing field(s) {missing}, unknown field(s) {unknown}; "
                               f"expected exactly {list(_OPTIONS)}")
         return cls(**d)
+
+
+def _choices(allowed) -> str:
+    return ", ".join(str(a) for a in allowed)

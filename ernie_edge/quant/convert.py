@@ -37,7 +37,7 @@ from ernie_edge.manifest import (DENSE_FILE, FORMAT_NAME, FORMAT_VERSION, MANIFE
                                  bank_name, experts_file, format_size, read_manifest, sha256_file, verify)
 from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
-from ernie_edge.paths import models_dir
+from ernie_edge.paths import models_dir, share_file
 
 from ..formats.quant import FP16_MAX, QuantizationError
 from ..formats.table import choose_storage, get_format
@@ -83,7 +83,7 @@ class ConvertSettings:
 
 def recipe_tag(recipe: Recipe) -> str:
     """A short name for a recipe, used in default folder names: q4g32-d8."""
-    return f"q{recipe.expert_bits}g{recipe.group_size}-d{recipe.dense_bits}"
+    return recipe.name
 
 
 def default_dest(source_name: str, recipe: Recipe) -> Path:
@@ -489,6 +489,7 @@ class _Conversion:
             if isinstance(f, _TokenizerFile):
                 from ernie_edge.tokenizer import build_tokenizer_json
                 build_tokenizer_json(f.build_from, partial)
+                share_file(partial)  # written through mkstemp (0600): give it the umask's mode
                 _fsync_file(partial)
             elif f.copy_from is not None:
                 shutil.copyfile(f.copy_from, partial)

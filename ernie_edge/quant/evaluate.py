@@ -14,6 +14,7 @@ meaningful text; the comparison of the two distributions is what matters).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -58,8 +59,9 @@ class EvalSettings:
     seed: int = 0
 
 
-def evaluate(settings: EvalSettings) -> dict:
-    """Compare `settings.model` against `settings.reference`; returns the report dict."""
+def evaluate(settings: EvalSettings, on_sequence: Callable[[int, int], None] | None = None) -> dict:
+    """Compare `settings.model` against `settings.reference`; returns the report dict.
+    on_sequence(done, total) is called after each sequence (the command line's progress bar)."""
     if settings.prompts < 1 or settings.tokens < 2:
         raise ErnieEdgeError(f"eval: need --prompts >= 1 and --tokens >= 2, got {settings.prompts} and "
                              f"{settings.tokens}")
@@ -70,8 +72,10 @@ def evaluate(settings: EvalSettings) -> dict:
                              f"{settings.reference} has {reference.config.vocab_size}: not the same model")
     sequences, kind = eval_sequences(model, settings.prompts, settings.tokens, settings.seed)
     kld, agree, nll_q, nll_ref = [], [], [], []
-    for ids in sequences:
+    for done, ids in enumerate(sequences, start=1):
         s = compare_logits(model.logits(ids), reference.logits(ids), ids)
+        if on_sequence is not None:
+            on_sequence(done, len(sequences))
         kld.append(s["kld"])
         agree.append(s["top1_agree"])
         nll_q.append(s["nll_model"])

@@ -16,6 +16,7 @@ fewer layers share their tensors with deeper ones.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import zlib
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ernie_edge.config import ErnieConfig
+from ernie_edge.errors import ErnieEdgeError
 from ernie_edge.formats.hf_ernie import TensorSpec, expected_tensors
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 
@@ -47,6 +49,9 @@ PRESETS: dict[str, dict] = {
 _PIECES = {"tiny": 1024, "small": 4096, "full": 8192}
 
 _CHUNK_ELEMENTS = 1 << 24  # 64 MB of fp32 per generated chunk
+# What _write_tokenizer_and_generation_config writes (removed again when a later write fails).
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                    "generation_config.json")
 
 
 def make_config(preset: str = "tiny", layers: int | None = None, **overrides) -> dict:
@@ -148,14 +153,60 @@ def _plan_shards(specs: list[TensorSpec], num_shards: int) -> list[list[TensorSp
     return shards
 
 
+class SynthError(ErnieEdgeError):
+    """The output folder cannot be written: not empty, a file, read-only, or the disk is full."""
+
+
 def write_checkpoint(out_dir: str | Path, preset: str = "tiny", layers: int | None = None,
                      seed: int = 0, num_shards: int | None = None, progress: bool = False,
-                     tokenizer: bool = True, **overrides) -> Path:
-    """Write a synthetic HF checkpoint folder and return its path."""
+                     tokenizer: bool = True, force: bool = False, **overrides) -> Path:
+    """Write a synthetic HF checkpoint folder and return its path.
+
+    An existing non-empty folder is refused (SynthError) unless `force`, which writes into it. On
+    any write error (read-only, disk full) the files this call wrote are removed, a folder it
+    created too, and a SynthError says what happened; config.json is written last, so a folder
+    without it is never taken for a checkpoint."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     raw_cfg = make_config(preset, layers, **overrides)
     cfg = ErnieConfig.from_dict(raw_cfg)
+    created = _check_out(out, force)
+    written: list[Path] = []
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_files(out, preset, raw_cfg, cfg, seed, num_shards, progress, tokenizer, written)
+    except BaseException as e:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if isinstance(e, OSError):
+            raise _synth_error(e, out) from None
+        raise
+    return out
+
+
+def _check_out(out: Path, force: bool) -> bool:
+    """Refuse a file or a non-empty folder (unless force); returns whether the folder is new."""
+    if out.exists() and not out.is_dir():
+        raise SynthError(f"{out}: is a file; give a new or empty folder for the checkpoint")
+    if not out.exists():
+        return True
+    if any(out.iterdir()) and not force:
+        raise SynthError(f"{out}: the folder is not empty; give a new folder, or pass --force to "
+                         "write the checkpoint into it (files of the same names are replaced)")
+    return False
+
+
+def _synth_error(e: OSError, out: Path) -> SynthError:
+    where = e.filename or out
+    if e.errno == errno.ENOSPC:
+        return SynthError(f"{where}: disk full while writing the checkpoint; free some space (the "
+                          "partial files were removed) and run the command again")
+    return SynthError(f"{where}: cannot write the checkpoint: {e.strerror or e}")
+
+
+def _write_files(out: Path, preset: str, raw_cfg: dict, cfg: ErnieConfig, seed: int,
+                 num_shards: int | None, progress: bool, tokenizer: bool, written: list[Path]) -> None:
     specs = list(expected_tensors(cfg).values()) + mtp_tensors(cfg)
     total = sum(PlannedTensor(s.name, _disk_dtype(s), s.shape).nbytes for s in specs)
     if num_shards is None:
@@ -164,10 +215,29 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", layers: int | No
     weight_map: dict[str, str] = {}
     bar = _progress(total, progress)
     shards = _plan_shards(specs, num_shards)
-    for k, shard in enumerate(shards, start=1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        planned = [PlannedTensor(s.name, _disk_dtype(s), s.shape) for s in shard]
-        writer = StreamingWriter(out / fname, planned, metadata={"format": "pt"}, alignment=8)
+    try:
+        for k, shard in enumerate(shards, start=1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            written.append(out / fname)
+            _write_shard(out / fname, shard, cfg, seed, bar)
+            weight_map.update((spec.name, fname) for spec in shard)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    written += [out / "model.safetensors.index.json", out / "config.json"]
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if tokenizer:
+        written += [out / name for name in _TOKENIZER_FILES]
+        _write_tokenizer_and_generation_config(out, preset, cfg)
+    (out / "config.json").write_text(json.dumps(raw_cfg, indent=2))
+
+
+def _write_shard(path: Path, shard: list[TensorSpec], cfg: ErnieConfig, seed: int, bar) -> None:
+    planned = [PlannedTensor(s.name, _disk_dtype(s), s.shape) for s in shard]
+    writer = StreamingWriter(path, planned, metadata={"format": "pt"}, alignment=8)
+    try:
         for spec in shard:
             writer.begin(spec.name)
             for chunk in _generate_chunks(spec, cfg, seed):
@@ -176,17 +246,10 @@ def write_checkpoint(out_dir: str | Path, preset: str = "tiny", layers: int | No
                 if bar is not None:
                     bar.update(data.nbytes)
             writer.end()
-            weight_map[spec.name] = fname
         writer.close(fsync=False)
-    if bar is not None:
-        bar.close()
-
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    (out / "config.json").write_text(json.dumps(raw_cfg, indent=2))
-    if tokenizer:
-        _write_tokenizer_and_generation_config(out, preset, cfg)
-    return out
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _write_tokenizer_and_generation_config(out: Path, preset: str, cfg: ErnieConfig) -> None:
