@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .errors import ErnieEdgeError, one_line
+from .formats.recipe import DENSE_BITS, EXPERT_BITS, GROUP_SIZES
 
 DESCRIPTION = ("Run ERNIE-4.5-21B-A3B-Thinking offline: convert a Hugging Face checkpoint once, then "
                "chat, generate or benchmark with the converted model.")
@@ -341,10 +342,10 @@ def _add_convert(sub) -> None:
     p.add_argument("--recipe", default=None, metavar="NAME",
                    help="q{expert bits}g{group size}-d{dense bits}: q4g32-d8 (default), q4g32-d4 (all int4), "
                         "q8g32-d8, ... (or the three flags below)")
-    p.add_argument("--expert-bits", type=int, choices=[4, 8], default=None, help="routed experts: 4 (default) or 8")
-    p.add_argument("--dense-bits", type=int, choices=[4, 8, 16], default=None,
+    p.add_argument("--expert-bits", type=int, choices=EXPERT_BITS, default=None, help="routed experts: 4 (default) or 8")
+    p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
                    help="attention, shared experts, embedding: 4, 8 (default) or 16 (f16)")
-    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=None,
+    p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
                    help="weights per quantization scale: 32 (default), 64 or 128")
     p.add_argument("--force", action="store_true", help="replace a finished DST")
     p.add_argument("--threads", type=_int_at_least(0), default=0, help="worker threads (0: all cores)")

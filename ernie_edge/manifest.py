@@ -22,8 +22,7 @@ from pathlib import Path
 
 from .config import ErnieConfig
 from .errors import CheckpointError, ErnieEdgeError
-from .formats.quant import GROUP_SIZES
-from .formats.table import FORMATS, get_format
+from .formats.table import FORMATS, GROUP_SIZES, get_format
 from .mmap_store import loads_strict
 
 FORMAT_NAME = "ernie-edge"

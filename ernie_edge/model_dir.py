@@ -66,8 +66,8 @@ def resolve(path_or_repo: str | os.PathLike) -> ModelLocation:
     if is_store_name(text) and (models_dir() / text).exists():
         return _resolve_folder(models_dir() / text)
     if _REPO_ID.match(text):
-        repo, _, revision = text.partition("@")
-        found = find_in_hf_cache(repo, revision or "main")
+        repo = text
+        found = find_in_hf_cache(repo)
         if found:
             return ModelLocation("hf", found[0], repo_id=repo, revision=found[1])
         raise ModelNotFoundError(f"{text}: no such folder, and repo id {repo!r} is not in the local "

@@ -33,7 +33,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-GROUP_SIZES = (32, 64, 128)
+from .table import GROUP_SIZES
+
 DEFAULT_GROUP_SIZE = 32
 Q4_MIN, Q4_MAX = -8, 7
 Q8_MAX = 127

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 from ernie_edge.errors import ErnieEdgeError
 
-from .quant import GROUP_SIZES
+from .table import GROUP_SIZES
 
 EXPERT_BITS = (4, 8)
 DENSE_BITS = (4, 8, 16)

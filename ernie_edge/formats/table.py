@@ -17,11 +17,10 @@ new format or a new backend is a new row, not a new branch in the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .quant import GROUP_SIZES, dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+GROUP_SIZES = (32, 64, 128)  # weights per fp16 scale; the kernels need multiples of 32
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,7 @@ class Format:
     bits: int  # bits per stored code or value
     dtype: str  # safetensors dtype of the stored data
     grouped: bool
-    _quantize: Callable | None = None  # (w f32 [..., K], group_size) -> (data, scales f16)
-    _dequantize: Callable | None = None  # (data, scales f16, group_size) -> f32 [..., K]
+    spec: str = ""  # suffix of its reference functions in formats/quant.py: quantize_SPEC, dequantize_SPEC
 
     def identifier(self, group_size: int | None) -> str:
         """The format's long name, e.g. "int4-sym-g32" (docs/FORMAT.md)."""
@@ -68,18 +66,23 @@ class Format:
     def quantize(self, w: np.ndarray, group_size: int | None) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 [..., K] -> (data, fp16 scales or None) in this format's stored layout."""
         if self.grouped:
-            return self._quantize(w, group_size)
+            return self._reference("quantize")(w, group_size)
         return np.ascontiguousarray(w, np.float16 if self.bits == 16 else np.float32), None
 
     def dequantize(self, data: np.ndarray, scales: np.ndarray | None, group_size: int | None) -> np.ndarray:
         """The stored arrays back to float32 [..., K] (scales as float16 or their uint16 bits)."""
         if self.grouped:
-            return self._dequantize(data, scales.view(np.float16), group_size)
+            return self._reference("dequantize")(data, scales.view(np.float16), group_size)
         return data.astype(np.float32)
 
+    def _reference(self, what: str):
+        from . import quant  # numba-compiled quantizers: imported on first use, not by the CLI's start
 
-Q4 = Format("q4", 4, "U8", True, quantize_q4, dequantize_q4)
-Q8 = Format("q8", 8, "I8", True, quantize_q8, dequantize_q8)
+        return getattr(quant, f"{what}_{self.spec}")
+
+
+Q4 = Format("q4", 4, "U8", True, "q4")
+Q8 = Format("q8", 8, "I8", True, "q8")
 F16 = Format("f16", 16, "F16", False)
 F32 = Format("f32", 32, "F32", False)
 FORMATS: dict[str, Format] = {f.name: f for f in (Q4, Q8, F16, F32)}
