@@ -268,6 +268,41 @@ def _run_bench(a) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API on localhost (docs/API.md)")
+    p.add_argument("--model", required=True, help="model folder (converted or HF) or cached repo id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything "
+                                                      "else needs --api-key)")
+    p.add_argument("--port", type=_positive_int, default=8080)
+    p.add_argument("--unix-socket", type=Path, default=None, help="listen on this unix socket (mode 0600) instead")
+    p.add_argument("--ctx", type=_positive_int, default=8192, help="context per request (prompt + answer)")
+    p.add_argument("--slots", type=_positive_int, default=2, help="requests decoded together")
+    p.add_argument("--queue-size", type=_positive_int, default=16, help="requests that may wait for a slot")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set ERNIE_EDGE_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, default=None, help="read the key from a file (mode 0600)")
+    p.add_argument("--allow-origin", action="append", default=[], help="a browser origin allowed to call the API")
+    p.add_argument("--allow-host", action="append", default=[], help="an extra Host header value to accept")
+    p.add_argument("--reasoning-field", choices=["reasoning_content", "reasoning", "both"],
+                   default="reasoning_content", help="where responses put the model's reasoning")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
+    _add_model_flags(p)
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(a) -> int:
+    import os
+    from .server import ServeSettings, serve
+    from .server.settings import read_api_key_file
+    key = read_api_key_file(a.api_key_file) if a.api_key_file else a.api_key or os.environ.get("ERNIE_EDGE_API_KEY")
+    return serve(ServeSettings(
+        model=a.model, host=a.host, port=a.port, unix_socket=a.unix_socket, api_key=key,
+        allow_origins=tuple(a.allow_origin), allow_hosts=tuple(a.allow_host), context=a.ctx, slots=a.slots,
+        queue_size=a.queue_size, threads=a.threads, kv_dtype=a.kv_dtype, reasoning_field=a.reasoning_field,
+        model_name=a.model_name))
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ernie-edge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_demo, _add_generate, _add_chat, _add_synth, _add_convert, _add_verify,
-                _add_info, _add_eval, _add_bench):
+                _add_info, _add_eval, _add_bench, _add_serve):
         add(sub)
     return parser
 
