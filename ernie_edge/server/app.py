@@ -98,7 +98,7 @@ def create_app(state: ServerState) -> FastAPI:
         prepared = await run_in_threadpool(service.prepare_chat, body)
         handle = service.submit(prepared)
         if prepared.stream:
-            return EventStream(service.chat_events(prepared, handle, request), handle)
+            return EventStream(service.chat_events(prepared, handle), handle)
         return _json_or_gone(await service.chat_response(prepared, handle, request))
 
     @app.post("/v1/completions", response_model=None,
@@ -109,7 +109,7 @@ def create_app(state: ServerState) -> FastAPI:
         prepared = await run_in_threadpool(service.prepare_completion, body)
         handle = service.submit(prepared)
         if prepared.stream:
-            return EventStream(service.completion_events(prepared, handle, request), handle)
+            return EventStream(service.completion_events(prepared, handle), handle)
         return _json_or_gone(await service.completion_response(prepared, handle, request))
 
     @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
@@ -176,8 +176,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def validation_error(errors: list[dict]) -> ApiError:
-    """The first pydantic error as a 400: `param` is the field's path (messages.0.content)."""
-    err = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    """The most telling pydantic error as a 400: `param` is the field's path (messages.0.content).
+    Of a union's errors (one per member), one about a value beats "not of this type"."""
+    ranked = sorted(errors, key=lambda e: (str(e.get("type", "")).endswith("_type"), -len(e.get("loc", ()))))
+    err = ranked[0] if ranked else {"loc": (), "msg": "invalid request", "type": ""}
     if err.get("type") == "json_invalid":
         return ApiError(400, "the body is not valid JSON", code="invalid_json")
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]

@@ -97,7 +97,7 @@ class _Sampling(_Request):
     min_p: Annotated[Finite, Field(ge=0, le=1)] | None = None
     presence_penalty: Annotated[Finite, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[Finite, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[Finite, Field(gt=0, le=10)] | None = None
+    repetition_penalty: Annotated[Finite, Field(ge=0.01, le=10)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Annotated[str, Field(min_length=1, max_length=1024)] | Annotated[
         list[Annotated[str, Field(min_length=1, max_length=1024)]], Field(max_length=MAX_STOP)] | None = None

@@ -82,6 +82,7 @@ class Service:
         self.model_id = model_id
         self.created = int(time.time())
         self.defaults = SamplingParams.from_generation_config(self.model.path)
+        self.template = self.model.chat_template  # loaded now, not by racing requests (a broken one fails here)
         self.json_invalid = 0
 
     # ---- protocol -> engine ----------------------------------------------------------------------
@@ -148,7 +149,7 @@ class Service:
         try:
             return self.engine.submit(p.request)
         except ContextLengthError as e:
-            raise ApiError(400, f"This model's context is {self.engine.context} tokens: {e}",
+            raise ApiError(400, f"This model's maximum context length is {self.engine.context} tokens: {e}",
                            param="messages" if p.kind == "chat" else "prompt",
                            code="context_length_exceeded") from None
         except QueueFullError as e:
@@ -217,7 +218,7 @@ class Service:
         choice = {"index": 0, "message": message, "finish_reason": last.finish_reason, "logprobs": None}
         return self._envelope(p, "chat.completion", [choice], usage=usage_dict(last.timings))
 
-    async def chat_events(self, p: Prepared, handle: RequestHandle, request) -> AsyncIterator[str]:
+    async def chat_events(self, p: Prepared, handle: RequestHandle) -> AsyncIterator[str]:
         """Server-sent events of a streamed chat completion, ending with `data: [DONE]`."""
         usage = {"usage": None} if p.include_usage else {}
 
@@ -227,7 +228,7 @@ class Service:
 
         yield event({"role": "assistant", "content": ""})
         n_calls = 0
-        async for chunk in iter_chunks(handle, request):
+        async for chunk in iter_chunks(handle):
             delta = {}
             if chunk.reasoning:
                 self._put_reasoning(delta, chunk.reasoning)
@@ -258,14 +259,14 @@ class Service:
                   "logprobs": None}
         return self._envelope(p, "text_completion", [choice], usage=usage_dict(last.timings))
 
-    async def completion_events(self, p: Prepared, handle: RequestHandle, request) -> AsyncIterator[str]:
+    async def completion_events(self, p: Prepared, handle: RequestHandle) -> AsyncIterator[str]:
         usage = {"usage": None} if p.include_usage else {}
 
         def event(text: str, finish: str | None = None) -> str:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
             return sse(self._envelope(p, "text_completion", [choice], **usage))
 
-        async for chunk in iter_chunks(handle, request):
+        async for chunk in iter_chunks(handle):
             if chunk.finish_reason == FINISH_ERROR:
                 yield sse(_generation_error(handle.error).body())
             elif chunk.text or chunk.finish_reason:
@@ -306,11 +307,13 @@ class Service:
 
 async def iter_chunks(handle: RequestHandle, request=None,
                       poll_s: float = DISCONNECT_POLL_S) -> AsyncIterator[GenerationChunk]:
-    """The handle's chunks, awaited without blocking the event loop. Cancels the request when
-    the client disconnects (checked every poll_s while waiting) or the consumer stops early."""
+    """The handle's chunks, awaited without blocking the event loop. The request is cancelled
+    when the consumer stops early (a streamed response whose client left is cancelled by
+    Starlette) or, given `request`, when its client disconnects (checked every poll_s)."""
     loop = asyncio.get_running_loop()
     ready = asyncio.Event()
     handle.set_listener(lambda: loop.call_soon_threadsafe(ready.set))
+    checked = loop.time()
     try:
         while True:
             ready.clear()
@@ -319,13 +322,15 @@ async def iter_chunks(handle: RequestHandle, request=None,
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-            if chunks:
-                continue
-            try:
-                await asyncio.wait_for(ready.wait(), poll_s)
-            except TimeoutError:
-                if request is not None and await request.is_disconnected():
+            if request is not None and loop.time() - checked >= poll_s:
+                checked = loop.time()
+                if await request.is_disconnected():
                     return
+            if not chunks:
+                try:
+                    await asyncio.wait_for(ready.wait(), poll_s)
+                except TimeoutError:
+                    pass
     finally:
         handle.set_listener(None)
         handle.cancel()  # a no-op once finished; stops the work when the client has gone
