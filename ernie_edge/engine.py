@@ -383,6 +383,7 @@ class Engine:
         self._active: list[_Sequence] = []
         self._prefix = PrefixStore(settings.prefix_entries)
         self._closing = False
+        self._accepted = 0  # submitted and not finished: queued, joining or in a slot
         self._clear_prefix = False
         self._step = 0
         self._counts = {"requests": 0, "rejected": 0, "prompt": 0, "cached": 0, "completion": 0}
@@ -415,11 +416,12 @@ class Engine:
         with self._lock:
             if self._closing:
                 raise EngineClosedError("the engine is shutting down")
-            if len(self._queue) + len(self._active) >= self.settings.slots + self.settings.queue_size:
+            if self._accepted >= self.settings.slots + self.settings.queue_size:
                 self._counts["rejected"] += 1
                 raise QueueFullError(f"all {self.settings.slots} slots are busy and {len(self._queue)} "
                                      "requests are waiting; try again shortly")
             self._counts["requests"] += 1
+            self._accepted += 1
             self._queue.append(handle)
             self._wake.notify()
         return handle
@@ -664,8 +666,10 @@ class Engine:
             handle._push(GenerationChunk(finish_reason=FINISH_ERROR, timings=EngineTimings()), error)
 
     def _count_finish(self, reason: str) -> None:
+        """Called once for every accepted request, when it ends."""
         with self._lock:
             self._finished[reason] = self._finished.get(reason, 0) + 1
+            self._accepted -= 1
 
 
 __all__ = ["Engine", "EngineSettings", "EngineRequest", "EngineStats", "EngineTimings", "RequestHandle",

@@ -200,6 +200,31 @@ def test_named_tool_choice_and_parallel_tool_calls_false(client, engine):
     assert one.choices[0].finish_reason == "tool_calls"
 
 
+def test_tool_choice_required_opens_a_call(client, engine):
+    text = 'Calling.\n</think>{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+    with forcing(engine, lambda prompt: text):
+        r = client.chat.completions.create(model="tiny", messages=USER, tools=TOOLS, tool_choice="required")
+    assert [(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls] == [
+        ("get_weather", '{"city": "Oslo"}')]
+
+
+def test_json_object_mode_instructs_opens_and_checks_the_answer(client, engine, http):
+    seen = []
+
+    def choose(prompt):
+        seen.append(prompt)
+        return 'Plan.\n</think>"city": "Paris"}\n</response>\n' if len(seen) == 1 else "Plan.\n</think>oops\n</response>\n"
+
+    fmt = {"type": "json_object"}
+    with forcing(engine, choose):
+        good = client.chat.completions.create(model="tiny", messages=USER, response_format=fmt)
+        bad = client.chat.completions.create(model="tiny", messages=USER, response_format=fmt)
+    assert json.loads(good.choices[0].message.content) == {"city": "Paris"}
+    assert "Answer with a single JSON object and nothing else." in seen[0]
+    assert bad.choices[0].message.content == "{oops"
+    assert "ernie_edge_json_invalid_total 1" in http.get("/metrics").text
+
+
 def test_completions_stream_matches_non_stream(http, model):
     body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 10, **GREEDY}
     r = http.post("/v1/completions", json=body).json()

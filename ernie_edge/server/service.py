@@ -31,7 +31,7 @@ from typing import AsyncIterator
 from ..engine import (FINISH_CANCELLED, FINISH_ERROR, Engine, EngineClosedError, EngineError, EngineRequest, QueueFullError,
                       RequestHandle)
 from ..errors import ContextLengthError, ErnieEdgeError
-from ..generate import GenerationChunk
+from ..generate import GenerationChunk, render_prompt
 from ..sampling import SamplingParams, SamplingParamsError
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .settings import ServeSettings
@@ -89,10 +89,9 @@ class Service:
 
     def prepare_chat(self, body: ChatCompletionRequest) -> Prepared:
         """Render the messages, pick the sampling settings and answer forcing. Raises ApiError 400."""
-        from ..generate import render_prompt
-        choice = body.tool_choice or "auto"
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
-        named = None if isinstance(choice, str) else choice.function.name
+        named = None if isinstance(body.tool_choice, str | None) else body.tool_choice.function.name
+        choice = "function" if named else body.tool_choice or "auto"  # none / auto / required / function
         if choice != "auto" and choice != "none" and not tools:
             raise ApiError(400, "tool_choice needs tools", param="tool_choice")
         if named is not None and named not in {t["function"]["name"] for t in tools}:
@@ -109,12 +108,7 @@ class Service:
             ids = render_prompt(self.model, messages, tools=None if choice == "none" else tools)
         except ErnieEdgeError as e:
             raise ApiError(400, str(e), param="messages") from None
-        opening = ""
-        if choice == "required" or named:
-            opening = _TOOL_OPENING + (f'{{"name": {json.dumps(named, ensure_ascii=False)}, "arguments": '
-                                       if named else "")
-        elif fmt == "json_object" and not (tools and choice == "auto"):
-            opening = _JSON_OPENING
+        opening = _answer_opening(choice, named, fmt == "json_object", bool(tools))
         max_tokens = body.max_completion_tokens or body.max_tokens
         request = EngineRequest(
             prompt_ids=ids, params=self._sampling(body, max_tokens), reasoning_budget=body.reasoning_budget,
@@ -367,6 +361,16 @@ def _generation_error(error: BaseException | None) -> ApiError:
     if isinstance(error, EngineError):
         return ApiError(500, str(error), type="server_error", code="internal_error")
     return ApiError(503, str(error), type="server_error", code="generation_failed")
+
+
+def _answer_opening(choice: str, named: str | None, json_mode: bool, tools: bool) -> str:
+    """Text forced right after `</think>`: a tool call's opening (with the function's name when
+    one is named), or the answer's opening "{" in json_object mode ("" when nothing is forced)."""
+    if choice in ("required", "function"):
+        return _TOOL_OPENING + (f'{{"name": {json.dumps(named, ensure_ascii=False)}, "arguments": ' if named else "")
+    if json_mode and not (tools and choice == "auto"):
+        return _JSON_OPENING
+    return ""
 
 
 def _message_dict(m) -> dict:
