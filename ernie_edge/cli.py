@@ -466,10 +466,59 @@ def _run_bench(a) -> int:
     return 0
 
 
+# ---- serve ---------------------------------------------------------------------------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible API on localhost (docs/API.md)")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything "
+                                                      "else needs --api-key)")
+    p.add_argument("--port", type=_int_at_least(1), default=8080, help="TCP port (default 8080)")
+    p.add_argument("--unix-socket", type=Path, default=None, help="listen on this unix socket (mode 0600) instead")
+    p.add_argument("--ctx", type=_int_at_least(16), default=None, metavar="N",
+                   help="context per request, prompt + answer (default 8192; same as --ctx-size)")
+    p.add_argument("--slots", type=_int_at_least(1), default=2, help="requests decoded together (default 2)")
+    p.add_argument("--queue-size", type=_int_at_least(1), default=16, help="requests that may wait for a slot")
+    p.add_argument("--prefill-chunk", type=_int_at_least(1), default=64, metavar="N",
+                   help="prompt tokens a joining request feeds per step, so running streams keep flowing "
+                        "(default 64)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (or set ERNIE_EDGE_API_KEY)")
+    p.add_argument("--api-key-file", type=Path, default=None, help="read the key from a file (mode 0600)")
+    p.add_argument("--allow-origin", action="append", default=[], help="a browser origin allowed to call the API")
+    p.add_argument("--allow-host", action="append", default=[], help="an extra Host header value to accept")
+    p.add_argument("--reasoning-field", choices=["reasoning_content", "reasoning", "both"],
+                   default="reasoning_content", help="where responses put the model's reasoning")
+    p.add_argument("--model-name", default=None, help="the model id clients see (default: the folder name)")
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(a) -> int:
+    from dataclasses import replace
+
+    from .model_dir import resolve
+    from .models_store import conversion_advice
+    from .server import ServeSettings, serve
+    from .server.settings import DEFAULT_CONTEXT, read_api_key_file
+    if a.ctx and a.ctx_size and a.ctx != a.ctx_size:
+        raise ErnieEdgeError(f"--ctx {a.ctx} and --ctx-size {a.ctx_size} disagree; give one")
+    key = read_api_key_file(a.api_key_file) if a.api_key_file else a.api_key or os.environ.get("ERNIE_EDGE_API_KEY")
+    settings = ServeSettings(
+        model=a.model, host=a.host, port=a.port, unix_socket=a.unix_socket, api_key=key,
+        allow_origins=tuple(a.allow_origin), allow_hosts=tuple(a.allow_host),
+        context=a.ctx or a.ctx_size or DEFAULT_CONTEXT, slots=a.slots, queue_size=a.queue_size,
+        prefill_chunk=a.prefill_chunk, threads=a.threads, kv_dtype=a.kv_dtype,
+        reasoning_field=a.reasoning_field, model_name=a.model_name)
+    settings.check()  # unsafe exposure is refused before anything is loaded
+    location = resolve(a.model)
+    if location.kind == "hf" and a.backend != "reference":
+        raise ErnieEdgeError(conversion_advice(a.model, location))
+    return serve(replace(settings, model=str(location.path)))
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 COMMANDS = (_add_demo, _add_generate, _add_chat, _add_list, _add_rm, _add_convert, _add_verify, _add_info,
-            _add_eval, _add_bench, _add_synth)
+            _add_eval, _add_bench, _add_synth, _add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -371,6 +371,15 @@ def walk_cases(tiny_dir, edge, nan_dir, tmp):
             (["bench", "--model", tmp / "nowhere"], "no such file or folder"),
             (["bench", "--model", edge, "--json", a_file / "b.json"], "cannot write there"),
         ],
+        "serve": [
+            (["serve", "--model", tmp / "nowhere"], "no such file or folder"),
+            (["serve", "--model", tiny_dir], "ernie-edge convert"),
+            (["serve", "--model", edge, "--port", "0"], "--port: must be >= 1"),
+            (["serve", "--model", edge, "--slots", "x"], "expected a whole number"),
+            (["serve", "--model", edge, "--host", "0.0.0.0"], "needs --api-key"),
+            (["serve", "--model", edge, "--api-key-file", tmp / "missing.key"], "cannot read it"),
+            (["serve", "--model", edge, "--ctx", "64", "--ctx-size", "128"], "disagree"),
+        ],
         "synth": [
             (["synth", a_file], "is a file"),
             (["synth", tmp / "full"], "not empty"),
