@@ -56,7 +56,7 @@ class MarkdownRenderer:
 
     def render(self, text: str) -> Rendered:
         self._blocks = []
-        body = self.md.render(text)
+        body = self.md.render(text).rstrip("\n")  # Qt shows a trailing newline as a space
         return Rendered(body, self._blocks)
 
     def _fence(self, tokens, idx, options, env) -> str:

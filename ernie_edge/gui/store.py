@@ -16,6 +16,7 @@ What it promises (tests/test_gui_store.py and tests/test_gui_kill.py check each)
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import threading
 import time
@@ -28,6 +29,7 @@ DB_NAME = "chats.sqlite3"
 SCHEMA_VERSION = 1
 STATUSES = ("complete", "streaming", "incomplete")
 ROLES = ("system", "user", "assistant", "tool")
+KEEP_BACKUPS = 3  # copies taken before replaying a WAL left by a crash
 T = TypeVar("T")
 
 _SCHEMA = """
@@ -100,6 +102,7 @@ class ChatStore:
         self.notices: list[str] = []  # what the user should be told after opening
         self._lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.backup = keep_before_recovery(self.path)
         try:
             self.conn = self._connect()
         except sqlite3.DatabaseError as e:
@@ -113,13 +116,14 @@ class ChatStore:
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA busy_timeout = 5000")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            # Check before changing anything, so that a file moved aside is kept exactly as it was.
             check = conn.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 raise sqlite3.DatabaseError(f"integrity check: {check}")
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"written by a newer ernie-edge (schema {version})")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             conn.execute("PRAGMA foreign_keys = ON")
             conn.execute("PRAGMA synchronous = FULL")
             conn.executescript(_SCHEMA)
@@ -274,14 +278,37 @@ def _explain(e: sqlite3.Error, path: Path) -> str:
     return f"Could not save to {path}: {text}."
 
 
-def move_aside(path: Path) -> Path:
-    """Rename a bad database (and its -wal / -shm files) to NAME.corrupt-YYYYmmdd-HHMMSS[-N]."""
+def keep_before_recovery(path: Path, keep: int = KEEP_BACKUPS) -> Path | None:
+    """A WAL file at open means the last session did not close cleanly (or a stray WAL was put
+    there). SQLite replays it on open and cannot tell whether it belongs to this database, so copy
+    the database and its WAL first (NAME.before-recovery-STAMP[-wal]); only the newest `keep` such
+    copies are kept. Returns the copy, or None when there was nothing to replay."""
+    wal = path.with_name(path.name + "-wal")
+    if not path.is_file() or not wal.is_file() or wal.stat().st_size == 0:
+        return None
+    target = _free_name(path, "before-recovery")
+    shutil.copyfile(path, target)
+    shutil.copyfile(wal, target.with_name(target.name + "-wal"))
+    old = sorted(path.parent.glob(path.name + ".before-recovery-*[0-9]"), key=lambda p: (p.stat().st_mtime, p.name))
+    for stale in old[:-keep]:
+        stale.unlink()
+        stale.with_name(stale.name + "-wal").unlink(missing_ok=True)
+    return target
+
+
+def _free_name(path: Path, what: str) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    target = path.with_name(f"{path.name}.{what}-{stamp}")
     n = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.corrupt-{stamp}-{n}")
+        target = path.with_name(f"{path.name}.{what}-{stamp}-{n}")
         n += 1
+    return target
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a bad database (and its -wal / -shm files) to NAME.corrupt-YYYYmmdd-HHMMSS[-N]."""
+    target = _free_name(path, "corrupt")
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         if side.exists():
