@@ -120,6 +120,7 @@ class LocalSettings:
     path: str
     threads: int = 0  # 0: all cores
     context: int = 0  # KV cache size in tokens; 0: the model's own
+    backend: str = "auto"  # ernie_edge.load's backend: "auto", "cpu" or "reference"
 
 
 class LocalBackend:
@@ -143,8 +144,8 @@ class LocalBackend:
         if self.model is None:
             progress(LoadProgress(f"Opening {self.settings.path}"))
             try:
-                self.model = load(self.settings.path, threads=self.settings.threads or None,
-                                  max_context=self.settings.context or None)
+                self.model = load(self.settings.path, backend=self.settings.backend,
+                                  threads=self.settings.threads or None, max_context=self.settings.context or None)
             except ErnieEdgeError as e:
                 raise BackendError(f"Could not load the model: {e}") from None
         if self.model.backend_name == "cpu":

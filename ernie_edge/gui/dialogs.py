@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PyQt6.QtCore import QProcess, Qt
-from PyQt6.QtWidgets import (QCheckBox, QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
+from PyQt6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBox, QFileDialog,
                              QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
                              QProgressBar, QPushButton, QSpinBox, QTabWidget, QVBoxLayout, QWidget)
 
 from ..paths import models_dir
-from .models import list_models, memory_estimate
 from .settings import THEMES, AppSettings
 from .worker import UiPoster, run_in_thread
 
@@ -91,6 +90,8 @@ class ModelDialog(QDialog):
         return w
 
     def _refresh(self) -> None:
+        from .models import list_models  # imports the runtime (numba): not before the window shows
+
         def fill(models):
             self.list.clear()
             for m in models:
@@ -104,6 +105,7 @@ class ModelDialog(QDialog):
         run_in_thread(self.poster, list_models, fill, self._show_error, "ernie-edge-list-models")
 
     def _select(self, path: str) -> None:
+        from .models import memory_estimate
         self.path = path
         self.chosen.setText(f"Model: {path}")
         self.estimate.setText("Estimating memory…")

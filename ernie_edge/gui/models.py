@@ -8,7 +8,6 @@ from pathlib import Path
 
 import psutil
 
-from ..manifest import describe, format_size
 from ..paths import models_dir
 
 MANIFEST = "manifest.json"
@@ -41,6 +40,7 @@ def resolve_model_arg(text: str) -> str:
 def memory_estimate(path: str | Path, context: int) -> str:
     """What loading `path` with a `context`-token KV cache will take, against this computer's
     memory, in a few lines for the model picker. Raises ErnieEdgeError for a bad folder."""
+    from ..manifest import describe, format_size  # the runtime (numba): not needed to show the window
     info = describe(path)
     mem = info["memory"]
     dense = mem["resident_dense_bytes"]
