@@ -227,3 +227,11 @@ def test_only_the_newest_backups_before_recovery_are_kept(tmp_path):
         (tmp_path / "c.sqlite3-wal").write_bytes(b"x" * 100)  # a WAL left behind (here: not a valid one)
         ChatStore(path).close()
     assert len(list(tmp_path.glob("c.sqlite3.before-recovery-*[0-9]"))) == store_mod.KEEP_BACKUPS
+
+
+def test_stable_end_is_the_last_blank_line_outside_code():
+    from ernie_edge.gui.render import stable_end
+    assert stable_end("one\n\ntwo") == len("one\n\n")
+    assert stable_end("one\n\n```\na\n\nb") == len("one\n\n")  # inside an open fence: not yet
+    assert stable_end("```\na\n\nb\n```\n\nc") == len("```\na\n\nb\n```\n\n")
+    assert stable_end("no blank line yet") == 0

@@ -248,3 +248,22 @@ def test_dark_theme_and_small_window(qtbot, tmp_path, model):
     assert w.chat.widgets[1].body.toPlainText().startswith("Hello!")
     # Once laid out at 800 px, every message fits the view (no sideways scrolling).
     qtbot.waitUntil(lambda: all(x.width() <= w.chat.viewport().width() - 32 for x in w.chat.widgets), timeout=3000)
+
+
+def test_streaming_render_matches_the_full_render(qtbot):
+    from ernie_edge.gui.chat_view import RichText, StreamingMarkdown
+    from ernie_edge.gui.render import MarkdownRenderer
+    text = ("# Title\n\npara one\n\n- a\n- b\n\n```python\nx = 1\n\ny = 2\n```\n\n| a | b |\n|---|---|\n"
+            "| 1 | 2 |\n\nend 中文 **bold**")
+    full = RichText()
+    full.setHtml(MarkdownRenderer().render(text).html)
+    view = RichText()
+    stream = StreamingMarkdown(view, MarkdownRenderer())
+    for i in range(1, len(text), 5):
+        stream.update(text[:i])
+    stream.update(text)
+
+    def lines(t):
+        return [line for line in t.splitlines() if line.strip()]
+    assert lines(view.toPlainText()) == lines(full.toPlainText())
+    assert view.code_blocks == ["x = 1\n\ny = 2\n"]

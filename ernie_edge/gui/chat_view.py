@@ -12,11 +12,11 @@ import time
 from typing import Callable
 
 from PyQt6.QtCore import Qt, QTimer, QUrl
-from PyQt6.QtGui import QDesktopServices, QGuiApplication, QTextCursor
+from PyQt6.QtGui import QDesktopServices, QGuiApplication, QTextBlockFormat, QTextCharFormat, QTextCursor
 from PyQt6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QTextBrowser,
                              QToolButton, QVBoxLayout, QWidget)
 
-from .render import COPY_SCHEME, MarkdownRenderer, plain_html
+from .render import COPY_SCHEME, MarkdownRenderer, plain_html, stable_end
 from .store import Message
 
 MAX_COLUMN_WIDTH = 860
@@ -62,6 +62,46 @@ class RichText(QTextBrowser):
                 QGuiApplication.clipboard().setText(self.code_blocks[n])
         elif url.scheme() in ("http", "https", "mailto"):
             QDesktopServices.openUrl(url)
+
+
+class StreamingMarkdown:
+    """Renders a growing answer into a RichText without redoing it all each time: the finished
+    blocks (up to the last blank line outside a code fence) are inserted once; only the open
+    block at the end is removed and rendered again. Cost per update: the tail, not the answer."""
+
+    def __init__(self, view: RichText, renderer: MarkdownRenderer):
+        self.view, self.renderer = view, renderer
+        view.clear()
+        view.code_blocks = []
+        self.cursor = QTextCursor(view.document())
+        self.stable = 0  # characters of the text inserted as finished blocks
+        self.stable_blocks = 0  # code blocks among them
+        self.tail_pos = 0  # document position where the open block's HTML starts
+
+    def update(self, text: str) -> None:
+        c = self.cursor
+        c.setPosition(self.tail_pos)
+        c.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        c.removeSelectedText()
+        del self.view.code_blocks[self.stable_blocks:]
+        cut = stable_end(text)
+        if cut > self.stable:
+            self._insert(text[self.stable:cut])
+            self.stable, self.stable_blocks = cut, len(self.view.code_blocks)
+            self._new_block()
+            self.tail_pos = c.position()
+        self._insert(text[self.stable:])
+
+    def _insert(self, markdown: str) -> None:
+        r = self.renderer.render(markdown, first_block=len(self.view.code_blocks))
+        self.cursor.insertHtml(r.html)
+        self.view.code_blocks += r.code_blocks
+
+    def _new_block(self) -> None:
+        """Start a plain block, so the next HTML does not merge into a paragraph, list or table."""
+        c = self.cursor
+        if c.block().length() > 1 or c.block().textList() is not None or c.currentTable() is not None:
+            c.insertBlock(QTextBlockFormat(), QTextCharFormat())
 
 
 class ThinkingSection(QWidget):
@@ -156,6 +196,7 @@ class MessageWidget(QFrame):
         self.buttons["regenerate"].setVisible(False)
         self.t_start = time.monotonic()
         self.t_answer: float | None = None
+        self._stream: StreamingMarkdown | None = None
         self.show_message(message)
 
     # ---- whole message --------------------------------------------------------------------
@@ -175,7 +216,25 @@ class MessageWidget(QFrame):
         self.set_tool_calls(m.tool_calls)
         self.set_footer(m)
 
+    def finish(self, m: Message) -> None:
+        """The answer ended: final text (still incrementally: no full re-render), tool calls, figures."""
+        self.message = m
+        if self._stream is not None:
+            self._stream.update(m.content)
+        elif m.content:
+            self.set_content(m.content)
+        self.set_tool_calls(m.tool_calls)
+        self.set_footer(m)
+
+    def stream_content(self, text: str) -> None:
+        """Show the answer so far (cheap: see StreamingMarkdown)."""
+        if self._stream is None:
+            self._stream = StreamingMarkdown(self.body, self.renderer)
+            self.body.show()
+        self._stream.update(text)
+
     def set_content(self, text: str) -> None:
+        self._stream = None
         r = self.renderer.render(text)
         self.body.code_blocks = r.code_blocks
         self.body.setHtml(r.html)

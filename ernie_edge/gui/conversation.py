@@ -185,7 +185,7 @@ class ChatController(QObject):
         if w is None:
             return
         t = time.perf_counter()
-        w.set_content(w.message.content)
+        w.stream_content(w.message.content)
         spent_ms = (time.perf_counter() - t) * 1000
         # A long answer renders slowly: render it less often so typing stays responsive.
         self._render_ms = int(min(RENDER_MAX_MS, max(RENDER_MIN_MS, 4 * spent_ms)))
@@ -223,7 +223,7 @@ class ChatController(QObject):
             stats["thinking_s"] = round(w.t_answer - w.t_start, 2)
         m.stats = stats or None
         self.disk.write(lambda s, m=_copy(m): s.finish_message(m))
-        w.show_message(m)
+        w.finish(m)
         self.view.mark_last_answer()
         self.busy_changed.emit(False)
 

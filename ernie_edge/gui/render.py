@@ -54,8 +54,10 @@ class MarkdownRenderer:
         rules["table_open"] = lambda *a: '<table border="1" cellspacing="0" cellpadding="4">\n'
         self._blocks: list[str] = []
 
-    def render(self, text: str) -> Rendered:
+    def render(self, text: str, first_block: int = 0) -> Rendered:
+        """text -> HTML; code blocks are numbered from first_block (for a piece of a longer answer)."""
         self._blocks = []
+        self._first = first_block
         body = self.md.render(text).rstrip("\n")  # Qt shows a trailing newline as a space
         return Rendered(body, self._blocks)
 
@@ -63,7 +65,7 @@ class MarkdownRenderer:
         token = tokens[idx]
         code = token.content
         lang = token.info.strip().split(" ")[0] if token.info else ""
-        n = len(self._blocks)
+        n = self._first + len(self._blocks)
         self._blocks.append(code)
         c = self.colors
         label = html.escape(lang) if lang else "code"
@@ -86,6 +88,20 @@ def _lexer(lang: str):
         return get_lexer_by_name(lang) if lang else TextLexer()
     except ClassNotFound:
         return TextLexer()
+
+
+def stable_end(text: str) -> int:
+    """Where the finished blocks of a streaming answer end: after its last blank line outside a
+    code fence. Text before it will not change how it renders; only what follows is re-rendered."""
+    end, pos, fence = 0, 0, False
+    for line in text.splitlines(keepends=True):
+        pos += len(line)
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            fence = not fence
+        elif not stripped and not fence and line.endswith("\n") and pos < len(text):
+            end = pos
+    return end
 
 
 def plain_html(text: str) -> str:
