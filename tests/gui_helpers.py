@@ -8,12 +8,9 @@ a given text. The model, sampler, detokenizer and reasoning/answer parser all ru
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-
-from ernie_edge.gui.backends import LocalBackend, LocalSettings  # noqa: E402
+from ernie_edge.gui.backends import LocalBackend, LocalSettings
 
 _EDGE: dict[str, Path] = {}
 _MODELS: dict[str, object] = {}

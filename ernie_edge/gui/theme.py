@@ -25,6 +25,7 @@ class Theme:
     text: str
     muted: str
     accent: str
+    button: str  # the primary button's background (white text on it)
     sidebar: str
     user_bubble: str
     border: str
@@ -34,10 +35,10 @@ class Theme:
 
 
 LIGHT_THEME = Theme("light", window="#ffffff", base="#ffffff", text="#1f2328", muted="#6a737d",
-                    accent="#2463eb", sidebar="#f6f7f9", user_bubble="#eef2fb", border="#d9dce1",
+                    accent="#2463eb", button="#2463eb", sidebar="#f6f7f9", user_bubble="#eef2fb", border="#d9dce1",
                     banner_bg="#fff4e5", banner_text="#7a4100", html=LIGHT)
 DARK_THEME = Theme("dark", window="#17191d", base="#1e2127", text="#e6e8eb", muted="#9aa3ad",
-                   accent="#6ea8fe", sidebar="#111316", user_bubble="#26303f", border="#343a42",
+                   accent="#6ea8fe", button="#2f5fc4", sidebar="#111316", user_bubble="#26303f", border="#343a42",
                    banner_bg="#3b2a12", banner_text="#ffd8a8", html=DARK)
 
 
@@ -62,7 +63,7 @@ def apply_theme(app: QApplication, theme: Theme) -> None:
         QPalette.ColorRole.Window: theme.window, QPalette.ColorRole.Base: theme.base,
         QPalette.ColorRole.AlternateBase: theme.sidebar, QPalette.ColorRole.WindowText: theme.text,
         QPalette.ColorRole.Text: theme.text, QPalette.ColorRole.Button: theme.sidebar,
-        QPalette.ColorRole.ButtonText: theme.text, QPalette.ColorRole.Highlight: theme.accent,
+        QPalette.ColorRole.ButtonText: theme.text, QPalette.ColorRole.Highlight: theme.button,
         QPalette.ColorRole.HighlightedText: "#ffffff", QPalette.ColorRole.Link: theme.accent,
         QPalette.ColorRole.ToolTipBase: theme.base, QPalette.ColorRole.ToolTipText: theme.text,
         QPalette.ColorRole.PlaceholderText: theme.muted, QPalette.ColorRole.Mid: theme.border,
@@ -78,6 +79,11 @@ def apply_theme(app: QApplication, theme: Theme) -> None:
 def style_sheet(t: Theme) -> str:
     mono = ", ".join(f'"{f}"' for f in MONO_FONTS)
     return f"""
+    QPushButton {{ border: 1px solid {t.border}; border-radius: 6px; padding: 4px 10px; background: {t.base}; }}
+    QPushButton:hover, QPushButton:focus {{ border: 1px solid {t.accent}; }}
+    QToolButton:focus {{ border: 1px solid {t.accent}; border-radius: 4px; }}
+    #sidebar QLineEdit {{ border: 1px solid {t.border}; border-radius: 6px; padding: 4px 6px; background: {t.base}; }}
+    #sidebar QLineEdit:focus {{ border: 1px solid {t.accent}; }}
     #sidebar {{ background: {t.sidebar}; border-right: 1px solid {t.border}; }}
     #sidebar QListWidget {{ background: {t.sidebar}; border: none; }}
     #sidebar QListWidget::item {{ padding: 6px 8px; border-radius: 6px; }}
@@ -98,8 +104,9 @@ def style_sheet(t: Theme) -> str:
     #composer QPlainTextEdit {{ border: 1px solid {t.border}; border-radius: 8px; padding: 6px;
                                 background: {t.base}; }}
     #composer QPlainTextEdit:focus {{ border: 1px solid {t.accent}; }}
-    QPushButton#primary {{ background: {t.accent}; color: white; border: none; border-radius: 6px;
+    QPushButton#primary {{ background: {t.button}; color: white; border: none; border-radius: 6px;
                            padding: 6px 14px; font-weight: 600; }}
+    QPushButton#primary:focus {{ border: 2px solid {t.text}; }}
     QPushButton#primary:disabled {{ background: {t.border}; color: {t.muted}; }}
     #welcome QLabel#welcomeTitle {{ font-size: 18pt; font-weight: 600; }}
     QToolButton#link {{ border: none; color: {t.muted}; padding: 0 4px; }}

@@ -17,7 +17,7 @@ from PyQt6.QtCore import Qt, QTimer, pyqtSignal
 from PyQt6.QtGui import QGuiApplication, QKeySequence, QShortcut
 from PyQt6.QtWidgets import (QApplication, QDialog, QFileDialog, QFrame, QHBoxLayout, QInputDialog, QLabel,
                              QLineEdit, QListWidget, QListWidgetItem, QMainWindow, QMenu, QMessageBox,
-                             QPlainTextEdit, QProgressBar, QPushButton, QSplitter, QStackedWidget,
+                             QPlainTextEdit, QProgressBar, QPushButton, QSizePolicy, QSplitter, QStackedWidget,
                              QToolButton, QVBoxLayout, QWidget)
 
 from ..sampling import SamplingParams
@@ -55,6 +55,30 @@ class Composer(QPlainTextEdit):
             self.submit.emit()
             return
         super().keyPressEvent(event)
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that ends in "…" when it does not fit, instead of being cut."""
+
+    def __init__(self, text: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self.full = ""
+        self.setText(text)
+
+    def setText(self, text: str) -> None:
+        self.full = text
+        self.setToolTip(text)
+        self._elide()
+
+    def resizeEvent(self, event):
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        super().setText(self.fontMetrics().elidedText(self.full, Qt.TextElideMode.ElideRight, max(self.width(), 40)))
+
+    def text(self) -> str:
+        return self.full
 
 
 class Banner(QFrame):
@@ -129,7 +153,7 @@ class MainWindow(QMainWindow):
         split.addWidget(self._sidebar())
         split.addWidget(self._main())
         split.setStretchFactor(1, 1)
-        split.setSizes([240, 860])
+        split.setSizes([220, 880])
         split.setChildrenCollapsible(False)
         self.setCentralWidget(split)
         bar = self.statusBar()
@@ -164,6 +188,8 @@ class MainWindow(QMainWindow):
         self.search.textChanged.connect(lambda _: self._search_timer.start())
         self.list = QListWidget()
         self.list.setAccessibleName("Chats")
+        self.list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.list.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.list.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
         self.list.customContextMenuRequested.connect(self._list_menu)
         self.list.currentItemChanged.connect(self._list_selected)
@@ -179,8 +205,9 @@ class MainWindow(QMainWindow):
         header = QWidget(objectName="header")
         h = QHBoxLayout(header)
         h.setContentsMargins(16, 8, 12, 8)
-        self.title = QLabel("New chat", objectName="title")
+        self.title = ElidedLabel("New chat", objectName="title")
         self.title.setMinimumWidth(80)
+        self.title.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
         self.system_button = QPushButton("System prompt")
         self.system_button.clicked.connect(self.edit_system_prompt)
         self.model_button = QPushButton("Choose a model…")
