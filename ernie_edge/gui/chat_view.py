@@ -78,7 +78,8 @@ class StreamingMarkdown:
         self.stable_blocks = 0  # code blocks among them
         self.tail_pos = 0  # document position where the open block's HTML starts
 
-    def update(self, text: str) -> None:
+    def update(self, text: str, final: bool = False) -> None:
+        """Show `text` (the whole answer so far). The open block is highlighted only when final."""
         c = self.cursor
         c.setPosition(self.tail_pos)
         c.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
@@ -90,10 +91,10 @@ class StreamingMarkdown:
             self.stable, self.stable_blocks = cut, len(self.view.code_blocks)
             self._new_block()
             self.tail_pos = c.position()
-        self._insert(text[self.stable:])
+        self._insert(text[self.stable:], highlight=final)
 
-    def _insert(self, markdown: str) -> None:
-        r = self.renderer.render(markdown, first_block=len(self.view.code_blocks))
+    def _insert(self, markdown: str, highlight: bool = True) -> None:
+        r = self.renderer.render(markdown, first_block=len(self.view.code_blocks), highlight=highlight)
         self.cursor.insertHtml(r.html)
         self.view.code_blocks += r.code_blocks
 
@@ -220,7 +221,7 @@ class MessageWidget(QFrame):
         """The answer ended: final text (still incrementally: no full re-render), tool calls, figures."""
         self.message = m
         if self._stream is not None:
-            self._stream.update(m.content)
+            self._stream.update(m.content, final=True)
         elif m.content:
             self.set_content(m.content)
         self.set_tool_calls(m.tool_calls)

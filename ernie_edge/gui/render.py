@@ -53,11 +53,15 @@ class MarkdownRenderer:
         rules["code_inline"] = self._code_inline
         rules["table_open"] = lambda *a: '<table border="1" cellspacing="0" cellpadding="4">\n'
         self._blocks: list[str] = []
+        self._first = 0
+        self._highlight = True
 
-    def render(self, text: str, first_block: int = 0) -> Rendered:
-        """text -> HTML; code blocks are numbered from first_block (for a piece of a longer answer)."""
+    def render(self, text: str, first_block: int = 0, highlight: bool = True) -> Rendered:
+        """text -> HTML; code blocks are numbered from first_block (for a piece of a longer answer).
+        highlight=False leaves code uncolored (much cheaper: for a block still streaming in)."""
         self._blocks = []
         self._first = first_block
+        self._highlight = highlight
         body = self.md.render(text).rstrip("\n")  # Qt shows a trailing newline as a space
         return Rendered(body, self._blocks)
 
@@ -69,7 +73,10 @@ class MarkdownRenderer:
         self._blocks.append(code)
         c = self.colors
         label = html.escape(lang) if lang else "code"
-        body = highlight(code, _lexer(lang), self._formatter).rstrip("\n")
+        if self._highlight:
+            body = highlight(code, _lexer(lang), self._formatter).rstrip("\n")
+        else:
+            body = html.escape(code.rstrip("\n"))
         return (f'<table width="100%" cellspacing="0" cellpadding="6" bgcolor="{c.code_bg}" '
                 f'style="border: 1px solid {c.code_border}; margin-top: 4px; margin-bottom: 4px;">'
                 f'<tr><td><span style="color: {c.muted}; font-size: small;">{label}</span>'
