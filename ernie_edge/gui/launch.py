@@ -118,6 +118,10 @@ def desktop_entry(exec_line: str, icon: str) -> str:
 def install_desktop(data_home: Path | None = None, desktop: Path | None = None) -> list[Path]:
     """Write the freedesktop menu entry and icon for the current user (Linux and other XDG
     desktops); also a launcher on the desktop folder when there is one. Returns the files written."""
+    if sys.platform in ("win32", "darwin") and data_home is None:
+        from ..errors import ErnieEdgeError
+        raise ErnieEdgeError("install-desktop writes a freedesktop (Linux) menu entry; on Windows and macOS "
+                             "make a shortcut to ernie-edge-gui as docs/GUI.md describes")
     data_home = data_home or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
     icons = data_home / "icons" / "hicolor"
     written = []

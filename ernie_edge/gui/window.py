@@ -124,7 +124,7 @@ class MainWindow(QMainWindow):
         self.backend: Backend | None = None  # loaded and ready
         self.loading: Backend | None = None
         self.server: LocalServer | None = None
-        self.poster = UiPoster()
+        self.poster = UiPoster(self)
         self._saver = ThreadPoolExecutor(1, thread_name_prefix="ernie-edge-settings")
         self.theme = resolve_theme(settings.theme)
         self.renderer = MarkdownRenderer(self.theme.html)

@@ -24,12 +24,15 @@ class UiPoster(QObject):
 
     _call = pyqtSignal(object)
 
-    def __init__(self):
-        super().__init__()
+    def __init__(self, parent: QObject | None = None):
+        super().__init__(parent)  # with a parent, calls still queued when it closes are dropped
         self._call.connect(self._run, Qt.ConnectionType.QueuedConnection)
 
     def post(self, fn: Callable[[], Any]) -> None:
-        self._call.emit(fn)
+        try:
+            self._call.emit(fn)
+        except RuntimeError:
+            pass  # the window is gone (a background job finished after it closed)
 
     @staticmethod
     def _run(fn) -> None:
