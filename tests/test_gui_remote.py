@@ -206,12 +206,14 @@ def serve_url(tmp_path_factory):
                              "--host", "127.0.0.1", "--port", str(port)])
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
+        while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
                 break
             except OSError:
-                time.sleep(0.2)
+                assert proc.poll() is None, f"ernie-edge serve exited with {proc.returncode}"
+                assert time.monotonic() < deadline, "ernie-edge serve did not become healthy in 120 s"
+                time.sleep(0.2)  # polling a starting server: there is nothing to wait on instead
         yield f"http://127.0.0.1:{port}/v1", True
     finally:
         proc.terminate()
@@ -245,3 +247,21 @@ def test_window_with_a_refusing_url_says_so(qtbot, tmp_path):
     w.load_backend()
     qtbot.waitUntil(lambda: w.banner.kind == "model", timeout=15000)
     assert "Could not connect" in w.banner.text() and w.backend is None
+
+
+def test_window_shows_tool_calls(qtbot, tmp_path):
+    server = StandInOpenAIServer(tool_call=True)
+    w = build_window(GuiSettings(data_dir=tmp_path, config_dir=tmp_path), make_backend)
+    qtbot.addWidget(w)
+    w.show()
+    w.settings.mode, w.settings.remote_url = "remote", server.url
+    w.load_backend()
+    qtbot.waitUntil(lambda: w.backend is not None, timeout=15000)
+    w.input.setPlainText("weather in Beijing?")
+    w.send()
+    qtbot.waitUntil(lambda: not w.controller.busy, timeout=15000)
+    server.close()
+    answer = w.chat.widgets[1]
+    labels = [answer.tools.itemAt(i).widget().text() for i in range(answer.tools.count())]
+    assert labels == ['Tool call: get_weather({"city": "北京"})']
+    assert answer.message.tool_calls[0]["name"] == "get_weather" and answer.message.finish_reason == "tool_calls"

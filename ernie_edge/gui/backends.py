@@ -105,12 +105,16 @@ class _Clock:
         self.tokens += 1
 
     def stats(self, prompt_tokens: int = 0, completion_tokens: int | None = None) -> TurnStats:
+        """completion_tokens: the server's count (a server may send several tokens per event);
+        tokens/s then runs from the first token to the end of the stream."""
+        now = time.perf_counter()
         n = completion_tokens if completion_tokens is not None else self.tokens
-        span = self.t_last - (self.t_first or self.t_last)
+        end = now if completion_tokens is not None else self.t_last
+        span = end - (self.t_first or end)
         return TurnStats(prompt_tokens=prompt_tokens, completion_tokens=n,
                          ttft_s=(self.t_first or self.t0) - self.t0,
-                         decode_tok_s=(self.tokens - 1) / span if self.tokens > 1 and span > 0 else 0.0,
-                         elapsed_s=time.perf_counter() - self.t0)
+                         decode_tok_s=(n - 1) / span if n > 1 and span > 0 else 0.0,
+                         elapsed_s=now - self.t0)
 
 
 # ---- local ------------------------------------------------------------------------------------

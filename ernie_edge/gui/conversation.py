@@ -201,8 +201,7 @@ class ChatController(QObject):
                         lambda _: setattr(self, "_save_pending", False))
 
     def _on_end(self, last: TurnChunk) -> None:
-        if last.tool_calls:
-            self._on_chunk(TurnChunk(tool_calls=last.tool_calls))
+        """The turn ended (its last chunk's text and tool calls came through _on_chunk already)."""
         stats = last.stats.to_dict() if last.stats else {}
         cancelled = last.finish_reason == FINISH_CANCELLED
         self._finish("incomplete" if cancelled else "complete", last.finish_reason, stats)

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from ..errors import ErnieEdgeError
 
@@ -28,11 +29,15 @@ class LocalServer:
 
     @staticmethod
     def available() -> bool:
+        """Whether this build has the server (ernie_edge.server, inside this package: an editable
+        install elsewhere on the path must not count)."""
+        import ernie_edge
         try:
-            import ernie_edge.server  # noqa: F401
+            import ernie_edge.server as server
         except ImportError:
             return False
-        return True
+        here = Path(ernie_edge.__file__).resolve().parent
+        return here in Path(server.__file__).resolve().parents
 
     def start(self, timeout_s: float = 120.0) -> str:
         """Start the server and wait until it answers; returns its URL (blocking: call off the UI

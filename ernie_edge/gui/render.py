@@ -43,8 +43,7 @@ class Rendered:
 
 class MarkdownRenderer:
     def __init__(self, colors: Colors = LIGHT):
-        self.colors = colors
-        self._formatter = HtmlFormatter(nowrap=True, noclasses=True, style=colors.pygments_style)
+        self.set_colors(colors)
         self.md = MarkdownIt("commonmark", {"html": False, "linkify": False, "breaks": True})
         self.md.enable(["table", "strikethrough"])
         rules = self.md.renderer.rules
@@ -55,6 +54,11 @@ class MarkdownRenderer:
         self._blocks: list[str] = []
         self._first = 0
         self._highlight = True
+
+    def set_colors(self, colors: Colors) -> None:
+        """Switch light / dark (code colors included) for what is rendered next."""
+        self.colors = colors
+        self._formatter = HtmlFormatter(nowrap=True, noclasses=True, style=colors.pygments_style)
 
     def render(self, text: str, first_block: int = 0, highlight: bool = True) -> Rendered:
         """text -> HTML; code blocks are numbered from first_block (for a piece of a longer answer).

@@ -414,7 +414,7 @@ class MainWindow(QMainWindow):
     def set_theme(self, name: str) -> None:
         self.theme = resolve_theme(name)
         apply_theme(QApplication.instance(), self.theme)
-        self.renderer.__init__(self.theme.html)
+        self.renderer.set_colors(self.theme.html)
         if not self.controller.busy:
             self.controller.open(self.controller.conv, self._update_state)
 
