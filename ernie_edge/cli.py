@@ -515,10 +515,37 @@ def _run_serve(a) -> int:
     return serve(replace(settings, model=str(location.path)))
 
 
+# ---- gui / install-desktop ---------------------------------------------------------------------------
+
+def _add_gui(sub) -> None:
+    from .gui.app import add_arguments  # argparse only: Qt is imported when the window opens
+    p = sub.add_parser("gui", help="open the desktop app (same as ernie-edge-gui)")
+    add_arguments(p)
+    p.set_defaults(func=_run_gui)
+
+
+def _run_gui(a) -> int:
+    from .gui.app import settings_from
+    from .gui.launch import run_gui
+    return run_gui(settings_from(a))
+
+
+def _add_install_desktop(sub) -> None:
+    p = sub.add_parser("install-desktop", help="add the desktop app to the applications menu (freedesktop)")
+    p.set_defaults(func=_run_install_desktop)
+
+
+def _run_install_desktop(a) -> int:
+    from .gui.launch import install_desktop
+    for path in install_desktop():
+        print(path)
+    return 0
+
+
 # ---- main ----------------------------------------------------------------------------------------
 
 COMMANDS = (_add_demo, _add_generate, _add_chat, _add_list, _add_rm, _add_convert, _add_verify, _add_info,
-            _add_eval, _add_bench, _add_synth, _add_serve)
+            _add_eval, _add_bench, _add_synth, _add_serve, _add_gui, _add_install_desktop)
 
 
 def build_parser() -> argparse.ArgumentParser:

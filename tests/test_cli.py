@@ -380,6 +380,8 @@ def walk_cases(tiny_dir, edge, nan_dir, tmp):
             (["serve", "--model", edge, "--api-key-file", tmp / "missing.key"], "cannot read it"),
             (["serve", "--model", edge, "--ctx", "64", "--ctx-size", "128"], "disagree"),
         ],
+        "gui": [(["gui", "--theme", "purple"], "invalid choice"), (["gui", "extra"], "unrecognized arguments")],
+        "install-desktop": [(["install-desktop", "extra"], "unrecognized arguments")],
         "synth": [
             (["synth", a_file], "is a file"),
             (["synth", tmp / "full"], "not empty"),

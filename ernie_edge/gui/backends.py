@@ -1,0 +1,410 @@
+"""What the app talks to for answers: the `Backend` interface and its two implementations. No Qt.
+
+    backend.load(progress)            # blocking (a worker thread calls it): map weights, ready kernels
+    turn = backend.submit(TurnRequest(messages, params))
+    for chunk in turn: ...            # TurnChunk: reasoning / content deltas, tool calls, the end
+    turn.cancel()                     # from any thread: iteration ends within one decode step
+
+- `LocalBackend`: a model loaded in this process (`ernie_edge.load`), one turn at a time through
+  `generate.Session` / `stream_generate` (the session's KV cache is reused across turns).
+- `RemoteBackend`: any OpenAI-compatible server (`ernie-edge serve`, vLLM, FastDeploy, ...):
+  streaming /v1/chat/completions with `reasoning_content` deltas.
+
+A turn's last chunk has `finish_reason` ("stop", "length", "tool_calls" or "cancelled") and
+`stats`. Errors a user can cause (bad folder, refused connection, prompt too long) raise
+`BackendError` with a message for the window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from ..errors import ErnieEdgeError
+from ..parsers import ToolCall
+from ..sampling import SamplingParams
+
+FINISH_CANCELLED = "cancelled"
+
+
+class BackendError(ErnieEdgeError):
+    """The backend cannot load or answer; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    stage: str  # what is happening, for the status line
+    fraction: float | None = None  # 0..1 when known; None: busy, length unknown (kernel compilation)
+
+
+@dataclass(frozen=True)
+class TurnRequest:
+    """One chat turn: OpenAI-style messages (system first if any) and the sampling settings."""
+
+    messages: list[dict]
+    params: SamplingParams
+    reasoning_budget: int | None = None
+
+
+@dataclass
+class TurnStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0  # request sent -> first token
+    decode_tok_s: float = 0.0
+    elapsed_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TurnChunk:
+    reasoning: str = ""
+    content: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str | None = None  # last chunk only
+    stats: TurnStats | None = None  # last chunk only
+
+
+class Turn(Protocol):
+    def __iter__(self) -> Iterator[TurnChunk]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Backend(Protocol):
+    label: str  # shown in the window: what answers
+
+    def load(self, progress: Callable[[LoadProgress], None]) -> None: ...
+
+    def submit(self, request: TurnRequest) -> Turn: ...
+
+    def close(self) -> None: ...
+
+
+class _Clock:
+    """Client-side timings of a turn: first token, tokens, tokens/s."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_last = self.t0
+        self.tokens = 0
+
+    def token(self) -> None:
+        self.t_last = time.perf_counter()
+        self.t_first = self.t_first or self.t_last
+        self.tokens += 1
+
+    def stats(self, prompt_tokens: int = 0, completion_tokens: int | None = None) -> TurnStats:
+        """completion_tokens: the server's count (a server may send several tokens per event);
+        tokens/s then runs from the first token to the end of the stream."""
+        now = time.perf_counter()
+        n = completion_tokens if completion_tokens is not None else self.tokens
+        end = now if completion_tokens is not None else self.t_last
+        span = end - (self.t_first or end)
+        return TurnStats(prompt_tokens=prompt_tokens, completion_tokens=n,
+                         ttft_s=(self.t_first or self.t0) - self.t0,
+                         decode_tok_s=(n - 1) / span if n > 1 and span > 0 else 0.0,
+                         elapsed_s=now - self.t0)
+
+
+# ---- local ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LocalSettings:
+    path: str
+    threads: int = 0  # 0: all cores
+    context: int = 0  # KV cache size in tokens; 0: the model's own
+    backend: str = "auto"  # ernie_edge.load's backend: "auto", "cpu" or "reference"
+
+
+class LocalBackend:
+    """A model in this process. `forced` is a test-only hook: a function from the request to the
+    text the turn must produce. The model still runs every step; its logits are replaced by a
+    one-hot row on the next token of that text, so the real sampler, detokenizer and parser see
+    it (random test weights would otherwise write random text)."""
+
+    def __init__(self, settings: LocalSettings, *, model=None,
+                 forced: Callable[[TurnRequest], str] | None = None):
+        self.settings = settings
+        self.model = model
+        self.forced = forced
+        self.session = None
+        self._lock = threading.Lock()  # one turn at a time: the model and its session are not shared
+        self.label = f"local: {Path(settings.path).name}"
+
+    def load(self, progress: Callable[[LoadProgress], None]) -> None:
+        from .. import load
+        from ..generate import Session
+        if self.model is None:
+            progress(LoadProgress(f"Opening {self.settings.path}"))
+            try:
+                self.model = load(self.settings.path, backend=self.settings.backend,
+                                  threads=self.settings.threads or None, max_context=self.settings.context or None)
+            except ErnieEdgeError as e:
+                raise BackendError(f"Could not load the model: {e}") from None
+        if self.model.backend_name == "cpu":
+            progress(LoadProgress("Preparing kernels (the first run compiles them: a few minutes; "
+                                  "later runs load them in seconds)"))
+            self.model.warmup()
+        self.session = Session(self.model, max_context=self.settings.context or None)
+        progress(LoadProgress("Ready", 1.0))
+
+    def submit(self, request: TurnRequest) -> "LocalTurn":
+        if self.model is None:
+            raise BackendError("No model is loaded yet")
+        return LocalTurn(self, request)
+
+    def close(self) -> None:
+        self.model = self.session = None
+
+
+class LocalTurn:
+    def __init__(self, backend: LocalBackend, request: TurnRequest):
+        self.backend = backend
+        self.request = request
+        self.steps = 0  # decode steps run (tests check that Stop costs at most one more)
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __iter__(self) -> Iterator[TurnChunk]:
+        with self.backend._lock:
+            yield from self._run()
+
+    def _run(self) -> Iterator[TurnChunk]:
+        from ..generate import Session, render_prompt, stream_generate
+        b, req = self.backend, self.request
+        model, session = b.model, b.session
+        try:
+            ids = render_prompt(model, req.messages)
+        except ErnieEdgeError as e:
+            raise BackendError(f"Could not build the prompt: {e}") from None
+        room = session.max_context - len(ids)
+        if room < 1:
+            raise BackendError(f"The conversation ({len(ids)} tokens) fills the context of "
+                               f"{session.max_context} tokens; start a new chat or raise Context in Settings")
+        params = req.params
+        if params.max_tokens is None or params.max_tokens > room:
+            params = dataclasses.replace(params, max_tokens=room)  # answer until the context is full
+        if b.forced is not None:
+            model = _ForcedLogits(model, b.forced(req))
+            session = Session(model, max_context=session.max_context)
+        clock = _Clock()
+        stream = stream_generate(model, ids, params, session=session, reasoning_budget=req.reasoning_budget)
+        try:
+            for chunk in stream:
+                if chunk.token_ids:
+                    self.steps += 1
+                    clock.token()
+                if self._cancel.is_set():
+                    break
+                t = chunk.timings
+                stats = None if t is None else TurnStats(t.prompt_tokens, t.completion_tokens, t.ttft_s,
+                                                         t.decode_tok_s, clock.stats().elapsed_s)
+                yield TurnChunk(chunk.reasoning, chunk.content, list(chunk.tool_calls), chunk.finish_reason, stats)
+        finally:
+            stream.close()
+        if self._cancel.is_set():
+            yield TurnChunk(finish_reason=FINISH_CANCELLED, stats=clock.stats(len(ids)))
+
+
+class _ForcedLogits:
+    """A model whose next-token logits are a one-hot row on the next id of `text` (then the
+    end-of-turn id); everything else is the wrapped model's, which runs every step as usual."""
+
+    def __init__(self, model, text: str):
+        self._model = model
+        tok = model.tokenizer
+        self._ids = tok.encode(text) + [tok.im_end_id]
+        self._next = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def prefill(self, token_ids, cache, trace=None) -> np.ndarray:
+        logits = self._model.prefill(token_ids, cache, trace)  # [V]
+        out = np.full_like(logits, -np.inf)
+        out[self._ids[min(self._next, len(self._ids) - 1)]] = 0.0
+        self._next += 1
+        return out
+
+
+# ---- remote -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    url: str  # http://host:port or http://host:port/v1
+    api_key: str = ""
+    model: str = ""  # "": the first model the server lists
+    timeout_s: float = 600.0
+
+
+def api_base(url: str) -> str:
+    base = url.strip().rstrip("/")
+    return base if base.endswith("/v1") else base + "/v1"
+
+
+class RemoteBackend:
+    def __init__(self, settings: RemoteSettings):
+        import httpx
+        self.settings = settings
+        self.base = api_base(settings.url)
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(settings.timeout_s, connect=5.0))
+        self.model = settings.model
+        self.label = f"remote: {self.base}"
+
+    def load(self, progress: Callable[[LoadProgress], None]) -> None:
+        """Check that the server answers, and pick its first model when none is set."""
+        progress(LoadProgress(f"Connecting to {self.base}"))
+        data = self._json(self._request("GET", "/models"))
+        if not self.model:
+            models = [m.get("id") for m in data.get("data", []) if isinstance(m, dict)]
+            if not models:
+                raise BackendError(f"{self.base}/models lists no model; set the model name in Model → Remote")
+            self.model = models[0]
+        self.label = f"remote: {self.model} at {self.base}"
+        progress(LoadProgress("Ready", 1.0))
+
+    def submit(self, request: TurnRequest) -> "RemoteTurn":
+        return RemoteTurn(self, request)
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+        try:
+            resp = self.client.request(method, self.base + path, **kwargs)
+        except httpx.HTTPError as e:
+            raise BackendError(_connect_error(self.base, e)) from None
+        _check_status(self.base + path, resp.status_code, resp.text)
+        return resp
+
+    @staticmethod
+    def _json(resp) -> dict:
+        try:
+            data = resp.json()
+        except ValueError:
+            raise BackendError(f"{resp.url}: the answer is not JSON; is this an OpenAI-compatible server?") from None
+        return data if isinstance(data, dict) else {}
+
+
+class RemoteTurn:
+    def __init__(self, backend: RemoteBackend, request: TurnRequest):
+        self.backend = backend
+        self.request = request
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def body(self) -> dict:
+        p = self.request.params
+        body = {"model": self.backend.model, "messages": self.request.messages, "stream": True,
+                "stream_options": {"include_usage": True}, "temperature": p.temperature, "top_p": p.top_p}
+        if p.max_tokens:
+            body["max_tokens"] = p.max_tokens
+        if p.seed is not None:
+            body["seed"] = p.seed
+        return body
+
+    def __iter__(self) -> Iterator[TurnChunk]:
+        import httpx
+        b = self.backend
+        clock, calls, finish, usage = _Clock(), {}, "stop", {}
+        url = b.base + "/chat/completions"
+        try:
+            with b.client.stream("POST", url, json=self.body()) as resp:
+                if resp.status_code != 200:
+                    _check_status(url, resp.status_code, resp.read().decode("utf-8", "replace"))
+                for data in _sse_events(resp.iter_lines()):
+                    if self._cancel.is_set():
+                        break
+                    if data.get("usage"):
+                        usage = data["usage"]
+                    for choice in data.get("choices") or []:
+                        delta = choice.get("delta") or {}
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning") or ""
+                        content = delta.get("content") or ""
+                        _merge_tool_calls(calls, delta.get("tool_calls") or [])
+                        if reasoning or content:
+                            clock.token()
+                            yield TurnChunk(reasoning=reasoning, content=content)
+                        finish = choice.get("finish_reason") or finish
+        except httpx.HTTPError as e:
+            if not self._cancel.is_set():
+                raise BackendError(_connect_error(b.base, e)) from None
+        stats = clock.stats(usage.get("prompt_tokens", 0), usage.get("completion_tokens"))
+        if self._cancel.is_set():
+            yield TurnChunk(finish_reason=FINISH_CANCELLED, stats=stats)
+            return
+        tool_calls = [ToolCall(c["id"], c["name"], c["arguments"]) for _, c in sorted(calls.items())]
+        yield TurnChunk(tool_calls=tool_calls, finish_reason=finish, stats=stats)
+
+
+def _sse_events(lines) -> Iterator[dict]:
+    """`data: {json}` lines of a server-sent event stream, until `data: [DONE]`."""
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            data = json.loads(payload)
+        except ValueError:
+            raise BackendError(f"the server sent an event that is not JSON: {payload[:120]!r}") from None
+        if isinstance(data, dict) and data.get("error"):
+            err = data["error"]
+            raise BackendError(f"the server stopped the answer: {err.get('message', err) if isinstance(err, dict) else err}")
+        if isinstance(data, dict):
+            yield data
+
+
+def _merge_tool_calls(calls: dict[int, dict], deltas: list[dict]) -> None:
+    """OpenAI streams a tool call in pieces keyed by index: the id and name first, then the
+    arguments text in fragments."""
+    for d in deltas:
+        c = calls.setdefault(d.get("index", len(calls)), {"id": "", "name": "", "arguments": ""})
+        c["id"] = d.get("id") or c["id"]
+        fn = d.get("function") or {}
+        c["name"] += fn.get("name") or ""
+        c["arguments"] += fn.get("arguments") or ""
+
+
+def _connect_error(base: str, e: Exception) -> str:
+    import httpx
+    if isinstance(e, httpx.ConnectError):
+        return (f"Could not connect to {base} ({e}). Is the server running, and is the URL right? "
+                "Change it in Model → Remote server.")
+    if isinstance(e, httpx.TimeoutException):
+        return f"{base} did not answer in time ({type(e).__name__}); is the server overloaded?"
+    return f"The connection to {base} failed: {e}"
+
+
+def _check_status(url: str, status: int, text: str) -> None:
+    if status == 200:
+        return
+    try:
+        message = json.loads(text)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = text[:300]
+    if status in (401, 403):
+        raise BackendError(f"{url} refused the API key (HTTP {status}): {message}. Check the key in Model → Remote server.")
+    raise BackendError(f"{url} answered HTTP {status}: {message}")
