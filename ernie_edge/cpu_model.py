@@ -34,10 +34,8 @@ QBATCH_MAX_T = 64  # integer small-batch matmul is faster up to here (benchmarks
 
 def matvec(w: QTensor, x: np.ndarray, out: np.ndarray, act: q8.ActScratch) -> np.ndarray:
     """out [O] = W x."""
-    if w.quant == "q4":
-        return q4.q4_matvec(x, w.data, w.scales, out, act)
-    if w.quant == "q8":
-        return q8.q8_matvec(x, w.data, w.scales, out, act)
+    if w.quant in ("q4", "q8"):
+        return q8.matvec(x, w.data, w.scales, out, act, _bits(w))
     np.dot(w.data.astype(np.float32, copy=False), x, out=out)  # f16 / f32 recipes
     return out
 
@@ -208,8 +206,8 @@ class CpuModel:
     def _qkv_decode(self, L: Layer, b: DecodeBuffers) -> None:
         q, k, v = b.q.reshape(-1), b.k.reshape(-1), b.v.reshape(-1)
         if L.q.quant == L.k.quant == L.v.quant and L.q.quant in ("q4", "q8"):
-            fn = q4.q4_matvec3 if L.q.quant == "q4" else q8.q8_matvec3
-            fn(b.h, L.q.data, L.q.scales, q, L.k.data, L.k.scales, k, L.v.data, L.v.scales, v, b.act)
+            q8.matvec3(b.h, [(L.q.data, L.q.scales, q), (L.k.data, L.k.scales, k), (L.v.data, L.v.scales, v)], b.act,
+                       _bits(L.q))
         else:
             for w, out in ((L.q, q), (L.k, k), (L.v, v)):
                 matvec(w, b.h, out, b.act)
@@ -220,9 +218,8 @@ class CpuModel:
         g = b.g[:n]
         if L.gate.quant == L.up.quant and L.gate.quant in ("q4", "q8"):
             # gate, up and silu in one parallel region: the MLP as a one-expert bank [1, n, H].
-            fn = q4.q4_experts_gate_up_silu if L.gate.quant == "q4" else q8.q8_experts_gate_up_silu
-            fn(b.h, L.gate.data[None], L.gate.scales[None], L.up.data[None], L.up.scales[None],
-               b.zero_id, g[None], b.act)
+            q8.experts_gate_up_silu(b.h, L.gate.data[None], L.gate.scales[None], L.up.data[None], L.up.scales[None],
+                                    b.zero_id, g[None], b.act, _bits(L.gate))
         else:
             u = b.u[:n]
             matvec(L.gate, b.h, g, b.act)
@@ -251,14 +248,10 @@ class CpuModel:
                 (g, L.down.data[None], L.down.scales[None], b.zero_id, b.one, _bits(L.down)),
                 b.y, b.act, b.act_shared)
             return
-        if L.gate_bank.quant == "q4":
-            q4.q4_experts_gate_up_silu(b.h, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data,
-                                       L.up_bank.scales, ids, b.he, b.act)
-            q4.q4_experts_down_weighted(b.he, L.down_bank.data, L.down_bank.scales, ids, weights, b.y, b.act)
-        else:
-            q8.q8_experts_gate_up_silu(b.h, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data,
-                                       L.up_bank.scales, ids, b.he, b.act)
-            q8.q8_experts_down_weighted(b.he, L.down_bank.data, L.down_bank.scales, ids, weights, b.y, b.act)
+        q8.experts_gate_up_silu(b.h, L.gate_bank.data, L.gate_bank.scales, L.up_bank.data, L.up_bank.scales, ids, b.he,
+                                b.act, _bits(L.gate_bank))
+        q8.experts_down_weighted(b.he, L.down_bank.data, L.down_bank.scales, ids, weights, b.y, b.act,
+                                 _bits(L.down_bank))
         if L.gate is not None:
             self._mlp_decode(L, b, b.o)  # shared expert, added last (ERNIE_SPEC P6, P13)
             b.y += b.o

@@ -41,7 +41,6 @@ widening) + FMA on zmm registers with AVX-512, ymm with AVX2, NEON on ARM.
 
 from __future__ import annotations
 
-import llvmlite.binding as _llvm
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -202,20 +201,13 @@ _F32V = ir.VectorType(_F32, _VL)
 _I32V = ir.VectorType(ir.IntType(32), _VL)
 
 
-def _wide_vectors() -> int:
-    """<16 x float> vectors per register tile: 2 where AVX-512 gives 32 zmm registers, else 1."""
-    if _jit.SIMD == "generic":
-        return 1
-    return 2 if _llvm.get_host_cpu_features().get("avx512f") else 1
-
-
-NVEC = _wide_vectors()
+NVEC = 2 if _jit.AVX512 else 1  # <16 x float> vectors per register tile (32 zmm registers with AVX-512)
 # P.V register tile: with 32 zmm registers, 4 vectors (64 dims) x up to 6 heads of accumulators
 # (28 registers with the V vectors): each probability broadcast then feeds 4 FMAs, not 2.
 PV_NVEC = 4 if NVEC == 2 else NVEC
 # Software prefetch of the tiles two blocks ahead in decode: measured 10-30 % faster on one thread at
 # 32k context (the hardware prefetcher alone leaves DRAM latency exposed between K and V streams).
-# Into L2, not L1 (simd.PREFETCH_LOCALITY, prefetcht1): two blocks of K and V are ~130 KB, four times L1, and
+# Into L2, not L1 (_jit.PREFETCH_LOCALITY, prefetcht1): two blocks of K and V are ~130 KB, four times L1, and
 # lines prefetched into L1 were evicted before use. 28 DRAM-resident layers at 32k positions, 2
 # threads, AMD EPYC VM: int8 2.0 -> 1.1-1.4 ms per layer, fp16 3.1 -> 2.2 (one block ahead into L1
 # before; one block into L2 was 1.3 for int8).
@@ -281,7 +273,7 @@ def _scale_ptr(context, builder, arrty, arr, toff, d):
     return builder.bitcast(p, _F32.as_pointer())
 
 
-_VNNI512 = (_jit.SIMD == "avxvnni" and NVEC == 2 and bool(_llvm.get_host_cpu_features().get("avx512vnni")))
+_VNNI512 = _jit.VNNI512
 _I8x64 = ir.VectorType(ir.IntType(8), 4 * _VL)
 _I16x32 = ir.VectorType(ir.IntType(16), 2 * _VL)
 
@@ -381,7 +373,7 @@ def _prefetch(builder, ptr):
     fnty = ir.FunctionType(ir.VoidType(), [i8p, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
     fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
     i32 = ir.IntType(32)
-    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, simd.PREFETCH_LOCALITY),
+    builder.call(fn, [builder.bitcast(ptr, i8p), ir.Constant(i32, 0), ir.Constant(i32, _jit.PREFETCH_LOCALITY),
                       ir.Constant(i32, 1)])
 
 
