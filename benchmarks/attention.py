@@ -22,12 +22,14 @@ Saves benchmarks/results/attention.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from numba import prange
 
-from ernie_edge.kernels import _jit, attention
+from ernie_edge.kernels import _jit, attention, attention_ir
 from ernie_edge.kernels._jit import pnjit
 from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
@@ -137,18 +139,16 @@ def projection(res: dict, dtypes, lengths) -> dict:
 
 
 def baseline_module(rev: str):
-    """The attention module of an older commit, imported from a temporary file."""
-    src = subprocess.run(["git", "show", f"{rev}:ernie_edge/kernels/attention.py"], capture_output=True, text=True,
-                         check=True, cwd=Path(__file__).resolve().parent.parent).stdout
-    src = src.replace("from . import _jit, simd", "from ernie_edge.kernels import _jit, simd")
-    src = src.replace("from . import simd", "from ernie_edge.kernels import simd")
-    src = src.replace("from ._jit import", "from ernie_edge.kernels._jit import")
-    path = Path(tempfile.mkdtemp()) / "attention_baseline.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("attention_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """The attention module of an older commit: that commit's ernie_edge/kernels/ package, extracted
+    to a temporary folder and imported as `attention_baseline` (its own kernel modules alongside)."""
+    tar = subprocess.run(["git", "archive", rev, "ernie_edge/kernels"], capture_output=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent).stdout
+    tmp = Path(tempfile.mkdtemp(prefix="attention_baseline_"))
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tmp)
+    (tmp / "ernie_edge" / "kernels").rename(tmp / "attention_baseline")
+    sys.path.insert(0, str(tmp))
+    return importlib.import_module("attention_baseline.attention")
 
 
 def kld_small_model(n_tokens: int = 640, prompt: int = 32) -> dict:
@@ -214,12 +214,12 @@ def main(argv=None) -> int:
     reps = 5 if args.quick else 15
     wait_quiet(args.wait_quiet)
     rng = np.random.default_rng(0)
-    res = {"machine": {"cpu": platform.processor() or platform.machine(), "simd": _jit.SIMD, "nvec": attention.NVEC,
+    res = {"machine": {"cpu": platform.processor() or platform.machine(), "simd": _jit.SIMD, "nvec": attention_ir.NVEC,
                        "threads": _jit.get_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                        "load_before": machine_load()},
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "shape": {"nq": NQ, "nkv": NKV, "d": D, "layers": LAYERS},
            "rest_of_model_ms": REST_MS}
-    print(f"simd={_jit.SIMD} nvec={attention.NVEC} threads={_jit.get_threads()} load={res['machine']['load_before']}")
+    print(f"simd={_jit.SIMD} nvec={attention_ir.NVEC} threads={_jit.get_threads()} load={res['machine']['load_before']}")
     if args.baseline_rev:
         old = baseline_module(args.baseline_rev)
         print(f"baseline {args.baseline_rev} (fp16):")

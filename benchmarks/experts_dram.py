@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,21 +33,19 @@ from _machine import machine_load  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 E, K_ROUTED, H, I_EXP, G = 64, 6, 2560, 1536, 32
-KERNEL_FILES = ["__init__.py", "_jit.py", "simd.py", "q8.py", "q4.py"]
 
 
-def load_old_q4(rev: str):
-    """ernie_edge.kernels.q4 as of git `rev`, imported from a temporary package `oldkern`."""
+def load_old_q8(rev: str):
+    """ernie_edge.kernels.q8 as of git `rev` (that commit's whole kernels/ package, extracted to a
+    temporary folder and imported as `oldkern`)."""
+    tar = subprocess.run(["git", "archive", rev, "ernie_edge/kernels"], cwd=ROOT, capture_output=True,
+                         check=True).stdout
     tmp = Path(tempfile.mkdtemp(prefix="oldkern_"))
-    pkg = tmp / "oldkern"
-    pkg.mkdir()
-    for name in KERNEL_FILES:
-        src = subprocess.run(["git", "show", f"{rev}:ernie_edge/kernels/{name}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True).stdout
-        (pkg / name).write_text(src)
+    with tarfile.open(fileobj=io.BytesIO(tar)) as tf:
+        tf.extractall(tmp)
+    (tmp / "ernie_edge" / "kernels").rename(tmp / "oldkern")
     sys.path.insert(0, str(tmp))
-    mod = importlib.import_module("oldkern.q4")
-    return mod, tmp
+    return importlib.import_module("oldkern.q8"), tmp
 
 
 def make_layer(rng):
@@ -80,15 +80,15 @@ def layer_bytes(layer):
     return per(gw) + per(gs) + per(uw) + per(us), per(dw) + per(ds)
 
 
-def sweep(q4mod, layers, ids_list, x, h, weights, out_h, out, act_x, act_h):
+def sweep(q8mod, layers, ids_list, x, h, weights, out_h, out, act_x, act_h):
     """One pass over all layers; returns (per-call seconds of gate_up, of down)."""
     t_gu, t_dn = [], []
     for layer, (ids_g, ids_d) in zip(layers, ids_list):
         gw, gs, uw, us, dw, ds = layer
         t0 = time.perf_counter()
-        q4mod.q4_experts_gate_up_silu(x, gw, gs, uw, us, ids_g, out_h, act_x)
+        q8mod.experts_gate_up_silu(x, gw, gs, uw, us, ids_g, out_h, act_x, 4)
         t1 = time.perf_counter()
-        q4mod.q4_experts_down_weighted(h, dw, ds, ids_d, weights, out, act_h)
+        q8mod.experts_down_weighted(h, dw, ds, ids_d, weights, out, act_h, 4)
         t2 = time.perf_counter()
         t_gu.append(t1 - t0)
         t_dn.append(t2 - t1)
@@ -103,8 +103,8 @@ def main() -> None:
     ap.add_argument("--mmap", action="store_true", help="read the banks from warm memory-mapped files")
     args = ap.parse_args()
 
-    from ernie_edge.kernels import q4 as new_q4
-    old_q4, tmp = load_old_q4(args.rev)
+    from ernie_edge.kernels import q8 as new_q8
+    old_q8, tmp = load_old_q8(args.rev)
     try:
         rng = np.random.default_rng(0)
         print(f"making {args.layers} layers of banks ...", flush=True)
@@ -121,18 +121,18 @@ def main() -> None:
         weights = rng.random(K_ROUTED).astype(np.float32)
         out_h = np.empty((K_ROUTED, I_EXP), np.float32)
         out = np.empty(H, np.float32)
-        act_x = new_q4.ActScratch(H)
-        act_h = new_q4.ActScratch(I_EXP, rows=K_ROUTED)
-        act_x_old = old_q4.ActScratch(H)
-        act_h_old = old_q4.ActScratch(I_EXP, rows=K_ROUTED)
-        impls = {"old": (old_q4, act_x_old, act_h_old), "new": (new_q4, act_x, act_h)}
+        act_x = new_q8.ActScratch(H)
+        act_h = new_q8.ActScratch(I_EXP, rows=K_ROUTED)
+        act_x_old = old_q8.ActScratch(H)
+        act_h_old = old_q8.ActScratch(I_EXP, rows=K_ROUTED)
+        impls = {"old": (old_q8, act_x_old, act_h_old), "new": (new_q8, act_x, act_h)}
 
         # same results (both compile here too)
         ids = rng.choice(E, K_ROUTED, replace=False)
         res = {}
         for name, (mod, ax, ah) in impls.items():
-            a = mod.q4_experts_gate_up_silu(x, *layers[0][:4], ids, np.empty_like(out_h), ax)
-            b = mod.q4_experts_down_weighted(h, *layers[0][4:], ids, weights, np.empty_like(out), ah)
+            a = mod.experts_gate_up_silu(x, *layers[0][:4], ids, np.empty_like(out_h), ax, 4)
+            b = mod.experts_down_weighted(h, *layers[0][4:], ids, weights, np.empty_like(out), ah, 4)
             res[name] = (a, b)
         print("results identical:", all(np.array_equal(p, q) for p, q in zip(res["old"], res["new"])), flush=True)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie_edge.kernels import _jit, attention, moe, norm, q4, q8, rope
+from ernie_edge.kernels import _jit, attention, moe, norm, q4, q8, qbatch, rope
 from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
 H, NQ, NKV, D = 2560, 20, 4, 128
@@ -86,11 +86,11 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
 
     def experts_gate_up():
         state["i"] = (state["i"] + 1) % len(id_sets)
-        q4.q4_experts_gate_up_silu(x, gate[0], gate[1], up[0], up[1], id_sets[state["i"]], h, act)
+        q8.experts_gate_up_silu(x, gate[0], gate[1], up[0], up[1], id_sets[state["i"]], h, act, 4)
 
     def experts_down():
         state["i"] = (state["i"] + 1) % len(id_sets)
-        q4.q4_experts_down_weighted(h, down[0], down[1], id_sets[state["i"]], wts, out, act)
+        q8.experts_down_weighted(h, down[0], down[1], id_sets[state["i"]], wts, out, act, 4)
 
     per_expert_gu = 2 * nbytes(gate[0][0], gate[1][0])
     per_expert_d = nbytes(down[0][0], down[1][0])
@@ -121,7 +121,7 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
     # cache-resident weights (~0.65 MB): the kernels' arithmetic throughput
     hot4 = q4_weight(rng, 512, H)
     y4 = np.empty(512, np.float32)
-    r["q4_matvec_hot_512x2560"] = timed(lambda: q4.q4_matvec(x, hot4[0], hot4[1], y4, act), 20 * reps, nbytes(*hot4))
+    r["q4_matvec_hot_512x2560"] = timed(lambda: q8.matvec(x, hot4[0], hot4[1], y4, act, 4), 20 * reps, nbytes(*hot4))
     hot8 = q8_weight(rng, 256, H)
     y8 = np.empty(256, np.float32)
     r["q8_matvec_hot_256x2560"] = timed(lambda: q8.q8_matvec(x, hot8[0], hot8[1], y8, act), 20 * reps, nbytes(*hot8))
@@ -198,13 +198,14 @@ def prefill_benchmarks(rng, reps: int, T: int = 512) -> dict:
     t = best_time(lambda: q4.q4_matmul(X, w4[0], w4[1], y4), reps)
     r["q4_matmul_T512_1536x2560"] = {"us": round(t * 1e6), "GFLOP_s": round(2 * T * I_EXP * H / t / 1e9, 1)}
 
-    # one MoE layer's routed experts for T tokens (6 of 64 each, uniform random routing)
+    # one MoE layer's routed experts for T tokens (6 of 64 each, uniform random routing), as the prefill
+    # runs them (qbatch.qexperts)
     gate, up, down = q4_weight(rng, E, I_EXP, H), q4_weight(rng, E, I_EXP, H), q4_weight(rng, E, H, I_EXP)
     idx = np.stack([rng.choice(E, K_ROUTED, replace=False) for _ in range(T)])
     wts = np.full((T, K_ROUTED), 1.0 / K_ROUTED, np.float32)
     out = np.empty((T, H), np.float32)
-    t = best_time(lambda: moe.experts_prefill(X, idx, wts, gate[0], gate[1], up[0], up[1], down[0], down[1],
-                                              out, bits=4), max(1, reps // 3))
+    t = best_time(lambda: qbatch.qexperts(X, idx, wts, gate[0], gate[1], up[0], up[1], down[0], down[1], out, 4),
+                  max(1, reps // 3))
     flops = 2 * T * K_ROUTED * 3 * I_EXP * H
     r["q4_experts_prefill_T512"] = {"us": round(t * 1e6), "GFLOP_s": round(flops / t / 1e9, 1)}
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import ernie_edge
 from ernie_edge import cpu_model
-from ernie_edge.kernels import attention, moe, norm, q4, q8
+from ernie_edge.kernels import attention, moe, norm, q8
 from _machine import machine_load  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -38,8 +38,7 @@ def timed(name, fn):
 
 
 def instrument() -> None:
-    for mod, names in ((q4, ["q4_matvec", "q4_matvec3", "q4_experts_gate_up_silu", "q4_experts_down_weighted"]),
-                       (q8, ["q8_matvec", "q8_matvec3", "q8_experts_gate_up_silu", "q8_experts_down_weighted",
+    for mod, names in ((q8, ["matvec", "matvec3", "experts_gate_up_silu", "experts_down_weighted",
                              "experts_pair_gate_up_silu", "experts_pair_down_weighted"]),
                        (attention, ["attention_decode", "kv_write"]), (moe, ["route"]),
                        (norm, ["rmsnorm", "add_rmsnorm", "silu_mul"])):

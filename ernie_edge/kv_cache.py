@@ -18,7 +18,7 @@ import psutil
 
 from .config import ErnieConfig
 from .errors import ContextLengthError, ErnieEdgeError
-from .kernels.attention import KV_BLOCK, KV_DTYPES, KV_TILE, new_kv_cache, tile_elems
+from .kernels.kv_layout import KV_BLOCK, KV_DTYPES, KV_TILE, new_kv_cache, tile_elems
 from .kernels.rope import rope_tables
 
 GROW_CHUNK = 4096  # positions added per growth step (a multiple of KV_BLOCK)

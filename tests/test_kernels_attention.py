@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ernie_edge import reference as ref
-from ernie_edge.kernels import _jit, attention
+import ernie_edge.kernels.attention_decode as decode_mod
+from ernie_edge.kernels import _jit, attention, attention_ir, kv_layout
 
 RNG = np.random.default_rng(7)
 DTYPES = ["f16", "i8"]
@@ -60,7 +61,7 @@ def attention_i8_np(q, kc, vc, length):
     nq, d = q.shape
     nkv = kc.shape[0]
     k, _ = attention.kv_read(kc, vc, 0, length)
-    codes, scales = attention._split_views(vc, d, is_k=False)
+    codes, scales = kv_layout.split_views(vc, d, is_k=False)
     codes = codes.reshape(nkv, -1, d)[:, :length].astype(np.float64)
     scales = scales.reshape(nkv, -1)[:, :length].astype(np.float64)
     qq = quantize_q_np(q).astype(np.float64)
@@ -73,9 +74,9 @@ def attention_i8_np(q, kc, vc, length):
         for t0 in range(0, length, attention.KV_TILE):
             seg = p[t0:t0 + attention.KV_TILE]
             top = seg.max()
-            if top < attention.P_TINY:  # the kernel drops such a tile (<= 1e-30 of the total)
+            if top < attention_ir.P_TINY:  # the kernel drops such a tile (<= 1e-30 of the total)
                 continue
-            out[h] += top / attention.P_ONE * (np.floor(seg / top * attention.P_ONE + 0.5) @ codes[g, t0:t0 + len(seg)])
+            out[h] += top / attention_ir.P_ONE * (np.floor(seg / top * attention_ir.P_ONE + 0.5) @ codes[g, t0:t0 + len(seg)])
         out[h] /= w.sum()
     return out.reshape(1, -1)
 
@@ -205,10 +206,10 @@ def test_attention_decode_head_groups_and_dims(kv_dtype, nq, nkv, d):
 
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
-@pytest.mark.parametrize("nsplit", [1, 3, attention.MAX_SPLIT])
+@pytest.mark.parametrize("nsplit", [1, 3, decode_mod.MAX_SPLIT])
 def test_attention_decode_any_split(kv_dtype, nsplit, monkeypatch):
     """The result does not depend on how the positions are split into work items."""
-    monkeypatch.setattr(attention, "decode_splits", lambda nkv, length: min(nsplit, -(-length // 256)))
+    monkeypatch.setattr(decode_mod, "decode_splits", lambda nkv, length: min(nsplit, -(-length // 256)))
     k, v, kc, vc = fill_cache(5000, 2, 32, 5000, kv_dtype)
     q = RNG.standard_normal((4, 32)).astype(np.float32)
     assert_rel(decode(q, kc, vc, 5000, 5000).reshape(1, -1), decode_twin(q, k, v, kc, vc, 5000))
@@ -304,6 +305,20 @@ out = np.empty((10, 48), np.float32)
 attention.attention_decode(ones[0, :1].repeat(10, 0), kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
 np.save(f"{dir}/{_jit.SIMD}-flat.npy", out)
 """
+
+
+def test_forced_simd_path_sets_the_attention_tiling():
+    """ERNIE_EDGE_SIMD reaches attention through _jit: 512-bit register tiles (NVEC 2) only on the
+    host's own best path, and only where the CPU has AVX-512."""
+    script = "from ernie_edge.kernels import _jit, attention_ir; print(_jit.SIMD, attention_ir.NVEC, _jit.VNNI512)"
+    host = _jit._host_paths()
+    for path in host:
+        env = dict(os.environ, ERNIE_EDGE_SIMD=path)
+        got = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120, capture_output=True,
+                             text=True).stdout.split()
+        wide = path == host[0] and path != "generic" and bool(_jit._FEATURES.get("avx512f"))
+        assert got[:2] == [path, "2" if wide else "1"], (path, got)
+        assert got[2] == str(wide and path == "avxvnni" and bool(_jit._FEATURES.get("avx512vnni"))), (path, got)
 
 
 def test_simd_paths_agree(tmp_path):

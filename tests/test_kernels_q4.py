@@ -1,5 +1,6 @@
 """int4 kernels against the spec (formats.quant.dequantize_q4) and against a numpy twin of the
-int16-activation arithmetic (which must agree to float32 rounding)."""
+int16-activation arithmetic (which must agree to float32 rounding). The int4 decode kernels are
+q8.py's generic ones with bits=4; q4.py holds the prefill matmul."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_edge.kernels import _jit, q4
-from ernie_edge.kernels.q8 import ACT_MAX, ActScratch
+from ernie_edge.kernels import _jit, q4, q8
+from ernie_edge.kernels.act_quant import ACT_MAX
+from ernie_edge.kernels.q8 import ActScratch
 from ernie_edge.formats.quant import FP16_MAX, dequantize_q4, pack_q4, unpack_q4
 
 RNG = np.random.default_rng(1234)
@@ -69,7 +71,7 @@ def random_q4(o, k, gs, scale=0.05, rng=RNG):
 
 def check_matvec(x, codes, packed, scales, gs):
     out = np.full(codes.shape[0], np.nan, np.float32)
-    q4.q4_matvec(x, packed, scales, out, ActScratch(x.shape[0]))
+    q8.matvec(x, packed, scales, out, ActScratch(x.shape[0]), 4)
     y, mag = twin_matvec(x, codes, scales, gs)
     np.testing.assert_array_less(np.abs(out - y), 1e-5 * mag + 1e-30)
     w = dequantize_q4(packed, scales, gs).astype(np.float64)
@@ -107,10 +109,10 @@ def test_q4_matvec_extreme_codes_and_scales():
 def test_q4_matvec_zero_and_constant_input():
     codes, packed, scales = random_q4(8, 128, 32)
     out = np.empty(8, np.float32)
-    q4.q4_matvec(np.zeros(128, np.float32), packed, scales, out, ActScratch(128))
+    q8.matvec(np.zeros(128, np.float32), packed, scales, out, ActScratch(128), 4)
     assert np.all(out == 0.0)
     x = np.full(128, 3.0, np.float32)  # constant blocks quantize exactly: result is exact
-    q4.q4_matvec(x, packed, scales, out, ActScratch(128))
+    q8.matvec(x, packed, scales, out, ActScratch(128), 4)
     w = dequantize_q4(packed, scales, 32).astype(np.float64)
     np.testing.assert_allclose(out, w @ x, rtol=1e-5, atol=1e-6)
 
@@ -127,7 +129,7 @@ def test_q4_matvec_largest_integer_sums_are_exact(sign):
     scales = np.full((6, k // gs), 0.25, np.float16)
     x = np.full(k, sign * 1.5, np.float32)
     out = np.empty(6, np.float32)
-    q4.q4_matvec(x, pack_q4(codes, gs), scales, out, ActScratch(k))
+    q8.matvec(x, pack_q4(codes, gs), scales, out, ActScratch(k), 4)
     np.testing.assert_allclose(out, 0.25 * 1.5 * sign * codes.sum(axis=1), rtol=1e-6, atol=1e-6)
 
 
@@ -135,8 +137,8 @@ def test_q4_matvec_accepts_uint16_scales_and_larger_scratch():
     codes, packed, scales = random_q4(6, 64, 32)
     x = RNG.standard_normal(64).astype(np.float32)
     a, b = np.empty(6, np.float32), np.empty(6, np.float32)
-    q4.q4_matvec(x, packed, scales, a, ActScratch(64))
-    q4.q4_matvec(x, packed, scales.view(np.uint16), b, ActScratch(4096, rows=3))
+    q8.matvec(x, packed, scales, a, ActScratch(64), 4)
+    q8.matvec(x, packed, scales.view(np.uint16), b, ActScratch(4096, rows=3), 4)
     np.testing.assert_array_equal(a, b)
 
 
@@ -144,15 +146,15 @@ def test_q4_matvec_rejects_bad_arguments():
     codes, packed, scales = random_q4(6, 64, 32)
     x = np.zeros(64, np.float32)
     with pytest.raises(ValueError):
-        q4.q4_matvec(x, packed, scales, np.empty(5, np.float32), ActScratch(64))
+        q8.matvec(x, packed, scales, np.empty(5, np.float32), ActScratch(64), 4)
     with pytest.raises(ValueError):
-        q4.q4_matvec(np.zeros(32, np.float32), packed, scales, np.empty(6, np.float32), ActScratch(64))
+        q8.matvec(np.zeros(32, np.float32), packed, scales, np.empty(6, np.float32), ActScratch(64), 4)
     with pytest.raises(ValueError):
-        q4.q4_matvec(x, packed, scales, np.empty(6, np.float32), ActScratch(32))
+        q8.matvec(x, packed, scales, np.empty(6, np.float32), ActScratch(32), 4)
     with pytest.raises(ValueError):
-        q4.q4_matvec(x, np.asfortranarray(packed), scales, np.empty(6, np.float32), ActScratch(64))
+        q8.matvec(x, np.asfortranarray(packed), scales, np.empty(6, np.float32), ActScratch(64), 4)
     with pytest.raises(TypeError):
-        q4.q4_matvec(x, packed, scales.astype(np.float32), np.empty(6, np.float32), ActScratch(64))
+        q8.matvec(x, packed, scales.astype(np.float32), np.empty(6, np.float32), ActScratch(64), 4)
 
 
 # ---- MoE expert decode kernels ----------------------------------------------------------------
@@ -171,7 +173,7 @@ def test_q4_experts_gate_up_silu(inter):
     x = RNG.standard_normal(hid).astype(np.float32)
     ids = np.array([4, 0, 2])
     out = np.full((3, inter), np.nan, np.float32)
-    q4.q4_experts_gate_up_silu(x, gp, gsc, up, usc, ids, out, ActScratch(hid))
+    q8.experts_gate_up_silu(x, gp, gsc, up, usc, ids, out, ActScratch(hid), 4)
     for j, e in enumerate(ids):
         g, gmag = twin_matvec(x, gc[e], gsc[e], gs)
         u, umag = twin_matvec(x, uc[e], usc[e], gs)
@@ -187,7 +189,7 @@ def test_q4_experts_down_weighted_order_and_values(hid):
     wts = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
     h = RNG.standard_normal((4, inter)).astype(np.float32)
     out = np.full(hid, np.nan, np.float32)
-    q4.q4_experts_down_weighted(h, dp, dsc, ids, wts, out, ActScratch(inter, rows=4))
+    q8.experts_down_weighted(h, dp, dsc, ids, wts, out, ActScratch(inter, rows=4), 4)
     want = np.zeros(hid)
     mag = np.zeros(hid)
     for j in np.argsort(ids):
@@ -198,16 +200,15 @@ def test_q4_experts_down_weighted_order_and_values(hid):
     # slot order does not matter: the kernel always sums in ascending expert id
     perm = np.array([2, 0, 3, 1])
     out2 = np.empty(hid, np.float32)
-    q4.q4_experts_down_weighted(h[perm], dp, dsc, ids[perm], wts[perm], out2, ActScratch(inter, rows=4))
+    q8.experts_down_weighted(h[perm], dp, dsc, ids[perm], wts[perm], out2, ActScratch(inter, rows=4), 4)
     np.testing.assert_array_equal(out, out2)
 
 
 def test_q4_experts_reject_bad_ids():
     dc, dp, dsc = random_q4(2 * 32, 64, 32)
     with pytest.raises(ValueError):
-        q4.q4_experts_down_weighted(np.zeros((1, 64), np.float32), dp.reshape(2, 32, -1), dsc.reshape(2, 32, -1),
-                                    np.array([2]), np.ones(1, np.float32), np.empty(32, np.float32),
-                                    ActScratch(64))
+        q8.experts_down_weighted(np.zeros((1, 64), np.float32), dp.reshape(2, 32, -1), dsc.reshape(2, 32, -1),
+                                 np.array([2]), np.ones(1, np.float32), np.empty(32, np.float32), ActScratch(64), 4)
 
 
 # ---- prefill (exact float32) -------------------------------------------------------------------
@@ -247,7 +248,7 @@ for gs in (32, 64):
     codes = rng.integers(-8, 8, size=(7, 128)); sc = (rng.random((7, 128 // gs)) * 0.1).astype(np.float16)
     x = rng.standard_normal(128).astype(np.float32)
     out = np.empty(7, np.float32)
-    q4.q4_matvec(x, pack_q4(codes, gs), sc, out, q8.ActScratch(128))
+    q8.matvec(x, pack_q4(codes, gs), sc, out, q8.ActScratch(128), 4)
     want = dequantize_q4(pack_q4(codes, gs), sc, gs) @ x
     assert np.abs(out - want).max() < 2e-4 * np.abs(want).max(), (out, want)
     c8 = rng.integers(-127, 128, size=(7, 128)).astype(np.int8)
@@ -280,10 +281,10 @@ def test_q4_matvec3_equals_three_matvecs():
     x = RNG.standard_normal(256).astype(np.float32)
     mats = [random_q4(o, 256, 64)[1:] for o in (9, 4, 3)]
     outs = [np.empty(p.shape[0], np.float32) for p, _ in mats]
-    q4.q4_matvec3(x, *mats[0], outs[0], *mats[1], outs[1], *mats[2], outs[2], ActScratch(256))
+    q8.matvec3(x, [(*m, o) for m, o in zip(mats, outs)], ActScratch(256), 4)
     for (p, s), got in zip(mats, outs):
         one = np.empty(p.shape[0], np.float32)
-        q4.q4_matvec(x, p, s, one, ActScratch(256))
+        q8.matvec(x, p, s, one, ActScratch(256), 4)
         np.testing.assert_array_equal(got, one)
 
 
@@ -293,8 +294,6 @@ def test_q4_matvec3_equals_three_matvecs():
 def test_experts_pair_equals_two_calls_bit_for_bit(inter, shared, hid, gs):
     """int4 routed bank (group gs) + int8 shared expert: the fused kernels give exactly the two
     separate kernels' results, the shared expert's down output added last."""
-    from ernie_edge.kernels import q8
-
     E, k = 8, 3
     rng = np.random.default_rng(inter + shared)
     x = rng.standard_normal(hid).astype(np.float32)
@@ -308,10 +307,10 @@ def test_experts_pair_equals_two_calls_bit_for_bit(inter, shared, hid, gs):
     zero, one = np.zeros(1, np.int64), np.ones(1, np.float32)
 
     h_two, g_two = np.empty((k, inter), np.float32), np.empty((1, shared), np.float32)
-    q4.q4_experts_gate_up_silu(x, gw, gsc, uw, usc, ids, h_two, ActScratch(hid))
+    q8.experts_gate_up_silu(x, gw, gsc, uw, usc, ids, h_two, ActScratch(hid), 4)
     q8.q8_experts_gate_up_silu(x, sgw, sgs, suw, sus, zero, g_two, ActScratch(hid))
     y_routed, y_shared = np.empty(hid, np.float32), np.empty(hid, np.float32)
-    q4.q4_experts_down_weighted(h_two, dw, dsc, ids, w, y_routed, ActScratch(inter, rows=k))
+    q8.experts_down_weighted(h_two, dw, dsc, ids, w, y_routed, ActScratch(inter, rows=k), 4)
     q8.q8_matvec(g_two[0], sdw[0], sds[0], y_shared, ActScratch(shared))
 
     h_one, g_one = np.empty_like(h_two), np.empty_like(g_two)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ernie_edge.kernels import q8
-from ernie_edge.kernels.q8 import ACT_MAX, ActScratch
+from ernie_edge.kernels import act_quant, q8
+from ernie_edge.kernels.act_quant import ACT_MAX
+from ernie_edge.kernels.q8 import ActScratch
 from ernie_edge.formats.quant import FP16_MAX, dequantize_q8
 
 RNG = np.random.default_rng(99)
@@ -110,7 +111,7 @@ def test_quantize_act_rounding_and_sums():
     xq = np.empty(256, np.int16)
     xd = np.empty(8, np.float32)
     xs = np.empty(8, np.int32)
-    q8.quantize_act(x, xq, xd, xs, 32)
+    act_quant.quantize_act(x, xq, xd, xs, 32)
     want_q, want_d = quantize_act_np(x)
     np.testing.assert_array_equal(xq.reshape(-1, 32), want_q)
     np.testing.assert_array_equal(xd, want_d)

@@ -13,7 +13,8 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_edge.kernels import _jit, qbatch
+from ernie_edge.kernels import _jit, act_quant, qbatch
+from ernie_edge.kernels.act_quant import ACT_MAX
 from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4, quantize_q4, quantize_q8
 
 RNG = np.random.default_rng(7)
@@ -40,7 +41,7 @@ def act_bound(X, W):
     """[T, O] activation-rounding bound for X [T, K] times dense W [O, K]."""
     amax = np.abs(X.reshape(X.shape[0], -1, 32)).max(axis=2).astype(np.float64)  # [T, B]
     wsum = np.abs(W).reshape(W.shape[0], -1, 32).sum(axis=2)  # [O, B]
-    return amax @ wsum.T / (2.0 * qbatch.ACT_MAX)
+    return amax @ wsum.T / (2.0 * ACT_MAX)
 
 
 def check_matmul(X, w, scales, gs, bits):
@@ -124,7 +125,21 @@ def test_quantize_rows_block_order():
     want = np.concatenate([x[0, 0:16], x[0, 32:48], x[0, 16:32], x[0, 48:64], x[0, 64:80], x[0, 96:112],
                            x[0, 80:96], x[0, 112:128]])
     np.testing.assert_allclose(got, want, rtol=0, atol=128 / 65534)
-    assert np.abs(xq).max() == qbatch.ACT_MAX
+    assert np.abs(xq).max() == ACT_MAX
+
+
+@pytest.mark.parametrize("gs", [32, 64, 128])
+def test_quantize_rows_is_the_decode_quantizer_row_by_row(gs):
+    """One quantizer for prefill and decode: each row exactly as act_quant.quantize_act gives it."""
+    x = RNG.standard_normal((3, 256)).astype(np.float32) * 4
+    x[1, 32:64] = 1e-40  # a denormal block
+    x[2, :32] = 0.0
+    xq, xd = qbatch.quantize_rows(x, gs)
+    for t in range(3):
+        q1, d1 = np.empty(256, np.int16), np.empty(8, np.float32)
+        act_quant.quantize_act(x[t], q1, d1, np.empty(8, np.int32), gs)
+        np.testing.assert_array_equal(xq[t], q1)
+        np.testing.assert_array_equal(xd[t], d1)
 
 
 # ---- routed experts -----------------------------------------------------------------------------

@@ -8,19 +8,19 @@ and the OpenMP wait policy, which must be chosen before numba starts its thread 
   because the attention softmax relies on -inf and exp(-inf) = 0.
 - Cache: `cache=True`; compiled kernels go to $NUMBA_CACHE_DIR, by default
   `<platformdirs user cache>/ernie-edge/numba` (site-packages may be read-only).
-- Threads: GNU OpenMP; workers spin briefly, then sleep (GOMP_SPINCOUNT=10000, ~100 µs). Measured
-  on the 2-core VM: fully spinning workers (active / GOMP_SPINCOUNT=30000) stall every region when
-  another process loads a core (a descheduled spinner; 12-35 ms per decode layer vs 9.5 ms);
-  fully passive workers cost ~80-95 µs per region to wake on an idle machine (~15 ms per token).
-  The short spin gets both: whole-model decode 5.19 tok/s vs 3.13 passive on a quiet machine, and
-  2.60 vs 2.66 with the other core busy (benchmarks/profile_decode.py, full 21B shapes). Kernels
-  are written as few, coarse parallel regions. OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the
-  environment before the import win (the test suite uses OMP_WAIT_POLICY=passive).
-- Integer SIMD path (`SIMD`, see kernels/simd.py): "avxvnni" when the CPU has AVX-VNNI or
-  AVX512-VNNI (vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else
-  "generic" (portable LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks
-  one explicitly (a path the CPU lacks falls back to the best it has). Compiled kernels are cached
-  per path and per version of simd.py (a subfolder of the cache dir), since both are baked in.
+- Threads: GNU OpenMP; workers spin briefly, then sleep (GOMP_SPINCOUNT=10000, ~100 µs): fully
+  spinning workers stall every region when another process holds a core (a descheduled spinner),
+  and fully passive ones pay a wake-up per region (~15 ms per token). Kernels are written as few,
+  coarse parallel regions. OMP_WAIT_POLICY or GOMP_SPINCOUNT set in the environment before the
+  import win (the test suite uses OMP_WAIT_POLICY=passive).
+- Code generation, fixed when this module is imported and baked into every compiled kernel:
+  `SIMD`, the integer path: "avxvnni" when the CPU has AVX-VNNI or AVX512-VNNI (vpdpwssd,
+  vpdpbusd), else "avx2" when it has AVX2+FMA+F16C (x86-64 since 2013), else "generic" (portable
+  LLVM vector IR: ARM, old x86). ERNIE_EDGE_SIMD=generic|avx2|avxvnni picks one explicitly (a
+  path the CPU lacks falls back to the best it has). `AVX512` (register tiles of 512-bit
+  vectors) and `VNNI512` follow from it; `PREFETCH_LOCALITY` is the one software-prefetch policy.
+  Compiled kernels are cached per path and per version of the kernel sources (a subfolder of
+  the cache dir), since all of them are baked in.
 """
 
 from __future__ import annotations
@@ -44,14 +44,12 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 JIT = dict(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False)
 PARALLEL = dict(JIT, parallel=True)
-
-# Activations are quantized to int8 in blocks of this many values (llama.cpp Q8_0 style).
-ACT_BLOCK = 32
+_FEATURES = _llvm.get_host_cpu_features()
 
 
 def _host_paths() -> list[str]:
     """SIMD paths this CPU supports, best first."""
-    f = _llvm.get_host_cpu_features()
+    f = _FEATURES
     paths = []
     if f.get("avx2") and f.get("fma") and f.get("f16c"):
         if f.get("avxvnni") or (f.get("avx512vnni") and f.get("avx512vl")):
@@ -71,15 +69,29 @@ def _choose_simd() -> str:
     return paths[0]
 
 
-def _intrinsics_digest() -> str:
-    """Short hash of simd.py: numba's cache only tracks the file of each cached function, so a
-    changed intrinsic would otherwise keep serving stale machine code from the cache."""
-    with open(os.path.join(os.path.dirname(__file__), "simd.py"), "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:10]
+def _kernels_digest() -> str:
+    """Short hash of every module in kernels/: numba's cache only tracks the file of each cached
+    function, not the files of the intrinsics and functions it inlines or calls, so a change there
+    would otherwise keep serving stale machine code from the cache."""
+    here = os.path.dirname(__file__)
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(here)):
+        if name.endswith(".py"):
+            with open(os.path.join(here, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.hexdigest()[:10]
 
 
 SIMD = _choose_simd()
-numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], f"{SIMD}-{_intrinsics_digest()}")
+F16C = SIMD != "generic"  # the x86 paths require F16C (vcvtph2ps), see _host_paths
+# Register tiles of 512-bit vectors (AVX-512's 32 registers) only on the host's own best path: a
+# path forced below it (ERNIE_EDGE_SIMD=avx2) is tiled as on an AVX2-only CPU.
+AVX512 = SIMD != "generic" and SIMD == _host_paths()[0] and bool(_FEATURES.get("avx512f"))
+VNNI512 = SIMD == "avxvnni" and AVX512 and bool(_FEATURES.get("avx512vnni"))  # 512-bit vpdpbusd
+# llvm.prefetch locality of every software prefetch: 2 = prefetcht1, into L2. Into L1 the lines
+# prefetched ahead pushed out the lines being read.
+PREFETCH_LOCALITY = 2
+numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], f"{SIMD}-{_kernels_digest()}")
 
 
 def njit(**extra):
@@ -118,9 +130,8 @@ def get_threads() -> int:
 
 # ---- BLAS threads and the prefill worker pool ----------------------------------------------------
 # The prefill matmuls call numpy's OpenBLAS between numba kernels. OpenBLAS worker threads spin for
-# a long time after each call, which stalls numba's threads and any other process (measured: a
-# [48, 2560] x [2560, 1536] sgemm fell from ~100 to 8 GFLOP/s with the other core busy). So the
-# prefill runs OpenBLAS single-threaded inside our own workers, which never spin.
+# a long time after each call, which stalls numba's threads and any other process. So the prefill
+# runs OpenBLAS single-threaded inside our own workers, which never spin.
 
 def _openblas_setter():
     """ctypes handle of openblas_set_num_threads in numpy's bundled OpenBLAS, or None."""

@@ -1,11 +1,11 @@
-"""MoE routing and the grouped (prefill) expert execution (ERNIE_SPEC §3.5).
+"""MoE routing (docs/ERNIE_SPEC.md §3.5): softmax over all experts, top-k selection with the
+correction bias, renormalised weights.
 
-Legend: T tokens, H hidden size, E experts, k experts per token, I expert intermediate size.
+Legend: T tokens, H hidden size, E experts, k experts per token.
 
-Decode runs the routed experts with the shared expert in two parallel regions
-(q8.experts_pair_gate_up_silu / experts_pair_down_weighted; cpu_model._moe_decode).
-Prefill groups tokens by expert so each routed expert's weights are read once per batch, and adds
-each token's expert outputs in ascending expert id (P13), starting from zero.
+The experts themselves run in q8.py (decode: the routed experts with the shared expert,
+`experts_pair_gate_up_silu` / `experts_pair_down_weighted`) and qbatch.py (prefill: tokens grouped
+by expert, `qexperts`), each adding a token's expert outputs in ascending expert id (P13).
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from . import norm, q4, q8
-from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
+from ._jit import njit, pnjit
 
 
 @njit(inline="always")
@@ -94,57 +93,3 @@ def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12, work=Non
     _route(x2, wg, b, use_bias, k, np.float32(norm_min), idx_out.reshape(T, k), w_out.reshape(T, k),
            logits, p, T == 1)
     return idx_out, w_out
-
-
-def experts_prefill(x, idx, weights, gate, gate_scales, up, up_scales, down, down_scales, out,
-                    bits: int = 4) -> np.ndarray:
-    """Routed-expert output for a batch, exact float32: out [T, H] = sum over each token's slots, in
-    ascending expert id, of weights[t, j] * expert_e(x[t]). x float32 [T, H]; idx int [T, k];
-    weights float32 [T, k]; banks int4 packed uint8 [E, I, H/2] / [E, H, I/2] (bits=4) or int8
-    codes [E, I, H] / [E, H, I] (bits=8) with fp16 scales. Overwrites out.
-
-    Tokens are grouped by expert: each hit expert's gate, up and down weights are dequantized a
-    tile at a time and multiplied with all of its tokens at once, so every routed expert's weights
-    are read once per batch. Experts are shared out to the worker threads (single-threaded sgemm
-    each); their outputs are added here in ascending expert id.
-    """
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    if x.dtype != np.float32 or x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32:
-        raise ValueError(f"x and out must be float32 [T, H], got x {x.dtype} {x.shape}, out {out.dtype} {out.shape}")
-    idx = np.asarray(idx)
-    if idx.ndim != 2 or idx.shape[0] != x.shape[0] or weights.shape != idx.shape:
-        raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={x.shape[0]}")
-    if idx.size and (idx.min() < 0 or idx.max() >= gate.shape[0]):
-        raise ValueError(f"expert ids must be in [0, {gate.shape[0]})")
-    banks = (gate, q8.as_u16(gate_scales), up, q8.as_u16(up_scales), down, q8.as_u16(down_scales))
-    experts = np.unique(idx)  # ascending expert id
-    groups = [np.nonzero(idx == e) for e in experts]  # (rows, slots) per expert
-    single_threaded_blas()
-    if get_threads() > 1:
-        pool = worker_pool()
-        jobs = [pool.submit(_expert_ffn, x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups)]
-        results = (job.result() for job in jobs)
-    else:
-        results = (_expert_ffn(x, rows, int(e), banks, bits) for e, (rows, _) in zip(experts, groups))
-    out[...] = 0.0
-    for (rows, slots), y in zip(groups, results):  # ascending expert id
-        out[rows] += y * weights[rows, slots][:, None].astype(np.float32)
-    return out
-
-
-def _expert_ffn(x, rows, e, banks, bits) -> np.ndarray:
-    """down(silu(gate(x)) * up(x)) of expert e for tokens x[rows] -> float32 [n, H] (one thread)."""
-    gate, gs, up, us, down, ds = banks
-    dequant = q4._q4_dequant_rows if bits == 4 else q8._q8_dequant_rows
-    xe = np.ascontiguousarray(x[rows])  # [n, H]
-    n, inter = len(rows), gate.shape[1]
-    g = np.empty((n, inter), np.float32)
-    u = np.empty((n, inter), np.float32)
-    q8.tiled_matmul(xe, gate[e], gs[e], g, dequant, parallel=False)
-    q8.tiled_matmul(xe, up[e], us[e], u, dequant, parallel=False)
-    h = np.empty_like(g)
-    norm.silu_mul(g, u, h)
-    y = np.empty((n, x.shape[1]), np.float32)
-    q8.tiled_matmul(h, down[e], ds[e], y, dequant, parallel=False)
-    return y

@@ -1,4 +1,4 @@
-"""RMSNorm and SwiGLU (ERNIE_SPEC §3.1, §3.4). Serial kernels: a row of 2560 takes ~1 µs, less
+"""RMSNorm and SwiGLU (docs/ERNIE_SPEC.md §3.1, §3.4). Serial kernels: a row of 2560 takes ~1 µs, less
 than waking a thread pool would cost.
 
 Legend: T tokens, H hidden size, I intermediate size.

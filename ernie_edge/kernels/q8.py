@@ -9,16 +9,15 @@ Weights are read exactly as ernie_edge/formats/quant.py stores them (no repackin
 fp16 scales are passed as their uint16 view (numba cannot take float16 arrays); the wrappers accept
 either and take the view themselves.
 
-Decode (one token): the activation x is quantized to int16 in blocks of 32 (`quantize_act`, like
-llama.cpp's Q8_0 but with 16-bit values) and every weight block is an exact integer dot
-(kernels/simd.py). Error bound, per output row o (tested in tests/test_kernels_q8.py):
+Decode (one token): the activation x is quantized to int16 in blocks of 32
+(`act_quant.quantize_act`, like llama.cpp's Q8_0 but with 16-bit values) and every weight block is
+an exact integer dot (kernels/simd.py). Error bound, per output row o (tested in
+tests/test_kernels_q8.py):
 
     |y_approx[o] - y_exact[o]| <= sum_b  (max_{j in b} |x_j| / 65534) * sum_{j in b} |W[o, j]|
 
 (rounding each x_j to the nearest multiple of d_b = max|x_b|/32767 moves it by at most d_b/2), plus
-float32 rounding. That is 1/258 of the int8 (Q8_0) bound, at the same speed (measured within
-+-10 %, the matvecs being memory-bound): on the small synthetic model decode vs the fp32 reference
-went from KLD 4.8e-3 / top-1 0.958 with int8 activations to 1.9e-5 / 1.000 (prefill: 1.3e-5).
+float32 rounding: 1/258 of the int8 (Q8_0) bound, at the same speed (the matvecs are memory-bound).
 The rounding still makes results jump by up to ~d_b * |W| when an input moves by an ulp.
 
 Decode kernels are one parallel region each; their rows are shared out in work units that a thread
@@ -37,11 +36,10 @@ import numpy as np
 from numba import prange
 
 from . import simd
-from ._jit import ACT_BLOCK, get_threads, njit, pnjit, single_threaded_blas, worker_pool
+from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
+from .act_quant import ACT_BLOCK, act_group, check_contig, check_weight, log2_sub, quantize_act
 
-
-
-# ---- activation quantization (shared) ---------------------------------------------------------
+# ---- quantized-activation scratch ---------------------------------------------------------------
 
 MAX_UNITS = 1 << 13  # work-unit claim flags per ActScratch (see `_next_unit`; bigger matrices get bigger units)
 
@@ -73,53 +71,6 @@ class ActScratch:
         return xq, xd, xs
 
 
-ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX] (int16 without -32768)
-
-
-@njit()
-def quantize_act(x, xq, xd, xs, gs):
-    """x float32 [K] -> xq int16 [K], xd float32 [K/32], xs int32 [K/32] (round half to even of
-    x * 32767 / max|block| computed in float64, so denormal blocks quantize correctly too).
-
-    Block b holds the 32 values one 16-byte chunk of an int4 row multiplies: with weight group size
-    gs, block b = (group g, chunk c) takes x[g*gs + 16c : +16] (low nibbles) then
-    x[g*gs + gs/2 + 16c : +16] (high nibbles). For gs = 32 (and for int8 weights, which pass 32)
-    that is simply x[32b : 32b + 32]. xd[b] = max|block| / 32767, xs[b] = 8 * sum(xq block).
-    """
-    nb = x.shape[0] // 32
-    half = gs // 2
-    chunks = gs // 32
-    for b in range(nb):
-        g, c = b // chunks, b % chunks
-        lo = g * gs + 16 * c
-        hi = lo + half
-        amax = np.float32(0.0)
-        for j in range(16):
-            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
-        d = amax / np.float32(ACT_MAX)
-        # float64: 32767 / amax overflows float32 when amax is a float32 denormal
-        inv = ACT_MAX / np.float64(amax) if amax > 0 else 0.0
-        total = 0
-        for j in range(16):
-            q0 = np.int32(np.rint(np.float64(x[lo + j]) * inv))
-            q1 = np.int32(np.rint(np.float64(x[hi + j]) * inv))
-            xq[32 * b + j] = q0
-            xq[32 * b + 16 + j] = q1
-            total += q0 + q1
-        xd[b] = d
-        xs[b] = 8 * total
-
-
-@njit()
-def _log2_sub(nb, nsg):
-    """log2(G / 32) for K/32 = nb activation blocks and nsg weight groups per row."""
-    sub = nb // nsg
-    l2 = 0
-    while (1 << l2) < sub:
-        l2 += 1
-    return l2
-
-
 @njit(inline="always")
 def _silu_mul(g, u):
     return g / (np.float32(1.0) + np.exp(-g)) * u
@@ -132,9 +83,8 @@ def _silu_mul(g, u):
 # other shares, walking backwards, until it meets their owners. Every unit is claimed exactly once
 # (simd.fetch_add on its flag in `claims`), and every output row is computed by one thread in a
 # fixed order, so results do not depend on the schedule. A static split made the region wait for
-# the slower thread: random experts read from DRAM at unequal speeds (measured in
-# benchmarks/experts_dram.py; a fully dynamic, interleaved schedule was 10-30 % slower still,
-# because it breaks each thread's sequential stream and its prefetches).
+# the slower thread (random experts read from DRAM at unequal speeds, benchmarks/experts_dram.py);
+# a fully dynamic, interleaved schedule breaks each thread's sequential stream and its prefetches.
 
 UNIT_QUADS = 8  # groups of 4 rows per work unit (32 rows: 40-80 KiB of int4 / int8 weights)
 
@@ -177,7 +127,7 @@ def _matvec(x, w, s, out, xq, xd, xs, gs, claims, nt):
     """out [O] = W x, one parallel region of nt threads; rows in work units (`_next_unit`)."""
     K, O, kw, nsg = x.shape[0], w.shape[0], w.shape[1], s.shape[1]
     nb = K // 32
-    l2 = _log2_sub(nb, nsg)
+    l2 = log2_sub(nb, nsg)
     quantize_act(x, xq, xd, xs, gs)
     nq = O // 4
     uq, n = _units(nq, claims)
@@ -208,7 +158,7 @@ def _rows_tail(w, s, out, xq, xd, xs, nb, l2):
 def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, gs, claims, nt):
     """Three matvecs of the same x (e.g. q, k, v projections) in one parallel region."""
     nb = x.shape[0] // 32
-    l2 = _log2_sub(nb, s0.shape[1])
+    l2 = log2_sub(nb, s0.shape[1])
     quantize_act(x, xq, xd, xs, gs)
     n0, n1, n2 = o0.shape[0] // 4, o1.shape[0] // 4, o2.shape[0] // 4
     nq = n0 + n1 + n2
@@ -260,7 +210,7 @@ def _gate_up_tail(wg, sg, wu, su, ids, out_h, xq, xd, xs, nb, l2):
 def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims, nt):
     """out_h[j, :] = silu(Wg[ids[j]] x) * (Wu[ids[j]] x) for every slot j, one parallel region."""
     nb = x.shape[0] // 32
-    l2 = _log2_sub(nb, sg.shape[2])
+    l2 = log2_sub(nb, sg.shape[2])
     quantize_act(x, xq, xd, xs, gs)
     nq = wg.shape[1] // 4
     total = ids.shape[0] * nq
@@ -280,7 +230,7 @@ def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa
     """`_experts_gate_up_silu` of two banks a and b (e.g. the routed experts and the shared expert,
     int4 and int8) on the same x in ONE parallel region: one stream of work units for both."""
     nb = x.shape[0] // 32
-    l2a, l2b = _log2_sub(nb, sga.shape[2]), _log2_sub(nb, sgb.shape[2])
+    l2a, l2b = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[2])
     quantize_act(x, xqa, xda, xsa, gsa)
     if gsb != gsa:  # else the wrapper passes bank a's buffers for b too: the same quantized x
         quantize_act(x, xqb, xdb, xsb, gsb)
@@ -354,7 +304,7 @@ def _quantize_slots(h, hq, hd, hs, gs):
 def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims, nt):
     """out [H] = sum over slots in ascending expert id of weights[j] * Wd[ids[j]] h[j]."""
     nb = h.shape[1] // 32
-    l2 = _log2_sub(nb, sd.shape[2])
+    l2 = log2_sub(nb, sd.shape[2])
     _quantize_slots(h, hq, hd, hs, gs)
     hid = wd.shape[1]
     nq = hid // 4
@@ -374,9 +324,9 @@ def _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, gs, claims,
 def _experts2_down_weighted(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa,
                             hb, wdb, sdb, idsb, wb, hqb, hdb, hsb, gsb, out, claims, nt):
     """out [H] = (bank a's weighted sum) + (bank b's), each as `_experts_down_weighted`, in ONE
-    parallel region (the routed experts and the shared expert, added last: ERNIE_SPEC P13)."""
+    parallel region (the routed experts and the shared expert, added last: docs/ERNIE_SPEC.md P13)."""
     nba, nbb = ha.shape[1] // 32, hb.shape[1] // 32
-    l2a, l2b = _log2_sub(nba, sda.shape[2]), _log2_sub(nbb, sdb.shape[2])
+    l2a, l2b = log2_sub(nba, sda.shape[2]), log2_sub(nbb, sdb.shape[2])
     _quantize_slots(ha, hqa, hda, hsa, gsa)
     _quantize_slots(hb, hqb, hdb, hsb, gsb)
     hid = wda.shape[1]
@@ -396,45 +346,17 @@ def _experts2_down_weighted(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa,
                   + _down_sum1(wdb, sdb, idsb, wb, r, hqb, hdb, hsb, nbb, l2b))
 
 
-# ---- argument checks shared by the q4 / q8 wrappers ------------------------------------------
-
-def as_u16(scales: np.ndarray) -> np.ndarray:
-    """fp16 scales as the uint16 view the kernels take (accepts float16 or uint16)."""
-    if scales.dtype == np.float16:
-        return scales.view(np.uint16)
-    if scales.dtype != np.uint16:
-        raise TypeError(f"scales must be float16 or their uint16 view, got {scales.dtype}")
-    return scales
-
-
-def check_contig(**arrays: np.ndarray) -> None:
-    for name, a in arrays.items():
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
-
-
-def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight") -> None:
-    """w [.., O, K*bits/8] and s [.., O, K/G] agree with an input of length k."""
-    kw = k // 2 if bits == 4 else k
-    if k % ACT_BLOCK or w.shape[-1] != kw:
-        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
-    if s.shape[:-1] != w.shape[:-1] or s.shape[-1] == 0 or k % s.shape[-1]:
-        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape}")
-    g = k // s.shape[-1]
-    if g not in (32, 64, 128):
-        raise ValueError(f"{what}: group size {g} not supported (32, 64 or 128)")
-    check_contig(**{what: w, f"{what} scales": s})
-
-
-def act_group(k: int, s: np.ndarray, bits: int) -> int:
-    """The `gs` argument of quantize_act: the weight group size for int4, 32 for int8."""
-    return k // s.shape[-1] if bits == 4 else 32
-
+# ---- wrappers (bits 4: packed int4 [.., O, K/2] uint8; bits 8: int8 codes [.., O, K]) --------
 
 def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
+    """out float32 [O] = W x; x float32 [K]; w packed uint8 [O, K/2] (bits=4) or int8 codes [O, K]
+    (bits=8), scales fp16 [O, K/G].
+
+    Decode path: x is quantized to int16 per block of 32 into `act` (ActScratch(K) or larger), so
+    the result carries the activation error bound in the module doc. One parallel region.
+    """
     k = x.shape[0]
-    s = as_u16(s)
-    check_weight(w, s, k, bits)
+    s = check_weight(w, s, k, bits, ndim=2)
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
     xq, xd, xs = act.views(k)
@@ -444,14 +366,15 @@ def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
 
 
 def matvec3(x, mats, act: ActScratch, bits: int):
-    """mats: three (w, scales, out) with the same input length and group size."""
+    """Three matvecs of one x in ONE parallel region (q, k and v projections): mats is three
+    (w, scales, out) as `matvec` takes them, with the same input length and group size. Returns
+    the three outs."""
     k = x.shape[0]
     if len(mats) != 3:
         raise ValueError(f"matvec3 takes exactly three (weight, scales, out) triples, got {len(mats)}")
     args = []
     for i, (w, s, out) in enumerate(mats):
-        s = as_u16(s)
-        check_weight(w, s, k, bits, f"weight {i}")
+        s = check_weight(w, s, k, bits, f"weight {i}", ndim=2)
         if out.shape != (w.shape[0],) or out.dtype != np.float32:
             raise ValueError(f"out {i} must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
         args += [w, s, out]
@@ -465,9 +388,8 @@ def matvec3(x, mats, act: ActScratch, bits: int):
 
 def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
     k = x.shape[0]
-    sg, su = as_u16(sg), as_u16(su)
-    check_weight(wg, sg, k, bits, f"{what}gate bank")
-    check_weight(wu, su, k, bits, f"{what}up bank")
+    sg = check_weight(wg, sg, k, bits, f"{what}gate bank", ndim=3)
+    su = check_weight(wu, su, k, bits, f"{what}up bank", ndim=3)
     if wg.shape != wu.shape or wg.ndim != 3:
         raise ValueError(f"{what}gate bank {wg.shape} and up bank {wu.shape} must both be [E, I, K']")
     ids = _check_ids(ids, wg.shape[0])
@@ -479,8 +401,7 @@ def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
 
 def _check_down(h, wd, sd, ids, weights, out, bits: int, what: str = ""):
     nslot, inter = h.shape
-    sd = as_u16(sd)
-    check_weight(wd, sd, inter, bits, f"{what}down bank")
+    sd = check_weight(wd, sd, inter, bits, f"{what}down bank", ndim=3)
     ids = _check_ids(ids, wd.shape[0])
     if ids.shape[0] != nslot or weights.shape != (nslot,):
         raise ValueError(f"{what}h {h.shape}, expert_ids {ids.shape} and weights {weights.shape} disagree")
@@ -490,6 +411,9 @@ def _check_down(h, wd, sd, ids, weights, out, bits: int, what: str = ""):
 
 
 def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
+    """out_h float32 [k, I] = silu(G_e x) * (U_e x), e = ids[j], for all k slots in ONE parallel
+    region. Banks: packed uint8 [E, I, K/2] (bits=4) or int8 [E, I, K] (bits=8), scales fp16
+    [E, I, K/G]; x float32 [K]; act = ActScratch(K) or larger."""
     sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits)
     k = x.shape[0]
     xq, xd, xs = act.views(k)
@@ -499,6 +423,10 @@ def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: i
 
 
 def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int) -> np.ndarray:
+    """out float32 [H] = sum_j weights[j] * D_e h[j], e = ids[j], summed in ascending expert id
+    (docs/ERNIE_SPEC.md P13) starting from 0; overwrites out. h float32 [k, I]; bank uint8
+    [E, H, I/2] (bits=4) or int8 [E, H, I] (bits=8), scales fp16 [E, H, I/G]; weights float32 [k];
+    act = ActScratch(I, rows=k) or larger."""
     sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits)
     hq, hd, hs = act.views(h.shape[1], h.shape[0])
     _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, act_group(h.shape[1], sd, bits),
@@ -510,7 +438,7 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
     """Gate, up and SwiGLU of two expert banks on the same x in ONE parallel region.
 
     a, b: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits) each, as
-    q4/q8_experts_gate_up_silu takes them (bits 4 or 8; the banks may differ: routed int4 experts
+    `experts_gate_up_silu` takes them (bits 4 or 8; the banks may differ: routed int4 experts
     and an int8 shared expert as a one-expert bank). Results are bit-identical to two separate
     calls. Returns (out_h of a, out_h of b)."""
     k = x.shape[0]
@@ -530,7 +458,7 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
 def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch) -> np.ndarray:
     """out [H] = (weighted down projection of bank a) + (that of bank b), in ONE parallel region.
 
-    a, b: (h, down, down_scales, expert_ids, weights, bits) each, as q4/q8_experts_down_weighted
+    a, b: (h, down, down_scales, expert_ids, weights, bits) each, as `experts_down_weighted`
     takes them. Bit-identical to computing each sum on its own and adding b's to a's."""
     args = []
     for (h, wd, sd, ids, weights, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
@@ -553,17 +481,12 @@ def _check_ids(ids, n_experts: int) -> np.ndarray:
 # ---- int8 public API --------------------------------------------------------------------------
 
 def q8_matvec(x, codes, scales, out, act: ActScratch) -> np.ndarray:
-    """out float32 [O] = W x for int8 W (codes int8 [O, K], scales fp16 [O, K/G]); x float32 [K].
-
-    Decode path: x is quantized to int16 per block of 32 into `act` (ActScratch(K) or larger), so
-    the result carries the activation error bound in the module doc. One parallel region.
-    """
+    """`matvec` of int8 W (codes int8 [O, K], scales fp16 [O, K/G]): out float32 [O] = W x."""
     return matvec(x, codes, scales, out, act, bits=8)
 
 
 def q8_matvec3(x, wq, sq, out_q, wk, sk, out_k, wv, sv, out_v, act: ActScratch):
-    """Three int8 matvecs of one x in ONE parallel region (q, k and v projections): out_* = W_* x.
-    Same shapes/dtypes as q8_matvec for each; the three must share K and the group size."""
+    """`matvec3` of three int8 weights (q, k and v projections): out_* = W_* x."""
     return matvec3(x, [(wq, sq, out_q), (wk, sk, out_k), (wv, sv, out_v)], act, 8)
 
 
@@ -625,10 +548,10 @@ def _matmul_tiles(X, w, s, out, dequant_rows, rows, todo) -> None:
 
 
 def check_matmul(X, w, s, out, bits: int):
+    """Check a prefill matmul's arguments; returns the scales as uint16."""
     if X.ndim != 2 or X.dtype != np.float32:
         raise ValueError(f"X must be float32 [T, K], got {X.dtype} {X.shape}")
-    s = as_u16(s)
-    check_weight(w, s, X.shape[1], bits)
+    s = check_weight(w, s, X.shape[1], bits, ndim=2)
     if out.shape != (X.shape[0], w.shape[0]) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{X.shape[0]}, {w.shape[0]}], got {out.dtype} {out.shape}")
     return s

@@ -6,8 +6,8 @@ R rows and N tokens of a register tile.
 
 Why: the exact prefill path (q4_matmul / q8_matmul) dequantizes every weight row to fp32 before
 sgemm, which costs the same for 2 tokens as for 512. Here, as in llama.cpp's Q4_0 x Q8_0 gemm,
-the activations are quantized once (to int16 per block of 32, the decode path's scheme, see
-kernels/q8.py) and each weight block is widened to int16 ONCE per tile of N tokens and dotted
+the activations are quantized once (to int16 per block of 32 by the decode path's quantizer,
+kernels/act_quant.py) and each weight block is widened to int16 ONCE per tile of N tokens and dotted
 exactly in integers against all of them:
 
     y[t, o] = sum_b  ws[o, g(b)] * xd[t, b] * sum_{j in b} code[o, j] * xq[t, j]
@@ -32,86 +32,42 @@ LLVM vector IR, e.g. NEON). All paths compute the same integer lanes.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _jit
+from . import _jit, ir
 from ._jit import njit, pnjit
-from .q8 import as_u16 as _as_u16
-from .simd import _data_ptr as _ptr, _idx as _mask  # shared LLVM IR helpers
+from .act_quant import act_group, check_weight, log2_sub, quantize_blocks
+from .ir import F32, F32x4, F32x8, I8, I8x16, I16, I16x16, I32x8, I32x16, I64
 
-ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX]
 TILE_ROWS = 4  # R
 TILE_TOKENS = 4  # N (largest token tile)
 CHUNK_ROWS = 16  # output rows per parallel work item (qmatmul)
 EXPERT_CHUNK = 128  # expert intermediate rows per work item (qexperts gate/up); multiple of G
 DOWN_CHUNK = 32  # hidden rows per work item (qexperts down)
 
-_I8x16 = ir.VectorType(ir.IntType(8), 16)
-_I8x32 = ir.VectorType(ir.IntType(8), 32)
-_I16x16 = ir.VectorType(ir.IntType(16), 16)
-_I32x8 = ir.VectorType(ir.IntType(32), 8)
-_I32x16 = ir.VectorType(ir.IntType(32), 16)
-_F32x4 = ir.VectorType(ir.FloatType(), 4)
-_F32x8 = ir.VectorType(ir.FloatType(), 8)
-_F32 = ir.FloatType()
-_I16 = ir.IntType(16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
 
-
-# ---- LLVM IR helpers -------------------------------------------------------------------------------
-
-def _c64(v):
-    return ir.Constant(_I64, v)
-
-
-def _load(builder, ptr, offset, vty):
-    """Unaligned load of a vector of type vty at ptr + offset (elements of ptr's type)."""
-    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=1)
-
-
-def _call(builder, name, ret, args):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), args)
-
-
-def _splat(builder, scalar, vty):
-    v = builder.insert_element(ir.Constant(vty, ir.Undefined), scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
-
-
-def _f16_to_f32(builder, h16):
-    """IEEE half bits (i16) -> float: fpext on x86 (F16C), exact bit manipulation elsewhere."""
-    if _jit.SIMD != "generic":
-        return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
-    h32 = builder.zext(h16, _I32)
-    sign = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    mag = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
-    f = builder.fmul(builder.bitcast(mag, _F32), ir.Constant(_F32, 2.0 ** 112))  # exact, finite halves
-    return builder.bitcast(builder.or_(builder.bitcast(f, _I32), sign), _F32)
-
+# ---- LLVM IR of the register tile -----------------------------------------------------------------
 
 def _pairs(builder, p16):
     """<16 x i32> -> <8 x i32> of adjacent-pair sums (vpmaddwd's lane layout)."""
-    even = builder.shuffle_vector(p16, p16, _mask(range(0, 16, 2)))
-    odd = builder.shuffle_vector(p16, p16, _mask(range(1, 16, 2)))
+    even = builder.shuffle_vector(p16, p16, ir.mask(range(0, 16, 2)))
+    odd = builder.shuffle_vector(p16, p16, ir.mask(range(1, 16, 2)))
     return builder.add(even, odd)
 
 
 def _dot(builder, wlo, whi, xlo, xhi):
     """Lane i: the 4 products of i16 pairs 2i, 2i+1 of (wlo, xlo) and (whi, xhi), exact in i32."""
     if _jit.SIMD == "avxvnni":
-        acc = _call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo])
-        return _call(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
-                     [acc, builder.bitcast(whi, _I32x8), builder.bitcast(xhi, _I32x8)])
+        acc = ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8, [wlo, xlo])
+        return ir.call(builder, "llvm.x86.avx512.vpdpwssd.256", I32x8,
+                       [acc, builder.bitcast(whi, I32x8), builder.bitcast(xhi, I32x8)])
     if _jit.SIMD == "avx2":
-        return builder.add(_call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo]),
-                           _call(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [whi, xhi]))
-    lo = builder.mul(builder.sext(wlo, _I32x16), builder.sext(xlo, _I32x16))
-    hi = builder.mul(builder.sext(whi, _I32x16), builder.sext(xhi, _I32x16))
+        return builder.add(ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8, [wlo, xlo]),
+                           ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8, [whi, xhi]))
+    lo = builder.mul(builder.sext(wlo, I32x16), builder.sext(xlo, I32x16))
+    hi = builder.mul(builder.sext(whi, I32x16), builder.sext(xhi, I32x16))
     return builder.add(_pairs(builder, lo), _pairs(builder, hi))
 
 
@@ -122,29 +78,23 @@ _HADD_EVEN = [0, 2, 8, 10, 4, 6, 12, 14]
 def _hadd(builder, a, b):
     """vphaddd(a, b) (pairwise sums within each 128-bit half; the same lanes on every path)."""
     if _jit.SIMD != "generic":
-        return _call(builder, "llvm.x86.avx2.phadd.d", _I32x8, [a, b])
-    even = builder.shuffle_vector(a, b, _mask(_HADD_EVEN))
-    odd = builder.shuffle_vector(a, b, _mask([i + 1 for i in _HADD_EVEN]))
+        return ir.call(builder, "llvm.x86.avx2.phadd.d", I32x8, [a, b])
+    even = builder.shuffle_vector(a, b, ir.mask(_HADD_EVEN))
+    odd = builder.shuffle_vector(a, b, ir.mask([i + 1 for i in _HADD_EVEN]))
     return builder.add(even, odd)
 
 
 def _weights(builder, wptr, wo, unpack):
     """One row's 32-block as signed int16 codes (lo 16, hi 16): int4 nibbles minus 8, or int8."""
     if unpack:
-        raw = builder.zext(_load(builder, wptr, wo, _I8x16), _I16x16)
-        eight = ir.Constant(_I16x16, [8] * 16)
-        lo = builder.sub(builder.and_(raw, ir.Constant(_I16x16, [15] * 16)), eight)
-        hi = builder.sub(builder.lshr(raw, ir.Constant(_I16x16, [4] * 16)), eight)
+        raw = builder.zext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
+        eight = ir.Constant(I16x16, [8] * 16)
+        lo = builder.sub(builder.and_(raw, ir.Constant(I16x16, [15] * 16)), eight)
+        hi = builder.sub(builder.lshr(raw, ir.Constant(I16x16, [4] * 16)), eight)
         return lo, hi
-    lo = builder.sext(_load(builder, wptr, wo, _I8x16), _I16x16)
-    hi = builder.sext(_load(builder, wptr, builder.add(wo, _c64(16)), _I8x16), _I16x16)
+    lo = builder.sext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
+    hi = builder.sext(ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), I8x16), I16x16)
     return lo, hi
-
-
-def _prefetch(builder, wptr, addr):
-    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-    builder.call(fn, [builder.gep(wptr, [addr]), ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
 
 
 def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
@@ -160,67 +110,57 @@ def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
     """
     (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res) = args
     wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty = sig.args
-    wptr = _ptr(context, builder, wty, w, ir.IntType(8))
-    sptr = _ptr(context, builder, sty, s, _I16)
-    xqptr = _ptr(context, builder, xqty, xq, _I16)
-    xdptr = _ptr(context, builder, xdty, xd, _F32)
-    tptr = _ptr(context, builder, tty, toks, _I64)
-    rptr = _ptr(context, builder, rty, res, _F32)
+    wptr = ir.data_ptr(context, builder, wty, w, I8)
+    sptr = ir.data_ptr(context, builder, sty, s, I16)
+    xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
+    xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
+    tptr = ir.data_ptr(context, builder, tty, toks, I64)
+    rptr = ir.data_ptr(context, builder, rty, res, F32)
     bpb = 16 if unpack else 32  # weight bytes per 32-block and row
-    kq = builder.mul(nblk, _c64(32))
-    xrows = [builder.load(builder.gep(tptr, [builder.add(t0, _c64(j))])) for j in range(ntok)]
+    kq = builder.mul(nblk, ir.c64(32))
+    xrows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
     xoffs = [builder.mul(row, kq) for row in xrows]
     doffs = [builder.mul(row, nblk) for row in xrows]
-    woffs = [builder.add(woff, builder.mul(_c64(r), wstride)) for r in range(nrows)]
-    soffs = [builder.add(soff, builder.mul(_c64(r), sstride)) for r in range(nrows)]
-    ahead = builder.add(woff, builder.mul(_c64(nrows), wstride))  # the next tile's rows
-    zero = ir.Constant(_F32x8, [0.0] * 8)
+    woffs = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(nrows)]
+    soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(nrows)]
+    ahead = builder.add(woff, builder.mul(ir.c64(nrows), wstride))  # the next tile's rows
+    zero = ir.Constant(F32x8, [0.0] * 8)
     accs = [cgutils.alloca_once_value(builder, zero) for _ in range(ntok)]
     with cgutils.for_range(builder, nblk) as loop:
         i = loop.index
-        for line in range(0, nrows * bpb, 64):
-            _prefetch(builder, wptr, builder.add(ahead, builder.add(builder.mul(i, _c64(nrows * bpb)), _c64(line))))
+        ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(i, ir.c64(nrows * bpb))), nrows * bpb)
         g = builder.lshr(i, log2sub)
-        wv = [_weights(builder, wptr, builder.add(wo, builder.mul(i, _c64(bpb))), unpack) for wo in woffs]
-        ws = [_f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(so, g)]))) for so in soffs]
+        wv = [_weights(builder, wptr, builder.add(wo, builder.mul(i, ir.c64(bpb))), unpack) for wo in woffs]
+        ws = [ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(so, g)]))) for so in soffs]
         if nrows == 4:
-            wsv = ir.Constant(_F32x8, ir.Undefined)
+            wsv = ir.Constant(F32x8, ir.Undefined)
             for lane in range(8):
-                wsv = builder.insert_element(wsv, ws[lane % 4], ir.Constant(_I32, lane))
+                wsv = builder.insert_element(wsv, ws[lane % 4], ir.c32(lane))
         for j in range(ntok):
-            x0 = builder.add(xoffs[j], builder.mul(i, _c64(32)))
-            xlo = _load(builder, xqptr, x0, _I16x16)
-            xhi = _load(builder, xqptr, builder.add(x0, _c64(16)), _I16x16)
-            xdj = _splat(builder, builder.load(builder.gep(xdptr, [builder.add(doffs[j], i)])), _F32x8)
+            x0 = builder.add(xoffs[j], builder.mul(i, ir.c64(32)))
+            xlo = ir.load_vec(builder, xqptr, x0, I16x16)
+            xhi = ir.load_vec(builder, xqptr, builder.add(x0, ir.c64(16)), I16x16)
+            xdj = ir.splat(builder, builder.load(builder.gep(xdptr, [builder.add(doffs[j], i)])), F32x8)
             p = [_dot(builder, lo, hi, xlo, xhi) for lo, hi in wv]
             if nrows == 4:  # lanes [r0 r1 r2 r3 | r0 r1 r2 r3] (low / high 128-bit halves)
                 p32, scale = _hadd(builder, _hadd(builder, p[0], p[1]), _hadd(builder, p[2], p[3])), \
                     builder.fmul(wsv, xdj)
             else:
-                p32, scale = p[0], builder.fmul(_splat(builder, ws[0], _F32x8), xdj)
-            f = builder.sitofp(p32, _F32x8)
+                p32, scale = p[0], builder.fmul(ir.splat(builder, ws[0], F32x8), xdj)
+            f = builder.sitofp(p32, F32x8)
             acc = builder.load(accs[j])
             builder.store(builder.fadd(acc, builder.fmul(f, scale, flags=("contract",)), flags=("contract",)),
                           accs[j])
     for j in range(ntok):
         acc = builder.load(accs[j])
         if nrows == 4:
-            lo = builder.shuffle_vector(acc, acc, _mask(range(4)))
-            hi = builder.shuffle_vector(acc, acc, _mask(range(4, 8)))
-            dst = builder.bitcast(builder.gep(rptr, [_c64(4 * j)]), _F32x4.as_pointer())
+            lo = builder.shuffle_vector(acc, acc, ir.mask(range(4)))
+            hi = builder.shuffle_vector(acc, acc, ir.mask(range(4, 8)))
+            dst = builder.bitcast(builder.gep(rptr, [ir.c64(4 * j)]), F32x4.as_pointer())
             builder.store(builder.fadd(lo, hi), dst, align=4)
         else:
-            builder.store(_hsum8(builder, acc), builder.gep(rptr, [_c64(j)]))
+            builder.store(ir.hsum8(builder, acc), builder.gep(rptr, [ir.c64(j)]))
     return context.get_dummy_value()
-
-
-def _hsum8(builder, v):
-    lo = builder.shuffle_vector(v, v, _mask(range(4)))
-    hi = builder.shuffle_vector(v, v, _mask(range(4, 8)))
-    s4 = builder.fadd(lo, hi)
-    s2 = builder.fadd(builder.shuffle_vector(s4, s4, _mask([0, 1])), builder.shuffle_vector(s4, s4, _mask([2, 3])))
-    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
-                        builder.extract_element(s2, ir.Constant(_I32, 1)))
 
 
 def _make_tile(nrows, ntok):
@@ -265,55 +205,24 @@ def _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk,
 
 # ---- activation quantization ------------------------------------------------------------------------
 
-@njit(inline="always")
-def _quantize_blocks(x, xq, xd, gs, b0, b1):
-    """Blocks b0..b1 of one row: x float32 [K] -> xq int16 [K], xd float32 [K/32].
-
-    Block b = (group g, chunk c) of weight group size gs takes x[g*gs + 16c : +16] then
-    x[g*gs + gs/2 + 16c : +16]: the values the low and the high nibbles of one 16-byte int4
-    chunk multiply (for gs = 32, and for int8 weights which pass 32, simply x[32b : 32b + 32]).
-    xd[b] = max|block| / 32767; xq = round-half-even(x * 32767 / max) computed in float64, so
-    denormal blocks quantize correctly. Same arithmetic as q8.quantize_act.
-    """
-    half = gs // 2
-    chunks = gs // 32
-    for b in range(b0, b1):
-        lo = (b // chunks) * gs + 16 * (b % chunks)
-        hi = lo + half
-        amax = np.float32(0.0)
-        for j in range(16):
-            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
-        inv = ACT_MAX / np.float64(amax) if amax > 0 else 0.0
-        for j in range(16):
-            xq[32 * b + j] = np.int16(np.rint(np.float64(x[lo + j]) * inv))
-            xq[32 * b + 16 + j] = np.int16(np.rint(np.float64(x[hi + j]) * inv))
-        xd[b] = amax / np.float32(ACT_MAX)
-
-
 @njit()
-def _quantize_rows(x, xq, xd, gs):
+def _quantize_rows(x, xq, xd, xs, gs):
+    """Every row of x float32 [T, K] -> xq int16 [T, K], xd float32 [T, B], xs int32 [T, B]."""
     for t in range(x.shape[0]):
-        _quantize_blocks(x[t], xq[t], xd[t], gs, 0, xd.shape[1])
+        quantize_blocks(x[t], xq[t], xd[t], xs[t], gs, 0, xd.shape[1])
 
 
 def quantize_rows(x: np.ndarray, gs: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """x float32 [T, K] -> (xq int16 [T, K], xd float32 [T, K/32]) as the kernels take them; gs is
-    the int4 weight group size (block order above) or 32 for int8 weights. For tests and tools."""
+    the int4 weight group size (block order in act_quant.py) or 32 for int8 weights. For tests and
+    tools."""
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2 or x.shape[1] % 32 or gs not in (32, 64, 128) or x.shape[1] % gs:
         raise ValueError(f"quantize_rows: x {x.shape} must be [T, K] with K a multiple of 32 and of gs={gs}")
     xq = np.empty(x.shape, np.int16)
     xd = np.empty((x.shape[0], x.shape[1] // 32), np.float32)
-    _quantize_rows(x, xq, xd, gs)
+    _quantize_rows(x, xq, xd, np.empty(xd.shape, np.int32), gs)
     return xq, xd
-
-
-@njit()
-def _log2(n):
-    l2 = 0
-    while (1 << l2) < n:
-        l2 += 1
-    return l2
 
 
 # ---- qmatmul --------------------------------------------------------------------------------------
@@ -331,12 +240,12 @@ def _rows_all_tokens(nrows, w, woff, wstride, s, soff, sstride, xq, xd, toks, nt
 
 
 @pnjit()
-def _qmatmul(x, w, s, out, xq, xd, toks, gs):
+def _qmatmul(x, w, s, out, xq, xd, xs, toks, gs):
     """out [T, O] = X W^T: quantize X (serial), then one parallel region over row chunks."""
     O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
     T, nblk = xd.shape
-    l2 = _log2(nblk // nsg)
-    _quantize_rows(x, xq, xd, gs)
+    l2 = log2_sub(nblk, nsg)
+    _quantize_rows(x, xq, xd, xs, gs)
     nchunks = (O + CHUNK_ROWS - 1) // CHUNK_ROWS
     for c in prange(nchunks):
         res = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
@@ -347,31 +256,6 @@ def _qmatmul(x, w, s, out, xq, xd, toks, gs):
         while r < r1:
             _rows_all_tokens(1, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
             r += 1
-
-
-def _check_weight(w, s, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
-    """w [.., O, K*bits/8] and s [.., O, K/G] for an input of length k; returns s as uint16."""
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8, got {bits}")
-    want = np.uint8 if bits == 4 else np.int8
-    if w.dtype != want or w.ndim != ndim:
-        raise ValueError(f"{what}: int{bits} weights must be {np.dtype(want).name} with {ndim} dimensions, "
-                         f"got {w.dtype} {w.shape}")
-    s = _as_u16(s)
-    kw = k // 2 if bits == 4 else k
-    if k % 32 or w.shape[-1] != kw:
-        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
-    if s.shape[:-1] != w.shape[:-1] or s.shape[-1] == 0 or k % s.shape[-1] or k // s.shape[-1] not in (32, 64, 128):
-        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape} (group size 32, 64 or 128)")
-    for name, a in ((what, w), (f"{what} scales", s)):
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (shape {a.shape})")
-    return s
-
-
-def _act_gs(k: int, s: np.ndarray, bits: int) -> int:
-    """quantize_rows' gs: the int4 weight group size (block order follows the nibbles), else 32."""
-    return k // s.shape[-1] if bits == 4 else 32
 
 
 def qmatmul(X, w, scales, out, bits: int) -> np.ndarray:
@@ -386,14 +270,15 @@ def qmatmul(X, w, scales, out, bits: int) -> np.ndarray:
     if X.ndim != 2:
         raise ValueError(f"X must be float32 [T, K], got {X.shape}")
     T, K = X.shape
-    s = _check_weight(w, scales, K, bits, "weight", 2)
+    s = check_weight(w, scales, K, bits, "weight", ndim=2)
     if out.shape != (T, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
     if T == 0:
         return out
     xq = np.empty((T, K), np.int16)  # [T, K]
     xd = np.empty((T, K // 32), np.float32)  # [T, B]
-    _qmatmul(X, w, s, out, xq, xd, np.arange(T, dtype=np.int64), _act_gs(K, s, bits))
+    xs = np.empty((T, K // 32), np.int32)  # [T, B] (the quantizer's int4 offset term; unused here)
+    _qmatmul(X, w, s, out, xq, xd, xs, np.arange(T, dtype=np.int64), act_group(K, s, bits))
     return out
 
 
@@ -427,14 +312,14 @@ def _silu(g):
 
 
 @pnjit()
-def _experts_gate_up(x, xq, xd, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, gsx, gsh):
+def _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
     hq / hd. One parallel region over (row chunk, expert) items, chunk-major so that a static
     split gives every thread the same mix of busy and idle experts."""
     inter, kw, nsg = gate.shape[1], gate.shape[2], gs_.shape[2]
     nblk = xd.shape[1]
-    l2 = _log2(nblk // nsg)
-    _quantize_rows(x, xq, xd, gsx)
+    l2 = log2_sub(nblk, nsg)
+    _quantize_rows(x, xq, xd, xs, gsx)
     nhit = hit.shape[0]
     nchunks = (inter + EXPERT_CHUNK - 1) // EXPERT_CHUNK
     for item in prange(nchunks * nhit):
@@ -456,7 +341,7 @@ def _experts_gate_up(x, xq, xd, gate, gs_, up, us, hit, starts, slot_tok, h, hq,
             r += nrows
         b0, b1 = (c * EXPERT_CHUNK) // 32, r1 // 32
         for p in range(s0, s0 + ns):
-            _quantize_blocks(h[p], hq[p], hd[p], gsh, b0, b1)
+            quantize_blocks(h[p], hq[p], hd[p], hs[p], gsh, b0, b1)
 
 
 @pnjit()
@@ -465,7 +350,7 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
     One parallel region over chunks of output rows; each item walks the experts in ascending id."""
     hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
     nblk = hd.shape[1]
-    l2 = _log2(nblk // nsg)
+    l2 = log2_sub(nblk, nsg)
     T = out.shape[0]
     nchunks = (hid + DOWN_CHUNK - 1) // DOWN_CHUNK
     for c in prange(nchunks):
@@ -474,7 +359,7 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
         for t in range(T):
             for r in range(r0, r1):
                 out[t, r] = 0.0
-        for e in hit:  # ascending expert id (ERNIE_SPEC P13)
+        for e in hit:  # ascending expert id (docs/ERNIE_SPEC.md P13)
             s0, ns = starts[e], starts[e + 1] - starts[e]
             r = r0
             while r < r1:
@@ -493,7 +378,7 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
 def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int) -> np.ndarray:
     """Routed experts of a batch with int16-quantized activations; overwrites out.
 
-    out[t] = sum over t's k slots, in ascending expert id starting from 0 (ERNIE_SPEC P13), of
+    out[t] = sum over t's k slots, in ascending expert id starting from 0 (docs/ERNIE_SPEC.md P13), of
     weights[t, j] * D_e(silu(G_e x[t]) * U_e x[t]),  e = idx[t, j].
     x float32 [T, H]; idx int [T, k] (distinct experts per token); weights float32 [T, k];
     gate / up banks [E, I, H/2] uint8 (bits=4) or [E, I, H] int8 (bits=8), down bank [E, H, I/2] or
@@ -509,10 +394,10 @@ def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: i
         raise ValueError(f"x and out must be float32 [T, H] (out C-contiguous), got x {x.shape}, "
                          f"out {out.dtype} {out.shape}")
     T, H = x.shape
-    gs_ = _check_weight(gate, gate_s, H, bits, "gate bank", 3)
-    us = _check_weight(up, up_s, H, bits, "up bank", 3)
+    gs_ = check_weight(gate, gate_s, H, bits, "gate bank", ndim=3)
+    us = check_weight(up, up_s, H, bits, "up bank", ndim=3)
     E, inter = gate.shape[0], gate.shape[1]
-    ds = _check_weight(down, down_s, inter, bits, "down bank", 3)
+    ds = check_weight(down, down_s, inter, bits, "down bank", ndim=3)
     if up.shape != gate.shape or us.shape != gs_.shape or down.shape[:2] != (E, H):
         raise ValueError(f"banks disagree: gate {gate.shape} / scales {gs_.shape}, up {up.shape} / "
                          f"{us.shape}, down {down.shape} (want [E, H, I'] for E={E}, H={H})")
@@ -534,12 +419,15 @@ def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: i
     hit = np.nonzero(np.diff(starts))[0].astype(np.int64)  # ascending expert ids with tokens
     xq = np.empty((T, H), np.int16)  # [T, H]
     xd = np.empty((T, H // 32), np.float32)
+    xs = np.empty((T, H // 32), np.int32)  # the quantizer's int4 offset terms (unused here)
     h = np.empty((nslot, inter), np.float32)  # [S, I]
     hq = np.empty((nslot, inter), np.int16)
     hd = np.empty((nslot, inter // 32), np.float32)
-    gsh = _act_gs(inter, ds, bits)
+    hs = np.empty((nslot, inter // 32), np.int32)
+    gsh = act_group(inter, ds, bits)
     if EXPERT_CHUNK % gsh:
         raise AssertionError("EXPERT_CHUNK must be a multiple of every group size")
-    _experts_gate_up(x, xq, xd, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, _act_gs(H, gs_, bits), gsh)
+    _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, act_group(H, gs_, bits),
+                     gsh)
     _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out)
     return out

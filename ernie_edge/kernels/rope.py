@@ -1,4 +1,4 @@
-"""Interleaved rotary embedding (ERNIE_SPEC §3.3): pair i = dims (2i, 2i+1) of every head,
+"""Interleaved rotary embedding (docs/ERNIE_SPEC.md §3.3): pair i = dims (2i, 2i+1) of every head,
 angle = fp32(position) * inv_freq[i], inv_freq[i] = 1 / theta^(2i/D) in fp32.
 
 Legend: T tokens, N heads, D head dim, P table positions.
@@ -12,7 +12,7 @@ from ._jit import njit
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-    """inv_freq float32 [D/2] computed in fp32 as transformers does (ERNIE_SPEC §3.3)."""
+    """inv_freq float32 [D/2] computed in fp32 as transformers does (docs/ERNIE_SPEC.md §3.3)."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     return (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
 
@@ -37,7 +37,7 @@ def _apply_rope(x, positions, cos, sin, table_start):
             for i in range(D // 2):
                 c, s = cos[p, i], sin[p, i]
                 x0, x1 = x[t, n, 2 * i], x[t, n, 2 * i + 1]
-                # HF order x*C + R(x)*S: first x0*c, then (-x1)*s, then the sum (ERNIE_SPEC §3.3).
+                # HF order x*C + R(x)*S: first x0*c, then (-x1)*s, then the sum (docs/ERNIE_SPEC.md §3.3).
                 x[t, n, 2 * i] = x0 * c + (-x1) * s
                 x[t, n, 2 * i + 1] = x1 * c + x0 * s
 

@@ -2,7 +2,7 @@
 
 Legend: K input features, B = K/32 activation blocks, G weight group size (32, 64 or 128).
 
-The dot products take int16 activations (x quantized per block of 32, see `q8.quantize_act`) and
+The dot products take int16 activations (x quantized per block of 32, see `act_quant.quantize_act`) and
 integer weight codes, so a block of 32 products is an exact integer dot, converted to float and
 scaled once per block (llama.cpp's Q4_0 x Q8_0 scheme with 16-bit instead of 8-bit activations:
 the activation rounding error is 1/258 of int8's). Each row result is
@@ -24,76 +24,17 @@ conversion to float is exact too); only the float accumulation order differs.
 
 Each intrinsic reads `nrows` consecutive rows starting at flat element offset `woff` of a
 C-contiguous weight array (wstride elements per row) and software-prefetches the next group of
-rows: without the prefetch one core reads int4 weights at ~6 GB/s instead of ~13 (it waits on
-memory latency instead of overlapping it with the arithmetic).
+rows, so that one core overlaps memory latency with the arithmetic instead of waiting on it.
 """
 
 from __future__ import annotations
 
-from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _jit
-
-# llvm.prefetch locality of the weight prefetches: 2 = prefetcht1 (into L2, not L1). Into L1 (3), the
-# next row group's lines pushed out the lines being read: whole-model decode on the AMD EPYC VM went
-# from 7.3-7.8 to 9.0-11.1 tok/s with L2 (three alternating A/B runs of `ernie-edge bench`).
-PREFETCH_LOCALITY = 2
-_I8x16 = ir.VectorType(ir.IntType(8), 16)
-_I8x32 = ir.VectorType(ir.IntType(8), 32)
-_I16x16 = ir.VectorType(ir.IntType(16), 16)
-_I32x8 = ir.VectorType(ir.IntType(32), 8)
-_F32x8 = ir.VectorType(ir.FloatType(), 8)
-_F32 = ir.FloatType()
-_I16 = ir.IntType(16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
-
-
-def _idx(values):
-    """A constant <n x i32> shuffle mask."""
-    values = list(values)
-    return ir.Constant(ir.VectorType(_I32, len(values)), values)
-
-
-def _data_ptr(context, builder, arrty, arr, elem_ty):
-    """Pointer to the first element of a numba array, cast to `elem_ty*`."""
-    ary = context.make_array(arrty)(context, builder, arr)
-    return builder.bitcast(ary.data, elem_ty.as_pointer())
-
-
-def _x86(builder, name, ret, args):
-    fnty = ir.FunctionType(ret, [a.type for a in args])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
-    return builder.call(fn, args)
-
-
-def _fp16_to_f32(builder, h16):
-    """IEEE half (as i16) -> float. x86 paths: LLVM's fpext (vcvtsh2ss / vcvtph2ps, F16C is checked
-    in _jit). Generic path: exact bit manipulation, so no compiler-rt helper is needed."""
-    if _jit.SIMD != "generic":
-        return builder.fpext(builder.bitcast(h16, ir.HalfType()), _F32)
-    h32 = builder.zext(h16, _I32)
-    sign = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x8000)), ir.Constant(_I32, 16))
-    mag = builder.shl(builder.and_(h32, ir.Constant(_I32, 0x7FFF)), ir.Constant(_I32, 13))
-    # The magnitude bits read as an f32 are the value times 2^-112 (exact for normal and subnormal
-    # halves); multiply back. Inf/NaN scales do not occur (the format rejects them).
-    f = builder.fmul(builder.bitcast(mag, _F32), ir.Constant(_F32, 2.0 ** 112))
-    return builder.bitcast(builder.or_(builder.bitcast(f, _I32), sign), _F32)
-
-
-def _hsum8(builder, v):
-    """Horizontal sum of a <8 x float>."""
-    lo = builder.shuffle_vector(v, v, _idx(range(4)))
-    hi = builder.shuffle_vector(v, v, _idx(range(4, 8)))
-    s4 = builder.fadd(lo, hi)
-    a = builder.shuffle_vector(s4, s4, _idx([0, 1]))
-    b = builder.shuffle_vector(s4, s4, _idx([2, 3]))
-    s2 = builder.fadd(a, b)
-    return builder.fadd(builder.extract_element(s2, ir.Constant(_I32, 0)),
-                        builder.extract_element(s2, ir.Constant(_I32, 1)))
+from . import _jit, ir
+from .ir import F32, F32x8, F32x16, I8, I8x16, I8x32, I16, I16x16, I32, I32x8, I32x16, I64
 
 
 def _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, bytes_per_block):
@@ -102,16 +43,10 @@ def _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, bytes_per_block):
     The `nrows` rows being read are contiguous (nrows * wstride bytes); block i consumes
     nrows * bytes_per_block of them, so prefetching the same amount of the following
     nrows * wstride bytes keeps the next group's lines in flight while this one computes.
-    Without it a single core reads int4 weights at ~6 GB/s instead of ~13 (memory latency).
     """
     step = nrows * bytes_per_block
-    ahead = builder.add(woff, builder.mul(ir.Constant(_I64, nrows), wstride))
-    base = builder.add(ahead, builder.mul(i, ir.Constant(_I64, step)))
-    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-    for line in range(0, step, 64):
-        p = builder.gep(wptr, [builder.add(base, ir.Constant(_I64, line))])
-        builder.call(fn, [p, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY), ir.Constant(_I32, 1)])
+    ahead = builder.add(woff, builder.mul(ir.c64(nrows), wstride))
+    ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(i, ir.c64(step))), step)
 
 
 def _dot_i16(builder, wlo, whi, xlo, xhi, init):
@@ -123,25 +58,19 @@ def _dot_i16(builder, wlo, whi, xlo, xhi, init):
     "generic": widen to i32, multiply, add.
     """
     if _jit.SIMD == "avxvnni":
-        acc = _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
-                   [init, builder.bitcast(wlo, _I32x8), builder.bitcast(xlo, _I32x8)])
-        return _x86(builder, "llvm.x86.avx512.vpdpwssd.256", _I32x8,
-                    [acc, builder.bitcast(whi, _I32x8), builder.bitcast(xhi, _I32x8)])
+        acc = ir.call(builder, "llvm.x86.avx512.vpdpwssd.256", I32x8,
+                      [init, builder.bitcast(wlo, I32x8), builder.bitcast(xlo, I32x8)])
+        return ir.call(builder, "llvm.x86.avx512.vpdpwssd.256", I32x8,
+                       [acc, builder.bitcast(whi, I32x8), builder.bitcast(xhi, I32x8)])
     if _jit.SIMD == "avx2":
-        plo = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [wlo, xlo])
-        phi = _x86(builder, "llvm.x86.avx2.pmadd.wd", _I32x8, [whi, xhi])
+        plo = ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8, [wlo, xlo])
+        phi = ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8, [whi, xhi])
         return builder.add(init, builder.add(plo, phi))
-    vi = ir.VectorType(_I32, 16)
-    prod = builder.add(builder.mul(builder.sext(wlo, vi), builder.sext(xlo, vi)),
-                       builder.mul(builder.sext(whi, vi), builder.sext(xhi, vi)))
-    lo8 = builder.shuffle_vector(prod, prod, _idx(range(8)))
-    hi8 = builder.shuffle_vector(prod, prod, _idx(range(8, 16)))
+    prod = builder.add(builder.mul(builder.sext(wlo, I32x16), builder.sext(xlo, I32x16)),
+                       builder.mul(builder.sext(whi, I32x16), builder.sext(xhi, I32x16)))
+    lo8 = builder.shuffle_vector(prod, prod, ir.mask(range(8)))
+    hi8 = builder.shuffle_vector(prod, prod, ir.mask(range(8, 16)))
     return builder.add(init, builder.add(lo8, hi8))
-
-
-def _load_vec(builder, ptr, offset, vty):
-    """Unaligned load of a vector of type vty at ptr + offset (elements of ptr's type)."""
-    return builder.load(builder.bitcast(builder.gep(ptr, [offset]), vty.as_pointer()), align=1)
 
 
 def _rows_dot(context, builder, sig, args, nrows, unpack):
@@ -160,50 +89,46 @@ def _rows_dot(context, builder, sig, args, nrows, unpack):
     """
     (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
     wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
-    wptr = _data_ptr(context, builder, wty, w, ir.IntType(8))
-    sptr = _data_ptr(context, builder, sty, s, _I16)
-    xqptr = _data_ptr(context, builder, xqty, xq, _I16)
-    xdptr = _data_ptr(context, builder, xdty, xd, _F32)
-    xsptr = _data_ptr(context, builder, xsty, xs, _I32)
-    zero8 = ir.Constant(_F32x8, [0.0] * 8)
-    izero8 = ir.Constant(_I32x8, [0] * 8)
+    wptr = ir.data_ptr(context, builder, wty, w, I8)
+    sptr = ir.data_ptr(context, builder, sty, s, I16)
+    xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
+    xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
+    xsptr = ir.data_ptr(context, builder, xsty, xs, I32)
+    zero8 = ir.Constant(F32x8, [0.0] * 8)
+    izero8 = ir.Constant(I32x8, [0] * 8)
     accs = [cgutils.alloca_once_value(builder, zero8) for _ in range(nrows)]
     bytes_per_block = 16 if unpack else 32
     with cgutils.for_range(builder, nblk) as loop:
         i = loop.index
         _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, bytes_per_block)
-        x0 = builder.mul(i, ir.Constant(_I64, 32))
-        xlo = _load_vec(builder, xqptr, x0, _I16x16)
-        xhi = _load_vec(builder, xqptr, builder.add(x0, ir.Constant(_I64, 16)), _I16x16)
+        x0 = builder.mul(i, ir.c64(32))
+        xlo = ir.load_vec(builder, xqptr, x0, I16x16)
+        xhi = ir.load_vec(builder, xqptr, builder.add(x0, ir.c64(16)), I16x16)
         xdi = builder.load(builder.gep(xdptr, [i]))
         if unpack:  # nibbles are code + 8: start every block's sum at -8 * sum(xq) (in lane 0)
-            init = builder.insert_element(izero8, builder.neg(builder.load(builder.gep(xsptr, [i]))),
-                                          ir.Constant(_I32, 0))
+            init = builder.insert_element(izero8, builder.neg(builder.load(builder.gep(xsptr, [i]))), ir.c32(0))
         else:
             init = izero8
         g = builder.lshr(i, log2sub)
         for r in range(nrows):
-            rr = ir.Constant(_I64, r)
+            rr = ir.c64(r)
             wrow = builder.add(woff, builder.mul(rr, wstride))
-            wo = builder.add(wrow, builder.mul(i, ir.Constant(_I64, bytes_per_block)))
+            wo = builder.add(wrow, builder.mul(i, ir.c64(bytes_per_block)))
             srow = builder.add(soff, builder.mul(rr, sstride))
-            ws = _fp16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
+            ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
             if unpack:
-                raw = builder.zext(_load_vec(builder, wptr, wo, _I8x16), _I16x16)
-                wlo = builder.and_(raw, ir.Constant(_I16x16, [15] * 16))
-                whi = builder.lshr(raw, ir.Constant(_I16x16, [4] * 16))
+                raw = builder.zext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
+                wlo = builder.and_(raw, ir.Constant(I16x16, [15] * 16))
+                whi = builder.lshr(raw, ir.Constant(I16x16, [4] * 16))
             else:
-                wlo = builder.sext(_load_vec(builder, wptr, wo, _I8x16), _I16x16)
-                whi = builder.sext(_load_vec(builder, wptr, builder.add(wo, ir.Constant(_I64, 16)), _I8x16),
-                                   _I16x16)
+                wlo = builder.sext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
+                whi = builder.sext(ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), I8x16), I16x16)
             p32 = _dot_i16(builder, wlo, whi, xlo, xhi, init)
-            f = builder.sitofp(p32, _F32x8)
-            d = builder.fmul(ws, xdi)
-            dv = builder.insert_element(ir.Constant(_F32x8, ir.Undefined), d, ir.Constant(_I32, 0))
-            dv = builder.shuffle_vector(dv, dv, ir.Constant(_I32x8, [0] * 8))
+            f = builder.sitofp(p32, F32x8)
+            dv = ir.splat(builder, builder.fmul(ws, xdi), F32x8)
             acc = builder.load(accs[r])
             builder.store(builder.fadd(acc, builder.fmul(f, dv, flags=("contract",)), flags=("contract",)), accs[r])
-    return [_hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
+    return [ir.hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
 
 
 def _make_rows_dot(nrows, unpack):
@@ -228,17 +153,6 @@ q4_dot1 = _make_rows_dot(1, unpack=True)
 q4_dot4 = _make_rows_dot(4, unpack=True)
 q8_dot1 = _make_rows_dot(1, unpack=False)
 q8_dot4 = _make_rows_dot(4, unpack=False)
-
-
-@intrinsic
-def f16_to_f32(typingctx, h):
-    """uint16 bits of an IEEE half -> float32 (vcvtph2ps on x86; exact bit manipulation elsewhere)."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return _fp16_to_f32(builder, args[0])
-
-    return sig, codegen
 
 
 def rows_dot4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
@@ -276,43 +190,37 @@ def _dequant_row(context, builder, sig, args, unpack):
     """
     (w, woff, s, soff, gs, out, ooff, k) = args
     wty, _, sty, _, _, oty, _, _ = sig.args
-    wptr = _data_ptr(context, builder, wty, w, ir.IntType(8))
-    sptr = _data_ptr(context, builder, sty, s, _I16)
-    optr = _data_ptr(context, builder, oty, out, _F32)
-    nblk = builder.udiv(k, ir.Constant(_I64, 32))
-    chunks = builder.udiv(gs, ir.Constant(_I64, 32))
-    half = builder.udiv(gs, ir.Constant(_I64, 2))
-    f16 = ir.VectorType(_F32, 16)
-    i16x32 = ir.VectorType(_I32, 16)
+    wptr = ir.data_ptr(context, builder, wty, w, I8)
+    sptr = ir.data_ptr(context, builder, sty, s, I16)
+    optr = ir.data_ptr(context, builder, oty, out, F32)
+    nblk = builder.udiv(k, ir.c64(32))
+    chunks = builder.udiv(gs, ir.c64(32))
+    half = builder.udiv(gs, ir.c64(2))
 
     def store16(vals_i8, base, scale):
-        v = builder.sitofp(builder.sext(vals_i8, i16x32), f16)
-        sv = builder.insert_element(ir.Constant(f16, ir.Undefined), scale, ir.Constant(_I32, 0))
-        sv = builder.shuffle_vector(sv, sv, ir.Constant(i16x32, [0] * 16))
-        p = builder.bitcast(builder.gep(optr, [base]), f16.as_pointer())
-        builder.store(builder.fmul(v, sv), p, align=4)
+        v = builder.sitofp(builder.sext(vals_i8, I32x16), F32x16)
+        p = builder.bitcast(builder.gep(optr, [base]), F32x16.as_pointer())
+        builder.store(builder.fmul(v, ir.splat(builder, scale, F32x16)), p, align=4)
 
     with cgutils.for_range(builder, nblk) as loop:
         b = loop.index
         g = builder.udiv(b, chunks)
         c = builder.urem(b, chunks)
-        scale = _fp16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)])))
-        obase = builder.add(ooff, builder.add(builder.mul(g, gs), builder.mul(c, ir.Constant(_I64, 16))))
+        scale = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)])))
+        obase = builder.add(ooff, builder.add(builder.mul(g, gs), builder.mul(c, ir.c64(16))))
         if unpack:
-            wb = builder.add(woff, builder.add(builder.mul(g, half), builder.mul(c, ir.Constant(_I64, 16))))
-            raw = builder.load(builder.bitcast(builder.gep(wptr, [wb]), _I8x16.as_pointer()), align=1)
-            eight = ir.Constant(_I8x16, [8] * 16)
-            lo = builder.sub(builder.and_(raw, ir.Constant(_I8x16, [15] * 16)), eight)
-            hi = builder.sub(builder.lshr(raw, ir.Constant(_I8x16, [4] * 16)), eight)
+            wb = builder.add(woff, builder.add(builder.mul(g, half), builder.mul(c, ir.c64(16))))
+            raw = ir.load_vec(builder, wptr, wb, I8x16)
+            eight = ir.Constant(I8x16, [8] * 16)
+            lo = builder.sub(builder.and_(raw, ir.Constant(I8x16, [15] * 16)), eight)
+            hi = builder.sub(builder.lshr(raw, ir.Constant(I8x16, [4] * 16)), eight)
             store16(lo, obase, scale)
             store16(hi, builder.add(obase, half), scale)
         else:
-            wb = builder.add(woff, builder.mul(b, ir.Constant(_I64, 32)))
-            raw = builder.load(builder.bitcast(builder.gep(wptr, [wb]), _I8x32.as_pointer()), align=1)
-            ob = builder.add(ooff, builder.mul(b, ir.Constant(_I64, 32)))
-            store16(builder.shuffle_vector(raw, raw, _idx(range(16))), ob, scale)
-            store16(builder.shuffle_vector(raw, raw, _idx(range(16, 32))), builder.add(ob, ir.Constant(_I64, 16)),
-                    scale)
+            raw = ir.load_vec(builder, wptr, builder.add(woff, builder.mul(b, ir.c64(32))), I8x32)
+            ob = builder.add(ooff, builder.mul(b, ir.c64(32)))
+            store16(builder.shuffle_vector(raw, raw, ir.mask(range(16))), ob, scale)
+            store16(builder.shuffle_vector(raw, raw, ir.mask(range(16, 32))), builder.add(ob, ir.c64(16)), scale)
     return context.get_dummy_value()
 
 
@@ -339,7 +247,7 @@ def f32_from_bits(typingctx, bits):
     sig = types.float32(types.int32)
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], _F32)
+        return builder.bitcast(args[0], F32)
 
     return sig, codegen
 
@@ -352,7 +260,7 @@ def fetch_add(typingctx, counter, index, value):
 
     def codegen(context, builder, signature, args):
         arr, idx, val = args
-        ptr = builder.gep(_data_ptr(context, builder, signature.args[0], arr, _I64), [idx])
+        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
         return builder.atomic_rmw("add", ptr, val, "monotonic")
 
     return sig, codegen

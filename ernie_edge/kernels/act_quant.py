@@ -1,0 +1,110 @@
+"""The int16 activation quantizer of the integer kernels (decode matvecs in q8.py, small-batch
+prefill matmuls in qbatch.py), and the checks of the quantized weights they are dotted with.
+
+Legend: K input features, B = K/32 activation blocks, G weight group size (32, 64 or 128).
+
+Activations are quantized in blocks of ACT_BLOCK = 32 values (llama.cpp's Q8_0 with 16-bit values):
+xd[b] = max|block| / ACT_MAX and xq = round-half-even(x / xd[b]), computed in float64 so that
+denormal blocks quantize correctly. Block b holds the 32 values one 16-byte chunk of an int4 row
+multiplies: with weight group size gs, block b = (group g, chunk c) takes x[g*gs + 16c : +16] (low
+nibbles) then x[g*gs + gs/2 + 16c : +16] (high nibbles); for gs = 32 (and for int8 weights, which
+pass 32) that is simply x[32b : 32b + 32]. The weight layouts are ernie_edge/formats/quant.py's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import njit
+
+ACT_BLOCK = 32  # activation values per quantization block
+ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX] (int16 without -32768)
+
+
+@njit(inline="always")
+def quantize_blocks(x, xq, xd, xs, gs, b0, b1):
+    """Blocks b0..b1 of one row: x float32 [K] -> xq int16 [K], xd float32 [B], xs int32 [B]
+    (xs[b] = 8 * sum of the block's xq: the int4 kernels' offset term). Block order in the module doc."""
+    half = gs // 2
+    chunks = gs // 32
+    for b in range(b0, b1):
+        g, c = b // chunks, b % chunks
+        lo = g * gs + 16 * c
+        hi = lo + half
+        amax = np.float32(0.0)
+        for j in range(16):
+            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
+        d = amax / np.float32(ACT_MAX)
+        # float64: 32767 / amax overflows float32 when amax is a float32 denormal
+        inv = ACT_MAX / np.float64(amax) if amax > 0 else 0.0
+        total = 0
+        for j in range(16):
+            q0 = np.int32(np.rint(np.float64(x[lo + j]) * inv))
+            q1 = np.int32(np.rint(np.float64(x[hi + j]) * inv))
+            xq[32 * b + j] = q0
+            xq[32 * b + 16 + j] = q1
+            total += q0 + q1
+        xd[b] = d
+        xs[b] = 8 * total
+
+
+@njit()
+def quantize_act(x, xq, xd, xs, gs):
+    """A whole row: x float32 [K] -> xq int16 [K], xd float32 [K/32], xs int32 [K/32]."""
+    quantize_blocks(x, xq, xd, xs, gs, 0, x.shape[0] // 32)
+
+
+@njit()
+def log2_sub(nb, nsg):
+    """log2(G / 32) for K/32 = nb activation blocks and nsg weight groups per row."""
+    sub = nb // nsg
+    l2 = 0
+    while (1 << l2) < sub:
+        l2 += 1
+    return l2
+
+
+def act_group(k: int, s: np.ndarray, bits: int) -> int:
+    """The `gs` argument of the quantizer: the weight group size for int4 (the block order follows
+    the nibbles), 32 for int8."""
+    return k // s.shape[-1] if bits == 4 else 32
+
+
+# ---- argument checks of the quantized weights -------------------------------------------------
+
+def as_u16(scales: np.ndarray) -> np.ndarray:
+    """fp16 scales as the uint16 view the kernels take (accepts float16 or uint16)."""
+    if scales.dtype == np.float16:
+        return scales.view(np.uint16)
+    if scales.dtype != np.uint16:
+        raise TypeError(f"scales must be float16 or their uint16 view, got {scales.dtype}")
+    return scales
+
+
+def check_contig(**arrays: np.ndarray) -> None:
+    for name, a in arrays.items():
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
+
+
+def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight",
+                 ndim: int | None = None) -> np.ndarray:
+    """Check that w [.., O, K*bits/8] (uint8 packed int4 or int8 codes; `ndim` dimensions when given)
+    and its scales s [.., O, K/G] take an input of length k; returns s as uint16."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    want = np.uint8 if bits == 4 else np.int8
+    if w.dtype != want or (ndim is not None and w.ndim != ndim):
+        dims = "" if ndim is None else f" with {ndim} dimensions"
+        raise ValueError(f"{what}: int{bits} weights must be {np.dtype(want).name}{dims}, got {w.dtype} {w.shape}")
+    s = as_u16(s)
+    kw = k // 2 if bits == 4 else k
+    if k % ACT_BLOCK or w.shape[-1] != kw:
+        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
+    if s.shape[:-1] != w.shape[:-1] or s.shape[-1] == 0 or k % s.shape[-1]:
+        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape}")
+    g = k // s.shape[-1]
+    if g not in (32, 64, 128):
+        raise ValueError(f"{what}: scales {s.shape} give group size {g}, not 32, 64 or 128")
+    check_contig(**{what: w, f"{what} scales": s})
+    return s

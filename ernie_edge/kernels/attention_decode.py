@@ -1,0 +1,263 @@
+"""GQA decode attention (docs/ERNIE_SPEC.md §3.2): one query token over an fp16 or int8 KV cache.
+
+Legend: L attended length, Nq query heads, Nkv KV heads, R = Nq / Nkv query heads per KV head, D
+head dim, KT = KV_TILE positions per cache tile, B = DECODE_BLOCK positions per softmax step.
+
+Decode reads the cache once per token (it is memory-bound at long context): each work item is one
+KV head x one contiguous range of positions, processed in blocks of B positions with an online
+softmax; all R query heads are scored from one pass over each K tile and accumulated from one pass
+over each V tile (the intrinsics of attention_ir.py). The ranges' partial results are merged as in
+flash-decoding. Query head h reads KV head h // R. Scores are (q . k) * D^-0.5, softmax in float32.
+For an int8 cache q is quantized per head to int8 and each tile's probabilities (times the V
+scales) are rounded to uint8 (attention_ir.py's module doc).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from . import _jit
+from ._jit import njit, pnjit
+from .attention_ir import (DECODE_BLOCK, MAX_HEADS, NEG_INF, exp_nonpos, pv1, pv2, pv3, pv4, pv5, pv6, pvi1, pvi2,
+                           pvi3, pvi4, pvi5, pvi6, qk1, qk2, qk3, qk4, qk5, qk6, quantize_tile, vmax)
+from .kv_layout import KV_TILE, check_cache, is_i8
+
+MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
+
+
+@njit(inline="always")
+def _head_chunks(R):
+    """(number, size) of the register tiles that cover R heads (at most MAX_HEADS each)."""
+    nch = (R + MAX_HEADS - 1) // MAX_HEADS
+    return nch, (R + nch - 1) // nch
+
+
+@njit(inline="always")
+def _qk_heads(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, R):
+    """Scores of heads h0 .. h0+R-1 against one K tile into s[soff + r*sstride + j]."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        h, so = h0 + r0, soff + r0 * sstride
+        if nr == 1:
+            qk1(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 2:
+            qk2(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 3:
+            qk3(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 4:
+            qk4(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        elif nr == 5:
+            qk5(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+        else:
+            qk6(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+
+
+@njit(inline="always")
+def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, R):
+    """acc[r, :] += p[r, poff : poff+n] . V tile rows 0..n-1 for R heads (acc [R, D])."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        po, ao = r0 * pstride + poff, r0 * D
+        if nr == 1:
+            pv1(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 2:
+            pv2(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 3:
+            pv3(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 4:
+            pv4(vc, toff, D, n, p, po, pstride, acc, ao)
+        elif nr == 5:
+            pv5(vc, toff, D, n, p, po, pstride, acc, ao)
+        else:
+            pv6(vc, toff, D, n, p, po, pstride, acc, ao)
+
+
+@njit(inline="always")
+def _pv_heads_int(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, R):
+    """Integer P.V of one int8 V tile (tile t of the block) for R heads (acc [R, D])."""
+    nch, size = _head_chunks(R)
+    for c in range(nch):
+        r0 = c * size
+        nr = min(size, R - r0)
+        po, qo, ao = r0 * pstride + poff, r0 * qstride + t, r0 * D
+        if nr == 1:
+            pvi1(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+        elif nr == 2:
+            pvi2(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+        elif nr == 3:
+            pvi3(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+        elif nr == 4:
+            pvi4(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+        elif nr == 5:
+            pvi5(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+        else:
+            pvi6(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+
+
+@njit(inline="always")
+def _quantize_probs(v_cache, toff0, te, D, sc, n, pq, psc):
+    """int8 V: the block's probabilities times the positions' V scales, rounded to uint8 per head and
+    tile (`quantize_tile`): pq [R, B], psc [R, B/KT]."""
+    KT = KV_TILE
+    R, B = sc.shape
+    for t in range((n + KT - 1) // KT):
+        voff = toff0 + t * te + D * KT  # this tile's V scales
+        for r in range(R):
+            quantize_tile(sc, r * B + t * KT, v_cache, voff, min(KT, n - t * KT), pq, r * B + t * KT,
+                          psc, r * (B // KT) + t)
+
+
+@njit(inline="always")
+def _softmax_step(sc, n, m, l, acc):
+    """Online softmax over one block: scores sc[r, :n] -> exp(s - new max) in place; rescales the
+    running sum l[r] and accumulator acc[r, :] to the new max m[r]."""
+    R, D = acc.shape
+    for r in range(R):
+        row = sc[r]
+        mx = vmax(row, 0, n, m[r])
+        f = exp_nonpos(m[r] - mx)
+        tot = np.float32(0.0)
+        for j in range(n):
+            e = exp_nonpos(row[j] - mx)
+            row[j] = e
+            tot += e
+        l[r] = l[r] * f + tot
+        m[r] = mx
+        if f != np.float32(1.0):
+            for d in range(D):
+                acc[r, d] *= f
+
+
+@pnjit()
+def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart,
+                      pqpart, pscpart, out):
+    nq, D = qs.shape
+    if is_i8(k_cache):
+        _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
+    nkv, ntc, te = k_cache.shape
+    R = nq // nkv
+    B, KT = DECODE_BLOCK, KV_TILE
+    nblk = (length + B - 1) // B
+    for item in prange(nkv * nsplit):
+        g, sp = item // nsplit, item % nsplit
+        b0, b1 = sp * nblk // nsplit, (sp + 1) * nblk // nsplit
+        # This item's softmax state is its slice of the per-split outputs (nothing allocated here).
+        sc = spart[sp, g * R:(g + 1) * R]  # [R, B] scores, then probabilities, of one block
+        acc = apart[sp, g * R:(g + 1) * R]  # [R, D] unnormalised P.V
+        m = mpart[sp, g * R:(g + 1) * R]  # [R] running max
+        l = lpart[sp, g * R:(g + 1) * R]  # [R] running sum
+        pq = pqpart[sp, g * R:(g + 1) * R]  # [R, B] int8 V: uint8 probabilities of one block
+        psc = pscpart[sp, g * R:(g + 1) * R]  # [R, B/KT] their scale per tile
+        m[:] = NEG_INF
+        l[:] = 0.0
+        acc[:] = 0.0
+        for b in range(b0, b1):
+            n = min(B, length - b * B)
+            tile0 = g * ntc + b * (B // KT)
+            for t in range((n + KT - 1) // KT):
+                _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, R)
+            _softmax_step(sc, n, m, l, acc)
+            if is_i8(v_cache):
+                _quantize_probs(v_cache, tile0 * te, te, D, sc, n, pq, psc)
+                for t in range((n + KT - 1) // KT):
+                    _pv_heads_int(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), pq, t * KT, B, psc, t,
+                                  B // KT, acc, R)
+            else:
+                for t in range((n + KT - 1) // KT):
+                    _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
+    _combine_splits(mpart, lpart, apart, nsplit, out)
+
+
+@njit(inline="always")
+def _quantize_q(qs, qi, qsc, qsum):
+    """Symmetric int8 per query head: qi = round(qs / qsc), qsc = max|qs| / 127, qsum = sum(qi)."""
+    nq, D = qs.shape
+    for h in range(nq):
+        amax = np.float32(0.0)
+        for d in range(D):
+            amax = max(amax, abs(qs[h, d]))
+        inv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+        tot = 0
+        for d in range(D):
+            c = np.int32(np.floor(qs[h, d] * inv + np.float32(0.5)))
+            qi[h, d] = c
+            tot += c
+        qsc[h] = amax / np.float32(127.0)
+        qsum[h] = tot
+
+
+@njit()
+def _combine_splits(m, l, acc, nsplit, out):
+    """Flash-decoding merge: out = sum_c e^(m_c - M) acc_c / sum_c e^(m_c - M) l_c per head.
+    (A separate function: numba treats names shared with a prange body as reductions.)"""
+    nq, D = out.shape
+    for h in range(nq):
+        big = NEG_INF
+        for c in range(nsplit):
+            big = max(big, m[c, h])
+        denom = np.float32(0.0)
+        for d in range(D):
+            out[h, d] = 0.0
+        for c in range(nsplit):
+            f = np.exp(m[c, h] - big)
+            denom += f * l[c, h]
+            for d in range(D):
+                out[h, d] += f * acc[c, h, d]
+        inv = np.float32(1.0) / denom
+        for d in range(D):
+            out[h, d] *= inv
+
+
+class DecodeScratch:
+    """Per-model buffers of `attention_decode` for up to `max_len` positions: the scaled query and
+    each position range's partial softmax state (max, sum, unnormalised P.V)."""
+
+    def __init__(self, n_heads: int, head_dim: int, max_len: int):
+        self.max_len = max_len
+        self.qs = np.empty((n_heads, head_dim), np.float32)
+        self.qi = np.empty(n_heads * head_dim, np.int8)  # int8 caches: q codes [Nq, D], scales, code sums
+        self.qsc = np.empty(n_heads, np.float32)
+        self.qsum = np.empty(n_heads, np.int32)
+        self.m = np.empty((MAX_SPLIT, n_heads), np.float32)
+        self.l = np.empty((MAX_SPLIT, n_heads), np.float32)
+        self.acc = np.empty((MAX_SPLIT, n_heads, head_dim), np.float32)
+        self.scores = np.empty((MAX_SPLIT, n_heads, DECODE_BLOCK), np.float32)  # one block's, per item
+        # int8 caches: the block's probabilities as uint8 codes, with a scale per tile
+        self.pq = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK), np.uint8)
+        self.psc = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.float32)
+
+
+def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
+    """Position ranges per KV head: enough work items for every thread, each >= 1 block."""
+    threads = _jit.get_threads() if threads is None else threads
+    nblk = -(-length // DECODE_BLOCK)
+    return max(1, min(nblk, MAX_SPLIT, -(-threads // n_kv_heads)))
+
+
+def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScratch) -> np.ndarray:
+    """out float32 [Nq, D] = softmax(q K^T * D^-0.5) V over cache positions 0 .. length-1.
+
+    q float32 [Nq, D] (post-RoPE) for the token at position length-1, whose k/v must already be in
+    the cache (kv_write). One parallel region; work items are KV head x position range; each K and
+    V tile is read once for the R query heads that share it; cost is linear in length.
+    """
+    nq, d = q.shape
+    dc = check_cache(k_cache, v_cache, d)
+    nkv, nt, _ = k_cache.shape
+    if q.dtype != np.float32 or not q.flags.c_contiguous or nq % nkv:
+        raise ValueError(f"attention_decode: q must be C-contiguous float32 [Nq, D], Nq % Nkv == 0; "
+                         f"got {q.dtype} {q.shape} for {nkv} KV heads of dim {dc}")
+    if not 1 <= length <= min(nt * KV_TILE, scratch.max_len):
+        raise ValueError(f"length {length} outside 1..{min(nt * KV_TILE, scratch.max_len)} (cache / scratch size)")
+    if out.shape != q.shape or out.dtype != np.float32 or scratch.acc.shape[1:] != (nq, d):
+        raise ValueError(f"attention_decode: out {out.shape} / scratch do not match q {q.shape}")
+    np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
+    _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
+                      decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, scratch.pq,
+                      scratch.psc, out)
+    return out
