@@ -1,5 +1,5 @@
 """The fast path's KV cache: fp16 (default) or int8 keys/values per layer in the attention kernels'
-layout (kernels/attention.py), grown in chunks as the conversation grows, with its size checked
+layout (kernels/kv_layout.py), grown in chunks as the conversation grows, with its size checked
 against free memory before any allocation. One cache per conversation; `truncate` rewinds it for
 prompt-prefix reuse.
 
