@@ -19,7 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The flags of `ernie-edge-gui`, shared with `ernie-edge gui`."""
     p.add_argument("--model", default=None, help="model folder, or the name of one in the models store")
-    p.add_argument("--theme", choices=["system", "light", "dark"], default=None)
+    p.add_argument("--theme", choices=["system", "light", "dark"], default=None,
+                   help="colours: follow the system (default), light or dark")
     p.add_argument("--data-dir", type=Path, default=None, help="where the chat history lives")
     p.add_argument("--config-dir", type=Path, default=None, help="where the settings live")
 
