@@ -1,9 +1,10 @@
 """Shared by the desktop-app tests (tests/test_gui_*.py) and benchmarks/gui_*.py: the tiny
-converted model, and backends whose output is scripted.
+converted model, backends whose output is scripted, and opening the window and sending a message.
 
 Random test weights write random text, so the app tests script what the model says: the
-LocalBackend test hook (`forced`) replaces each step's logits by a one-hot row on the next token of
-a given text. The model, sampler, detokenizer and reasoning/answer parser all run as usual.
+LocalBackend test hook (`forced`) gives the turn's engine request a logits processor that replaces
+each step's logits by a one-hot row on the next token of a given text. The engine, model, sampler,
+detokenizer and reasoning/answer parser all run as usual.
 """
 
 from __future__ import annotations
@@ -58,3 +59,29 @@ def scripted_factory(model, texts, context: int = 4096):
         return LocalBackend(LocalSettings(settings.model_path or str(model.path), context=context),
                             model=model, forced=forced)
     return factory
+
+
+def open_window(qtbot, home, factory=None, model_path="", wait_ready=True):
+    """The app's window on `home` (history and settings), shown; by default it waits until the
+    backend `factory` makes (the real one if None) has loaded."""
+    from ernie_edge.gui import window
+    from ernie_edge.gui.launch import GuiSettings, build_window
+    settings = GuiSettings(model=str(model_path) if model_path else None, data_dir=home, config_dir=home,
+                           theme="light")
+    w = build_window(settings, factory or window.make_backend)
+    qtbot.addWidget(w)
+    w.resize(1000, 700)
+    w.show()
+    if wait_ready:
+        qtbot.waitUntil(lambda: w.backend is not None, timeout=30000)
+    return w
+
+
+def send(qtbot, w, text: str, wait: bool = True):
+    """Type `text` in the message box and press Enter; by default wait until the answer ends."""
+    from PyQt6.QtCore import Qt
+    w.input.setFocus()
+    w.input.setPlainText(text)  # QTest types ASCII only; the Enter below is a real key press
+    qtbot.keyClick(w.input, Qt.Key.Key_Return)
+    if wait:
+        qtbot.waitUntil(lambda: not w.controller.busy, timeout=30000)

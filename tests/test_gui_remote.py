@@ -1,114 +1,77 @@
-"""Remote mode: the app's RemoteBackend against an OpenAI-compatible server.
+"""Remote mode: the app's RemoteBackend against the project's own OpenAI-compatible server.
 
-The server is the project's own `ernie-edge serve` when this build has it (ernie_edge.server);
-otherwise `StandInOpenAIServer` below, a few dozen lines of http.server that speak the same wire
-format (streaming /v1/chat/completions with `reasoning_content` deltas, tool-call deltas, a usage
-chunk, the OpenAI error shape) so the client side is tested either way.
+Most tests serve an engine on the tiny model in this process (`serve_engine`), so that what the
+model writes can be scripted: `Engine.request_hook` (a Python-only test hook) gives each request
+`forced_tokens`, the tokens of a given text. The window test runs the real `ernie-edge serve`
+command as a user would. The pieces a server may send in other shapes than ours (a tool call's
+arguments in fragments, as vLLM streams them) are tested on the parsing functions directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
-import threading
-import time
-import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
-from gui_helpers import tiny_edge_dir
-from ernie_edge.gui.backends import (FINISH_CANCELLED, BackendError, RemoteBackend, RemoteSettings,
-                                     TurnRequest, api_base)
-from ernie_edge.gui.launch import GuiSettings, build_window
-from ernie_edge.gui.local_server import LocalServer
-from ernie_edge.gui.window import make_backend
+from gui_helpers import loaded_model, open_window, tiny_edge_dir
+from serve_helpers import wait_until
+from test_serve_cli import read_until
+from ernie_edge.engine import Engine, EngineSettings
+from ernie_edge.generate import render_prompt
+from ernie_edge.gui.backends import (FINISH_CANCELLED, BackendError, RemoteBackend, RemoteSettings, TurnRequest,
+                                     _merge_tool_calls, _sse_events, api_base)
 from ernie_edge.sampling import SamplingParams
+from ernie_edge.server.run import serve_engine
+from ernie_edge.server.settings import ServeSettings
 
-REASONING = ["The ", "user ", "greets ", "me."]
-CONTENT = ["Hello", "! ", "你好", "！"]
+ROOT = Path(__file__).resolve().parent.parent
+REASONING = "The user greets me."
+CONTENT = "Hello! 你好！"
+ANSWER = f"{REASONING}\n</think>\n\n<response>\n{CONTENT}\n</response>"
+TOOL_CALL = ('I should look it up.\n</think>\n\n\n<tool_call>\n{"name": "get_weather", '
+             '"arguments": {"city": "北京"}}\n</tool_call>\n')
 HELLO = [{"role": "user", "content": "hi"}]
+KEY = "sk-right"
 
 
-class StandInOpenAIServer:
-    """A stand-in for an OpenAI-compatible server (NOT the project's server): GET /v1/models and
-    streaming POST /v1/chat/completions. `key`: require `Authorization: Bearer key`. `delay_s`:
-    pause before each event. `tool_call`: end with a streamed tool call. Requests are recorded."""
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    e = Engine(loaded_model(tiny_edge_dir(tmp_path_factory.mktemp("gui-remote"))),
+               EngineSettings(slots=2, context=4096))
+    yield e
+    e.close(drain=False)
 
-    def __init__(self, key: str = "", delay_s: float = 0.0, tool_call: bool = False):
-        self.key, self.delay_s, self.tool_call = key, delay_s, tool_call
-        self.requests: list[dict] = []
-        self.events_sent = 0
-        outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
+@pytest.fixture(scope="module")
+def api(engine):
+    """The engine served on 127.0.0.1 (a free port); `api.url` + "/v1" is the base URL."""
+    server = serve_engine(engine, ServeSettings(model=str(engine.model.path), port=0))
+    yield server
+    server.stop()
 
-            def do_GET(self):
-                if self._auth():
-                    self._json(200, {"object": "list", "data": [{"id": "ernie-standin", "object": "model"}]})
 
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                if not self._auth():
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.end_headers()
-                try:
-                    for event in outer.events():
-                        time.sleep(outer.delay_s)
-                        self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
-                        self.wfile.flush()
-                        outer.events_sent += 1
-                    self.wfile.write(b"data: [DONE]\n\n")
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away (cancel)
+@contextmanager
+def forcing(engine, text: str):
+    """Every request the engine takes meanwhile writes `text`, then ends its turn."""
+    tok = engine.tokenizer
+    ids = tok.encode(text) + [tok.im_end_id]
+    seen = []
 
-            def _auth(self) -> bool:
-                if outer.key and self.headers.get("Authorization") != f"Bearer {outer.key}":
-                    self._json(401, {"error": {"message": "Invalid API key", "type": "authentication_error",
-                                               "param": None, "code": "invalid_api_key"}})
-                    return False
-                return True
-
-            def _json(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def events(self):
-        def chunk(delta, finish=None):
-            return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "ernie-standin",
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        yield chunk({"role": "assistant", "content": ""})
-        for piece in REASONING:
-            yield chunk({"reasoning_content": piece})
-        for piece in CONTENT:
-            yield chunk({"content": piece})
-        if self.tool_call:
-            yield chunk({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
-                                         "function": {"name": "get_weather", "arguments": ""}}]})
-            for part in ('{"city": ', '"北京"}'):
-                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
-        yield chunk({}, "tool_calls" if self.tool_call else "stop")
-        yield {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [],
-               "usage": {"prompt_tokens": 7, "completion_tokens": 9, "total_tokens": 16}}
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def hook(request):
+        seen.append(request)
+        return dataclasses.replace(request, forced_tokens=ids)
+    engine.request_hook = hook
+    try:
+        yield seen
+    finally:
+        engine.request_hook = None
 
 
 def free_port() -> int:
@@ -117,52 +80,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def standin():
-    server = StandInOpenAIServer()
-    yield server
-    server.close()
-
-
 def ready(url: str, key: str = "") -> RemoteBackend:
     b = RemoteBackend(RemoteSettings(url, key))
     b.load(lambda p: None)
     return b
 
 
-def test_streams_reasoning_answer_and_usage(standin):
-    b = ready(standin.url)
-    assert b.model == "ernie-standin"
-    chunks = list(b.submit(TurnRequest(HELLO, SamplingParams(temperature=0.3, top_p=0.9, max_tokens=64))))
-    assert "".join(c.reasoning for c in chunks) == "".join(REASONING)
-    assert "".join(c.content for c in chunks) == "".join(CONTENT)
+def test_streams_reasoning_answer_and_usage(engine, api):
+    b = ready(api.url + "/v1")
+    assert b.model == engine.model.path.name
+    with forcing(engine, ANSWER) as seen:
+        chunks = list(b.submit(TurnRequest(HELLO, SamplingParams(temperature=0.3, top_p=0.9, max_tokens=64, seed=5))))
+    assert "".join(c.reasoning for c in chunks) == REASONING
+    assert "".join(c.content for c in chunks) == CONTENT
     last = chunks[-1]
-    assert last.finish_reason == "stop" and last.stats.completion_tokens == 9 and last.stats.prompt_tokens == 7
-    sent = standin.requests[0]
-    assert sent["stream"] is True and sent["messages"] == HELLO and sent["model"] == "ernie-standin"
-    assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.3, 0.9, 64)
+    assert last.finish_reason == "stop" and all(c.finish_reason is None for c in chunks[:-1])
+    sent = seen[0]  # what the server made of the request the backend sent
+    assert last.stats.prompt_tokens == len(sent.prompt_ids)
+    assert last.stats.completion_tokens == len(engine.tokenizer.encode(ANSWER)) + 1  # + the end of turn
+    assert list(sent.prompt_ids) == render_prompt(engine.model, HELLO)
+    p = sent.params
+    assert (p.temperature, p.top_p, p.max_tokens, p.seed) == (0.3, 0.9, 64, 5)
 
 
-def test_tool_calls_are_assembled_from_their_pieces():
-    server = StandInOpenAIServer(tool_call=True)
-    try:
-        chunks = list(ready(server.url).submit(TurnRequest(HELLO, SamplingParams())))
-    finally:
-        server.close()
+def test_tool_calls_are_assembled(engine, api):
+    with forcing(engine, TOOL_CALL):
+        chunks = list(ready(api.url).submit(TurnRequest(HELLO, SamplingParams())))
     last = chunks[-1]
     assert last.finish_reason == "tool_calls"
-    assert [(c.id, c.name, json.loads(c.arguments)) for c in last.tool_calls] == [
-        ("call_1", "get_weather", {"city": "北京"})]
+    assert [(c.name, json.loads(c.arguments)) for c in last.tool_calls] == [("get_weather", {"city": "北京"})]
+    assert last.tool_calls[0].id.startswith("call_")
 
 
-def test_api_key_is_sent_and_a_wrong_one_is_explained():
-    server = StandInOpenAIServer(key="sk-right")
+def test_tool_call_fragments_and_events_are_parsed():
+    """A server that streams a call's arguments in pieces (vLLM does), and its events."""
+    lines = ['data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "id": "call_1", "type": "function", '
+             '"function": {"name": "get_weather", "arguments": ""}}]}}]}',
+             "",
+             'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\\"city\\": "}}]}}]}',
+             ': a comment line',
+             'data: {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\\"北京\\"}"}}]}}]}',
+             "data: [DONE]",
+             'data: {"never": "read"}']
+    calls: dict[int, dict] = {}
+    events = list(_sse_events(lines))
+    for event in events:
+        _merge_tool_calls(calls, event["choices"][0]["delta"]["tool_calls"])
+    assert len(events) == 3
+    assert calls == {0: {"id": "call_1", "name": "get_weather", "arguments": '{"city": "北京"}'}}
+    with pytest.raises(BackendError, match="stopped the answer: overloaded"):
+        list(_sse_events(['data: {"error": {"message": "overloaded"}}']))
+
+
+def test_api_key_is_sent_and_a_wrong_one_is_explained(engine):
+    server = serve_engine(engine, ServeSettings(model=str(engine.model.path), port=0, api_key=KEY))
     try:
-        assert ready(server.url, "sk-right").model == "ernie-standin"
+        assert ready(server.url, KEY).model == engine.model.path.name
         with pytest.raises(BackendError, match="refused the API key"):
             ready(server.url, "sk-wrong")
     finally:
-        server.close()
+        server.stop()
 
 
 def test_refusing_url_is_a_clear_error():
@@ -171,18 +148,17 @@ def test_refusing_url_is_a_clear_error():
         ready(url)
 
 
-def test_cancel_ends_the_stream_early():
-    server = StandInOpenAIServer(delay_s=0.05)
-    try:
-        turn = ready(server.url).submit(TurnRequest(HELLO, SamplingParams()))
+def test_cancel_ends_the_stream_early(engine, api):
+    with forcing(engine, "thinking " * 1500):
+        turn = ready(api.url).submit(TurnRequest(HELLO, SamplingParams()))
         it = iter(turn)
         next(it)
         turn.cancel()
         rest = list(it)
-    finally:
-        server.close()
-    assert rest[-1].finish_reason == FINISH_CANCELLED
-    assert len(rest) <= 2  # at most one more delta, then the end
+    assert rest == [rest[-1]] and rest[-1].finish_reason == FINISH_CANCELLED  # no delta after the cancel
+    # The server sees the connection close and cancels the request.
+    wait_until(lambda: not engine.stats().active_ids, 30, "the request of a client that left cancelled")
+    assert engine.stats().finished.get("cancelled", 0) >= 1
 
 
 def test_api_base_accepts_both_spellings():
@@ -193,74 +169,53 @@ def test_api_base_accepts_both_spellings():
 
 @pytest.fixture
 def serve_url(tmp_path_factory):
-    """The project's own `ernie-edge serve` on the tiny model when this build has it, else the
-    stand-in. Yields (url, is_the_real_server)."""
-    if not LocalServer.available():
-        server = StandInOpenAIServer()
-        yield server.url, False
-        server.close()
-        return
+    """`ernie-edge serve` on the tiny model, as a user runs it."""
     model = tiny_edge_dir(tmp_path_factory.mktemp("gui-serve"))
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ernie_edge.cli", "serve", "--model", str(model),
-                             "--host", "127.0.0.1", "--port", str(port)])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ernie_edge.cli", "serve", "--model", str(model), "--port", str(free_port()),
+                             "--threads", "1", "--ctx", "1024"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                assert proc.poll() is None, f"ernie-edge serve exited with {proc.returncode}"
-                assert time.monotonic() < deadline, "ernie-edge serve did not become healthy in 120 s"
-                time.sleep(0.2)  # polling a starting server: there is nothing to wait on instead
-        yield f"http://127.0.0.1:{port}/v1", True
+        banner = read_until(proc, "Ctrl-C stops the server", 120)
+        url = banner.split("ready at ", 1)[1].split()[0]
+        yield url + "/v1"
     finally:
         proc.terminate()
-        proc.wait(10)
+        proc.wait(30)
 
 
 def test_window_in_remote_mode(qtbot, tmp_path, serve_url):
-    url, real = serve_url
-    settings = GuiSettings(data_dir=tmp_path, config_dir=tmp_path, theme="light")
-    w = build_window(settings, make_backend)
-    qtbot.addWidget(w)
-    w.show()
-    w.settings.mode, w.settings.remote_url = "remote", url
+    w = open_window(qtbot, tmp_path, wait_ready=False)
+    w.settings.mode, w.settings.remote_url, w.settings.max_tokens = "remote", serve_url, 16
     w.load_backend()
     qtbot.waitUntil(lambda: w.backend is not None, timeout=30000)
     assert w.backend.label.startswith("remote:")
+    assert not w.server_toggle.isEnabled() and "remote server" in w.server_toggle.toolTip()
     w.input.setPlainText("Hello")
     w.send()
     qtbot.waitUntil(lambda: not w.controller.busy, timeout=60000)
     answer = w.chat.widgets[1].message
-    assert answer.status == "complete" and answer.stats["completion_tokens"] > 0
-    if not real:
-        assert answer.reasoning == "".join(REASONING) and answer.content == "".join(CONTENT)
+    assert answer.status == "complete" and 1 <= answer.stats["completion_tokens"] <= 16
+    assert answer.reasoning or answer.content  # random weights: some text, in one place or the other
 
 
 def test_window_with_a_refusing_url_says_so(qtbot, tmp_path):
-    w = build_window(GuiSettings(data_dir=tmp_path, config_dir=tmp_path), make_backend)
-    qtbot.addWidget(w)
-    w.show()
+    w = open_window(qtbot, tmp_path, wait_ready=False)
     w.settings.mode, w.settings.remote_url = "remote", f"http://127.0.0.1:{free_port()}/v1"
     w.load_backend()
     qtbot.waitUntil(lambda: w.banner.kind == "model", timeout=15000)
     assert "Could not connect" in w.banner.text() and w.backend is None
 
 
-def test_window_shows_tool_calls(qtbot, tmp_path):
-    server = StandInOpenAIServer(tool_call=True)
-    w = build_window(GuiSettings(data_dir=tmp_path, config_dir=tmp_path), make_backend)
-    qtbot.addWidget(w)
-    w.show()
-    w.settings.mode, w.settings.remote_url = "remote", server.url
+def test_window_shows_tool_calls(qtbot, tmp_path, engine, api):
+    w = open_window(qtbot, tmp_path, wait_ready=False)
+    w.settings.mode, w.settings.remote_url, w.settings.max_tokens = "remote", api.url + "/v1", 256
     w.load_backend()
     qtbot.waitUntil(lambda: w.backend is not None, timeout=15000)
-    w.input.setPlainText("weather in Beijing?")
-    w.send()
-    qtbot.waitUntil(lambda: not w.controller.busy, timeout=15000)
-    server.close()
+    with forcing(engine, TOOL_CALL):
+        w.input.setPlainText("weather in Beijing?")
+        w.send()
+        qtbot.waitUntil(lambda: not w.controller.busy, timeout=15000)
     answer = w.chat.widgets[1]
     labels = [answer.tools.itemAt(i).widget().text() for i in range(answer.tools.count())]
     assert labels == ['Tool call: get_weather({"city": "北京"})']

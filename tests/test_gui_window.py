@@ -6,15 +6,14 @@ restarts, chat list, and the clear messages for a bad model folder, a full disk,
 from __future__ import annotations
 
 import os
+import socket
 import sqlite3
 
 import pytest
 from PyQt6.QtCore import Qt
 
-from gui_helpers import ANSWER, SCRIPT, THINK, loaded_model, scripted, scripted_factory, tiny_edge_dir
-from ernie_edge.gui import window as window_mod
-from ernie_edge.gui.launch import GuiSettings, build_window
-from ernie_edge.gui.local_server import UNAVAILABLE, LocalServer
+from gui_helpers import (ANSWER, SCRIPT, THINK, loaded_model, open_window, scripted, scripted_factory, send,
+                         tiny_edge_dir)
 from ernie_edge.gui.store import ChatStore
 
 LONG = scripted("step by step " * 150, "done")
@@ -23,18 +22,6 @@ LONG = scripted("step by step " * 150, "done")
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return loaded_model(tiny_edge_dir(tmp_path_factory.mktemp("gui-window")))
-
-
-def open_window(qtbot, home, factory=None, model_path="", wait_ready=True):
-    settings = GuiSettings(model=str(model_path) if model_path else None, data_dir=home, config_dir=home,
-                           theme="light")
-    w = build_window(settings, factory or window_mod.make_backend)
-    qtbot.addWidget(w)
-    w.resize(1000, 700)
-    w.show()
-    if wait_ready:
-        qtbot.waitUntil(lambda: w.backend is not None, timeout=30000)
-    return w
 
 
 def rows(w) -> list[tuple]:
@@ -46,14 +33,6 @@ def rows(w) -> list[tuple]:
                             "ORDER BY conversation_id, position").fetchall()
     finally:
         conn.close()
-
-
-def send(qtbot, w, text: str, wait: bool = True):
-    w.input.setFocus()
-    w.input.setPlainText(text)  # QTest types ASCII only; the Enter below is a real key press
-    qtbot.keyClick(w.input, Qt.Key.Key_Return)
-    if wait:
-        qtbot.waitUntil(lambda: not w.controller.busy, timeout=30000)
 
 
 def test_reasoning_and_answer_land_in_their_places(qtbot, tmp_path, model):
@@ -95,8 +74,8 @@ def test_escape_stops_within_one_decode_step(qtbot, tmp_path, model):
     answer = w.chat.widgets[1]
     qtbot.waitUntil(lambda: len(answer.thinking.text) > 30, timeout=30000)
     turn = w.controller.worker.turn
-    steps_at_stop = turn.steps
-    qtbot.keyClick(w.input, Qt.Key.Key_Escape)
+    qtbot.keyClick(w.input, Qt.Key.Key_Escape)  # cancels the turn before it returns
+    steps_at_stop = turn.steps  # read after: the engine runs ahead of the window
     qtbot.waitUntil(lambda: not w.controller.busy, timeout=10000)
     assert turn.steps <= steps_at_stop + 1
     assert answer.note.text() == "stopped" and w.send_button.text() == "Send"
@@ -229,13 +208,19 @@ def test_first_start_without_a_model_offers_the_ways_to_get_one(qtbot, tmp_path)
     labels = [b.text() for b in w.welcome.findChildren(type(w.send_button))]
     assert {"Open a converted model folder…", "Convert a Hugging Face checkpoint…",
             "Try the built-in demo model", "Connect to a server…"} <= set(labels)
+    assert not w.server_toggle.isEnabled() and "Load a model" in w.server_toggle.toolTip()
 
 
-def test_api_server_toggle_says_when_the_server_is_missing(qtbot, tmp_path, model, monkeypatch):
-    monkeypatch.setattr(LocalServer, "available", staticmethod(lambda: False))
+def test_api_server_toggle_on_a_port_in_use_says_so(qtbot, tmp_path, model):
     w = open_window(qtbot, tmp_path, scripted_factory(model, [SCRIPT]), model.path)
-    qtbot.mouseClick(w.server_toggle, Qt.MouseButton.LeftButton)
-    assert w.banner.text() == UNAVAILABLE and not w.server_toggle.isChecked()
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        w.settings.server_port = taken.getsockname()[1]
+        qtbot.mouseClick(w.server_toggle, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: w.banner.kind == "server", timeout=10000)
+    assert "could not start" in w.banner.text() and f":{w.settings.server_port}" in w.banner.text()
+    assert not w.server_toggle.isChecked() and w.server_toggle.isEnabled() and w.server is None
+    send(qtbot, w, "still here")
+    assert w.chat.widgets[1].message.content == ANSWER
 
 
 def test_dark_theme_and_small_window(qtbot, tmp_path, model):

@@ -23,16 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_until(proc, text: str, timeout: float) -> str:
-    """stdout of proc up to the line containing `text` (fails after timeout)."""
-    out, deadline = "", time.monotonic() + timeout
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    while text not in out:
-        left = deadline - time.monotonic()
-        assert left > 0 and proc.poll() is None, f"no {text!r} in time; output so far:\n{out}"
-        if sel.select(left):
-            out += proc.stdout.readline()
-    return out
+    """stdout of proc (a binary pipe) up to and including `text` (fails after timeout). It reads
+    the pipe's descriptor itself: a buffered readline would keep lines that have arrived where
+    the selector cannot see them, and wait for more that never come."""
+    out, deadline, fd = b"", time.monotonic() + timeout, proc.stdout.fileno()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while text.encode() not in out:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} in time; output so far:\n{out.decode(errors='replace')}"
+            if sel.select(left):
+                chunk = os.read(fd, 1 << 16)
+                assert chunk, f"exited ({proc.wait()}) before {text!r}; output:\n{out.decode(errors='replace')}"
+                out += chunk
+    return out.decode()
 
 
 def test_serve_on_a_unix_socket_then_ctrl_c(tiny_dir, tmp_path_factory, tmp_path):
@@ -41,7 +45,7 @@ def test_serve_on_a_unix_socket_then_ctrl_c(tiny_dir, tmp_path_factory, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ernie_edge.cli", "serve", "--model", str(model), "--unix-socket",
                              str(sock), "--threads", "1", "--slots", "1", "--ctx", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     try:
         banner = read_until(proc, "Ctrl-C stops the server", 120)
         assert "ready at http://localhost (unix socket" in banner and "memory: weights" in banner
@@ -53,7 +57,7 @@ def test_serve_on_a_unix_socket_then_ctrl_c(tiny_dir, tmp_path_factory, tmp_path
             assert r.json()["usage"]["completion_tokens"] == 3
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
-        assert "ernie-edge serve: stopped" in proc.stdout.read()
+        assert "ernie-edge serve: stopped" in proc.stdout.read().decode()
         assert not sock.exists()
     finally:
         proc.kill()

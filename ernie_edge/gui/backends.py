@@ -3,10 +3,10 @@
     backend.load(progress)            # blocking (a worker thread calls it): map weights, ready kernels
     turn = backend.submit(TurnRequest(messages, params))
     for chunk in turn: ...            # TurnChunk: reasoning / content deltas, tool calls, the end
-    turn.cancel()                     # from any thread: iteration ends within one decode step
+    turn.cancel()                     # from any thread: iteration ends within one engine step
 
-- `LocalBackend`: a model loaded in this process (`ernie_edge.load`), one turn at a time through
-  `generate.Session` / `stream_generate` (the session's KV cache is reused across turns).
+- `LocalBackend`: a model loaded in this process (`ernie_edge.load`), run by an `Engine`
+  (ernie_edge/engine.py) that the Local API server toggle can also serve (gui/local_server.py).
 - `RemoteBackend`: any OpenAI-compatible server (`ernie-edge serve`, vLLM, FastDeploy, ...):
   streaming /v1/chat/completions with `reasoning_content` deltas.
 
@@ -23,13 +23,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
 from ..errors import ErnieEdgeError
 from ..parsers import ToolCall
 from ..sampling import SamplingParams
+
+if TYPE_CHECKING:  # the runtime (numba) is imported once a model loads, not before the window shows
+    from ..engine import Engine, EngineRequest, EngineSettings, LogitsProcessor, RequestHandle
+    from ..generate import Timings
 
 FINISH_CANCELLED = "cancelled"
 
@@ -119,129 +123,172 @@ class _Clock:
 
 # ---- local ------------------------------------------------------------------------------------
 
+ENGINE_SLOTS = 2  # answers generated at once: the app's own and one from the Local API server
+KEPT_CACHES = 1  # finished KV caches kept for prefix reuse: the next turn of the chat reads only its new tokens
+DEFAULT_CONTEXT = 8192
+
+
 @dataclass(frozen=True)
 class LocalSettings:
     path: str
     threads: int = 0  # 0: all cores
-    context: int = 0  # KV cache size in tokens; 0: the model's own
+    context: int = 0  # tokens per conversation (KV cache size); 0: DEFAULT_CONTEXT
     backend: str = "auto"  # ernie_edge.load's backend: "auto", "cpu" or "reference"
+
+    def engine_settings(self) -> "EngineSettings":
+        from ..engine import EngineSettings
+        return EngineSettings(slots=ENGINE_SLOTS, prefix_cache=KEPT_CACHES, context=self.context or DEFAULT_CONTEXT,
+                              threads=self.threads or None)
 
 
 class LocalBackend:
-    """A model in this process. `forced` is a test-only hook: a function from the request to the
-    text the turn must produce. The model still runs every step; its logits are replaced by a
-    one-hot row on the next token of that text, so the real sampler, detokenizer and parser see
-    it (random test weights would otherwise write random text)."""
+    """A model in this process, run by an `Engine` (ernie_edge/engine.py) that the Local API server
+    toggle serves too: the app's turns and API requests share the model and take turns in its
+    slots.
+
+    `forced` is a test-only hook: a function from the request to the text the turn must produce.
+    The model still runs every step; the request's logits processor replaces its logits by a
+    one-hot row on the next token of that text, so the real sampler, detokenizer and parser see it
+    (random test weights would otherwise write random text)."""
 
     def __init__(self, settings: LocalSettings, *, model=None,
                  forced: Callable[[TurnRequest], str] | None = None):
         self.settings = settings
         self.model = model
         self.forced = forced
-        self.session = None
-        self._lock = threading.Lock()  # one turn at a time: the model and its session are not shared
+        self.engine: "Engine | None" = None
         self.label = f"local: {Path(settings.path).name}"
 
     def load(self, progress: Callable[[LoadProgress], None]) -> None:
         from .. import load
-        from ..generate import Session
+        from ..engine import Engine
+        engine_settings = self.settings.engine_settings()
         if self.model is None:
             progress(LoadProgress(f"Opening {self.settings.path}"))
             try:
                 self.model = load(self.settings.path, backend=self.settings.backend,
-                                  threads=self.settings.threads or None, max_context=self.settings.context or None)
+                                  threads=engine_settings.threads, max_context=engine_settings.context)
             except ErnieEdgeError as e:
                 raise BackendError(f"Could not load the model: {e}") from None
         if self.model.backend_name == "cpu":
             progress(LoadProgress("Preparing kernels (the first run compiles them: a few minutes; "
                                   "later runs load them in seconds)"))
             self.model.warmup()
-        self.session = Session(self.model, max_context=self.settings.context or None)
+        try:
+            self.engine = Engine(self.model, engine_settings)
+        except ErnieEdgeError as e:
+            raise BackendError(f"Could not start the model: {e} (in this app: Settings → Context)") from None
         progress(LoadProgress("Ready", 1.0))
 
     def submit(self, request: TurnRequest) -> "LocalTurn":
-        if self.model is None:
+        if self.engine is None:
             raise BackendError("No model is loaded yet")
         return LocalTurn(self, request)
 
     def close(self) -> None:
-        self.model = self.session = None
+        """Stop the engine (a turn still running ends as cancelled)."""
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close(drain=False)
+        self.model = None
 
 
 class LocalTurn:
+    """One turn on the backend's engine. The prompt is rendered and submitted when iteration
+    starts (on the turn's worker thread, not the UI's)."""
+
     def __init__(self, backend: LocalBackend, request: TurnRequest):
-        self.backend = backend
+        self.engine = backend.engine
+        self.forced = backend.forced
         self.request = request
-        self.steps = 0  # decode steps run (tests check that Stop costs at most one more)
+        self.handle: "RequestHandle | None" = None
         self._cancel = threading.Event()
+
+    @property
+    def steps(self) -> int:
+        """Tokens the engine has generated for this turn (one per engine step; tests check that
+        Stop costs at most one more)."""
+        return len(self.handle.token_steps) if self.handle is not None else 0
 
     def cancel(self) -> None:
         self._cancel.set()
+        if self.handle is not None:
+            self.handle.cancel()
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
     def __iter__(self) -> Iterator[TurnChunk]:
-        with self.backend._lock:
-            yield from self._run()
-
-    def _run(self) -> Iterator[TurnChunk]:
-        from ..generate import Session, render_prompt, stream_generate
-        b, req = self.backend, self.request
-        model, session = b.model, b.session
+        clock = _Clock()
+        self.handle = self._submit(self._engine_request())
+        if self._cancel.is_set():  # cancelled before there was a handle to cancel
+            self.handle.cancel()
+        last = None
         try:
-            ids = render_prompt(model, req.messages)
+            for chunk in self.handle:
+                last = chunk
+                if not self._cancel.is_set() and chunk.finish_reason is None:
+                    yield TurnChunk(chunk.reasoning, chunk.content, list(chunk.tool_calls))
+        except ErnieEdgeError as e:
+            raise BackendError(f"The model stopped with an error: {e}") from None
+        finally:
+            self.handle.cancel()  # the consumer left early (a no-op once the request ended)
+        stats = _turn_stats(last.timings, clock)
+        if self._cancel.is_set():  # what was shown so far is the answer; later deltas are dropped
+            yield TurnChunk(finish_reason=FINISH_CANCELLED, stats=stats)
+            return
+        yield TurnChunk(last.reasoning, last.content, list(last.tool_calls), last.finish_reason, stats)
+
+    def _engine_request(self) -> "EngineRequest":
+        """The turn as an engine request: the rendered prompt, and max_tokens capped to the room
+        left (no max_tokens: answer until the context is full)."""
+        from ..engine import EngineRequest
+        from ..generate import render_prompt
+        req, context = self.request, self.engine.context
+        try:
+            ids = render_prompt(self.engine.model, req.messages)
         except ErnieEdgeError as e:
             raise BackendError(f"Could not build the prompt: {e}") from None
-        room = session.max_context - len(ids)
+        room = context - len(ids)
         if room < 1:
-            raise BackendError(f"The conversation ({len(ids)} tokens) fills the context of "
-                               f"{session.max_context} tokens; start a new chat or raise Context in Settings")
+            raise BackendError(f"The conversation ({len(ids)} tokens) fills the context of {context} tokens; "
+                               "start a new chat or raise Context in Settings")
         params = req.params
         if params.max_tokens is None or params.max_tokens > room:
-            params = dataclasses.replace(params, max_tokens=room)  # answer until the context is full
-        if b.forced is not None:
-            model = _ForcedLogits(model, b.forced(req))
-            session = Session(model, max_context=session.max_context)
-        clock = _Clock()
-        stream = stream_generate(model, ids, params, session=session, reasoning_budget=req.reasoning_budget)
+            params = dataclasses.replace(params, max_tokens=room)
+        forced = None if self.forced is None else _forced_logits(self.engine.tokenizer, self.forced(req))
+        return EngineRequest(ids, params, reasoning_budget=req.reasoning_budget, logits_processor=forced)
+
+    def _submit(self, request: "EngineRequest") -> "RequestHandle":
+        from ..engine import EngineClosedError, QueueFullError
         try:
-            for chunk in stream:
-                if chunk.token_ids:
-                    self.steps += 1
-                    clock.token()
-                if self._cancel.is_set():
-                    break
-                t = chunk.timings
-                stats = None if t is None else TurnStats(t.prompt_tokens, t.completion_tokens, t.ttft_s,
-                                                         t.decode_tok_s, clock.stats().elapsed_s)
-                yield TurnChunk(chunk.reasoning, chunk.content, list(chunk.tool_calls), chunk.finish_reason, stats)
-        finally:
-            stream.close()
-        if self._cancel.is_set():
-            yield TurnChunk(finish_reason=FINISH_CANCELLED, stats=clock.stats(len(ids)))
+            return self.engine.submit(request)
+        except EngineClosedError:
+            raise BackendError("The model was closed; load it again") from None
+        except QueueFullError:
+            raise BackendError("The model is busy with requests from the Local API server; try again shortly") from None
+        except ErnieEdgeError as e:
+            raise BackendError(f"The model cannot take this turn: {e}") from None
 
 
-class _ForcedLogits:
-    """A model whose next-token logits are a one-hot row on the next id of `text` (then the
-    end-of-turn id); everything else is the wrapped model's, which runs every step as usual."""
+def _turn_stats(t: "Timings | None", clock: _Clock) -> TurnStats:
+    elapsed = clock.stats().elapsed_s
+    if t is None:
+        return TurnStats(elapsed_s=elapsed)
+    return TurnStats(t.prompt_tokens, t.completion_tokens, t.ttft_s, t.decode_tok_s, elapsed)
 
-    def __init__(self, model, text: str):
-        self._model = model
-        tok = model.tokenizer
-        self._ids = tok.encode(text) + [tok.im_end_id]
-        self._next = 0
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+def _forced_logits(tok, text: str) -> "LogitsProcessor":
+    """A logits processor (test hook) that makes the model write `text`, then end its turn: a
+    one-hot row on the next token of the text, found from how many tokens were generated."""
+    ids = tok.encode(text) + [tok.im_end_id]
 
-    def prefill(self, token_ids, cache, trace=None) -> np.ndarray:
-        logits = self._model.prefill(token_ids, cache, trace)  # [V]
+    def one_hot(logits: np.ndarray, generated: np.ndarray) -> np.ndarray:  # [V], [n] -> [V]
         out = np.full_like(logits, -np.inf)
-        out[self._ids[min(self._next, len(self._ids) - 1)]] = 0.0
-        self._next += 1
+        out[ids[min(len(generated), len(ids) - 1)]] = 0.0
         return out
+    return one_hot
 
 
 # ---- remote -----------------------------------------------------------------------------------

@@ -38,14 +38,16 @@ def resolve_model_arg(text: str) -> str:
 
 
 def memory_estimate(path: str | Path, context: int) -> str:
-    """What loading `path` with a `context`-token KV cache will take, against this computer's
+    """What loading `path` with `context`-token KV caches will take, against this computer's
     memory, in a few lines for the model picker. Raises ErnieEdgeError for a bad folder."""
     from ..manifest import describe, format_size  # the runtime (numba): not needed to show the window
+    from .backends import ENGINE_SLOTS, KEPT_CACHES
     info = describe(path)
     mem = info["memory"]
     dense = mem["resident_dense_bytes"]
     experts = mem["expert_bytes_total"]
-    kv = mem["kv_bytes_per_1k_tokens"] * max(context, 1) / 1000
+    caches = ENGINE_SLOTS + KEPT_CACHES  # the engine checks that all of them fit at the full context
+    kv = mem["kv_bytes_per_1k_tokens"] * max(context, 1) / 1000 * caches
     vm = psutil.virtual_memory()
     if dense + kv + experts <= vm.available:
         verdict = "Fits in the free memory: all weights stay in RAM."
@@ -59,5 +61,6 @@ def memory_estimate(path: str | Path, context: int) -> str:
     return (f"On disk {format_size(info['total_bytes'])} · {params} parameters · "
             f"{info['bits_per_weight']:.2f} bits/weight\n"
             f"Memory: {format_size(dense)} dense weights + {format_size(experts)} experts (mapped, paged "
-            f"in as used) + {format_size(kv)} KV cache for {context} tokens\n"
+            f"in as used) + up to {format_size(kv)} KV cache ({caches} caches of {context} tokens, "
+            f"filled as used)\n"
             f"This computer: {format_size(vm.total)} RAM, {format_size(vm.available)} free. {verdict}")

@@ -8,6 +8,7 @@ search, F2 rename, Delete deletes the selected chat, Ctrl+, settings.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ from .backends import Backend, LocalBackend, LocalSettings, LoadProgress, Remote
 from .chat_view import ChatView, MessageWidget
 from .conversation import ChatController
 from .dialogs import ConvertDialog, ModelDialog, SettingsDialog
-from .local_server import UNAVAILABLE, LocalServer
+from .local_server import api_url, start_server
 from .render import MarkdownRenderer
 from .settings import AppSettings, save_settings
 from .store import DB_NAME, ChatStore, Conversation, new_id
@@ -123,9 +124,11 @@ class MainWindow(QMainWindow):
         self.backend_factory = backend_factory
         self.backend: Backend | None = None  # loaded and ready
         self.loading: Backend | None = None
-        self.server: LocalServer | None = None
+        self.server = None  # the Local API server (server.run.RunningServer) while it runs
+        self._server_starting = False
         self.poster = UiPoster(self)
-        self._saver = ThreadPoolExecutor(1, thread_name_prefix="ernie-edge-settings")
+        # Saving settings, stopping the API server, closing an old model: off the UI thread, in order.
+        self._chores = ThreadPoolExecutor(1, thread_name_prefix="ernie-edge-chores")
         self.theme = resolve_theme(settings.theme)
         self.renderer = MarkdownRenderer(self.theme.html)
         self.setWindowTitle("ernie-edge")
@@ -162,7 +165,6 @@ class MainWindow(QMainWindow):
         self.progress.setRange(0, 0)
         self.progress.hide()
         self.server_toggle = QToolButton(text="Local API server", checkable=True)
-        self.server_toggle.setToolTip("Serve the open model to other programs at an OpenAI-compatible URL")
         self.server_toggle.toggled.connect(self._toggle_server)
         self.server_url = QLabel("")
         self.server_url.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -294,6 +296,22 @@ class MainWindow(QMainWindow):
         self.title.setText(conv.title if conv else "New chat")
         label = (self.backend or self.loading).label if (self.backend or self.loading) else "Choose a model…"
         self.model_button.setText(label.split(": ", 1)[-1][:32])
+        self._update_server_toggle()
+
+    def _update_server_toggle(self) -> None:
+        """The toggle serves the engine of a model loaded here; a remote server is one already."""
+        serving = self.server is not None
+        local = isinstance(self.backend, LocalBackend) and self.backend.engine is not None
+        self.server_toggle.setEnabled((local or serving) and not self._server_starting)
+        if local:
+            tip = ("Serve the open model to other programs on this computer at an OpenAI-compatible URL "
+                   f"(127.0.0.1, port {self.settings.server_port}); the chat and the API share it")
+        elif isinstance(self.backend or self.loading, RemoteBackend):
+            tip = ("Not available with a remote server: it has its own API (the URL in Model → Remote "
+                   "server); the Local API server serves a model loaded in this app")
+        else:
+            tip = "Load a model in this app first: the Local API server serves the model the app has loaded"
+        self.server_toggle.setToolTip(tip)
 
     def _busy_changed(self, busy: bool) -> None:
         self._update_state()
@@ -306,7 +324,7 @@ class MainWindow(QMainWindow):
 
     def _save_settings(self) -> None:
         snapshot, folder = dataclasses.replace(self.settings), self.config_dir
-        future = self._saver.submit(save_settings, snapshot, folder)
+        future = self._chores.submit(save_settings, snapshot, folder)
         future.add_done_callback(lambda f: f.exception() and self.poster.post(
             lambda: self.banner.show_message(f"Could not save the settings: {f.exception()}", "error")))
 
@@ -317,9 +335,9 @@ class MainWindow(QMainWindow):
         if self.controller.busy:
             return
         old, self.backend = self.backend, None
-        if old is not None:
-            old.close()
         self._stop_server()
+        if old is not None:
+            self._chores.submit(old.close)  # after the server's stop; waits for the engine's current step
         backend = self.backend_factory(self.settings)
         self.loading = backend
         self._update_state()
@@ -424,31 +442,43 @@ class MainWindow(QMainWindow):
         if not on:
             self._stop_server()
             return
-        if not LocalServer.available():
-            self._server_refused(UNAVAILABLE)
+        backend = self.backend
+        if not isinstance(backend, LocalBackend) or backend.engine is None:
+            self._server_refused("The local API server serves a model loaded in this app; open one first.")
             return
-        if not isinstance(self.backend, LocalBackend):
-            self._server_refused("The local API server serves a model on this computer; open one first.")
-            return
-        server = self.server = LocalServer(self.backend.settings.path, self.settings.server_port)
+        engine, port = backend.engine, self.settings.server_port
+        self._server_starting = True  # the toggle waits until it listens or fails
+        self._update_server_toggle()
         self.server_url.setText("starting…")
-        run_in_thread(self.poster, server.start, self.server_url.setText, self._server_refused, "ernie-edge-server")
+        run_in_thread(self.poster, lambda: start_server(engine, port), lambda s: self._server_started(backend, s),
+                      self._server_refused, "ernie-edge-server")
+
+    def _server_started(self, backend: Backend, server) -> None:
+        self._server_starting = False
+        if backend is not self.backend or not self.server_toggle.isChecked():  # the model changed meanwhile
+            threading.Thread(target=server.stop, name="ernie-edge-server-stop", daemon=True).start()
+            self._update_server_toggle()
+            return
+        self.server = server
+        self.server_url.setText(api_url(server))
+        self._update_server_toggle()
 
     def _server_refused(self, message: str) -> None:
-        self.server_toggle.blockSignals(True)
-        self.server_toggle.setChecked(False)
-        self.server_toggle.blockSignals(False)
+        self._server_starting = False
         self._stop_server()
         self.banner.show_message(message, "server")
 
     def _stop_server(self) -> None:
+        """Stop the API server (in the background: requests still running get a few seconds); the
+        engine keeps running for the chat."""
         if self.server is not None:
             server, self.server = self.server, None
-            self._saver.submit(server.stop)
+            self._chores.submit(server.stop)
         self.server_url.setText("")
         self.server_toggle.blockSignals(True)
         self.server_toggle.setChecked(False)
         self.server_toggle.blockSignals(False)
+        self._update_server_toggle()
 
     # ---- chats ------------------------------------------------------------------------------
 
@@ -595,7 +625,7 @@ class MainWindow(QMainWindow):
             QApplication.processEvents()  # the turn's end queues its final write
         self.disk.close(timeout)
         self._stop_server()
-        self._saver.shutdown(wait=True)
+        self._chores.shutdown(wait=True)
         if self.backend is not None:
             self.backend.close()
 

@@ -1,6 +1,17 @@
-"""`ernie-edge serve`: bind, load the model in the background (/health answers 503 meanwhile), serve
-until Ctrl-C, then drain: no new connections, running requests finish (up to
-ServeSettings.graceful_shutdown_s), the engine stops."""
+"""Running the API server.
+
+`serve` is `ernie-edge serve`: bind, load the model in the background (/health answers 503
+meanwhile), serve until Ctrl-C, then drain: no new connections, running requests finish (up to
+ServeSettings.graceful_shutdown_s), the engine stops.
+
+`serve_engine` serves an engine that is already loaded, from a background thread of this process
+(the desktop app's "Local API server" toggle): the engine stays its owner's, so `stop()` stops
+only the server.
+
+    server = serve_engine(engine, ServeSettings(model=str(engine.model.path), port=0))
+    print(server.url)             # http://127.0.0.1:PORT (port 0: a free one was picked)
+    server.stop()                 # the port is free again; the engine still runs
+"""
 
 from __future__ import annotations
 
@@ -14,22 +25,23 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+import uvicorn
+
 from ..config import ErnieConfig
 from ..engine import Engine
 from ..errors import ErnieEdgeError
 from ..kv_cache import check_kv_budget, kv_bytes
 from ..model_dir import resolve
+from .app import ServerState, create_app
 from .settings import ServeError, ServeSettings
 
 log = logging.getLogger(__name__)
+_START_TIMEOUT_S = 30.0
 
 
 def serve(settings: ServeSettings, out: TextIO = sys.stdout) -> int:
     """Run the server until interrupted; returns the exit code. Raises ErnieEdgeError for settings
     or a model that cannot be served (before anything listens)."""
-    import uvicorn
-
-    from .app import ServerState, create_app
     settings.check()
     location = resolve(settings.model)
     cfg = ErnieConfig.from_file(location.path / "config.json")
@@ -38,16 +50,10 @@ def serve(settings: ServeSettings, out: TextIO = sys.stdout) -> int:
     caches = engine_settings.slots + engine_settings.prefix_entries
     check_kv_budget(cfg, caches * context, kv_dtype=engine_settings.kv_dtype)  # before loading anything
 
-    sock = bind(settings)
-    if settings.unix_socket is None:
-        settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one picked
+    sock, settings = listen(settings)
     state = ServerState(settings)
     model_id = settings.model_name or location.repo_id or location.path.name
-    config = uvicorn.Config(create_app(state), http="h11", ws="none", lifespan="off", proxy_headers=False,
-                            server_header=False, access_log=False, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.graceful_shutdown_s,
-                            h11_max_incomplete_event_size=settings.max_header_bytes + 4096)
-    server = uvicorn.Server(config)
+    server = _uvicorn_server(state)
     print(f"ernie-edge serve: listening on {settings.url}; loading {location.path} ...", file=out, flush=True)
 
     def load() -> None:
@@ -69,12 +75,109 @@ def serve(settings: ServeSettings, out: TextIO = sys.stdout) -> int:
     finally:
         if state.service is not None:
             state.service.engine.close(drain=False, timeout=10)
-        if settings.unix_socket is not None:
-            Path(settings.unix_socket).unlink(missing_ok=True)
+        _remove_unix_socket(settings)
     if state.load_error is not None:
         print(f"ernie-edge serve: error: the model failed to load: {state.load_error}", file=sys.stderr)
         return 2
     return 0
+
+
+def serve_engine(engine: Engine, settings: ServeSettings, model_id: str | None = None) -> "RunningServer":
+    """Serve an engine that is already loaded, from a daemon thread of this process; returns once
+    the server accepts connections. settings: where to listen (port 0: a free one is picked) and
+    how to answer; its engine fields are unused. Raises ServeError for unsafe settings or an
+    address in use. `RunningServer.stop()` stops the server only: the engine stays the caller's."""
+    settings.check()
+    sock, settings = listen(settings)
+    state = ServerState(settings)
+    state.attach(engine, model_id)
+    server = RunningServer(state, sock)
+    server.start()
+    return server
+
+
+class RunningServer:
+    """What `serve_engine` returns: uvicorn serving `state` in a daemon thread.
+
+    url: http://HOST:PORT (the OpenAI base URL is url + "/v1"); settings: with the port listened on."""
+
+    def __init__(self, state: ServerState, sock: socket.socket):
+        self.state = state
+        self.settings: ServeSettings = state.settings
+        self.url = self.settings.url
+        self._sock = sock
+        self._startup_over = threading.Event()
+        self._server = _uvicorn_server(state, console_logs=False, startup_over=self._startup_over)
+        self._thread = threading.Thread(target=self._run, name="ernie-edge-api", daemon=True)
+
+    def start(self, timeout: float = _START_TIMEOUT_S) -> None:
+        """Start the server thread; return once it accepts connections (ServeError if it does not)."""
+        self._thread.start()
+        self._startup_over.wait(timeout)
+        if not self._server.started:
+            self.stop()
+            raise ServeError(f"the API server at {self.url} did not start within {timeout:.0f} s; see the log")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop listening (the port is free once this returns), let running requests finish for up
+        to settings.graceful_shutdown_s (then they are cancelled), and end the server thread. The
+        engine keeps running."""
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()  # uvicorn closes it as it stops; this covers a server that never started
+        _remove_unix_socket(self.settings)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            self._server.run(sockets=[self._sock])
+        finally:
+            self._startup_over.set()  # also when it failed before its startup began
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, setting an event when its startup is over (whether it started or not)."""
+
+    def __init__(self, config: uvicorn.Config, startup_over: threading.Event | None):
+        super().__init__(config)
+        self.startup_over = startup_over
+
+    async def startup(self, sockets=None) -> None:
+        try:
+            await super().startup(sockets=sockets)
+        finally:
+            if self.startup_over is not None:
+                self.startup_over.set()
+
+
+def _uvicorn_server(state: ServerState, console_logs: bool = True,
+                    startup_over: threading.Event | None = None) -> uvicorn.Server:
+    """The server for `state`'s app and settings. console_logs: uvicorn configures logging to the
+    console (`ernie-edge serve`); False leaves logging to the host application (the desktop app)."""
+    settings = state.settings
+    logging_config = {} if console_logs else {"log_config": None}
+    config = uvicorn.Config(create_app(state), http="h11", ws="none", lifespan="off", proxy_headers=False,
+                            server_header=False, access_log=False, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.graceful_shutdown_s,
+                            h11_max_incomplete_event_size=settings.max_header_bytes + 4096, **logging_config)
+    return _Server(config, startup_over)
+
+
+def listen(settings: ServeSettings) -> tuple[socket.socket, ServeSettings]:
+    """The listening socket, and the settings with the port it got (port 0 picks a free one)."""
+    sock = bind(settings)
+    if settings.unix_socket is None:
+        settings = dataclasses.replace(settings, port=sock.getsockname()[1])
+    return sock, settings
+
+
+def _remove_unix_socket(settings: ServeSettings) -> None:
+    if settings.unix_socket is not None:
+        Path(settings.unix_socket).unlink(missing_ok=True)
 
 
 def bind(settings: ServeSettings) -> socket.socket:
@@ -86,7 +189,7 @@ def bind(settings: ServeSettings) -> socket.socket:
         return socket.create_server((settings.host, settings.port), family=family)
     except OSError as e:
         raise ServeError(f"cannot listen on {settings.host}:{settings.port} ({e.strerror}); is another "
-                         "server running there? Choose another --port") from None
+                         "server running there? Choose another port") from None
 
 
 def _bind_unix(path: Path) -> socket.socket:
