@@ -252,3 +252,18 @@ def test_streaming_render_matches_the_full_render(qtbot):
         return [line for line in t.splitlines() if line.strip()]
     assert lines(view.toPlainText()) == lines(full.toPlainText())
     assert view.code_blocks == ["x = 1\n\ny = 2\n"]
+
+
+def test_callbacks_posted_after_shutdown_are_dropped(qtbot):
+    """A background job (a model still loading) may report after the window shut down and its
+    widgets were deleted: the poster drops those calls instead of touching dead widgets."""
+    from ernie_edge.gui.worker import UiPoster
+    poster = UiPoster()
+    ran = []
+    poster.post(lambda: ran.append("before"))
+    qtbot.waitUntil(lambda: ran == ["before"], timeout=2000)
+    poster.close()
+    poster.post(lambda: ran.append("after"))
+    from PyQt6.QtWidgets import QApplication
+    QApplication.processEvents()  # deliver whatever was queued
+    assert ran == ["before"]

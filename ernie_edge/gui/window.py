@@ -626,6 +626,7 @@ class MainWindow(QMainWindow):
         self.disk.close(timeout)
         self._stop_server()
         self._chores.shutdown(wait=True)
+        self.poster.close()  # UI updates posted from now on (a load still running) are dropped
         if self.backend is not None:
             self.backend.close()
 

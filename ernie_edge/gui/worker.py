@@ -26,17 +26,25 @@ class UiPoster(QObject):
 
     def __init__(self, parent: QObject | None = None):
         super().__init__(parent)  # with a parent, calls still queued when it closes are dropped
+        self._closed = False
         self._call.connect(self._run, Qt.ConnectionType.QueuedConnection)
 
+    def close(self) -> None:
+        """Drop every later call: the window shut down, and its widgets may already be deleted (a
+        model still loading in the background reports progress after that)."""
+        self._closed = True
+
     def post(self, fn: Callable[[], Any]) -> None:
+        if self._closed:
+            return
         try:
             self._call.emit(fn)
         except RuntimeError:
             pass  # the window is gone (a background job finished after it closed)
 
-    @staticmethod
-    def _run(fn) -> None:
-        fn()
+    def _run(self, fn) -> None:
+        if not self._closed:
+            fn()
 
 
 def run_in_thread(poster: UiPoster, fn: Callable[[], Any], on_done: Callable[[Any], None],
