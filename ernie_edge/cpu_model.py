@@ -145,19 +145,22 @@ class CpuModel:
 
     # ---- a chunk of tokens of one sequence ------------------------------------------------------
 
+    def _activations(self, T: int):
+        """Buffers of T tokens' activations: h, o, y [T, H]; q, attention out [T, Nq, D]; k, v [T, Nkv, D]."""
+        cfg = self.config
+        H, D = cfg.hidden_size, cfg.dim_head
+        q = np.empty((T, cfg.num_attention_heads, D), np.float32)
+        k = np.empty((T, cfg.num_key_value_heads, D), np.float32)
+        return (np.empty((T, H), np.float32), q, k, np.empty_like(k), np.empty_like(q),
+                np.empty((T, H), np.float32), np.empty((T, H), np.float32))
+
     def _prefill(self, ids: np.ndarray, cache: KVCache, trace: RoutingTrace | None) -> np.ndarray:
         cfg = self.config
-        T, D = len(ids), cfg.dim_head
+        T = len(ids)
         i0 = cache.used
         positions = np.arange(cache.length, cache.length + T, dtype=np.int64)
         x = self.embed.rows(ids)  # [T, H]
-        h = np.empty_like(x)
-        q = np.empty((T, cfg.num_attention_heads, D), np.float32)
-        k = np.empty((T, cfg.num_key_value_heads, D), np.float32)
-        v = np.empty_like(k)
-        a = np.empty_like(q)
-        o = np.empty_like(x)
-        y = np.empty_like(x)
+        h, q, k, v, a, o, y = self._activations(T)
         for li, L in enumerate(self.layers):
             norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
             L.qkv.matmul(h, q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
@@ -179,18 +182,12 @@ class CpuModel:
         """Append token_ids[b] to caches[b] for every b; returns the next-token logits [B, V]."""
         cfg = self.config
         ids = np.asarray(token_ids, dtype=np.int64)
-        B, D = len(ids), cfg.dim_head
+        B = len(ids)
         for cache in caches:
             cache.reserve(1)
         attn_scratch = self._decode_scratch(max(c.capacity for c in caches))
         x = self.embed.rows(ids)  # [B, H]
-        h = np.empty_like(x)
-        q = np.empty((B, cfg.num_attention_heads, D), np.float32)
-        k = np.empty((B, cfg.num_key_value_heads, D), np.float32)
-        v = np.empty_like(k)
-        a = np.empty_like(q)
-        o = np.empty_like(x)
-        y = np.empty_like(x)
+        h, q, k, v, a, o, y = self._activations(B)
         for li, L in enumerate(self.layers):
             norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
             L.qkv.matmul(h, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1))
