@@ -229,9 +229,15 @@ def test_only_the_newest_backups_before_recovery_are_kept(tmp_path):
     assert len(list(tmp_path.glob("c.sqlite3.before-recovery-*[0-9]"))) == store_mod.KEEP_BACKUPS
 
 
-def test_stable_end_is_the_last_blank_line_outside_code():
-    from ernie_edge.gui.render import stable_end
-    assert stable_end("one\n\ntwo") == len("one\n\n")
-    assert stable_end("one\n\n```\na\n\nb") == len("one\n\n")  # inside an open fence: not yet
-    assert stable_end("```\na\n\nb\n```\n\nc") == len("```\na\n\nb\n```\n\n")
-    assert stable_end("no blank line yet") == 0
+def test_stable_cuts_follow_blank_lines_outside_code_and_split_tight_lists():
+    from ernie_edge.gui.render import Cut, stable_cuts
+    assert stable_cuts("one\n\ntwo") == [Cut(len("one\n\n"), False)]
+    assert stable_cuts("one\n\n```\na\n\nb") == [Cut(len("one\n\n"), False)]  # inside an open fence: not yet
+    assert stable_cuts("```\na\n\nb\n```\n\nc") == [Cut(len("```\na\n\nb\n```\n\n"), False)]
+    assert stable_cuts("no blank line yet") == []
+    # A tight list: a cut before each item of the same kind, none inside an item or a nested list.
+    assert stable_cuts("- a\n  more\n  - n\n- b\n- c") == [Cut(len("- a\n  more\n  - n\n"), True),
+                                                        Cut(len("- a\n  more\n  - n\n- b\n"), True)]
+    assert stable_cuts("1. a\n2) b\n2) c") == [Cut(len("1. a\n2) b\n"), True)]  # ")" starts another list
+    assert stable_cuts("text\n- a\n- b") == []  # a list that interrupts a paragraph: no item cuts
+    assert stable_cuts("- a\n```\nx\n```\n- b") == []  # a fence at column 0 ends the list

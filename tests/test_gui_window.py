@@ -254,6 +254,41 @@ def test_streaming_render_matches_the_full_render(qtbot):
     assert view.code_blocks == ["x = 1\n\ny = 2\n"]
 
 
+def _list_items(view):
+    """(text, outermost-or-nested depth, number shown) of each list item in a RichText."""
+    out, block = [], view.document().begin()
+    while block.isValid():
+        lst = block.textList()
+        if lst is not None and block.text().strip():
+            out.append((block.text(), lst.format().indent(), lst.itemText(block)))
+        block = block.next()
+    return out
+
+
+def test_streaming_a_tight_list_keeps_one_list_and_renders_only_the_last_item(qtbot):
+    """A long tight list is the worst case of a streaming answer: each update must render only the
+    newest item, and the items must still form one list, numbered, nested lists nested."""
+    from ernie_edge.gui.chat_view import RichText, StreamingMarkdown
+    from ernie_edge.gui.render import MarkdownRenderer
+    text = ("Steps:\n\n" + "".join(f"{i}. step {i} with **bold**\n" for i in range(1, 8))
+            + "   - a nested note\n   - another\n8. last step\n- a new list\n- of two\n\nDone.")
+    full = RichText()
+    full.setHtml(MarkdownRenderer().render(text).html)
+    renderer = MarkdownRenderer()
+    rendered = []
+    original = renderer.render
+    renderer.render = lambda md, **kw: rendered.append(md) or original(md, **kw)
+    view = RichText()
+    stream = StreamingMarkdown(view, renderer)
+    for i in range(1, len(text) + 1, 3):
+        rendered.clear()
+        stream.update(text[:i])
+        assert sum(len(md) for md in rendered) <= 3 * len("7. step 7 with **bold**\n   - a nested note\n")
+    stream.update(text, final=True)
+    assert _list_items(view) == _list_items(full)
+    assert [n for _, depth, n in _list_items(view) if depth == 1][:8] == [f"{i}." for i in range(1, 9)]
+
+
 def test_callbacks_posted_after_shutdown_are_dropped(qtbot):
     """A background job (a model still loading) may report after the window shut down and its
     widgets were deleted: the poster drops those calls instead of touching dead widgets."""

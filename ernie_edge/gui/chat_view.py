@@ -12,11 +12,12 @@ import time
 from typing import Callable
 
 from PyQt6.QtCore import Qt, QTimer, QUrl
-from PyQt6.QtGui import QDesktopServices, QGuiApplication, QTextBlockFormat, QTextCharFormat, QTextCursor
+from PyQt6.QtGui import (QDesktopServices, QGuiApplication, QTextBlock, QTextBlockFormat,
+                         QTextCharFormat, QTextCursor, QTextList)
 from PyQt6.QtWidgets import (QFrame, QHBoxLayout, QLabel, QScrollArea, QSizePolicy, QTextBrowser,
                              QToolButton, QVBoxLayout, QWidget)
 
-from .render import COPY_SCHEME, MarkdownRenderer, plain_html, stable_end
+from .render import COPY_SCHEME, MarkdownRenderer, plain_html, stable_cuts
 from .store import Message
 
 MAX_COLUMN_WIDTH = 860
@@ -66,8 +67,12 @@ class RichText(QTextBrowser):
 
 class StreamingMarkdown:
     """Renders a growing answer into a RichText without redoing it all each time: the finished
-    blocks (up to the last blank line outside a code fence) are inserted once; only the open
-    block at the end is removed and rendered again. Cost per update: the tail, not the answer."""
+    blocks (render.stable_cuts) are inserted once; only the open block at the end is removed and
+    rendered again. Cost per update: the tail, not the answer.
+
+    A tight list is cut between its items. An item that continues the list already shown is
+    rendered on its own and inserted into a new item of that list (QTextList.add), so the list
+    reads and numbers as one."""
 
     def __init__(self, view: RichText, renderer: MarkdownRenderer):
         self.view, self.renderer = view, renderer
@@ -77,6 +82,9 @@ class StreamingMarkdown:
         self.stable = 0  # characters of the text inserted as finished blocks
         self.stable_blocks = 0  # code blocks among them
         self.tail_pos = 0  # document position where the open block's HTML starts
+        self.tail_format = self.cursor.blockFormat()  # and the format of the block it starts in
+        self.list: QTextList | None = None  # the top-level list the stable part ends in
+        self.continues = False  # the tail is the next item of self.list
 
     def update(self, text: str, final: bool = False) -> None:
         """Show `text` (the whole answer so far). The open block is highlighted only when final."""
@@ -84,25 +92,51 @@ class StreamingMarkdown:
         c.setPosition(self.tail_pos)
         c.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
         c.removeSelectedText()
+        c.setBlockFormat(self.tail_format)  # removing blocks leaves the last one's format (a list's)
         del self.view.code_blocks[self.stable_blocks:]
-        cut = stable_end(text)
-        if cut > self.stable:
-            self._insert(text[self.stable:cut])
-            self.stable, self.stable_blocks = cut, len(self.view.code_blocks)
-            self._new_block()
-            self.tail_pos = c.position()
+        for cut in stable_cuts(text):  # each piece on its own: a continued list gets one item
+            if cut.end > self.stable:
+                self._insert(text[self.stable:cut.end], finished=True)
+                self.stable, self.stable_blocks = cut.end, len(self.view.code_blocks)
+                self.continues = cut.list_item and self.list is not None
+                self._new_block()
+                self.tail_pos, self.tail_format = c.position(), c.blockFormat()
         self._insert(text[self.stable:], highlight=final)
 
-    def _insert(self, markdown: str, highlight: bool = True) -> None:
+    def _insert(self, markdown: str, highlight: bool = True, finished: bool = False) -> None:
+        """Insert a piece as HTML. A piece that continues self.list is one item: its first block
+        merges into the list item that _new_block made, its nested lists stay nested."""
+        first = self.view.document().findBlock(self.cursor.position())
         r = self.renderer.render(markdown, first_block=len(self.view.code_blocks), highlight=highlight)
         self.cursor.insertHtml(r.html)
         self.view.code_blocks += r.code_blocks
+        if finished:
+            blocks = [first]
+            while blocks[-1] != self.cursor.block():
+                blocks.append(blocks[-1].next())
+            self.list = _last_top_list(blocks)
 
     def _new_block(self) -> None:
-        """Start a plain block, so the next HTML does not merge into a paragraph, list or table."""
+        """Start the block the next HTML goes into: the list's next item when the tail continues
+        self.list, else a plain block, so the HTML does not merge into a paragraph, list or table."""
         c = self.cursor
-        if c.block().length() > 1 or c.block().textList() is not None or c.currentTable() is not None:
+        if self.continues:
+            c.insertBlock()
+            self.list.add(c.block())
+        elif c.block().length() > 1 or c.block().textList() is not None or c.currentTable() is not None:
             c.insertBlock(QTextBlockFormat(), QTextCharFormat())
+
+
+def _last_top_list(blocks: list[QTextBlock]) -> QTextList | None:
+    """The outermost list the last of these blocks belongs to (None after a plain block)."""
+    found = None
+    for block in blocks:
+        lst = block.textList()
+        if lst is None:
+            found = None
+        elif found is None or lst.format().indent() <= found.format().indent():
+            found = lst
+    return found
 
 
 class ThinkingSection(QWidget):
