@@ -19,8 +19,9 @@ be given its own bits (and group size) instead of dense_bits: `roles`, written i
 
 Why the default, q4g128-d6-s5g32 (int4 experts and int6 attention, layer-0 MLP and LM head at
 group 128; int5 shared experts at group 32): it reads fewer bytes per decoded token than
-llama.cpp's Q4_K_M on the same shapes (formats/budget.py: 483.4 vs 483.9 MB at 4 layers, 2055 vs
-2088 MB at 28) for a third of its KL divergence (docs/PERF.md, "Weights format & recipe"):
+llama.cpp's Q4_K_M on the same shapes (formats/budget.py: 483.3 vs 483.9 MB at 4 layers, 2054 vs
+2088 MB at 28) for 0.28x its KL divergence on the 4-layer synthetic model and 0.48x on a 28-layer
+narrow one (docs/PERF.md, "Recipes against llama.cpp"):
 - Routed experts hold ~20.4 B of the ~21.8 B parameters, and each token reads only 6 of the 64.
   They decide the folder size and half the bytes read per token, so they get int4; an error in one
   expert reaches a token only when the router picks it. Group 128 (4.125 bits per weight) instead

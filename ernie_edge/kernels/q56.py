@@ -23,7 +23,8 @@ which fastmath may reassociate).
 
 Prefill: `matmul_small` reads every row quad once and dots it with each token's quantized
 activations while it sits in cache (the decode arithmetic, for small batches); `matmul_exact` is
-exact float32: rows dequantized into a tile, multiplied by sgemm (q8.tiled_matmul).
+exact float32: rows dequantized into a tile (vector code, as q4's), multiplied by sgemm
+(q8.tiled_matmul).
 
 All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors views are).
 """
@@ -65,6 +66,16 @@ def _high_bits(builder, wptr, wo, bits):
     return first, second
 
 
+def _codes(builder, wptr, wo, bits):
+    """The 32 codes of the block at byte wo as two <16 x i16> (codes 0..15, codes 16..31)."""
+    nib = builder.zext(ir.load_vec(builder, wptr, wo, VectorType(I8, 16)), I16x16)
+    hi0, hi1 = _high_bits(builder, wptr, wo, bits)
+    offset = ir.Constant(I16x16, [1 << (bits - 1)] * 16)
+    wlo = builder.or_(builder.and_(nib, ir.Constant(I16x16, [15] * 16)), hi0)
+    whi = builder.or_(builder.lshr(nib, ir.Constant(I16x16, [4] * 16)), hi1)
+    return builder.sub(wlo, offset), builder.sub(whi, offset)
+
+
 def _rows_dot(context, builder, sig, args, nrows, bits):
     """sum_b ws[o, b >> log2sub] * xd[b] * sum_j code[o, b, j] * xq[b, j] for nrows rows.
 
@@ -79,8 +90,6 @@ def _rows_dot(context, builder, sig, args, nrows, bits):
     accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x8, [0.0] * 8)) for _ in range(nrows)]
     izero8 = ir.Constant(I32x8, [0] * 8)
     block_bytes = 4 * bits
-    offset = ir.Constant(I16x16, [1 << (bits - 1)] * 16)
-    low = ir.Constant(I16x16, [15] * 16)
     with cgutils.for_range(builder, nblk) as loop:
         i = loop.index
         _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, block_bytes)
@@ -94,10 +103,7 @@ def _rows_dot(context, builder, sig, args, nrows, bits):
             wo = builder.add(builder.add(woff, builder.mul(rr, wstride)), builder.mul(i, ir.c64(block_bytes)))
             srow = builder.add(soff, builder.mul(rr, sstride))
             ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
-            nib = builder.zext(ir.load_vec(builder, wptr, wo, VectorType(I8, 16)), I16x16)
-            hi0, hi1 = _high_bits(builder, wptr, wo, bits)
-            wlo = builder.sub(builder.or_(builder.and_(nib, low), hi0), offset)
-            whi = builder.sub(builder.or_(builder.lshr(nib, ir.Constant(I16x16, [4] * 16)), hi1), offset)
+            wlo, whi = _codes(builder, wptr, wo, bits)
             f = builder.sitofp(_dot_i16(builder, wlo, whi, xlo, xhi, izero8), F32x8)
             dv = ir.splat(builder, builder.fmul(ws, xdi), F32x8)
             acc = builder.load(accs[r])
@@ -136,17 +142,6 @@ def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, nb, l2):
     if bits == 5:
         return q5_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
     return q6_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-
-
-@intrinsic
-def _f16(typingctx, h):
-    """fp16 bits (uint16) -> float32."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return ir.f16_to_f32(builder, args[0])
-
-    return sig, codegen
 
 
 # ---- decode -----------------------------------------------------------------------------------------
@@ -412,28 +407,53 @@ def _matmul_small(x, w, s, out, xq, xd, xs, bits):
             out[t, r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
 
 
+def _dequant_row_ir(context, builder, sig, args, bits):
+    """out[ooff + j] = float(code j) * scale(group of j) for one row of K values, as vector ops.
+    args: (w, woff, s, soff, gs, out, ooff, k); woff in bytes, soff in scales."""
+    (w, woff, s, soff, gs, out, ooff, k) = args
+    wty, _, sty, _, _, oty, _, _ = sig.args
+    wptr = ir.data_ptr(context, builder, wty, w, I8)
+    sptr = ir.data_ptr(context, builder, sty, s, I16)
+    optr = ir.data_ptr(context, builder, oty, out, F32)
+    F32x16 = VectorType(F32, 16)
+    with cgutils.for_range(builder, builder.udiv(k, ir.c64(32))) as loop:
+        b = loop.index
+        g = builder.udiv(builder.mul(b, ir.c64(32)), gs)
+        scale = ir.splat(builder, ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)]))),
+                         F32x16)
+        wlo, whi = _codes(builder, wptr, builder.add(woff, builder.mul(b, ir.c64(4 * bits))), bits)
+        base = builder.add(ooff, builder.mul(b, ir.c64(32)))
+        for half, codes in ((0, wlo), (16, whi)):
+            p = builder.bitcast(builder.gep(optr, [builder.add(base, ir.c64(half))]), F32x16.as_pointer())
+            builder.store(builder.fmul(builder.sitofp(codes, F32x16), scale), p, align=4)
+    return context.get_dummy_value()
+
+
+def _make_dequant_row(bits):
+    def typer(typingctx, w, woff, s, soff, gs, out, ooff, k):
+        sig = types.void(w, types.intp, s, types.intp, types.intp, out, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            return _dequant_row_ir(context, builder, signature, args, bits)
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+q5_dequant_row, q6_dequant_row = _make_dequant_row(5), _make_dequant_row(6)
+
+
 @njit(inline="always")
 def _dequant_rows_body(w, s, r0, tile, bits):
     """tile[i, :] = dequantized row r0 + i (float32, exact: an fp16 scale times a small integer)."""
     n, K = tile.shape
-    nsg = s.shape[1]
-    G = K // nsg
-    h = bits - 4
-    nqh = 4 * h
-    mask = (1 << h) - 1
-    offset = 1 << (bits - 1)
+    kw, nsg = w.shape[1], s.shape[1]
     for i in range(n):
-        row = r0 + i
-        for b in range(K // 32):
-            sc = _f16(s[row, (32 * b) // G])
-            base = b * 4 * bits
-            for j in range(16):
-                byte = np.int32(w[row, base + j])
-                c0, c1 = j, j + 16
-                h0 = (np.int32(w[row, base + 16 + c0 % nqh]) >> (h * (c0 // nqh))) & mask
-                h1 = (np.int32(w[row, base + 16 + c1 % nqh]) >> (h * (c1 // nqh))) & mask
-                tile[i, 32 * b + c0] = sc * np.float32(((byte & 15) | (h0 << 4)) - offset)
-                tile[i, 32 * b + c1] = sc * np.float32(((byte >> 4) | (h1 << 4)) - offset)
+        if bits == 5:
+            q5_dequant_row(w, (r0 + i) * kw, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
+        else:
+            q6_dequant_row(w, (r0 + i) * kw, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
 
 
 @njit()
