@@ -103,6 +103,20 @@ def test_describe(edge):
     assert mem["kv_bytes_per_1k_tokens"] == 2 * 3 * 4 * 16 * 2 * 1000
     text = format_description(info)
     assert "expert" in text and "4.50" in text and "KV cache" in text
+    assert "recipe: q4g32-d8 (experts int4, dense 8-bit, group 32)" in text
+
+
+def test_folders_from_before_per_role_recipes_still_load(edge, folder):
+    """A q4g32-d8 / q4g32-d4 folder's manifest holds the three-field recipe every earlier
+    ernie-edge wrote (and reads): it loads, describes and runs; per-role recipes only add "roles"."""
+    assert read_manifest(edge[1]).recipe == {"expert_bits": 4, "dense_bits": 8, "group_size": 32}
+    edit_manifest(folder, lambda m: m.update(recipe={"expert_bits": 4, "dense_bits": 8, "group_size": 32}))
+    model = ernie_edge.load(folder)
+    assert model.logits([1, 2, 3]).shape == (3, model.config.vocab_size)
+    assert describe(folder)["fallbacks"] == {}
+    edit_manifest(folder, lambda m: m["recipe"].update(roles={"embed": {"bits": 6}}))
+    with pytest.raises(CheckpointError, match="roles"):
+        read_manifest(folder)
 
 
 # ---- verify (C5) ---------------------------------------------------------------------------------
