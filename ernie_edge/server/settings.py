@@ -30,7 +30,10 @@ class ServeSettings:
     extra Host header values accepted besides 127.0.0.1/localhost/[::1] with the port.
     reasoning_field: where the reasoning goes in responses: "reasoning_content" (DeepSeek / vLLM
     style), "reasoning" (OpenRouter / Ollama style) or "both". model_name: the id served in
-    /v1/models and responses (default: the model folder's name).
+    /v1/models and responses (default: the model folder's name). request_read_timeout_s: a
+    connection must deliver each request (headers and body) within this many seconds of opening or
+    of its previous response, else it is closed (clients that hold sockets open by sending a byte
+    now and then: "slowloris").
     """
 
     model: str
@@ -52,6 +55,7 @@ class ServeSettings:
     max_headers: int = 100
     max_header_bytes: int = 64 << 10
     max_json_depth: int = 64
+    request_read_timeout_s: float = 30.0
     graceful_shutdown_s: int = 60
     log_level: str = "info"
 
