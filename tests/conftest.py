@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+# The CUDA kernels run in numba's simulator unless a real GPU is asked for (benchmarks/gpu_check.sh
+# sets ERNIE_EDGE_CUDA_TESTS=gpu). It must be set before numba is first imported.
+if os.environ.get("ERNIE_EDGE_CUDA_TESTS") != "gpu":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 
 import pytest  # noqa: E402
 
