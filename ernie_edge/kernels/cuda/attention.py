@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .device import MAX_THREADS, SIMULATOR, block_max, block_total, jit
+from .device import MAX_THREADS, SIMULATOR, block_max, block_total, dmax, dmin, jit
 
 MAX_D = 256  # the largest head dim the shared arrays hold (ERNIE-4.5: 128)
 CHUNK = 128  # C: positions per decode block
@@ -48,7 +48,7 @@ def _decode_chunks(q, k_cache, v_cache, length, scale, o_part, m_part, l_part):
     D = q.shape[1]
     kvh = h // (q.shape[0] // k_cache.shape[0])
     p0 = c * CHUNK
-    n = min(CHUNK, length - p0)
+    n = dmin(CHUNK, length - p0)
     for d in range(tid, D, nt):
         qs[d] = q[h, d] * scale
     cuda.syncthreads()
@@ -58,7 +58,7 @@ def _decode_chunks(q, k_cache, v_cache, length, scale, o_part, m_part, l_part):
         for d in range(D):
             s += qs[d] * float32(k_cache[kvh, d, p0 + i])
         sc[i] = s
-        best = max(best, s)
+        best = dmax(best, s)
     part[tid] = best
     cuda.syncthreads()
     if tid == 0:
@@ -89,7 +89,7 @@ def _decode_merge(o_part, m_part, l_part, n_chunks, out):
     h = cuda.blockIdx.x
     M = m_part[h, 0]
     for c in range(1, n_chunks):
-        M = max(M, m_part[h, c])
+        M = dmax(M, m_part[h, c])
     den = float32(0.0)
     for c in range(n_chunks):
         den += math.exp(m_part[h, c] - M) * l_part[h, c]
@@ -115,7 +115,7 @@ def _prefill(q, k_cache, v_cache, i0, scale, out):
     nt = cuda.blockDim.x
     T, D = q.shape[0], q.shape[2]
     kvh = h // (q.shape[1] // k_cache.shape[0])
-    nq = min(BQ, T - t0)
+    nq = dmin(BQ, T - t0)
     for i in range(tid, BQ * D, nt):
         r = i // D
         d = i - r * D
@@ -141,7 +141,7 @@ def _prefill(q, k_cache, v_cache, i0, scale, out):
         for r in range(tid, BQ, nt):  # online softmax, one row per thread
             m_new = m_row[r]
             for j in range(BK):
-                m_new = max(m_new, sc[r, j])
+                m_new = dmax(m_new, sc[r, j])
             alpha = float32(0.0)
             tot = float32(0.0)
             if m_new != NEG_INF:
@@ -161,7 +161,7 @@ def _prefill(q, k_cache, v_cache, i0, scale, out):
             r = i // D
             d = i - r * D
             a = acc[r, d] * a_row[r]
-            for j in range(min(BK, end - k0)):
+            for j in range(dmin(BK, end - k0)):
                 e = sc[r, j]
                 if e != 0.0:
                     a += e * float32(v_cache[kvh, k0 + j, d])

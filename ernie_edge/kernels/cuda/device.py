@@ -40,6 +40,18 @@ def device_jit(fn):
     return cuda.jit(fn, device=True, inline=True)
 
 
+# numba 0.68's built-in CUDA target types the builtin min / max through their iterable overload and
+# fails to compile them (a TypeError on a real device; the simulator runs Python's): kernels use these.
+@device_jit
+def dmin(a, b):
+    return a if a <= b else b
+
+
+@device_jit
+def dmax(a, b):
+    return a if a >= b else b
+
+
 @device_jit
 def warp_total(part, base):
     """Sum of part[base : base + 32] in index order (lane 0 of a warp calls it after a barrier)."""

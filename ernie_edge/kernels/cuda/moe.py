@@ -28,17 +28,19 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from .device import MAX_THREADS, ROWS, THREADS, WARP, blocks, block_total, jit, warp_total
+from .device import MAX_THREADS, ROWS, THREADS, WARP, block_total, blocks, dmax, jit, warp_total
 from .quant_matvec import row_dot
 
 MAX_EXPERTS = 128  # the router's shared arrays (ERNIE-4.5: 64)
 MAX_SLOTS = 17  # routed slots + the shared expert (ERNIE-4.5: 6 + 1)
+_LOGIT_PARTS = MAX_EXPERTS * WARP  # shared-array sizes must be plain constants
+_SLOT_PARTS = MAX_SLOTS * MAX_THREADS
 
 
 @jit
 def _route(x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w):
     part = cuda.shared.array(MAX_THREADS, float32)
-    lp = cuda.shared.array(MAX_EXPERTS * WARP, float32)
+    lp = cuda.shared.array(_LOGIT_PARTS, float32)
     p = cuda.shared.array(MAX_EXPERTS, float32)
     t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
@@ -69,7 +71,7 @@ def _route(x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w):
         mx = float32(-np.inf)
         for e in range(E):
             p[e] = warp_total(lp, e * WARP)
-            mx = max(mx, p[e])
+            mx = dmax(mx, p[e])
         tot = float32(0.0)
         for e in range(E):
             p[e] = math.exp(p[e] - mx)
@@ -92,7 +94,7 @@ def _route(x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w):
             idx[t, j] = best
             w[t, j] = p[best]
             wsum += p[best]
-        denom = max(wsum, norm_min)
+        denom = dmax(wsum, norm_min)
         for s in range(k):
             w[t, s] = w[t, s] / denom
 
@@ -141,7 +143,7 @@ def _experts_gate_up(x, ids, n_routed, gw, gs, uw, us, bits, G, h, sgw, sgs, suw
 def _experts_down(h, ids, wts, n_routed, dw, ds, bits, G, h_shared, sdw, sds, sbits, sG, has_shared, out,
                   accumulate):
     """out[row] (+)= sum_s wts[s] D_ids[s] h[s] (ascending id) + D_shared h_shared, one warp per row."""
-    part = cuda.shared.array(MAX_SLOTS * MAX_THREADS, float32)
+    part = cuda.shared.array(_SLOT_PARTS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float16, float32, int32
+from numba import cuda, float32, int32
+from numba.types import float16
 
 from .device import MAX_THREADS, THREADS, blocks, block_total, jit
 

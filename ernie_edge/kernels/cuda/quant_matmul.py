@@ -22,11 +22,12 @@ import math
 
 from numba import cuda, float32, int32
 
-from .device import blocks, device_jit, jit
+from .device import blocks, device_jit, dmin, jit
 
 BT = 32  # tokens per tile
 BO = 64  # output rows per tile
 TK = 64  # inputs per step
+TK1 = TK + 1  # a weight tile's padded row (shared-array shapes must be constants)
 MM_THREADS = 256  # 16 x 16
 
 
@@ -103,14 +104,14 @@ def _zero(acc):
 def _matmul(X, codes, scales, bits, G, K, out, accumulate):
     """Block (o tile, t tile): out[t, o] (+)= sum_k X[t, k] W[o, k]."""
     xs = cuda.shared.array((BT, TK), float32)
-    ws = cuda.shared.array((BO, TK + 1), float32)
+    ws = cuda.shared.array((BO, TK1), float32)
     acc = cuda.local.array((2, 4), float32)
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
     o0 = cuda.blockIdx.x * BO
     t0 = cuda.blockIdx.y * BT
-    count = min(BT, X.shape[0] - t0)
+    count = dmin(BT, X.shape[0] - t0)
     _zero(acc)
     for k0 in range(0, K, TK):
         _load_x(X, t0, count, k0, xs, tid)
@@ -134,8 +135,8 @@ def _grouped_gate_up(X, perm, tile_e, tile_start, tile_count, gcodes, gscales, u
                      out):
     """Block (o tile, tile y): out[start + t, o] = silu(G_e x) * U_e x for x = X[perm[start + t]]."""
     xs = cuda.shared.array((BT, TK), float32)
-    wg = cuda.shared.array((BO, TK + 1), float32)
-    wu = cuda.shared.array((BO, TK + 1), float32)
+    wg = cuda.shared.array((BO, TK1), float32)
+    wu = cuda.shared.array((BO, TK1), float32)
     ag = cuda.local.array((2, 4), float32)
     au = cuda.local.array((2, 4), float32)
     tid = cuda.threadIdx.x
@@ -169,7 +170,7 @@ def _grouped_gate_up(X, perm, tile_e, tile_start, tile_count, gcodes, gscales, u
 def _grouped_down(Hg, tile_e, tile_start, tile_count, codes, scales, bits, G, K, row_w, out):
     """Block (o tile, tile y): out[start + t, o] = row_w[start + t] * (D_e Hg[start + t])[o]."""
     xs = cuda.shared.array((BT, TK), float32)
-    ws = cuda.shared.array((BO, TK + 1), float32)
+    ws = cuda.shared.array((BO, TK1), float32)
     acc = cuda.local.array((2, 4), float32)
     tid = cuda.threadIdx.x
     ty = tid // 16
@@ -198,14 +199,14 @@ def _grouped_down(Hg, tile_e, tile_start, tile_count, codes, scales, bits, G, K,
 def _fmatmul(X, w, out, accumulate):
     """out[t, o] (+)= sum_k X[t, k] w[o, k] for a float32 matrix (tensors stored as f16 / f32)."""
     xs = cuda.shared.array((BT, TK), float32)
-    ws = cuda.shared.array((BO, TK + 1), float32)
+    ws = cuda.shared.array((BO, TK1), float32)
     acc = cuda.local.array((2, 4), float32)
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
     o0 = cuda.blockIdx.x * BO
     t0 = cuda.blockIdx.y * BT
-    count = min(BT, X.shape[0] - t0)
+    count = dmin(BT, X.shape[0] - t0)
     O, K = w.shape
     _zero(acc)
     for k0 in range(0, K, TK):

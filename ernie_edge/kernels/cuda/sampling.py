@@ -16,9 +16,9 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from .device import MAX_THREADS, THREADS, jit
+from .device import MAX_THREADS, SIMULATOR, THREADS, dmax, dmin, jit
 
-PASS_BLOCKS = 64  # B: blocks of the first pass
+PASS_BLOCKS = 4 if SIMULATOR else 64  # B: blocks of the first pass
 
 
 @jit
@@ -69,9 +69,9 @@ def _block_expsum(logits, n, best_v, inv_t, sums):
     per = -(-n // cuda.gridDim.x)
     m = best_v[0]
     for j in range(1, best_v.shape[0]):
-        m = max(m, best_v[j])
+        m = dmax(m, best_v[j])
     s = float32(0.0)
-    for i in range(b * per + tid, min(n, (b + 1) * per), cuda.blockDim.x):
+    for i in range(b * per + tid, dmin(n, (b + 1) * per), cuda.blockDim.x):
         s += math.exp((logits[i] - m) * inv_t)
     part[tid] = s
     cuda.syncthreads()
@@ -87,7 +87,7 @@ def _pick(logits, n, best_v, inv_t, sums, u, out):
     """One thread: find the block where the running sum passes u * total, then the entry."""
     m = best_v[0]
     for j in range(1, best_v.shape[0]):
-        m = max(m, best_v[j])
+        m = dmax(m, best_v[j])
     total = float32(0.0)
     for b in range(sums.shape[0]):
         total += sums[b]
@@ -98,8 +98,8 @@ def _pick(logits, n, best_v, inv_t, sums, u, out):
     while b < sums.shape[0] - 1 and run + sums[b] <= target:
         run += sums[b]
         b += 1
-    choice = min(n, (b + 1) * per) - 1
-    for i in range(b * per, min(n, (b + 1) * per)):
+    choice = dmin(n, (b + 1) * per) - 1
+    for i in range(b * per, dmin(n, (b + 1) * per)):
         run += math.exp((logits[i] - m) * inv_t)
         if run > target:
             choice = i
