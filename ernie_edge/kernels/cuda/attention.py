@@ -24,7 +24,7 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from .device import MAX_THREADS, SIMULATOR, block_max, block_total, dmax, dmin, jit
+from .device import MAX_THREADS, SIMULATOR, block_max, block_total, blocks, device_jit, dmax, dmin, jit
 
 MAX_D = 256  # the largest head dim the shared arrays hold (ERNIE-4.5: 128)
 CHUNK = 128  # C: positions per decode block
@@ -35,14 +35,20 @@ NEG_INF = -np.inf
 
 
 @jit
-def _decode_chunks(q, k_cache, v_cache, length, scale, o_part, m_part, l_part):
+def _decode_chunks(q, k_cache, v_cache, length, n_chunks, scale, o_part, m_part, l_part):
     """Block (h, c): o_part[h, c] = sum_p exp(s_p - m) v_p, m_part = m, l_part = sum_p exp(s_p - m)
     over positions p of chunk c (p < length)."""
     qs = cuda.shared.array(MAX_D, float32)
     sc = cuda.shared.array(CHUNK, float32)
     part = cuda.shared.array(MAX_THREADS, float32)
-    h = cuda.blockIdx.x
-    c = cuda.blockIdx.y
+    for h in range(cuda.blockIdx.x, q.shape[0], cuda.gridDim.x):
+        for c in range(cuda.blockIdx.y, n_chunks, cuda.gridDim.y):
+            _decode_chunk(h, c, qs, sc, part, q, k_cache, v_cache, length, scale, o_part, m_part, l_part)
+            cuda.syncthreads()
+
+
+@device_jit
+def _decode_chunk(h, c, qs, sc, part, q, k_cache, v_cache, length, scale, o_part, m_part, l_part):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     D = q.shape[1]
@@ -86,18 +92,18 @@ def _decode_chunks(q, k_cache, v_cache, length, scale, o_part, m_part, l_part):
 @jit
 def _decode_merge(o_part, m_part, l_part, n_chunks, out):
     """Block h: out[h] = sum_c exp(m_c - M) o_c / sum_c exp(m_c - M) l_c."""
-    h = cuda.blockIdx.x
-    M = m_part[h, 0]
-    for c in range(1, n_chunks):
-        M = dmax(M, m_part[h, c])
-    den = float32(0.0)
-    for c in range(n_chunks):
-        den += math.exp(m_part[h, c] - M) * l_part[h, c]
-    for d in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        acc = float32(0.0)
+    for h in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+        M = m_part[h, 0]
+        for c in range(1, n_chunks):
+            M = dmax(M, m_part[h, c])
+        den = float32(0.0)
         for c in range(n_chunks):
-            acc += math.exp(m_part[h, c] - M) * o_part[h, c, d]
-        out[h, d] = acc / den
+            den += math.exp(m_part[h, c] - M) * l_part[h, c]
+        for d in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+            acc = float32(0.0)
+            for c in range(n_chunks):
+                acc += math.exp(m_part[h, c] - M) * o_part[h, c, d]
+            out[h, d] = acc / den
 
 
 @jit
@@ -109,8 +115,14 @@ def _prefill(q, k_cache, v_cache, i0, scale, out):
     m_row = cuda.shared.array(BQ, float32)
     l_row = cuda.shared.array(BQ, float32)
     a_row = cuda.shared.array(BQ, float32)
-    h = cuda.blockIdx.x
-    t0 = cuda.blockIdx.y * BQ
+    for h in range(cuda.blockIdx.x, q.shape[1], cuda.gridDim.x):
+        for t0 in range(cuda.blockIdx.y * BQ, q.shape[0], cuda.gridDim.y * BQ):
+            _prefill_tile(h, t0, qs, acc, sc, m_row, l_row, a_row, q, k_cache, v_cache, i0, scale, out)
+            cuda.syncthreads()
+
+
+@device_jit
+def _prefill_tile(h, t0, qs, acc, sc, m_row, l_row, a_row, q, k_cache, v_cache, i0, scale, out):
     tid = cuda.threadIdx.x
     nt = cuda.blockDim.x
     T, D = q.shape[0], q.shape[2]
@@ -194,9 +206,9 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
     if chunks > scratch.chunks:
         raise ValueError(f"decode scratch holds {scratch.chunks} chunks, {length} positions need {chunks}")
     scale = float32(d ** -0.5)
-    _decode_chunks[(nq, chunks), ATTN_THREADS, stream](q, k_cache, v_cache, length, scale,
-                                                        scratch.o, scratch.m, scratch.l)
-    _decode_merge[nq, ATTN_THREADS, stream](scratch.o, scratch.m, scratch.l, chunks, out)
+    _decode_chunks[(blocks(nq, 1), blocks(chunks, 1)), ATTN_THREADS, stream](
+        q, k_cache, v_cache, length, chunks, scale, scratch.o, scratch.m, scratch.l)
+    _decode_merge[blocks(nq, 1), ATTN_THREADS, stream](scratch.o, scratch.m, scratch.l, chunks, out)
 
 
 def attention_prefill(q, k_cache, v_cache, i0: int, out, stream=0):
@@ -204,4 +216,4 @@ def attention_prefill(q, k_cache, v_cache, i0: int, out, stream=0):
     T, nq, d = q.shape
     if d > MAX_D:
         raise ValueError(f"head_dim {d} exceeds the kernels' MAX_D {MAX_D}")
-    _prefill[(nq, -(-T // BQ)), ATTN_THREADS, stream](q, k_cache, v_cache, i0, float32(d ** -0.5), out)
+    _prefill[(blocks(nq, 1), blocks(T, BQ)), ATTN_THREADS, stream](q, k_cache, v_cache, i0, float32(d ** -0.5), out)

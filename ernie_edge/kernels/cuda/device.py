@@ -15,8 +15,6 @@ attention.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numba
 from numba import cuda, float32
 
@@ -25,6 +23,9 @@ WARP = 32
 THREADS = 64 if SIMULATOR else 256  # threads per block of the row kernels
 ROWS = THREADS // WARP  # output rows per block of a matvec: one warp per row
 MAX_THREADS = 256  # shared-memory arrays are sized for this many threads
+# Kernels loop over their work with grid strides, so any grid covers it; on a device the grid is
+# the whole work (one pass), the simulator caps it (each simulated thread is a Python thread).
+GRID_CAP = 2 if SIMULATOR else 1 << 30
 
 
 def jit(fn):
@@ -80,37 +81,34 @@ def block_max(part, n):
 
 
 def blocks(n: int, per_block: int) -> int:
-    """Blocks of `per_block` items that cover n items (at least one)."""
-    return max(1, -(-n // per_block))
+    """Blocks of `per_block` items that cover n items in one pass (at least one; capped under the
+    simulator, the kernels' grid-stride loops doing the rest)."""
+    return min(max(1, -(-n // per_block)), GRID_CAP)
 
 
 # ---- the device probe ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class GpuInfo:
-    """The GPU a model would run on. free/total in bytes (None under the simulator: no limit)."""
-
-    name: str
-    free_bytes: int | None
-    total_bytes: int | None
-    compute_capability: tuple[int, int]
-    simulated: bool = False
-
-
-def probe() -> tuple[GpuInfo | None, str]:
-    """(the current CUDA device, "") or (None, why there is none). Never raises: a missing driver,
-    no NVIDIA GPU, or a failing context are all reasons."""
+def probe() -> tuple[dict | None, str]:
+    """({name, free_bytes, total_bytes, compute_capability, simulated}, "") of the current CUDA
+    device, or (None, why there is none). Never raises: a missing driver, no NVIDIA GPU, or a
+    failing context are all reasons. (ernie_edge/placement.py turns it into a GpuInfo.)"""
     try:
         if not cuda.is_available():
             return None, "numba finds no CUDA driver or no NVIDIA GPU (see `numba -s`)"
         ctx = cuda.current_context()
         cc = tuple(ctx.device.compute_capability)
         if SIMULATOR:
-            return GpuInfo("numba CUDA simulator", None, None, cc, simulated=True), ""
+            return dict(name="numba CUDA simulator", free_bytes=None, total_bytes=None, compute_capability=cc,
+                        simulated=True), ""
+        from numba.cuda.cudadrv import nvvm
+        if not nvvm.is_available():
+            return None, ("a CUDA driver is there but not NVVM, the compiler numba needs (the CUDA toolkit; or "
+                          "`pip install nvidia-cuda-nvcc-cu12` and CUDA_HOME=<site-packages>/nvidia/cuda_nvcc)")
         free, total = ctx.get_memory_info()
         name = ctx.device.name
         name = name.decode() if isinstance(name, bytes) else str(name)
-        return GpuInfo(name, int(free), int(total), cc), ""
+        return dict(name=name, free_bytes=int(free), total_bytes=int(total), compute_capability=cc,
+                    simulated=False), ""
     except Exception as e:  # noqa: BLE001 (any driver failure means: no usable GPU)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"CUDA is not usable: {first}"

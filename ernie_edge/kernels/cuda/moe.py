@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import cuda, float32, int64
 
-from .device import MAX_THREADS, ROWS, THREADS, WARP, block_total, blocks, dmax, jit, warp_total
+from .device import MAX_THREADS, ROWS, THREADS, WARP, block_total, blocks, device_jit, dmax, jit, warp_total
 from .quant_matvec import row_dot
 
 MAX_EXPERTS = 128  # the router's shared arrays (ERNIE-4.5: 64)
@@ -42,8 +42,14 @@ def _route(x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w):
     part = cuda.shared.array(MAX_THREADS, float32)
     lp = cuda.shared.array(_LOGIT_PARTS, float32)
     p = cuda.shared.array(MAX_EXPERTS, float32)
-    t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
+    for t in range(cuda.blockIdx.x, h.shape[0], cuda.gridDim.x):
+        _route_one(t, tid, part, lp, p, x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w)
+        cuda.syncthreads()
+
+
+@device_jit
+def _route_one(t, tid, part, lp, p, x, norm_w, eps, do_norm, h, wg, bias, use_bias, k, norm_min, idx, w):
     nt = cuda.blockDim.x
     H = h.shape[1]
     E = wg.shape[0]
@@ -107,36 +113,36 @@ def _experts_gate_up(x, ids, n_routed, gw, gs, uw, us, bits, G, h, sgw, sgs, suw
     pu = cuda.shared.array(MAX_THREADS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
+    per = cuda.blockDim.x // WARP
     slot = cuda.blockIdx.y
-    row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP
     shared = slot >= n_routed
     if shared and not has_shared:
         return
     rows = sgw.shape[1] if shared else gw.shape[1]
-    if cuda.blockIdx.x * (cuda.blockDim.x // WARP) >= rows:
-        return  # the whole block is past this slot's rows
-    g = float32(0.0)
-    u = float32(0.0)
-    if row < rows:
-        if shared:
-            g = row_dot(sgw[0], sgs[0], row, x, lane, sbits, sG)
-            u = row_dot(suw[0], sus[0], row, x, lane, sbits, sG)
-        else:
-            e = ids[slot]
-            g = row_dot(gw[e], gs[e], row, x, lane, bits, G)
-            u = row_dot(uw[e], us[e], row, x, lane, bits, G)
-    pg[tid] = g
-    pu[tid] = u
-    cuda.syncthreads()
-    if lane == 0 and row < rows:
-        base = tid
-        g = warp_total(pg, base)
-        u = warp_total(pu, base)
-        v = g / (float32(1.0) + math.exp(-g)) * u
-        if shared:
-            h_shared[row] = v
-        else:
-            h[slot, row] = v
+    for row0 in range(cuda.blockIdx.x * per, rows, cuda.gridDim.x * per):
+        row = row0 + tid // WARP
+        g = float32(0.0)
+        u = float32(0.0)
+        if row < rows:
+            if shared:
+                g = row_dot(sgw[0], sgs[0], row, x, lane, sbits, sG)
+                u = row_dot(suw[0], sus[0], row, x, lane, sbits, sG)
+            else:
+                e = ids[slot]
+                g = row_dot(gw[e], gs[e], row, x, lane, bits, G)
+                u = row_dot(uw[e], us[e], row, x, lane, bits, G)
+        pg[tid] = g
+        pu[tid] = u
+        cuda.syncthreads()
+        if lane == 0 and row < rows:
+            g = warp_total(pg, tid)
+            u = warp_total(pu, tid)
+            v = g / (float32(1.0) + math.exp(-g)) * u
+            if shared:
+                h_shared[row] = v
+            else:
+                h[slot, row] = v
+        cuda.syncthreads()
 
 
 @jit
@@ -146,38 +152,51 @@ def _experts_down(h, ids, wts, n_routed, dw, ds, bits, G, h_shared, sdw, sds, sb
     part = cuda.shared.array(_SLOT_PARTS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
-    row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP
+    per = cuda.blockDim.x // WARP
     H = out.shape[0]
-    if row < H:
-        for s in range(n_routed):
-            e = ids[s]
-            part[s * MAX_THREADS + tid] = row_dot(dw[e], ds[e], row, h[s], lane, bits, G)
-        if has_shared:
-            part[n_routed * MAX_THREADS + tid] = row_dot(sdw[0], sds[0], row, h_shared, lane, sbits, sG)
-    cuda.syncthreads()
-    if lane == 0 and row < H:
-        total = float32(0.0)
-        for s in range(n_routed):
-            total += wts[s] * warp_total(part, s * MAX_THREADS + tid)
-        if has_shared:
-            total += warp_total(part, n_routed * MAX_THREADS + tid)
-        if accumulate:
-            out[row] += total
-        else:
-            out[row] = total
+    for row0 in range(cuda.blockIdx.x * per, H, cuda.gridDim.x * per):
+        row = row0 + tid // WARP
+        if row < H:
+            for s in range(n_routed):
+                e = ids[s]
+                part[s * MAX_THREADS + tid] = row_dot(dw[e], ds[e], row, h[s], lane, bits, G)
+            if has_shared:
+                part[n_routed * MAX_THREADS + tid] = row_dot(sdw[0], sds[0], row, h_shared, lane, sbits, sG)
+        cuda.syncthreads()
+        if lane == 0 and row < H:
+            total = float32(0.0)
+            for s in range(n_routed):
+                total += wts[s] * warp_total(part, s * MAX_THREADS + tid)
+            if has_shared:
+                total += warp_total(part, n_routed * MAX_THREADS + tid)
+            if accumulate:
+                out[row] += total
+            else:
+                out[row] = total
+        cuda.syncthreads()
 
 
 @jit
 def _combine(Yg, pos, shared_y, has_shared, x):
     """Block t: x[t] += sum_s Yg[pos[t, s]] (slots in ascending expert id) + shared_y[t]."""
-    t = cuda.blockIdx.x
-    for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-        y = float32(0.0)
-        for s in range(pos.shape[1]):
-            y += Yg[pos[t, s], j]
-        if has_shared:
-            y += shared_y[t, j]
-        x[t, j] += y
+    for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+        for j in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            y = float32(0.0)
+            for s in range(pos.shape[1]):
+                y += Yg[pos[t, s], j]
+            if has_shared:
+                y += shared_y[t, j]
+            x[t, j] += y
+
+
+@jit
+def _residual_add(x, a, b, has_b):
+    """x += a (+ b), elementwise over flat arrays: (routed + shared) added to the residual stream."""
+    for i in range(cuda.grid(1), x.shape[0], cuda.gridsize(1)):
+        y = a[i]
+        if has_b:
+            y += b[i]
+        x[i] += y
 
 
 # ---- host entry points -----------------------------------------------------------------------------
@@ -194,7 +213,7 @@ def route(h, wg, bias, k: int, norm_min: float, idx, w, norm=None, stream=0):
     check_router(wg.shape[0], k)
     x, norm_w, eps = norm if norm is not None else (h, wg[0], 0.0)
     b = bias if bias is not None else wg[0]
-    _route[h.shape[0], THREADS, stream](x, norm_w, float32(eps), norm is not None, h, wg, b, bias is not None,
+    _route[blocks(h.shape[0], 1), THREADS, stream](x, norm_w, float32(eps), norm is not None, h, wg, b, bias is not None,
                                         k, float32(norm_min), idx, w)
 
 
@@ -238,6 +257,11 @@ def group_tokens(idx: np.ndarray, tile_rows: int):
                                                                       tiles[:, 2].copy())
 
 
+def residual_add(x, a, b=None, stream=0):
+    """x += a + b (b may be None), flat float32 arrays of one size."""
+    _residual_add[blocks(x.shape[0], THREADS), THREADS, stream](x, a, b if b is not None else a, b is not None)
+
+
 def combine(Yg, pos, shared_y, x, stream=0):
     """x [T, H] += each token's grouped rows Yg[pos[t, :]] (+ shared_y [T, H], or None)."""
-    _combine[x.shape[0], THREADS, stream](Yg, pos, shared_y if shared_y is not None else x, shared_y is not None, x)
+    _combine[blocks(x.shape[0], 1), THREADS, stream](Yg, pos, shared_y if shared_y is not None else x, shared_y is not None, x)

@@ -16,63 +16,69 @@ import math
 from numba import cuda, float32, int32
 from numba.types import float16
 
-from .device import MAX_THREADS, THREADS, blocks, block_total, jit
+from .device import MAX_THREADS, THREADS, block_total, blocks, device_jit, jit
 
 
 @jit
 def _rmsnorm(x, w, eps, out, residual, add):
     """One block per row t: (add: x[t] += residual[t] first, in place) out[t] = w * x / rms(x)."""
     part = cuda.shared.array(MAX_THREADS, float32)
-    t = cuda.blockIdx.x
     tid = cuda.threadIdx.x
     H = x.shape[1]
-    ss = float32(0.0)
-    for j in range(tid, H, cuda.blockDim.x):
-        v = x[t, j]
-        if add:
-            v += residual[t, j]
-            x[t, j] = v
-        ss += v * v
-    part[tid] = ss
-    cuda.syncthreads()
-    if tid == 0:
-        part[0] = float32(1.0) / math.sqrt(block_total(part, cuda.blockDim.x) / float32(H) + eps)
-    cuda.syncthreads()
-    inv = part[0]
-    for j in range(tid, H, cuda.blockDim.x):
-        out[t, j] = w[j] * (x[t, j] * inv)
+    for t in range(cuda.blockIdx.x, x.shape[0], cuda.gridDim.x):
+        ss = float32(0.0)
+        for j in range(tid, H, cuda.blockDim.x):
+            v = x[t, j]
+            if add:
+                v += residual[t, j]
+                x[t, j] = v
+            ss += v * v
+        part[tid] = ss
+        cuda.syncthreads()
+        if tid == 0:
+            part[0] = float32(1.0) / math.sqrt(block_total(part, cuda.blockDim.x) / float32(H) + eps)
+        cuda.syncthreads()
+        inv = part[0]
+        for j in range(tid, H, cuda.blockDim.x):
+            out[t, j] = w[j] * (x[t, j] * inv)
+        cuda.syncthreads()
 
 
 @jit
 def _embed_q(codes, scales, bits, G, ids, out):
     """out[t, j] = the dequantized row ids[t] of a q4 / q8 matrix (block t, threads over j)."""
-    t = cuda.blockIdx.x
-    r = ids[t]
     H = out.shape[1]
     half = G // 2
-    for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
-        g = j // G
-        if bits == 4:
-            i = j - g * G
-            byte = int32(codes[r, g * half + (i % half)])
-            code = ((byte >> 4) if i >= half else (byte & 0xF)) - 8
-        else:
-            code = int32(codes[r, j])
-        out[t, j] = float32(scales[r, g]) * float32(code)
+    for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+        r = ids[t]
+        for j in range(cuda.threadIdx.x, H, cuda.blockDim.x):
+            g = j // G
+            if bits == 4:
+                i = j - g * G
+                byte = int32(codes[r, g * half + (i % half)])
+                code = ((byte >> 4) if i >= half else (byte & 0xF)) - 8
+            else:
+                code = int32(codes[r, j])
+            out[t, j] = float32(scales[r, g]) * float32(code)
 
 
 @jit
 def _embed_f(table, ids, out):
-    t = cuda.blockIdx.x
-    for j in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
-        out[t, j] = float32(table[ids[t], j])
+    for t in range(cuda.blockIdx.x, out.shape[0], cuda.gridDim.x):
+        for j in range(cuda.threadIdx.x, out.shape[1], cuda.blockDim.x):
+            out[t, j] = float32(table[ids[t], j])
 
 
 @jit
 def _rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slot0):
     """Block t: rotate q[t] in place and k[t] (pairs (2i, 2i+1) share angle fp32(pos) * inv_freq[i]),
     then store k[t], v[t] in the cache at slot slot0 + t as float16."""
-    t = cuda.blockIdx.x
+    for t in range(cuda.blockIdx.x, q.shape[0], cuda.gridDim.x):
+        _rope_kv_one(t, q, k, v, positions, inv_freq, k_cache, v_cache, slot0)
+
+
+@device_jit
+def _rope_kv_one(t, q, k, v, positions, inv_freq, k_cache, v_cache, slot0):
     Nq, D = q.shape[1], q.shape[2]
     Nkv = k.shape[1]
     half = D // 2
@@ -102,10 +108,19 @@ def _rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slot0):
 
 
 @jit
+def _kv_copy(src_k, src_v, dst_k, dst_v, n):
+    """Block (head, dim row): copy cache positions [0, n) into a larger cache."""
+    for h in range(cuda.blockIdx.x, src_k.shape[0], cuda.gridDim.x):
+        for d in range(cuda.blockIdx.y, src_k.shape[1], cuda.gridDim.y):
+            for p in range(cuda.threadIdx.x, n, cuda.blockDim.x):
+                dst_k[h, d, p] = src_k[h, d, p]
+                dst_v[h, p, d] = src_v[h, p, d]
+
+
+@jit
 def _silu_mul(g, u, out):
     """out = g * sigmoid(g) * u, elementwise over flat arrays."""
-    i = cuda.grid(1)
-    if i < out.shape[0]:
+    for i in range(cuda.grid(1), out.shape[0], cuda.gridsize(1)):
         x = g[i]
         out[i] = x / (float32(1.0) + math.exp(-x)) * u[i]
 
@@ -114,26 +129,32 @@ def _silu_mul(g, u, out):
 
 def rmsnorm(x, w, eps: float, out, stream=0):
     """out [T, H] = rmsnorm(x [T, H]) * w."""
-    _rmsnorm[x.shape[0], THREADS, stream](x, w, float32(eps), out, x, False)
+    _rmsnorm[blocks(x.shape[0], 1), THREADS, stream](x, w, float32(eps), out, x, False)
 
 
 def add_rmsnorm(x, delta, w, eps: float, out, stream=0):
     """x += delta (in place), then out = rmsnorm(x) * w; all [T, H]."""
-    _rmsnorm[x.shape[0], THREADS, stream](x, w, float32(eps), out, delta, True)
+    _rmsnorm[blocks(x.shape[0], 1), THREADS, stream](x, w, float32(eps), out, delta, True)
 
 
 def embed(table, ids, out, stream=0):
     """out [T, H] = rows `ids` (device int64 [T]) of table: (codes, scales, bits, G) or a float array."""
     if isinstance(table, tuple):
         codes, scales, bits, group_size = table
-        _embed_q[out.shape[0], THREADS, stream](codes, scales, bits, group_size, ids, out)
+        _embed_q[blocks(out.shape[0], 1), THREADS, stream](codes, scales, bits, group_size, ids, out)
     else:
-        _embed_f[out.shape[0], THREADS, stream](table, ids, out)
+        _embed_f[blocks(out.shape[0], 1), THREADS, stream](table, ids, out)
 
 
 def rope_kv_write(q, k, v, positions, inv_freq, k_cache, v_cache, slot0: int, stream=0):
     """RoPE on q [T, Nq, D] (in place) and k [T, Nkv, D]; k, v stored at cache slots slot0.. ."""
-    _rope_kv_write[q.shape[0], THREADS, stream](q, k, v, positions, inv_freq, k_cache, v_cache, slot0)
+    _rope_kv_write[blocks(q.shape[0], 1), THREADS, stream](q, k, v, positions, inv_freq, k_cache, v_cache, slot0)
+
+
+def kv_copy(src_k, src_v, dst_k, dst_v, n: int, stream=0):
+    """Copy positions [0, n) of one layer's cache into another (a grown or cloned cache)."""
+    if n:
+        _kv_copy[(blocks(src_k.shape[0], 1), blocks(src_k.shape[1], 1)), THREADS, stream](src_k, src_v, dst_k, dst_v, n)
 
 
 def silu_mul(g, u, out, stream=0):

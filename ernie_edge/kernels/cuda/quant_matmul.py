@@ -109,25 +109,27 @@ def _matmul(X, codes, scales, bits, G, K, out, accumulate):
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
-    o0 = cuda.blockIdx.x * BO
-    t0 = cuda.blockIdx.y * BT
-    count = dmin(BT, X.shape[0] - t0)
-    _zero(acc)
-    for k0 in range(0, K, TK):
-        _load_x(X, t0, count, k0, xs, tid)
-        _load_w(codes, scales, bits, G, o0, k0, K, ws, tid)
-        cuda.syncthreads()
-        _fma_tile(xs, ws, acc, ty, tx)
-        cuda.syncthreads()
-    for i in range(2):
-        t = ty + 16 * i
-        for j in range(4):
-            o = o0 + tx + 16 * j
-            if t < count and o < out.shape[1]:
-                if accumulate:
-                    out[t0 + t, o] += acc[i, j]
-                else:
-                    out[t0 + t, o] = acc[i, j]
+    for ob in range(cuda.blockIdx.x, -(-codes.shape[0] // BO), cuda.gridDim.x):
+        for tb in range(cuda.blockIdx.y, -(-X.shape[0] // BT), cuda.gridDim.y):
+            o0 = ob * BO
+            t0 = tb * BT
+            count = dmin(BT, X.shape[0] - t0)
+            _zero(acc)
+            for k0 in range(0, K, TK):
+                _load_x(X, t0, count, k0, xs, tid)
+                _load_w(codes, scales, bits, G, o0, k0, K, ws, tid)
+                cuda.syncthreads()
+                _fma_tile(xs, ws, acc, ty, tx)
+                cuda.syncthreads()
+            for i in range(2):
+                t = ty + 16 * i
+                for j in range(4):
+                    o = o0 + tx + 16 * j
+                    if t < count and o < out.shape[1]:
+                        if accumulate:
+                            out[t0 + t, o] += acc[i, j]
+                        else:
+                            out[t0 + t, o] = acc[i, j]
 
 
 @jit
@@ -142,28 +144,29 @@ def _grouped_gate_up(X, perm, tile_e, tile_start, tile_count, gcodes, gscales, u
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
-    o0 = cuda.blockIdx.x * BO
-    y = cuda.blockIdx.y
-    e = tile_e[y]
-    start = tile_start[y]
-    count = tile_count[y]
-    _zero(ag)
-    _zero(au)
-    for k0 in range(0, K, TK):
-        _gather_x(X, perm, start, count, k0, xs, tid)
-        _load_w(gcodes[e], gscales[e], bits, G, o0, k0, K, wg, tid)
-        _load_w(ucodes[e], uscales[e], bits, G, o0, k0, K, wu, tid)
-        cuda.syncthreads()
-        _fma_tile(xs, wg, ag, ty, tx)
-        _fma_tile(xs, wu, au, ty, tx)
-        cuda.syncthreads()
-    for i in range(2):
-        t = ty + 16 * i
-        for j in range(4):
-            o = o0 + tx + 16 * j
-            if t < count and o < out.shape[1]:
-                g = ag[i, j]
-                out[start + t, o] = g / (float32(1.0) + math.exp(-g)) * au[i, j]
+    for ob in range(cuda.blockIdx.x, -(-out.shape[1] // BO), cuda.gridDim.x):
+        for y in range(cuda.blockIdx.y, tile_e.shape[0], cuda.gridDim.y):
+            o0 = ob * BO
+            e = tile_e[y]
+            start = tile_start[y]
+            count = tile_count[y]
+            _zero(ag)
+            _zero(au)
+            for k0 in range(0, K, TK):
+                _gather_x(X, perm, start, count, k0, xs, tid)
+                _load_w(gcodes[e], gscales[e], bits, G, o0, k0, K, wg, tid)
+                _load_w(ucodes[e], uscales[e], bits, G, o0, k0, K, wu, tid)
+                cuda.syncthreads()
+                _fma_tile(xs, wg, ag, ty, tx)
+                _fma_tile(xs, wu, au, ty, tx)
+                cuda.syncthreads()
+            for i in range(2):
+                t = ty + 16 * i
+                for j in range(4):
+                    o = o0 + tx + 16 * j
+                    if t < count and o < out.shape[1]:
+                        g = ag[i, j]
+                        out[start + t, o] = g / (float32(1.0) + math.exp(-g)) * au[i, j]
 
 
 @jit
@@ -175,24 +178,25 @@ def _grouped_down(Hg, tile_e, tile_start, tile_count, codes, scales, bits, G, K,
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
-    o0 = cuda.blockIdx.x * BO
-    y = cuda.blockIdx.y
-    e = tile_e[y]
-    start = tile_start[y]
-    count = tile_count[y]
-    _zero(acc)
-    for k0 in range(0, K, TK):
-        _load_x(Hg, start, count, k0, xs, tid)
-        _load_w(codes[e], scales[e], bits, G, o0, k0, K, ws, tid)
-        cuda.syncthreads()
-        _fma_tile(xs, ws, acc, ty, tx)
-        cuda.syncthreads()
-    for i in range(2):
-        t = ty + 16 * i
-        for j in range(4):
-            o = o0 + tx + 16 * j
-            if t < count and o < out.shape[1]:
-                out[start + t, o] = row_w[start + t] * acc[i, j]
+    for ob in range(cuda.blockIdx.x, -(-out.shape[1] // BO), cuda.gridDim.x):
+        for y in range(cuda.blockIdx.y, tile_e.shape[0], cuda.gridDim.y):
+            o0 = ob * BO
+            e = tile_e[y]
+            start = tile_start[y]
+            count = tile_count[y]
+            _zero(acc)
+            for k0 in range(0, K, TK):
+                _load_x(Hg, start, count, k0, xs, tid)
+                _load_w(codes[e], scales[e], bits, G, o0, k0, K, ws, tid)
+                cuda.syncthreads()
+                _fma_tile(xs, ws, acc, ty, tx)
+                cuda.syncthreads()
+            for i in range(2):
+                t = ty + 16 * i
+                for j in range(4):
+                    o = o0 + tx + 16 * j
+                    if t < count and o < out.shape[1]:
+                        out[start + t, o] = row_w[start + t] * acc[i, j]
 
 
 @jit
@@ -204,29 +208,31 @@ def _fmatmul(X, w, out, accumulate):
     tid = cuda.threadIdx.x
     ty = tid // 16
     tx = tid - ty * 16
-    o0 = cuda.blockIdx.x * BO
-    t0 = cuda.blockIdx.y * BT
-    count = dmin(BT, X.shape[0] - t0)
-    O, K = w.shape
-    _zero(acc)
-    for k0 in range(0, K, TK):
-        _load_x(X, t0, count, k0, xs, tid)
-        for i in range(tid, BO * TK, MM_THREADS):
-            r = i // TK
-            kk = i - r * TK
-            ws[r, kk] = w[o0 + r, k0 + kk] if o0 + r < O and k0 + kk < K else float32(0.0)
-        cuda.syncthreads()
-        _fma_tile(xs, ws, acc, ty, tx)
-        cuda.syncthreads()
-    for i in range(2):
-        t = ty + 16 * i
-        for j in range(4):
-            o = o0 + tx + 16 * j
-            if t < count and o < O:
-                if accumulate:
-                    out[t0 + t, o] += acc[i, j]
-                else:
-                    out[t0 + t, o] = acc[i, j]
+    for ob in range(cuda.blockIdx.x, -(-w.shape[0] // BO), cuda.gridDim.x):
+        for tb in range(cuda.blockIdx.y, -(-X.shape[0] // BT), cuda.gridDim.y):
+            o0 = ob * BO
+            t0 = tb * BT
+            count = dmin(BT, X.shape[0] - t0)
+            O, K = w.shape
+            _zero(acc)
+            for k0 in range(0, K, TK):
+                _load_x(X, t0, count, k0, xs, tid)
+                for i in range(tid, BO * TK, MM_THREADS):
+                    r = i // TK
+                    kk = i - r * TK
+                    ws[r, kk] = w[o0 + r, k0 + kk] if o0 + r < O and k0 + kk < K else float32(0.0)
+                cuda.syncthreads()
+                _fma_tile(xs, ws, acc, ty, tx)
+                cuda.syncthreads()
+            for i in range(2):
+                t = ty + 16 * i
+                for j in range(4):
+                    o = o0 + tx + 16 * j
+                    if t < count and o < O:
+                        if accumulate:
+                            out[t0 + t, o] += acc[i, j]
+                        else:
+                            out[t0 + t, o] = acc[i, j]
 
 
 # ---- host entry points -----------------------------------------------------------------------------
@@ -244,7 +250,7 @@ def grouped_gate_up(X, perm, tiles, gate, up, bits: int, group_size: int, out, s
     (codes, scales) banks [E, I, ...]; tiles: (expert, start, count) device arrays (moe.group_tokens)."""
     tile_e, tile_start, tile_count = tiles
     I = gate[0].shape[1]
-    _grouped_gate_up[(blocks(I, BO), tile_e.shape[0]), MM_THREADS, stream](
+    _grouped_gate_up[(blocks(I, BO), blocks(tile_e.shape[0], 1)), MM_THREADS, stream](
         X, perm, tile_e, tile_start, tile_count, gate[0], gate[1], up[0], up[1], bits, group_size, X.shape[1], out)
 
 
@@ -252,7 +258,7 @@ def grouped_down(Hg, tiles, down, bits: int, group_size: int, row_w, out, stream
     """out [R, H] = row_w[i] * D_e Hg[i] for the grouped rows i; down: (codes, scales) bank [E, H, ...]."""
     tile_e, tile_start, tile_count = tiles
     H = down[0].shape[1]
-    _grouped_down[(blocks(H, BO), tile_e.shape[0]), MM_THREADS, stream](
+    _grouped_down[(blocks(H, BO), blocks(tile_e.shape[0], 1)), MM_THREADS, stream](
         Hg, tile_e, tile_start, tile_count, down[0], down[1], bits, group_size, Hg.shape[1], row_w, out)
 
 

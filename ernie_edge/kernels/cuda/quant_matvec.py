@@ -56,22 +56,25 @@ def row_dot(words, scales, row, x, lane, bits, G):
 
 @jit
 def _matvec(words, scales, bits, G, x, out, accumulate):
-    """out[o] (+)= W[o] . x, one warp per row, ROWS rows per block."""
+    """out[o] (+)= W[o] . x, one warp per row, blockDim / 32 rows per block and step."""
     part = cuda.shared.array(MAX_THREADS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
-    row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP
-    acc = float32(0.0)
-    if row < words.shape[0]:
-        acc = row_dot(words, scales, row, x, lane, bits, G)
-    part[tid] = acc
-    cuda.syncthreads()
-    if lane == 0 and row < words.shape[0]:
-        total = warp_total(part, tid)
-        if accumulate:
-            out[row] += total
-        else:
-            out[row] = total
+    per = cuda.blockDim.x // WARP
+    for row0 in range(cuda.blockIdx.x * per, words.shape[0], cuda.gridDim.x * per):
+        row = row0 + tid // WARP
+        acc = float32(0.0)
+        if row < words.shape[0]:
+            acc = row_dot(words, scales, row, x, lane, bits, G)
+        part[tid] = acc
+        cuda.syncthreads()
+        if lane == 0 and row < words.shape[0]:
+            total = warp_total(part, tid)
+            if accumulate:
+                out[row] += total
+            else:
+                out[row] = total
+        cuda.syncthreads()
 
 
 @jit
@@ -80,22 +83,23 @@ def _matvec3(wq, sq, wk, sk, wv, sv, bits, G, x, q, k, v):
     part = cuda.shared.array(MAX_THREADS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
-    row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP
+    per = cuda.blockDim.x // WARP
     m = cuda.blockIdx.y
     words, scales, out = wq, sq, q
     if m == 1:
         words, scales, out = wk, sk, k
     elif m == 2:
         words, scales, out = wv, sv, v
-    if cuda.blockIdx.x * (cuda.blockDim.x // WARP) >= words.shape[0]:
-        return  # the whole block is past this matrix's rows
-    acc = float32(0.0)
-    if row < words.shape[0]:
-        acc = row_dot(words, scales, row, x, lane, bits, G)
-    part[tid] = acc
-    cuda.syncthreads()
-    if lane == 0 and row < words.shape[0]:
-        out[row] = warp_total(part, tid)
+    for row0 in range(cuda.blockIdx.x * per, words.shape[0], cuda.gridDim.x * per):
+        row = row0 + tid // WARP
+        acc = float32(0.0)
+        if row < words.shape[0]:
+            acc = row_dot(words, scales, row, x, lane, bits, G)
+        part[tid] = acc
+        cuda.syncthreads()
+        if lane == 0 and row < words.shape[0]:
+            out[row] = warp_total(part, tid)
+        cuda.syncthreads()
 
 
 @jit
@@ -104,19 +108,22 @@ def _fmatvec(w, x, out, accumulate):
     part = cuda.shared.array(MAX_THREADS, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
-    row = cuda.blockIdx.x * (cuda.blockDim.x // WARP) + tid // WARP
-    acc = float32(0.0)
-    if row < w.shape[0]:
-        for j in range(lane, w.shape[1], WARP):
-            acc += w[row, j] * x[j]
-    part[tid] = acc
-    cuda.syncthreads()
-    if lane == 0 and row < w.shape[0]:
-        total = warp_total(part, tid)
-        if accumulate:
-            out[row] += total
-        else:
-            out[row] = total
+    per = cuda.blockDim.x // WARP
+    for row0 in range(cuda.blockIdx.x * per, w.shape[0], cuda.gridDim.x * per):
+        row = row0 + tid // WARP
+        acc = float32(0.0)
+        if row < w.shape[0]:
+            for j in range(lane, w.shape[1], WARP):
+                acc += w[row, j] * x[j]
+        part[tid] = acc
+        cuda.syncthreads()
+        if lane == 0 and row < w.shape[0]:
+            total = warp_total(part, tid)
+            if accumulate:
+                out[row] += total
+            else:
+                out[row] = total
+        cuda.syncthreads()
 
 
 # ---- host entry points (device arrays in, nothing copied back) --------------------------------------
