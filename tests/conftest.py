@@ -30,6 +30,19 @@ PARITY_CONFIGS = {
 }
 
 
+@pytest.fixture(scope="module")
+def simulator_gil():
+    """numba's CUDA simulator runs each CUDA thread as a Python thread, polled by a busy loop: a
+    shorter GIL switch interval lets the threads reach their barriers sooner (about 1.7x faster).
+    The CUDA test modules use it; nothing else's timing changes."""
+    import sys
+    old = sys.getswitchinterval()
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        sys.setswitchinterval(0.0005)
+    yield
+    sys.setswitchinterval(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny preset with tokenizer files: the default model of the test suite."""

@@ -10,6 +10,8 @@ from cuda_helpers import FORMATS, dev, host, quantized
 from ernie_edge import reference as ref
 from ernie_edge.kernels.cuda import moe, quant_matmul as qmm, quant_matvec as qmv
 
+pytestmark = pytest.mark.usefixtures("simulator_gil")
+
 
 @pytest.mark.parametrize("bits,group_size", FORMATS)
 def test_cuda_matvec_matches_the_dequantized_matrix(bits, group_size):

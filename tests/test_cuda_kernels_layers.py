@@ -12,6 +12,8 @@ from ernie_edge import reference as ref
 from ernie_edge.kernels.cuda import attention as att, moe, norm_rope as nr, quant_matvec as qmv
 from ernie_edge.kernels.cuda import sampling
 
+pytestmark = pytest.mark.usefixtures("simulator_gil")
+
 
 def test_cuda_rmsnorm_and_add_rmsnorm():
     rng = np.random.default_rng(0)

@@ -35,6 +35,8 @@ MAX_EXPERTS = 128  # the router's shared arrays (ERNIE-4.5: 64)
 MAX_SLOTS = 17  # routed slots + the shared expert (ERNIE-4.5: 6 + 1)
 _LOGIT_PARTS = MAX_EXPERTS * WARP  # shared-array sizes must be plain constants
 _SLOT_PARTS = MAX_SLOTS * MAX_THREADS
+_SLOT_PARTS2 = 2 * _SLOT_PARTS  # two alternating halves (quant_matvec.py's module doc)
+_PARTS2 = 2 * MAX_THREADS
 
 
 @jit
@@ -109,8 +111,8 @@ def _route_one(t, tid, part, lp, p, x, norm_w, eps, do_norm, h, wg, bias, use_bi
 def _experts_gate_up(x, ids, n_routed, gw, gs, uw, us, bits, G, h, sgw, sgs, suw, sus, sbits, sG, h_shared,
                      has_shared):
     """Block (row group, slot): h[slot, row] = silu(G_e x) * U_e x; the slot n_routed is the shared bank."""
-    pg = cuda.shared.array(MAX_THREADS, float32)
-    pu = cuda.shared.array(MAX_THREADS, float32)
+    pg = cuda.shared.array(_PARTS2, float32)
+    pu = cuda.shared.array(_PARTS2, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     per = cuda.blockDim.x // WARP
@@ -131,49 +133,49 @@ def _experts_gate_up(x, ids, n_routed, gw, gs, uw, us, bits, G, h, sgw, sgs, suw
                 e = ids[slot]
                 g = row_dot(gw[e], gs[e], row, x, lane, bits, G)
                 u = row_dot(uw[e], us[e], row, x, lane, bits, G)
-        pg[tid] = g
-        pu[tid] = u
+        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid  # alternate halves: one barrier a step
+        pg[base] = g
+        pu[base] = u
         cuda.syncthreads()
         if lane == 0 and row < rows:
-            g = warp_total(pg, tid)
-            u = warp_total(pu, tid)
+            g = warp_total(pg, base)
+            u = warp_total(pu, base)
             v = g / (float32(1.0) + math.exp(-g)) * u
             if shared:
                 h_shared[row] = v
             else:
                 h[slot, row] = v
-        cuda.syncthreads()
 
 
 @jit
 def _experts_down(h, ids, wts, n_routed, dw, ds, bits, G, h_shared, sdw, sds, sbits, sG, has_shared, out,
                   accumulate):
     """out[row] (+)= sum_s wts[s] D_ids[s] h[s] (ascending id) + D_shared h_shared, one warp per row."""
-    part = cuda.shared.array(_SLOT_PARTS, float32)
+    part = cuda.shared.array(_SLOT_PARTS2, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     per = cuda.blockDim.x // WARP
     H = out.shape[0]
     for row0 in range(cuda.blockIdx.x * per, H, cuda.gridDim.x * per):
         row = row0 + tid // WARP
+        base = (row0 // per // cuda.gridDim.x) % 2 * _SLOT_PARTS + tid  # alternate halves: one barrier a step
         if row < H:
             for s in range(n_routed):
                 e = ids[s]
-                part[s * MAX_THREADS + tid] = row_dot(dw[e], ds[e], row, h[s], lane, bits, G)
+                part[base + s * MAX_THREADS] = row_dot(dw[e], ds[e], row, h[s], lane, bits, G)
             if has_shared:
-                part[n_routed * MAX_THREADS + tid] = row_dot(sdw[0], sds[0], row, h_shared, lane, sbits, sG)
+                part[base + n_routed * MAX_THREADS] = row_dot(sdw[0], sds[0], row, h_shared, lane, sbits, sG)
         cuda.syncthreads()
         if lane == 0 and row < H:
             total = float32(0.0)
             for s in range(n_routed):
-                total += wts[s] * warp_total(part, s * MAX_THREADS + tid)
+                total += wts[s] * warp_total(part, base + s * MAX_THREADS)
             if has_shared:
-                total += warp_total(part, n_routed * MAX_THREADS + tid)
+                total += warp_total(part, base + n_routed * MAX_THREADS)
             if accumulate:
                 out[row] += total
             else:
                 out[row] = total
-        cuda.syncthreads()
 
 
 @jit

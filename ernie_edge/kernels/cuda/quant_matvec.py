@@ -10,7 +10,9 @@ bytes, and multiplies them with the float32 input, one fp16 scale per group of G
                      high nibble -> element g G + G/2 + j + b,  code = nibble - 8
   q8 word w: byte b -> element 4 w + b, code = the byte as a signed int8
 
-The warp's 32 partial sums go through shared memory (device.py explains why no shuffles).
+The warp's 32 partial sums go through shared memory (device.py explains why no shuffles), in two
+alternating halves, so a block needs one barrier per step of rows: lane 0 still reads step s's half
+while the other lanes write step s+1's into the other one.
 
 Legend: O output rows, K inputs, NW words per row, G group size, E experts.
 """
@@ -21,6 +23,8 @@ import numpy as np
 from numba import cuda, float32, int32
 
 from .device import MAX_THREADS, ROWS, THREADS, WARP, blocks, device_jit, jit, warp_total
+
+_PARTS2 = 2 * MAX_THREADS  # two halves of partial sums (see the module doc)
 
 
 @device_jit
@@ -57,7 +61,7 @@ def row_dot(words, scales, row, x, lane, bits, G):
 @jit
 def _matvec(words, scales, bits, G, x, out, accumulate):
     """out[o] (+)= W[o] . x, one warp per row, blockDim / 32 rows per block and step."""
-    part = cuda.shared.array(MAX_THREADS, float32)
+    part = cuda.shared.array(_PARTS2, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     per = cuda.blockDim.x // WARP
@@ -66,21 +70,21 @@ def _matvec(words, scales, bits, G, x, out, accumulate):
         acc = float32(0.0)
         if row < words.shape[0]:
             acc = row_dot(words, scales, row, x, lane, bits, G)
-        part[tid] = acc
+        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid  # alternate halves: one barrier a step
+        part[base] = acc
         cuda.syncthreads()
         if lane == 0 and row < words.shape[0]:
-            total = warp_total(part, tid)
+            total = warp_total(part, base)
             if accumulate:
                 out[row] += total
             else:
                 out[row] = total
-        cuda.syncthreads()
 
 
 @jit
 def _matvec3(wq, sq, wk, sk, wv, sv, bits, G, x, q, k, v):
     """q, k, v = Wq x, Wk x, Wv x in one launch: blockIdx.y picks the matrix."""
-    part = cuda.shared.array(MAX_THREADS, float32)
+    part = cuda.shared.array(_PARTS2, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     per = cuda.blockDim.x // WARP
@@ -95,17 +99,17 @@ def _matvec3(wq, sq, wk, sk, wv, sv, bits, G, x, q, k, v):
         acc = float32(0.0)
         if row < words.shape[0]:
             acc = row_dot(words, scales, row, x, lane, bits, G)
-        part[tid] = acc
+        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid
+        part[base] = acc
         cuda.syncthreads()
         if lane == 0 and row < words.shape[0]:
-            out[row] = warp_total(part, tid)
-        cuda.syncthreads()
+            out[row] = warp_total(part, base)
 
 
 @jit
 def _fmatvec(w, x, out, accumulate):
     """out[o] (+)= w[o] . x for a float32 matrix (tensors stored as f16 / f32)."""
-    part = cuda.shared.array(MAX_THREADS, float32)
+    part = cuda.shared.array(_PARTS2, float32)
     tid = cuda.threadIdx.x
     lane = tid % WARP
     per = cuda.blockDim.x // WARP
@@ -115,15 +119,15 @@ def _fmatvec(w, x, out, accumulate):
         if row < w.shape[0]:
             for j in range(lane, w.shape[1], WARP):
                 acc += w[row, j] * x[j]
-        part[tid] = acc
+        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid
+        part[base] = acc
         cuda.syncthreads()
         if lane == 0 and row < w.shape[0]:
-            total = warp_total(part, tid)
+            total = warp_total(part, base)
             if accumulate:
                 out[row] += total
             else:
                 out[row] = total
-        cuda.syncthreads()
 
 
 # ---- host entry points (device arrays in, nothing copied back) --------------------------------------
