@@ -130,7 +130,7 @@ class CudaModel:
         T = len(hidden)
         if T == 1:
             self.buf.h.copy_to_device(np.ascontiguousarray(hidden, np.float32))
-            self.embed.matvec(self.buf.h[0], self.buf.logits)
+            self.embed.matvec(self.buf.h0, self.buf.logits)
             return self.buf.logits.copy_to_host()[None, :]
         out = _empty((T, self.config.vocab_size))
         self.embed.matmul(_dev(np.asarray(hidden, np.float32)), out)
@@ -150,19 +150,19 @@ class CudaModel:
         scratch = self._decode_scratch(cache.capacity)
         b.tok_pos_host[:] = (token, cache.length)
         b.tok_pos.copy_to_device(b.tok_pos_host)
-        norm_rope.embed(self._embed_table(), b.tok_pos[0:1], b.x)
+        norm_rope.embed(self._embed_table(), b.tok, b.x)
         eps = cfg.rms_norm_eps
         for li, L in enumerate(self.layers):
             norm_rope.rmsnorm(b.x, L.in_norm, eps, b.h)
-            L.qkv.matvec(b.h[0], b.q_flat, b.k_flat, b.v_flat)
-            norm_rope.rope_kv_write(b.q, b.k, b.v, b.tok_pos[1:2], self.inv_freq, cache.k[li], cache.v[li], slot)
-            attention.attention_decode(b.q[0], cache.k[li], cache.v[li], slot + 1, b.attn, scratch)
-            L.o.matvec(b.attn_flat, b.x[0], accumulate=True)  # x += o
+            L.qkv.matvec(b.h0, b.q_flat, b.k_flat, b.v_flat)
+            norm_rope.rope_kv_write(b.q, b.k, b.v, b.pos, self.inv_freq, cache.k[li], cache.v[li], slot)
+            attention.attention_decode(b.q0, cache.k[li], cache.v[li], slot + 1, b.attn, scratch)
+            L.o.matvec(b.attn_flat, b.x0, accumulate=True)  # x += o
             if isinstance(L.mlp, DeviceMoE):
                 self._decode_moe(L, L.mlp, trace)
             else:
                 norm_rope.rmsnorm(b.x, L.post_norm, eps, b.h)
-                self._decode_mlp(L.mlp, b.h[0], b.x[0], accumulate=True)
+                self._decode_mlp(L.mlp, b.h0, b.x0, accumulate=True)
         cache.length += 1
         norm_rope.rmsnorm(b.x, self.final_norm, eps, b.h)
         return b.h.copy_to_host()
@@ -172,8 +172,8 @@ class CudaModel:
         if not mlp.fused:
             mlp.decode_unfused(x, b.hs2, out, accumulate)
             return
-        moe.experts_gate_up(x, b.idx[0], 0, None, mlp.gate_up_args(), b.hr, b.hs)
-        moe.experts_down(b.hr, b.idx[0], b.w[0], 0, None, b.hs, mlp.down_args(), out, accumulate)
+        moe.experts_gate_up(x, b.ids0, 0, None, mlp.gate_up_args(), b.hr, b.hs)
+        moe.experts_down(b.hr, b.ids0, b.w0, 0, None, b.hs, mlp.down_args(), out, accumulate)
 
     def _decode_moe(self, L: DeviceLayer, m: DeviceMoE, trace) -> None:
         cfg, b = self.config, self.buf
@@ -186,12 +186,12 @@ class CudaModel:
             trace.add(m.layer, b.idx.copy_to_host())
         shared = m.shared
         if shared is not None and not shared.fused:  # the shared expert alone, then the routed ones
-            shared.decode_unfused(b.h[0], b.hs2, b.x[0], accumulate=True)
+            shared.decode_unfused(b.h0, b.hs2, b.x0, accumulate=True)
             shared = None
-        moe.experts_gate_up(b.h[0], b.idx[0], k, m.experts.gate_up_args(),
+        moe.experts_gate_up(b.h0, b.ids0, k, m.experts.gate_up_args(),
                             shared.gate_up_args() if shared else None, b.hr, b.hs)
-        moe.experts_down(b.hr, b.idx[0], b.w[0], k, m.experts.down_args(), b.hs,
-                         shared.down_args() if shared else None, b.x[0], accumulate=True)
+        moe.experts_down(b.hr, b.ids0, b.w0, k, m.experts.down_args(), b.hs,
+                         shared.down_args() if shared else None, b.x0, accumulate=True)
 
     def _decode_cpu_experts(self, m: DeviceMoE, trace) -> None:
         """Routed experts on the CPU while the GPU runs the shared expert; x += routed + shared."""
@@ -202,13 +202,13 @@ class CudaModel:
         if trace is not None:
             trace.add(m.layer, b.idx_host.copy())
         if m.shared is not None:  # launched first: it runs while the CPU works
-            self._decode_mlp(m.shared, b.h[0], b.ys, accumulate=False)
+            self._decode_mlp(m.shared, b.h0, b.ys, accumulate=False)
         s = self.cpu_scratch
         ids = b.idx_host[0]
         m.cpu_experts.gate_up_silu(b.h_host[0], ids, s.he, s)
         m.cpu_experts.down_weighted(s.he, ids, b.w_host[0], b.yr_host, s)
         b.yr.copy_to_device(b.yr_host)
-        moe.residual_add(b.x[0], b.yr, b.ys if m.shared is not None else None)
+        moe.residual_add(b.x0, b.yr, b.ys if m.shared is not None else None)
 
     def _embed_table(self):
         e = self.embed
@@ -297,6 +297,10 @@ class _DecodeBuffers:
         self.ys = _empty(H)
         self.yr = _empty(H)
         self.logits = _empty(cfg.vocab_size)
+        # Row views made once (a device-array view is a Python object: not one per launch).
+        self.x0, self.h0, self.q0 = self.x[0], self.h[0], self.q[0]
+        self.ids0, self.w0 = self.idx[0], self.w[0]
+        self.tok, self.pos = self.tok_pos[0:1], self.tok_pos[1:2]
         self.h_host = cuda.pinned_array((1, H), np.float32)
         self.idx_host = cuda.pinned_array((1, k), np.int64)
         self.w_host = cuda.pinned_array((1, k), np.float32)

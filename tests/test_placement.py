@@ -124,3 +124,11 @@ def test_serve_settings_check_the_device_flags():
     with pytest.raises(ErnieEdgeError, match="--gpu-experts"):
         ServeSettings(model="m", device="cuda", gpu_experts="x").check()
     assert ServeSettings(model="m", device="auto", gpu_experts="2").engine_settings().gpu_experts == "2"
+
+
+def test_importing_and_loading_on_the_cpu_never_imports_numba_cuda(tiny_edge_dir):
+    code = ("import sys, ernie_edge, ernie_edge.cli, ernie_edge.engine; ernie_edge.load(sys.argv[1]); "
+            "assert not [m for m in sys.modules if m.startswith('numba.cuda')], 'numba.cuda was imported'")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_edge_dir)], capture_output=True, text=True,
+                          env=dict(cli_env(), NUMBA_ENABLE_CUDASIM="0"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
