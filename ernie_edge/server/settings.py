@@ -48,6 +48,8 @@ class ServeSettings:
     queue_size: int = 16
     threads: int | None = None
     kv_dtype: str = "f16"
+    device: str = "cpu"  # cpu | cuda | auto (ernie_edge/placement.py)
+    gpu_experts: str | int | None = None  # all | none | N | None: as many as fit
     prefill_chunk: int = 256
     reasoning_field: str = "reasoning_content"
     model_name: str | None = None
@@ -72,11 +74,15 @@ class ServeSettings:
             raise ServeError(f"--host {self.host} exposes the API beyond this machine; that needs "
                              "--api-key KEY (or --api-key-file PATH). Leave --host out to listen on "
                              "127.0.0.1 only")
+        from ..placement import check_device, parse_gpu_experts
+        check_device(self.device)
+        parse_gpu_experts(self.gpu_experts)
         self.engine_settings()  # checks slots, context, queue size
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(slots=self.slots, context=self.context, queue_size=self.queue_size,
-                              prefill_chunk=self.prefill_chunk, threads=self.threads, kv_dtype=self.kv_dtype)
+                              prefill_chunk=self.prefill_chunk, threads=self.threads, kv_dtype=self.kv_dtype,
+                              device=self.device, gpu_experts=self.gpu_experts)
 
     @property
     def url(self) -> str:
