@@ -100,6 +100,20 @@ def _zero(acc):
             acc[i, j] = float32(0.0)
 
 
+@device_jit
+def _store_tile(acc, out, t0, o0, count, O, ty, tx, accumulate):
+    """out[t0 + t, o] (+)= this thread's accumulators, inside the tile's rows and the matrix."""
+    for i in range(2):
+        t = ty + 16 * i
+        for j in range(4):
+            o = o0 + tx + 16 * j
+            if t < count and o < O:
+                if accumulate:
+                    out[t0 + t, o] += acc[i, j]
+                else:
+                    out[t0 + t, o] = acc[i, j]
+
+
 @jit
 def _matmul(X, codes, scales, bits, G, K, out, accumulate):
     """Block (o tile, t tile): out[t, o] (+)= sum_k X[t, k] W[o, k]."""
@@ -121,15 +135,7 @@ def _matmul(X, codes, scales, bits, G, K, out, accumulate):
                 cuda.syncthreads()
                 _fma_tile(xs, ws, acc, ty, tx)
                 cuda.syncthreads()
-            for i in range(2):
-                t = ty + 16 * i
-                for j in range(4):
-                    o = o0 + tx + 16 * j
-                    if t < count and o < out.shape[1]:
-                        if accumulate:
-                            out[t0 + t, o] += acc[i, j]
-                        else:
-                            out[t0 + t, o] = acc[i, j]
+            _store_tile(acc, out, t0, o0, count, out.shape[1], ty, tx, accumulate)
 
 
 @jit
@@ -224,15 +230,7 @@ def _fmatmul(X, w, out, accumulate):
                 cuda.syncthreads()
                 _fma_tile(xs, ws, acc, ty, tx)
                 cuda.syncthreads()
-            for i in range(2):
-                t = ty + 16 * i
-                for j in range(4):
-                    o = o0 + tx + 16 * j
-                    if t < count and o < O:
-                        if accumulate:
-                            out[t0 + t, o] += acc[i, j]
-                        else:
-                            out[t0 + t, o] = acc[i, j]
+            _store_tile(acc, out, t0, o0, count, O, ty, tx, accumulate)
 
 
 # ---- host entry points -----------------------------------------------------------------------------

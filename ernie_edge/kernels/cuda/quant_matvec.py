@@ -58,35 +58,40 @@ def row_dot(words, scales, row, x, lane, bits, G):
     return acc
 
 
+@device_jit
+def _reduce_store(part, row0, per, acc, row, rows, out, accumulate):
+    """The warp's 32 partials of `row` into one of the two halves of part, one barrier, then lane 0
+    writes (or adds) their sum. Every thread of the block calls it once per step of rows."""
+    tid = cuda.threadIdx.x
+    base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid
+    part[base] = acc
+    cuda.syncthreads()
+    if tid % WARP == 0 and row < rows:
+        total = warp_total(part, base)
+        if accumulate:
+            out[row] += total
+        else:
+            out[row] = total
+
+
 @jit
 def _matvec(words, scales, bits, G, x, out, accumulate):
     """out[o] (+)= W[o] . x, one warp per row, blockDim / 32 rows per block and step."""
     part = cuda.shared.array(_PARTS2, float32)
-    tid = cuda.threadIdx.x
-    lane = tid % WARP
+    lane = cuda.threadIdx.x % WARP
     per = cuda.blockDim.x // WARP
-    for row0 in range(cuda.blockIdx.x * per, words.shape[0], cuda.gridDim.x * per):
-        row = row0 + tid // WARP
-        acc = float32(0.0)
-        if row < words.shape[0]:
-            acc = row_dot(words, scales, row, x, lane, bits, G)
-        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid  # alternate halves: one barrier a step
-        part[base] = acc
-        cuda.syncthreads()
-        if lane == 0 and row < words.shape[0]:
-            total = warp_total(part, base)
-            if accumulate:
-                out[row] += total
-            else:
-                out[row] = total
+    rows = words.shape[0]
+    for row0 in range(cuda.blockIdx.x * per, rows, cuda.gridDim.x * per):
+        row = row0 + cuda.threadIdx.x // WARP
+        acc = row_dot(words, scales, row, x, lane, bits, G) if row < rows else float32(0.0)
+        _reduce_store(part, row0, per, acc, row, rows, out, accumulate)
 
 
 @jit
 def _matvec3(wq, sq, wk, sk, wv, sv, bits, G, x, q, k, v):
     """q, k, v = Wq x, Wk x, Wv x in one launch: blockIdx.y picks the matrix."""
     part = cuda.shared.array(_PARTS2, float32)
-    tid = cuda.threadIdx.x
-    lane = tid % WARP
+    lane = cuda.threadIdx.x % WARP
     per = cuda.blockDim.x // WARP
     m = cuda.blockIdx.y
     words, scales, out = wq, sq, q
@@ -94,40 +99,27 @@ def _matvec3(wq, sq, wk, sk, wv, sv, bits, G, x, q, k, v):
         words, scales, out = wk, sk, k
     elif m == 2:
         words, scales, out = wv, sv, v
-    for row0 in range(cuda.blockIdx.x * per, words.shape[0], cuda.gridDim.x * per):
-        row = row0 + tid // WARP
-        acc = float32(0.0)
-        if row < words.shape[0]:
-            acc = row_dot(words, scales, row, x, lane, bits, G)
-        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid
-        part[base] = acc
-        cuda.syncthreads()
-        if lane == 0 and row < words.shape[0]:
-            out[row] = warp_total(part, base)
+    rows = words.shape[0]
+    for row0 in range(cuda.blockIdx.x * per, rows, cuda.gridDim.x * per):
+        row = row0 + cuda.threadIdx.x // WARP
+        acc = row_dot(words, scales, row, x, lane, bits, G) if row < rows else float32(0.0)
+        _reduce_store(part, row0, per, acc, row, rows, out, False)
 
 
 @jit
 def _fmatvec(w, x, out, accumulate):
     """out[o] (+)= w[o] . x for a float32 matrix (tensors stored as f16 / f32)."""
     part = cuda.shared.array(_PARTS2, float32)
-    tid = cuda.threadIdx.x
-    lane = tid % WARP
+    lane = cuda.threadIdx.x % WARP
     per = cuda.blockDim.x // WARP
-    for row0 in range(cuda.blockIdx.x * per, w.shape[0], cuda.gridDim.x * per):
-        row = row0 + tid // WARP
+    rows = w.shape[0]
+    for row0 in range(cuda.blockIdx.x * per, rows, cuda.gridDim.x * per):
+        row = row0 + cuda.threadIdx.x // WARP
         acc = float32(0.0)
-        if row < w.shape[0]:
+        if row < rows:
             for j in range(lane, w.shape[1], WARP):
                 acc += w[row, j] * x[j]
-        base = (row0 // per // cuda.gridDim.x) % 2 * MAX_THREADS + tid
-        part[base] = acc
-        cuda.syncthreads()
-        if lane == 0 and row < w.shape[0]:
-            total = warp_total(part, base)
-            if accumulate:
-                out[row] += total
-            else:
-                out[row] = total
+        _reduce_store(part, row0, per, acc, row, rows, out, accumulate)
 
 
 # ---- host entry points (device arrays in, nothing copied back) --------------------------------------
