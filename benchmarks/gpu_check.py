@@ -28,25 +28,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _machine import machine  # noqa: E402  (benchmarks/ is this script's folder: sys.path[0])
+
 CLI = [sys.executable, "-m", "ernie_edge.cli"]
 KLD_LIMIT = 1e-4
-
-
-def cpu_model() -> dict:
-    """lscpu's model name and the SIMD flags the CPU kernels care about."""
-    info = {"model": "unknown", "flags": []}
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                info["model"] = value.strip()
-            if key.strip() == "Flags":
-                info["flags"] = [f for f in value.split() if f.startswith(("avx", "fma", "f16c", "amx"))]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    info["cores"] = os.cpu_count()
-    return info
 
 
 def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -119,7 +104,7 @@ def main() -> int:
     if gpu is None or gpu.simulated:
         print(f"no usable GPU: {why or 'the simulator'}", file=sys.stderr)
         return 2
-    report = {"gpu": gpu.name, "gpu_total_bytes": gpu.total_bytes, "cpu": cpu_model(),
+    report = {"gpu": gpu.name, "gpu_total_bytes": gpu.total_bytes, "cpu": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "layers": a.layers}
     t = time.time()
     report["parity"] = parity(a.work)
