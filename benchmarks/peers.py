@@ -12,7 +12,7 @@ that other processes disturbed). Pairs, by quality class:
   int4      ernie-edge q4g32-d4 (all int4)                      vs  llama.cpp Q4_0
 
 Each round runs, for every pair, `ernie-edge bench` (512-token prompt, 128 generated tokens) and
-then `llama-bench -p 512 -n 128 -r 3`, 2 threads each, as fresh processes, so the machine's drift
+then `llama-bench -p 512 -n 128 -r 3` (default mmap load), 2 threads each, as fresh processes, so the machine's drift
 hits both alike; the figures are the per-round ratios ernie-edge / llama.cpp and their median.
 With --depth N the decode is measured after an N-token context instead (ernie-edge: an N-token
 prompt then 64 tokens; llama-bench -d N -p 0 -n 64 -r 1), the long-context goal.
@@ -90,11 +90,12 @@ def edge_bench(runner: Runner, label: str, model: Path, prompt: int, gen: int, t
     return r
 
 
-def llama_bench(runner: Runner, label: str, tools: Path, layers: int, qtype: str, threads: int, depth: int) -> dict:
-    bench_args = ["-t", str(threads)]
-    if depth:
-        bench_args += ["-d", str(depth), "-p", "0", "-n", "64", "-r", "1"]
-    stdout, rec = runner.run(label, ["bash", str(tools / "llama_cpp.sh"), "bench", str(layers), qtype, *bench_args])
+def llama_bench(runner: Runner, label: str, gguf: Path, threads: int, depth: int) -> dict:
+    """llama-bench (built by llama_cpp.sh next to its GGUFs) on one GGUF: pp512 + tg128, 3 repetitions,
+    or with depth a 64-token decode after `depth` context tokens, one repetition."""
+    exe = gguf.parent / "build" / "bin" / "llama-bench"
+    shape = ["-d", str(depth), "-p", "0", "-n", "64", "-r", "1"] if depth else ["-p", "512", "-n", "128", "-r", "3"]
+    stdout, rec = runner.run(label, [str(exe), "-m", str(gguf), "-t", str(threads), *shape, "-o", "json"])
     tests = json.loads(stdout[stdout.index("["):])
     out = {"quiet_run": rec, "tests": tests}
     for t in tests:
@@ -102,7 +103,6 @@ def llama_bench(runner: Runner, label: str, tools: Path, layers: int, qtype: str
             out["decode_tok_s"] = t["avg_ts"]
         elif t.get("n_prompt", 0) > 0:
             out["prefill_tok_s"] = t["avg_ts"]
-    out["model_size"] = tests[0].get("model_size")
     return out
 
 
@@ -123,13 +123,20 @@ def summarize(rounds: list[dict], pairs: list[str], depth: int) -> dict:
         out[p]["weights_bytes_per_token"] = rounds[0][p]["edge"]["weights_bytes_per_token"]
         out[p]["bandwidth_fraction"] = [r[p]["edge"]["bandwidth_fraction"] for r in rounds]
         out[p]["read_bandwidth_gbs"] = [r[p]["edge"]["read_bandwidth_gbs"] for r in rounds]
+        # share of all CPUs that other processes used during each timed run (quiet_run.py's record)
+        out[p]["foreign_cpu"] = [r[p][side].get("quiet_run", {}).get("foreign_cpu_frac") for r in rounds
+                                 for side in ("edge", "llama")]
     return out
 
 
 def table(results: list[dict]) -> str:
     lines = ["| CPU | layers | context | pair | ernie-edge decode tok/s | llama.cpp decode tok/s | ratio | "
-             "ernie-edge pp512 tok/s | llama.cpp pp512 tok/s | ratio | rounds | ernie-edge commit |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ernie-edge pp512 tok/s | llama.cpp pp512 tok/s | ratio | rounds | other processes' CPU | ernie-edge commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def busy(values):
+        values = [v for v in values or [] if v is not None]
+        return f"{min(values):.0%}-{max(values):.0%}" if values else "-"
 
     def cell(values):
         return " / ".join(f"{v:.1f}" for v in values)
@@ -143,7 +150,7 @@ def table(results: list[dict]) -> str:
             pre = (f"{cell(p['edge'])} | {cell(p['llama'])} | {p['median_ratio']:.2f}x" if p else "- | - | -")
             lines.append(f"| {res['machine']['cpu']} | {res['layers']} | {res['depth'] or 512} | {name} | "
                          f"{cell(d['edge'])} | {cell(d['llama'])} | {d['median_ratio']:.2f}x | {pre} | "
-                         f"{len(d['edge'])} | {res['commit']} |")
+                         f"{len(d['edge'])} | {busy(s.get('foreign_cpu'))} | {res['commit']} |")
     return "\n".join(lines)
 
 
@@ -184,9 +191,9 @@ def main() -> None:
     rounds = []
     for r in range(a.rounds):
         row = {}
-        for p, (edge, _) in models.items():
+        for p, (edge, gguf) in models.items():
             e = edge_bench(runner, f"edge-{p}-r{r}-{stamp}", edge, prompt, gen, a.threads)
-            q = llama_bench(runner, f"llama-{p}-r{r}-{stamp}", tools, a.layers, PAIRS[p][1], a.threads, a.depth)
+            q = llama_bench(runner, f"llama-{p}-r{r}-{stamp}", gguf, a.threads, a.depth)
             row[p] = {"edge": e, "llama": q}
             print(f"round {r + 1} {p}: decode {e['decode_tok_s']:.2f} vs {q['decode_tok_s']:.2f} tok/s"
                   + ("" if a.depth else f", pp{prompt} {e['prefill_tok_s']:.1f} vs {q['prefill_tok_s']:.1f}"),
