@@ -37,7 +37,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _machine import machine  # noqa: E402
-from cpu import ROOT, WORK, ensure_model  # noqa: E402
+from cpu import ROOT, WORK, ensure_model, update_readme  # noqa: E402
 
 RESULTS = HERE / "results"
 MARK_BEGIN, MARK_END = "<!-- bench:peers:begin -->", "<!-- bench:peers:end -->"
@@ -52,9 +52,10 @@ class Runner:
         self.quiet = tools / "quiet_run.py"
         self.opts = ["--wait-min", str(wait_min), "--max-foreign", str(max_foreign), "--tries", str(tries)]
 
-    def run(self, label: str, cmd: list[str]) -> tuple[str, dict]:
+    def run(self, label: str, cmd: list[str], extra_env: dict | None = None) -> tuple[str, dict]:
         """(stdout, quiet_run's record of the kept attempt or {}) of one timed command."""
         env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(extra_env or {})
         if not self.quiet.is_file():
             out = subprocess.run(cmd, check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True).stdout
             return out, {}
@@ -90,12 +91,14 @@ def edge_bench(runner: Runner, label: str, model: Path, prompt: int, gen: int, t
     return r
 
 
-def llama_bench(runner: Runner, label: str, gguf: Path, threads: int, depth: int) -> dict:
+def llama_bench(runner: Runner, label: str, gguf: Path, threads: int, depth: int, extra: list[str],
+                lib_path: str | None) -> dict:
     """llama-bench (built by llama_cpp.sh next to its GGUFs) on one GGUF: pp512 + tg128, 3 repetitions,
     or with depth a 64-token decode after `depth` context tokens, one repetition."""
     exe = gguf.parent / "build" / "bin" / "llama-bench"
     shape = ["-d", str(depth), "-p", "0", "-n", "64", "-r", "1"] if depth else ["-p", "512", "-n", "128", "-r", "3"]
-    stdout, rec = runner.run(label, [str(exe), "-m", str(gguf), "-t", str(threads), *shape, "-o", "json"])
+    env = {"LD_LIBRARY_PATH": lib_path} if lib_path else None
+    stdout, rec = runner.run(label, [str(exe), "-m", str(gguf), "-t", str(threads), *shape, *extra, "-o", "json"], env)
     tests = json.loads(stdout[stdout.index("["):])
     out = {"quiet_run": rec, "tests": tests}
     for t in tests:
@@ -131,7 +134,8 @@ def summarize(rounds: list[dict], pairs: list[str], depth: int) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = ["| CPU | layers | context | pair | ernie-edge decode tok/s | llama.cpp decode tok/s | ratio | "
-             "ernie-edge pp512 tok/s | llama.cpp pp512 tok/s | ratio | rounds | other processes' CPU | ernie-edge commit |",
+             "ernie-edge pp512 tok/s | llama.cpp pp512 tok/s | ratio | rounds | other processes' CPU | "
+             "ernie-edge commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def busy(values):
@@ -154,15 +158,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
-    readme = ROOT / "README.md"
-    body = readme.read_text()
-    if MARK_BEGIN in body:
-        head, _, rest = body.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END)
-        readme.write_text(f"{head}{MARK_BEGIN}\n{text}\n{MARK_END}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tools", type=Path, default=os.environ.get("ERNIE_EDGE_PEER_TOOLS"),
@@ -175,6 +170,9 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=10.0, help="minutes quiet_run.py waits for an idle machine")
     ap.add_argument("--max-foreign", type=float, default=0.05, help="quiet_run.py: other processes' CPU share allowed")
     ap.add_argument("--tries", type=int, default=2, help="quiet_run.py: attempts per timed command")
+    ap.add_argument("--llama-args", nargs="*", default=[], help="more llama-bench arguments (e.g. --repack 0)")
+    ap.add_argument("--llama-lib-path", help="LD_LIBRARY_PATH for llama-bench (e.g. a libggml-cpu built without AMX, "
+                    "where llama.cpp's AMX kernels crash)")
     a = ap.parse_args()
     if a.tools is None or not (a.tools / "llama_cpp.sh").is_file():
         sys.exit("peers.py needs --tools DIR (or $ERNIE_EDGE_PEER_TOOLS): the folder holding llama_cpp.sh")
@@ -193,7 +191,7 @@ def main() -> None:
         row = {}
         for p, (edge, gguf) in models.items():
             e = edge_bench(runner, f"edge-{p}-r{r}-{stamp}", edge, prompt, gen, a.threads)
-            q = llama_bench(runner, f"llama-{p}-r{r}-{stamp}", gguf, a.threads, a.depth)
+            q = llama_bench(runner, f"llama-{p}-r{r}-{stamp}", gguf, a.threads, a.depth, a.llama_args, a.llama_lib_path)
             row[p] = {"edge": e, "llama": q}
             print(f"round {r + 1} {p}: decode {e['decode_tok_s']:.2f} vs {q['decode_tok_s']:.2f} tok/s"
                   + ("" if a.depth else f", pp{prompt} {e['prefill_tok_s']:.1f} vs {q['prefill_tok_s']:.1f}"),
@@ -203,7 +201,7 @@ def main() -> None:
                             text=True).stdout.strip()
     mach = machine()
     res = {"machine": mach, "layers": a.layers, "depth": a.depth, "threads": a.threads, "commit": commit,
-           "date": time.strftime("%Y-%m-%d %H:%M"),
+           "date": time.strftime("%Y-%m-%d %H:%M"), "llama_args": a.llama_args, "llama_lib_path": a.llama_lib_path,
            "llama_cpp_build": rounds[0][a.pairs[0]]["llama"]["tests"][0].get("build_commit"),
            "summary": summarize(rounds, a.pairs, a.depth), "rounds": rounds}
     suffix = f"-d{a.depth}" if a.depth else ""
@@ -211,7 +209,8 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=1) + "\n")
     print(table([res]))
     print(f"saved {out}")
-    update_readme(table([json.loads(f.read_text()) for f in sorted(RESULTS.glob("peers-*.json"))]))
+    everything = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("peers-*.json"))]
+    update_readme(table(everything), MARK_BEGIN, MARK_END)
 
 
 if __name__ == "__main__":
