@@ -1,32 +1,29 @@
-"""AVX-512 bodies of the four-row quantized dots: the decode dot (`simd.rows_dot4`) and the
-small-batch register tile of four rows x up to four tokens (`qbatch`), on CPUs with AVX-512.
+"""AVX-512 body of qbatch's register tile of four weight rows x up to four tokens (CPUs with AVX-512).
 
-Legend: K input features, B = K/32 activation blocks, G weight group size, P_r the <16 x i32>
-integer dot vector of row r.
+Legend: K input features, B = K/32 activation blocks, G weight group size, P the <16 x i32>
+integer dot vector of one row and one token.
 
-The 256-bit body in simd.py spends about as many instructions per 32-block and row on its float
-epilogue (convert, fp16 scale, broadcast, multiply-add) as on the integer dot, which made the int4
-matvec compute-bound on two cores. Here one step takes FOUR rows x TWO blocks:
+qbatch's 256-bit tile (qbatch._tile_body) folds its four rows with vphaddd (three uops each) once
+per block and token. Here one step takes FOUR rows x TWO blocks:
 
-- integer dots in 512-bit vectors: row r's P_r holds block b0's 8 lane sums in lanes 0..7 and
-  block b1's in lanes 8..15. int4: the 32 bytes of the two blocks widen (vpmovzxbw) to
-  [b0 | b1] low nibbles (and 15) and high nibbles (shift 4), dotted with the activations shuffled
-  to [b0 x0..15 | b1 x0..15] and [b0 x16..31 | b1 x16..31] (once per step, shared by the rows).
-  int8: the 64 bytes are permuted by quadwords into [b0 | b1] first halves and second halves.
-  vpdpwssd (AVX512-VNNI) or vpmaddwd + add (AVX512BW).
-- the four P_r fold into one vector with two levels of unpack + add: 128-bit chunk c holds, for
-  rows 0..3, the sum of lanes 4c..4c+3 (chunks 0, 1: block b0; chunks 2, 3: block b1);
-- ONE convert and ONE multiply-add per step, with the scale vector ws[r, g(b)] * xd[b] built from
-  the four rows' fp16 scales (one 32-bit load per row when G = 32: both blocks' scales; one
-  16-bit load when G >= 64: both blocks share a group);
+- the rows' two blocks are widened once per step for all tokens of the tile: int4 nibbles
+  (vpmovzxbw, and 15 / shift 4, minus 8) as [b0 | b1] low and high halves; int8 codes permuted by
+  quadwords into [b0 | b1] first and second halves; the scale vector ws[r, g(b)] (one 32-bit
+  load per row when G = 32: both blocks' scales; one 16-bit load when G >= 64: one group);
+- per token: the activations shuffled to match, P = two 512-bit vpdpwssd (AVX512-VNNI; vpmaddwd +
+  add with AVX512BW only), lanes 0..7 block b0 and 8..15 block b1; the four rows' P fold with two
+  levels of unpack + add (128-bit chunk c holds rows 0..3's sums of lanes 4c..4c+3; chunks 0, 1:
+  b0, chunks 2, 3: b1); ONE convert and ONE multiply-add with ws * xd[token, b];
 - at the end the four chunks add up to the four row results.
 
-Integer exactness: each chunk lane is a sum of 16 products (plus the int4 offset term in the
-first chunk of a block). int4: at most 16 * 15 * 32767 + 8 * 32 * 32767 < 2^24, exact in float32.
-int8: up to 16 * 127 * 32767 ~ 2^26, so the conversion may round by a relative 6e-8 (as in
-qbatch.py), far below the activation quantization error. An odd last block runs as a step whose
-second block is zero (never read). The qbatch tile makes int4 codes signed (nibble - 8) once per
-step and shares the widened weights and the scale vector among its tokens.
+Integer exactness: a chunk lane sums 16 products: int4 at most 16 * 8 * 32767 < 2^24 (exact);
+int8 up to 16 * 127 * 32767 ~ 2^26, so the conversion may round by a relative 6e-8, far below the
+activation quantization error (as qbatch's own vphaddd fold). An odd last block runs as a step
+whose second block is zero (never read).
+
+The same scheme for the one-token decode dot (simd.rows_dot4) was 1.14x faster on L2-resident
+weights but 7 % slower for whole-model decode on one thread (docs/PERF.md), so decode keeps the
+256-bit body.
 """
 
 from __future__ import annotations
@@ -83,9 +80,9 @@ def _fold4(builder, p):
     return builder.add(lo, hi)
 
 
-def _pair_weights(builder, wptr, wo, unpack, single, signed=False):
+def _pair_weights(builder, wptr, wo, unpack, single):
     """Row weights of blocks b0, b1 (b1 zero when `single`) as (first halves, second halves), each
-    <32 x i16> = [b0's 16 | b1's 16] codes; int4 nibbles stay + 8 unless `signed`."""
+    <32 x i16> = [b0's 16 | b1's 16] signed codes (int4: nibble - 8)."""
     if unpack:
         if single:
             raw = ir.load_vec(builder, wptr, wo, I8x16)
@@ -95,10 +92,8 @@ def _pair_weights(builder, wptr, wo, unpack, single, signed=False):
         wide = builder.zext(raw, I16x32)
         lo = builder.and_(wide, ir.Constant(I16x32, [15] * 32))
         hi = builder.lshr(wide, ir.Constant(I16x32, [4] * 32))
-        if signed:
-            eight = ir.Constant(I16x32, [8] * 32)
-            lo, hi = builder.sub(lo, eight), builder.sub(hi, eight)
-        return lo, hi
+        eight = ir.Constant(I16x32, [8] * 32)
+        return builder.sub(lo, eight), builder.sub(hi, eight)
     if single:
         raw = ir.load_vec(builder, wptr, wo, I8x32)
         raw = builder.shuffle_vector(raw, ir.Constant(I8x32, [0] * 32), ir.mask(range(64)))
@@ -180,42 +175,6 @@ def _offsets(builder, woff, wstride, soff, sstride):
             [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)])
 
 
-def rows_dot4(context, builder, sig, args, unpack):
-    """The four row results (float32 values) of simd.rows_dot4's arguments (see simd._rows_dot)."""
-    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
-    wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
-    wptr, sptr = ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16)
-    xqptr, xdptr = ir.data_ptr(context, builder, xqty, xq, I16), ir.data_ptr(context, builder, xdty, xd, F32)
-    xsptr = ir.data_ptr(context, builder, xsty, xs, I32)
-    woffs, soffs = _offsets(builder, woff, wstride, soff, sstride)
-    bpb = 16 if unpack else 32  # weight bytes per block and row
-    ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))  # the next four rows
-    acc = cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16))
-
-    def step(b0, index, g32, single):
-        if index is not None:
-            ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(index, ir.c64(8 * bpb))), 8 * bpb)
-        first, second = _pair_x(builder, xqptr, builder.mul(b0, ir.c64(32)), single)
-        init = ir.Constant(I32x16, [0] * 16)
-        if unpack:  # nibbles are code + 8: each block's sum starts at -8 * sum(xq) (its first lane)
-            init = builder.insert_element(init, builder.neg(builder.load(builder.gep(xsptr, [b0]))), ir.c32(0))
-            if not single:
-                xs1 = builder.load(builder.gep(xsptr, [builder.add(b0, ir.c64(1))]))
-                init = builder.insert_element(init, builder.neg(xs1), ir.c32(8))
-        p = []
-        for wrow in woffs:
-            wa, wb = _pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), unpack, single)
-            p.append(_dot(builder, init, wa, first, wb, second))
-        f = builder.sitofp(_fold4(builder, p), F32x16)
-        scale = builder.fmul(_pair_scales(builder, sptr, soffs, b0, log2sub, g32, single),
-                             _pair_xd(builder, xdptr, b0, single))
-        builder.store(ir.fma(builder, f, scale, builder.load(acc)), acc)
-
-    _blocks(builder, nblk, log2sub, step)
-    tot = _chunks_sum(builder, builder.load(acc))
-    return [builder.extract_element(tot, ir.c32(r)) for r in range(4)]
-
-
 def tile4(context, builder, sig, args, ntok, unpack):
     """qbatch's register tile for four weight rows x ntok tokens (the arguments of qbatch._tile_body):
     each step widens the four rows' two blocks once and dots them with every token of the tile;
@@ -238,7 +197,7 @@ def tile4(context, builder, sig, args, ntok, unpack):
     def step(b0, index, g32, single):
         if index is not None:
             ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(index, ir.c64(8 * bpb))), 8 * bpb)
-        wv = [_pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), unpack, single, True)
+        wv = [_pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), unpack, single)
               for wrow in woffs]
         ws = _pair_scales(builder, sptr, soffs, b0, log2sub, g32, single)
         for j in range(ntok):

@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _jit, dot512, ir
+from . import _jit, ir
 from .ir import F32, F32x8, F32x16, I8, I8x16, I8x32, I16, I16x16, I32, I32x8, I32x16, I64
 
 
@@ -137,10 +137,7 @@ def _make_rows_dot(nrows, unpack):
         sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp)
 
         def codegen(context, builder, signature, args):
-            if nrows == 4 and _jit.AVX512:
-                vals = dot512.rows_dot4(context, builder, signature, args, unpack)
-            else:
-                vals = _rows_dot(context, builder, signature, args, nrows, unpack)
+            vals = _rows_dot(context, builder, signature, args, nrows, unpack)
             if nrows == 1:
                 return vals[0]
             return context.make_tuple(builder, signature.return_type, vals)
