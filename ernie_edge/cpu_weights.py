@@ -7,10 +7,12 @@ runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table
   format   decode (one token)                       prefill (T tokens)
   q4, q8   q8.matvec: int16 activations x codes     T <= QBATCH_MAX_T: qbatch.qmatmul (same scheme)
                                                     else exact fp32: dequantized tiles + sgemm
+  q5, q6   q56.matvec (same scheme)                 T <= QBATCH_MAX_T: q56.matmul_small (same scheme)
+                                                    else exact fp32: dequantized tiles + sgemm
   f16/f32  BLAS sgemv on a float32 matrix           BLAS sgemm
            (f16 is widened once at load: twice its file size in RAM; f32 stays mapped)
 
-Fused kernels are picked at load too, when the tensors involved share an integer format: q, k and
+Fused kernels are picked at load too, when the tensors involved share q4 or q8 (FUSED): q, k and
 v in one parallel region (q8.matvec3); gate, up and SwiGLU in one (an MLP is a one-expert bank);
 a MoE layer's routed experts and its shared expert in two regions instead of four
 (q8.experts_pair_*). A new backend (CUDA) binds its own classes to the same rows.
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import moe, norm, q4, q8, qbatch
+from .kernels import moe, norm, q4, q8, q56, qbatch
 from .weights import QTensor
 
 QBATCH_MAX_T = 64  # the integer small-batch matmul beats the exact fp32 one up to here (benchmarks/qbatch.py)
+FUSED = ("q4", "q8")  # the formats the fused multi-matrix kernels of q8.py / qbatch.py take
 
 
 class Scratch:
@@ -72,6 +75,24 @@ class QuantLinear:
         return self.data[None], self.scales[None]
 
 
+class PackedLinear:
+    """W [O, K] in q5 or q6: kernels/q56.py's matvec and matmul. `bits` is None: the fused q4 / q8
+    kernels do not take it, so QKV, SwiGLU and MoE run it one matrix at a time."""
+
+    bits = None
+
+    def __init__(self, t: QTensor):
+        self.shape, self.nbits = t.shape, t.format.bits
+        self.data, self.scales = t.data, t.scales
+
+    def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
+        return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits)
+
+    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+        small = len(X) <= QBATCH_MAX_T
+        return (q56.matmul_small if small else q56.matmul_exact)(X, self.data, self.scales, out, self.nbits)
+
+
 class FloatLinear:
     """W [O, K] in f16 or f32, multiplied by BLAS as float32 (f16 widened once, here)."""
 
@@ -90,7 +111,8 @@ class FloatLinear:
         return out
 
 
-CPU_KERNELS = {"q4": QuantLinear, "q8": QuantLinear, "f16": FloatLinear, "f32": FloatLinear}
+CPU_KERNELS = {"q4": QuantLinear, "q5": PackedLinear, "q6": PackedLinear, "q8": QuantLinear,
+               "f16": FloatLinear, "f32": FloatLinear}
 
 
 def linear(t: QTensor):
@@ -174,8 +196,8 @@ class ExpertBank:
         self.banks = (gate, up, down)
         self.width = gate.shape[1]
         fmts = {t.quant for t in self.banks}
-        self.bits = gate.format.bits if len(fmts) == 1 and gate.format.grouped else None
-        # Mixed or float banks (a width no group size divides) run one expert at a time.
+        self.bits = gate.format.bits if len(fmts) == 1 and gate.quant in FUSED else None
+        # Mixed, q5 / q6 or float banks (a width no group size divides) run one expert at a time.
         self._per_expert = None if self.bits else [
             tuple(linear(t.expert(e)) for t in self.banks) for e in range(gate.shape[0])]
 

@@ -400,13 +400,22 @@ def _fallbacks(m: Manifest, roles_by_name: dict[str, str]) -> dict[str, str]:
         role = "expert" if t.name.startswith("layers.") else roles_by_name.get(t.name)
         if role is None:
             continue
-        want = recipe.precision_for(role)
-        want_group = recipe.group_size if FORMATS[want].grouped else None
+        want, want_group = recipe.storage_for(role)
         if (t.quant, t.group_size) != (want, want_group):
             asked = want + (f" g{want_group}" if want_group else "")
             got = t.quant + (f" g{t.group_size}" if t.group_size else "")
             out[t.name] = f"{asked} -> {got} (input width {t.shape[-1]})"
     return out
+
+
+def _recipe_line(r: dict) -> str:
+    """The recipe as `info` prints it: its name, then what the name means."""
+    from .formats.recipe import Recipe
+
+    recipe = Recipe.from_dict(r)
+    parts = [f"experts int{recipe.expert_bits}", f"dense {recipe.dense_bits}-bit", f"group {recipe.group_size}"]
+    parts += [f"{role} {bits}-bit g{group}" for role, bits, group in recipe.roles]
+    return f"{recipe.name} ({', '.join(parts)})"
 
 
 def _template_info(folder: Path) -> dict | None:
@@ -441,7 +450,7 @@ def format_description(info: dict) -> str:
         f"{info['path']}",
         f"  format v{info['format_version']}, {info['created_by']}; source {src.get('repo') or src.get('path')}"
         + (f" @ {src['revision']}" if src.get("revision") else ""),
-        f"  recipe: experts int{r.get('expert_bits')}, dense {r.get('dense_bits')}-bit, group {r.get('group_size')}",
+        f"  recipe: {_recipe_line(r)}",
         f"  {info['layers']} layers, {info['experts']} experts ({info['experts_per_token']} per token), "
         f"{_count(info['parameters'])} parameters, {info['bits_per_weight']:.2f} bits/weight",
         f"  files: {format_size(info['total_bytes'])}",

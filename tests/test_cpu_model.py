@@ -6,6 +6,7 @@ import pytest
 
 import ernie_edge
 from ernie_edge.errors import ContextLengthError, ErnieEdgeError
+from ernie_edge.formats.recipe import Recipe
 from ernie_edge.kv_cache import GROW_CHUNK, KVCache, check_kv_budget, kv_bytes
 from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertSettings, convert
@@ -17,11 +18,17 @@ def kld(p_logits, q_logits):
     return np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300)), axis=-1)
 
 
-@pytest.fixture(scope="module")
-def small_edge(tmp_path_factory):
+# The default recipe (q4 / q8 kernels, fused) and one with int5 / int6 dense roles (kernels/q56.py,
+# one matrix at a time) and a per-role group size.
+RECIPES = ["q4g32-d8", "q4g32-d5-a6g64-h6"]
+
+
+@pytest.fixture(scope="module", params=RECIPES)
+def small_edge(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("small")
     src = synthetic.write_checkpoint(root / "src", "small", layers=3)
-    return convert(ConvertSettings(source=str(src), dest=root / "edge", progress=False))
+    return convert(ConvertSettings(source=str(src), dest=root / "edge", progress=False,
+                                   recipe=Recipe.from_name(request.param)))
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ernie_edge.formats.quant import GROUP_SIZES
-from ernie_edge.formats.table import FORMATS, F16, F32, Q4, Q8, choose_storage, get_format
+from ernie_edge.formats.table import FORMATS, F16, F32, Q4, Q5, Q6, Q8, choose_storage, get_format
 
 
 def gaussian(shape, seed=0):
@@ -22,6 +22,9 @@ def test_bits_per_weight_and_nbytes():
     assert F32.nbytes((2560,), None) == 2560 * 4
     assert F16.nbytes((4, 64), None) == 4 * 64 * 2
     assert Q4.identifier(32) == "int4-sym-g32" and Q8.identifier(128) == "int8-sym-g128"
+    assert Q5.bits_per_weight(32) == 5.5 and Q6.bits_per_weight(64) == 6.25
+    assert Q6.nbytes((2560, 2560), 32) == 2560 * 2560 * 3 // 4 + 2560 * 80 * 2
+    assert Q5.stored_shapes((7, 2560), 64) == ((7, 1600), (7, 40)) and Q6.identifier(32) == "int6-sym-g32"
     assert F16.identifier(None) == "f16"
 
 
@@ -42,7 +45,7 @@ def test_row_describes_what_quantize_stores(name):
         assert fmt.nbytes(shape, group) == data.nbytes + (0 if scales is None else scales.nbytes)
         back = fmt.dequantize(data, scales, group)
         rel = np.linalg.norm(back - w) / np.linalg.norm(w)
-        assert back.shape == shape and rel < {4: 0.12, 8: 0.01, 16: 1e-3, 32: 0}[fmt.bits] + 1e-9
+        assert back.shape == shape and rel < {4: 0.12, 5: 0.06, 6: 0.03, 8: 0.01, 16: 1e-3, 32: 0}[fmt.bits] + 1e-9
     assert fmt.stored_names("x") == (("x.qweight", "x.scales") if fmt.grouped else ("x", None))
 
 
@@ -63,5 +66,5 @@ def test_choose_storage_falls_back_per_tensor():
 
 
 def test_unknown_format_names_the_known_ones():
-    with pytest.raises(ValueError, match="q4, q8, f16, f32"):
+    with pytest.raises(ValueError, match="q4, q5, q6, q8, f16, f32"):
         get_format("q3")

@@ -259,8 +259,8 @@ def test_quant_error_stats():
     assert 0.004 < q8["rel_rms"] < 0.0055 and q8["max_abs"] < q4["max_abs"]
     assert quant_error_stats(np.zeros((2, 64)), 4, 32) == {"rel_rms": 0.0, "max_abs": 0.0,
                                                            "bits_per_weight": 4.5}
-    with pytest.raises(ValueError, match="bits 5"):
-        quant_error_stats(w, 5, 32)
+    with pytest.raises(ValueError, match="bits 3"):
+        quant_error_stats(w, 3, 32)
 
 
 # ---- edge cases ---------------------------------------------------------------------------------

@@ -102,3 +102,69 @@ def test_default_name_is_the_readme_default():
 def test_bad_names_say_the_accepted_form(name, message):
     with pytest.raises(RecipeError, match=re.escape(message)):
         Recipe.from_name(name)
+
+
+# ---- per-role overrides (q5 / q6 and per-role group sizes) --------------------------------------------
+
+@pytest.mark.parametrize("name, base, roles", [
+    ("q4g32-d5-h6", (4, 5, 32), (("embed", 6, 32),)),
+    ("q4g32-d4-h6", (4, 4, 32), (("embed", 6, 32),)),
+    ("q4g64-d6-a8g32-s5", (4, 6, 64), (("attn", 8, 32), ("shared_expert", 5, 64))),
+    ("q8g32-d8-m16", (8, 8, 32), (("dense_mlp", 16, 32),)),
+])
+def test_override_names_round_trip(name, base, roles):
+    r = Recipe.from_name(name)
+    assert (r.expert_bits, r.dense_bits, r.group_size) == base and r.roles == roles
+    assert r.name == name and Recipe.from_name(r.name) == r
+    assert Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+
+
+def test_overrides_set_format_and_group_per_role():
+    r = Recipe.from_name("q4g32-d5-a6g128-h6")
+    assert r.storage_for("attn") == ("q6", 128)
+    assert r.storage_for("embed") == ("q6", 32)
+    assert r.storage_for("dense_mlp") == r.storage_for("shared_expert") == ("q5", 32)
+    assert r.storage_for("expert") == ("q4", 32) and r.storage_for("norm") == ("f32", None)
+    assert Recipe.from_name("q4g32-d8-h16").storage_for("embed") == ("f16", None)
+    assert r.precision_for("attn") == "q6"
+
+
+def test_overrides_are_canonical():
+    """Overrides equal to the dense default vanish, and order does not matter: equal recipes are
+    equal, with one name, and a recipe without overrides writes the three-field manifest object
+    that every earlier ernie-edge reads."""
+    a = Recipe(4, 5, 32, roles=(("embed", 6, 32), ("attn", 5, 32)))
+    b = Recipe(4, 5, 32, roles=(("embed", 6, 32),))
+    assert a == b and a.name == "q4g32-d5-h6"
+    assert Recipe.from_name("q4g32-d8-a8-h8") == Recipe() and Recipe.from_name("q4g32-d8-a8").name == "q4g32-d8"
+    assert Recipe().to_dict() == {"expert_bits": 4, "dense_bits": 8, "group_size": 32}
+    assert Recipe.from_name("q4g32-d4").to_dict() == {"expert_bits": 4, "dense_bits": 4, "group_size": 32}
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"roles": (("expert", 6, 32),)}, "not one of attn"),
+    ({"roles": (("attn", 7, 32),)}, "bits must be one of"),
+    ({"roles": (("attn", 6, 48),)}, "group size must be one of"),
+    ({"roles": (("attn", 6, 32), ("attn", 5, 32))}, "given twice"),
+    ({"roles": (("attn", 6),)}, "each entry is"),
+])
+def test_bad_overrides(kwargs, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe(**kwargs)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("q4g32-d5-x6", "expected q"),
+    ("q4g32-d5-h7", "bits must be one of"),
+    ("q4g32-d5-h6g48", "group size must be one of"),
+    ("q4g32-d5-h6-h5", "given twice"),
+])
+def test_bad_override_names(name, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        Recipe.from_name(name)
+
+
+@pytest.mark.parametrize("roles", [[1, 2], {"attn": {"bits": 6}}, {"attn": 6}])
+def test_bad_manifest_roles(roles):
+    with pytest.raises(RecipeError, match="'roles' must map dense roles"):
+        Recipe.from_dict({"expert_bits": 4, "dense_bits": 5, "group_size": 32, "roles": roles})

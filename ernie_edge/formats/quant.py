@@ -15,16 +15,25 @@ Formats (all symmetric, group-wise along the input dimension, one fp16 scale per
       Arrays:  packed uint8 [..., O, K/2]   scales float16 [..., O, K/G]
   q8  ("int8-sym-g{G}")   8.5 bits/weight at G=32.
       codes int8 [..., O, K] in [-127, 127], w = s * q;  scales float16 [..., O, K/G]
+  q5, q6  ("int5-sym-g{G}", "int6-sym-g{G}")   5.5 / 6.5 bits/weight at G=32.
+      codes q in [-16, 15] / [-32, 31], w = s * q, stored as u = q + 16 / q + 32 in b bits.
+      Each block of 32 consecutive codes (a group holds G/32 blocks) takes 4b bytes:
+        bytes 0..15    low nibbles, in the q4 g32 order: byte j = (u[j] & 15) | (u[j + 16] & 15) << 4
+        bytes 16..     h = b - 4 high bits per code in 4h bytes: byte 16 + i holds u[i + 4h t] >> 4
+                       at bits h t .. h t + h - 1, for t = 0 .. 8/h - 1
+                       (q5: 4 bytes, bit t of byte i is bit 4 of u[i + 4t];
+                        q6: 8 bytes, bits 2t, 2t+1 of byte i are u[i + 8t] >> 4)
+      Arrays:  packed uint8 [..., O, K*b/8]   scales float16 [..., O, K/G]
 
-Scales are finite float16. In q4 they may be NEGATIVE (the group's largest-magnitude weight goes
-to code -8 whatever its sign, as in llama.cpp Q4_0), so kernels must keep the scale's sign bit;
-q8 scales are >= 0. A group that quantizes to zero has scale +0.
+Scales are finite float16. In q4, q5 and q6 they may be NEGATIVE (the group's largest-magnitude
+weight goes to the most negative code whatever its sign, as in llama.cpp Q4_0), so kernels must
+keep the scale's sign bit; q8 scales are >= 0. A group that quantizes to zero has scale +0.
 
 Leading axes ("...") are the expert axis for expert banks: [E, O, K/2] with the expert axis
 outermost, so one expert's projection is one contiguous slice. Kernels read exactly this layout;
 nothing is repacked at load time.
 
-`quantize_q4` / `quantize_q8` are the reference quantizers the converter uses (numba, compiled on
+`quantize_q4` / `quantize_q5` / `quantize_q6` / `quantize_q8` are the reference quantizers the converter uses (numba, compiled on
 first call and cached); the method is described above them.
 """
 
@@ -38,6 +47,7 @@ from .table import GROUP_SIZES
 DEFAULT_GROUP_SIZE = 32
 Q4_MIN, Q4_MAX = -8, 7
 Q8_MAX = 127
+QN_BITS = (5, 6)  # the int5 / int6 formats (q5, q6)
 FP16_MAX = 65504.0
 
 
@@ -85,6 +95,56 @@ def dequantize_q8(codes: np.ndarray, scales: np.ndarray, group_size: int) -> np.
     return (codes.astype(np.float32).reshape(*lead, k // group_size, group_size) * s).reshape(*lead, k)
 
 
+# ---- int5 / int6 --------------------------------------------------------------------------------
+
+def _qn_layout(bits: int) -> tuple[int, int, int]:
+    """(high bits per code h, high-bit bytes per block of 32 = 4h, code offset 2^(bits-1))."""
+    if bits not in QN_BITS:
+        raise ValueError(f"bits {bits} not supported (choose one of {QN_BITS})")
+    h = bits - 4
+    return h, 4 * h, 1 << (bits - 1)
+
+
+def pack_qn(codes: np.ndarray, bits: int) -> np.ndarray:
+    """codes int [..., K] in [-2^(b-1), 2^(b-1) - 1] -> packed uint8 [..., K*b/8] (module doc)."""
+    h, nqh, offset = _qn_layout(bits)
+    *lead, k = codes.shape
+    u = codes.reshape(*lead, k // 32, 32).astype(np.int32) + offset  # [..., B, 32]
+    lo = u & 15
+    ql = lo[..., :16] | (lo[..., 16:] << 4)  # [..., B, 16]
+    hi = (u >> 4).reshape(*lead, k // 32, 8 // h, nqh)  # [..., B, t, i]: code i + 4h t
+    qh = np.zeros((*lead, k // 32, nqh), np.int32)
+    for t in range(8 // h):
+        qh |= hi[..., t, :] << (h * t)
+    return np.concatenate([ql, qh], axis=-1).astype(np.uint8).reshape(*lead, k * bits // 8)
+
+
+def unpack_qn(packed: np.ndarray, bits: int) -> np.ndarray:
+    """packed uint8 [..., K*b/8] -> codes int8 [..., K]."""
+    h, nqh, offset = _qn_layout(bits)
+    *lead, kb = packed.shape
+    blocks = kb // (4 * bits)
+    b = packed.reshape(*lead, blocks, 4 * bits).astype(np.int16)
+    ql, qh = b[..., :16], b[..., 16:]  # [..., B, 16], [..., B, 4h]
+    hi = np.stack([(qh >> (h * t)) & ((1 << h) - 1) for t in range(8 // h)], axis=-2)  # [..., B, t, i]
+    hi = hi.reshape(*lead, blocks, 32)
+    lo = np.concatenate([ql & 15, ql >> 4], axis=-1)  # [..., B, 32]
+    return ((lo | (hi << 4)) - offset).astype(np.int8).reshape(*lead, blocks * 32)
+
+
+def dequantize_qn(packed: np.ndarray, scales: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """The spec of q5 / q6: float32 [..., K] = scale[group] * code."""
+    return dequantize_q8(unpack_qn(packed, bits), scales, group_size)
+
+
+def dequantize_q5(packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    return dequantize_qn(packed, scales, group_size, 5)
+
+
+def dequantize_q6(packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    return dequantize_qn(packed, scales, group_size, 6)
+
+
 # ---- reference quantizers ------------------------------------------------------------------------
 #
 # Scale search, llama.cpp `make_qx_quants` style, judged with the fp16 scale dequant will use.
@@ -100,6 +160,7 @@ def dequantize_q8(codes: np.ndarray, scales: np.ndarray, group_size: int) -> np.
 #     -7.1 .. -8.9, so the pivot lands near code -8, the end of [-8, 7] with the extra step.
 #     The scale is negative when the pivot is positive (as in llama.cpp Q4_0, d = max / -8);
 #     w = s * q is unchanged. This lowers the RMS error by ~7% against scales kept positive.
+# q5, q6: as q4, with the pivot near code -16 / -32 (divisors -15.1 .. -16.9 / -31.1 .. -32.9).
 # q8: [-127, 127] is symmetric: the pivot is max|w|, scales are >= 0, divisors 127 .. 112
 #     (past 112, clipping the largest values costs more than the finer step gains).
 #
@@ -109,6 +170,7 @@ def dequantize_q8(codes: np.ndarray, scales: np.ndarray, group_size: int) -> np.
 
 Q4_DIVISORS = np.array([-(80 + k) / 10 for k in range(-9, 10)])  # -7.1 .. -8.9
 Q8_DIVISORS = np.array([float(Q8_MAX - k) for k in range(16)])  # 127 .. 112
+QN_DIVISORS = {b: np.array([-((1 << (b - 1)) * 10 + k) / 10 for k in range(-9, 10)]) for b in QN_BITS}
 Q4_VALUE_LIMIT = FP16_MAX * 8  # a larger |w| would need an fp16 scale above FP16_MAX
 Q8_VALUE_LIMIT = FP16_MAX * Q8_MAX
 _BLOCK = 64  # groups searched together, transposed so the inner loops run across groups
@@ -154,6 +216,27 @@ def quantize_q8(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np
     return codes.reshape(*lead, k), scales.astype(np.float16).reshape(*lead, k // group_size)
 
 
+def quantize_qn(w: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """float [..., K] -> (packed uint8 [..., K*b/8], scales float16 [..., K/G]) in the q5 / q6
+    layout (bits 5 / 6). Raises as quantize_q4, with the limit FP16_MAX * 2^(b-1)."""
+    _, _, offset = _qn_layout(bits)
+    w32 = _prepare(w, group_size, FP16_MAX * offset, f"int{bits}")
+    *lead, k = w32.shape
+    groups = w32.reshape(-1, group_size)  # [N, G]
+    scales = _search_scales(groups, QN_DIVISORS[bits], True, -float(offset), -offset, offset - 1)  # [N]
+    packed = np.empty((groups.shape[0], group_size * bits // 8), np.uint8)  # [N, G*b/8]
+    _encode_qn(groups, scales, packed, bits)
+    return packed.reshape(*lead, k * bits // 8), scales.astype(np.float16).reshape(*lead, k // group_size)
+
+
+def quantize_q5(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    return quantize_qn(w, group_size, 5)
+
+
+def quantize_q6(w: np.ndarray, group_size: int = DEFAULT_GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    return quantize_qn(w, group_size, 6)
+
+
 def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GROUP_SIZE) -> dict:
     """Quantize and dequantize `w`: {"rel_rms": ||w - deq|| / ||w|| (0 for all zeros),
     "max_abs": max |w - deq|, "bits_per_weight": ...}."""
@@ -162,8 +245,10 @@ def quant_error_stats(w: np.ndarray, bits: int = 4, group_size: int = DEFAULT_GR
         deq = dequantize_q4(*quantize_q4(w32, group_size), group_size)
     elif bits == 8:
         deq = dequantize_q8(*quantize_q8(w32, group_size), group_size)
+    elif bits in QN_BITS:
+        deq = dequantize_qn(*quantize_qn(w32, group_size, bits), group_size, bits)
     else:
-        raise ValueError(f"bits {bits} not supported (choose 4 or 8)")
+        raise ValueError(f"bits {bits} not supported (choose 4, 5, 6 or 8)")
     diff = (w32 - deq).astype(np.float64)
     norm = float(np.sqrt(np.sum(np.square(w32, dtype=np.float64))))
     err = float(np.sqrt(np.sum(diff * diff)))
@@ -301,3 +386,28 @@ def _encode_q8(groups, scales, codes):
         for j in range(G):
             q = np.rint(groups[i, j] / s) if s != 0 else np.float32(0.0)
             codes[i, j] = np.int8(min(max(q, lo), hi))
+
+
+@_jit
+def _encode_qn(groups, scales, packed, bits):
+    """packed uint8 [N, G*b/8] <- codes clamp(rint(w / s)) of groups [N, G] in the q5 / q6 layout."""
+    N, G = groups.shape
+    h = bits - 4
+    nqh = 4 * h
+    offset = 1 << (bits - 1)
+    lo, hi = np.float32(-offset), np.float32(offset - 1)
+    u = np.empty(32, np.int32)  # [32] codes + offset of one block
+    for i in range(N):
+        s = scales[i]
+        for b in range(G // 32):
+            for j in range(32):
+                q = np.rint(groups[i, 32 * b + j] / s) if s != 0 else np.float32(0.0)
+                u[j] = np.int32(min(max(q, lo), hi)) + offset
+            base = b * 4 * bits
+            for j in range(16):
+                packed[i, base + j] = np.uint8((u[j] & 15) | ((u[j + 16] & 15) << 4))
+            for c in range(nqh):
+                v = 0
+                for t in range(8 // h):
+                    v |= (u[c + nqh * t] >> 4) << (h * t)
+                packed[i, base + 16 + c] = np.uint8(v)

@@ -2,13 +2,15 @@
 
 A row binds everything the rest of the code needs to know about a format: its bits, the stored
 arrays (safetensors dtype, tensor names, shapes), its size on disk, and its reference quantize /
-dequantize functions (ernie_edge/formats/quant.py is the spec of q4 and q8). The manifest, the
+dequantize functions (ernie_edge/formats/quant.py is the spec of q4, q5, q6 and q8). The manifest, the
 converter, the loader, `ernie-edge info` and the CLI read this table; a backend binds its kernels
 to a row by name (the CPU backend's binding is `CPU_KERNELS` in ernie_edge/cpu_weights.py), so a
 new format or a new backend is a new row, not a new branch in the model.
 
   name  identifier      stored arrays                                         bits / weight
   q4    int4-sym-g{G}   NAME.qweight U8 [..., O, K/2]   NAME.scales F16 [..., O, K/G]   4 + 16/G
+  q5    int5-sym-g{G}   NAME.qweight U8 [..., O, 5K/8]  NAME.scales F16 [..., O, K/G]   5 + 16/G
+  q6    int6-sym-g{G}   NAME.qweight U8 [..., O, 3K/4]  NAME.scales F16 [..., O, K/G]   6 + 16/G
   q8    int8-sym-g{G}   NAME.qweight I8 [..., O, K]     NAME.scales F16 [..., O, K/G]   8 + 16/G
   f16   f16             NAME F16 [..., K]                                              16
   f32   f32             NAME F32 [..., K]                                              32
@@ -82,10 +84,12 @@ class Format:
 
 
 Q4 = Format("q4", 4, "U8", True, "q4")
+Q5 = Format("q5", 5, "U8", True, "q5")
+Q6 = Format("q6", 6, "U8", True, "q6")
 Q8 = Format("q8", 8, "I8", True, "q8")
 F16 = Format("f16", 16, "F16", False)
 F32 = Format("f32", 32, "F32", False)
-FORMATS: dict[str, Format] = {f.name: f for f in (Q4, Q8, F16, F32)}
+FORMATS: dict[str, Format] = {f.name: f for f in (Q4, Q5, Q6, Q8, F16, F32)}
 
 
 def get_format(name: str) -> Format:

@@ -40,7 +40,8 @@ from ernie_edge.model_dir import resolve
 from ernie_edge.paths import models_dir, share_file
 
 from ..formats.quant import FP16_MAX, QuantizationError
-from ..formats.table import choose_storage, get_format
+from ..formats.budget import recipe_storage
+from ..formats.table import get_format
 from ..formats.recipe import Recipe
 from .safetensors_writer import PlannedTensor, StreamingWriter, encode_header, plan_layout
 
@@ -165,7 +166,7 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
     nbytes = {name: info.nbytes for name, (_, info) in ckpt.tensors.items()}
 
     def storage(spec) -> tuple[str, int | None]:
-        return choose_storage(recipe.precision_for(spec.role), spec.shape[-1], recipe.group_size)
+        return recipe_storage(recipe, spec)
 
     dense = OutFile(DENSE_FILE)
     for name, spec in ckpt.specs.items():

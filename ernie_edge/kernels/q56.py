@@ -1,0 +1,290 @@
+"""int5 / int6 ("int{b}-sym-g{G}", formats q5 / q6) kernels: the decode matvec, a small-batch matmul
+and the exact float32 prefill matmul.
+
+Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
+blocks, b bits per code (5 or 6), h = b - 4 high bits per code.
+
+Layout (ernie_edge/formats/quant.py): packed uint8 [O, K*b/8]; each block of 32 codes takes 4b
+bytes: 16 bytes of low nibbles in the q4 g32 order (byte j: u_j & 15 | (u_{j+16} & 15) << 4), then
+4h bytes of high bits (byte i holds u_{i+4h t} >> 4 at bits h t, t = 0 .. 8/h - 1), u = code + 2^(b-1);
+scales fp16 [O, K/G] (the float16 array or its uint16 view).
+
+Decode: as the int4 / int8 matvecs (kernels/q8.py), x is quantized to int16 per block of 32
+(`act_quant.quantize_act`, natural block order) and each 32-block of a row is an exact integer dot:
+the block's codes are rebuilt as int16 vectors (low nibbles OR the high bits moved to bit 4, minus
+2^(b-1)) and multiplied with vpdpwssd / vpmaddwd / generic LLVM vector IR (kernels/simd.py's
+`_dot_i16`, the SIMD path of kernels/_jit.py). Every i32 lane sums 4 products of |code| <= 32 and
+|xq| <= 32767: below 2^24, so the conversion to float is exact on every path. The error bound is the
+decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units.
+
+Prefill: `matmul_small` reads every row quad once and dots it with each token's quantized
+activations while it sits in cache (the decode arithmetic, for small batches); `matmul_exact` is
+exact float32: rows dequantized into a tile, multiplied by sgemm (q8.tiled_matmul).
+
+All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors views are).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import ir
+from ._jit import get_threads, njit, pnjit
+from .act_quant import ACT_BLOCK, as_u16, check_contig, log2_sub, quantize_act
+from .q8 import ActScratch, _next_unit, _units, tiled_matmul
+from .qbatch import _quantize_rows
+from .simd import _dot_i16, _prefetch_ahead
+from .ir import F32, F32x8, I8, I16, I16x16, I32x8, VectorType
+
+BITS = (5, 6)
+
+
+def _high_bits(builder, wptr, wo, bits):
+    """The high bits of a block's 32 codes, already at bit 4: (codes 0..15, codes 16..31) as
+    <16 x i16>. Lane l of the first half reads byte l % 4h at bit h (l // 4h); the second half the
+    same bytes 4 bits higher."""
+    h = bits - 4
+    nqh = 4 * h
+    raw = ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), VectorType(I8, nqh))
+    raw = builder.zext(raw, VectorType(I16, nqh))
+    spread = builder.shuffle_vector(raw, raw, ir.mask([lane % nqh for lane in range(16)]))
+    t = [lane // nqh for lane in range(16)]
+    keep = ir.Constant(I16x16, [((1 << h) - 1) << (h * ti) for ti in t])
+    to_bit4 = ir.Constant(I16x16, [1 << (4 - h * ti) for ti in t])
+    first = builder.mul(builder.and_(spread, keep), to_bit4)
+    second = builder.mul(builder.and_(builder.lshr(spread, ir.Constant(I16x16, [4] * 16)), keep), to_bit4)
+    return first, second
+
+
+def _rows_dot(context, builder, sig, args, nrows, bits):
+    """sum_b ws[o, b >> log2sub] * xd[b] * sum_j code[o, b, j] * xq[b, j] for nrows rows.
+
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub) as kernels/simd.py's
+    row dots (w uint8, woff / wstride in bytes; s the uint16 scales)."""
+    (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub) = args
+    wty, _, _, sty, _, _, xqty, xdty, _, _ = sig.args
+    wptr = ir.data_ptr(context, builder, wty, w, I8)
+    sptr = ir.data_ptr(context, builder, sty, s, I16)
+    xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
+    xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x8, [0.0] * 8)) for _ in range(nrows)]
+    izero8 = ir.Constant(I32x8, [0] * 8)
+    block_bytes = 4 * bits
+    offset = ir.Constant(I16x16, [1 << (bits - 1)] * 16)
+    low = ir.Constant(I16x16, [15] * 16)
+    with cgutils.for_range(builder, nblk) as loop:
+        i = loop.index
+        _prefetch_ahead(builder, wptr, woff, wstride, i, nrows, block_bytes)
+        x0 = builder.mul(i, ir.c64(32))
+        xlo = ir.load_vec(builder, xqptr, x0, I16x16)
+        xhi = ir.load_vec(builder, xqptr, builder.add(x0, ir.c64(16)), I16x16)
+        xdi = builder.load(builder.gep(xdptr, [i]))
+        g = builder.lshr(i, log2sub)
+        for r in range(nrows):
+            rr = ir.c64(r)
+            wo = builder.add(builder.add(woff, builder.mul(rr, wstride)), builder.mul(i, ir.c64(block_bytes)))
+            srow = builder.add(soff, builder.mul(rr, sstride))
+            ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
+            nib = builder.zext(ir.load_vec(builder, wptr, wo, VectorType(I8, 16)), I16x16)
+            hi0, hi1 = _high_bits(builder, wptr, wo, bits)
+            wlo = builder.sub(builder.or_(builder.and_(nib, low), hi0), offset)
+            whi = builder.sub(builder.or_(builder.lshr(nib, ir.Constant(I16x16, [4] * 16)), hi1), offset)
+            f = builder.sitofp(_dot_i16(builder, wlo, whi, xlo, xhi, izero8), F32x8)
+            dv = ir.splat(builder, builder.fmul(ws, xdi), F32x8)
+            acc = builder.load(accs[r])
+            builder.store(builder.fadd(acc, builder.fmul(f, dv, flags=("contract",)), flags=("contract",)), accs[r])
+    return [ir.hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
+
+
+def _make_rows_dot(nrows, bits):
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub):
+        ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
+        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            vals = _rows_dot(context, builder, signature, args, nrows, bits)
+            return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+# (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub): dot1 -> float32, dot4 -> rows r..r+3
+q5_dot1, q5_dot4 = _make_rows_dot(1, 5), _make_rows_dot(4, 5)
+q6_dot1, q6_dot4 = _make_rows_dot(1, 6), _make_rows_dot(4, 6)
+
+
+@njit(inline="always")
+def _dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, nb, l2):
+    if bits == 5:
+        return q5_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+    return q6_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+
+
+@njit(inline="always")
+def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, nb, l2):
+    if bits == 5:
+        return q5_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+    return q6_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+
+
+@intrinsic
+def _f16(typingctx, h):
+    """fp16 bits (uint16) -> float32."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return ir.f16_to_f32(builder, args[0])
+
+    return sig, codegen
+
+
+# ---- decode -----------------------------------------------------------------------------------------
+
+@pnjit()
+def _matvec(x, w, s, out, xq, xd, xs, bits, claims, nt):
+    """out [O] = W x in one parallel region; rows in q8.py's work units of 4-row quads."""
+    kw, nsg = w.shape[1], s.shape[1]
+    nb = x.shape[0] // 32
+    l2 = log2_sub(nb, nsg)
+    quantize_act(x, xq, xd, xs, 32)
+    nq = out.shape[0] // 4
+    uq, n = _units(nq, claims)
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                r = 4 * p
+                a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+                out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    for r in range(4 * nq, out.shape[0]):
+        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+
+
+def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight") -> np.ndarray:
+    """Check an int5 / int6 matrix w [O, K*b/8] (uint8) and its scales s [O, K/G] for an input of
+    length k; returns s as uint16."""
+    if bits not in BITS:
+        raise ValueError(f"bits must be 5 or 6, got {bits}")
+    if w.dtype != np.uint8 or w.ndim != 2:
+        raise ValueError(f"{what}: int{bits} weights must be uint8 [O, K*{bits}/8], got {w.dtype} {w.shape}")
+    s = as_u16(s)
+    if k % ACT_BLOCK or w.shape[1] != k * bits // 8:
+        raise ValueError(f"{what}: shape {w.shape} does not take an input of length {k} (int{bits})")
+    if s.ndim != 2 or s.shape[0] != w.shape[0] or s.shape[1] == 0 or k % s.shape[1] or k // s.shape[1] not in (32, 64, 128):
+        raise ValueError(f"{what}: scales {s.shape} do not match weights {w.shape} (group size 32, 64 or 128)")
+    check_contig(**{what: w, f"{what} scales": s})
+    return s
+
+
+def matvec(x, w, scales, out, act: ActScratch, bits: int) -> np.ndarray:
+    """out float32 [O] = W x; x float32 [K]; w packed int5 / int6 [O, K*b/8]; act = ActScratch(K) or
+    larger. Decode path: x quantized to int16 per block of 32 (the error bound of kernels/q8.py)."""
+    k = x.shape[0]
+    s = check_weight(w, scales, k, bits)
+    if out.shape != (w.shape[0],) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
+    xq, xd, xs = act.views(k)
+    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
+    return out
+
+
+# ---- prefill ----------------------------------------------------------------------------------------
+
+@pnjit()
+def _matmul_small(x, w, s, out, xq, xd, xs, bits):
+    """out [T, O] = X W^T: every row quad read once, dotted with each token's int16 activations."""
+    O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
+    T, nb = xd.shape
+    l2 = log2_sub(nb, nsg)
+    _quantize_rows(x, xq, xd, xs, 32)
+    nq = O // 4
+    for p in prange(nq):
+        r = 4 * p
+        for t in range(T):
+            a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
+            out[t, r], out[t, r + 1], out[t, r + 2], out[t, r + 3] = a, b, c, d
+    for r in range(4 * nq, O):
+        for t in range(T):
+            out[t, r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
+
+
+@njit(inline="always")
+def _dequant_rows_body(w, s, r0, tile, bits):
+    """tile[i, :] = dequantized row r0 + i (float32, exact: an fp16 scale times a small integer)."""
+    n, K = tile.shape
+    nsg = s.shape[1]
+    G = K // nsg
+    h = bits - 4
+    nqh = 4 * h
+    mask = (1 << h) - 1
+    offset = 1 << (bits - 1)
+    for i in range(n):
+        row = r0 + i
+        for b in range(K // 32):
+            sc = _f16(s[row, (32 * b) // G])
+            base = b * 4 * bits
+            for j in range(16):
+                byte = np.int32(w[row, base + j])
+                c0, c1 = j, j + 16
+                h0 = (np.int32(w[row, base + 16 + c0 % nqh]) >> (h * (c0 // nqh))) & mask
+                h1 = (np.int32(w[row, base + 16 + c1 % nqh]) >> (h * (c1 // nqh))) & mask
+                tile[i, 32 * b + c0] = sc * np.float32(((byte & 15) | (h0 << 4)) - offset)
+                tile[i, 32 * b + c1] = sc * np.float32(((byte >> 4) | (h1 << 4)) - offset)
+
+
+@njit()
+def _dequant_rows5(w, s, r0, tile):
+    _dequant_rows_body(w, s, r0, tile, 5)
+
+
+@njit()
+def _dequant_rows6(w, s, r0, tile):
+    _dequant_rows_body(w, s, r0, tile, 6)
+
+
+_DEQUANT_ROWS = {5: _dequant_rows5, 6: _dequant_rows6}
+
+
+def dequant_rows(w, scales, r0: int, tile, bits: int) -> np.ndarray:
+    """tile float32 [n, K] = rows r0 .. r0+n-1 dequantized (= formats.quant.dequantize_q5 / _q6)."""
+    s = check_weight(w, scales, tile.shape[1], bits)
+    if not 0 <= r0 <= w.shape[0] - tile.shape[0]:
+        raise ValueError(f"rows {r0}..{r0 + tile.shape[0]} out of range for {w.shape[0]} rows")
+    check_contig(tile=tile)
+    _DEQUANT_ROWS[bits](w, s, r0, tile)
+    return tile
+
+
+def _check_matmul(X, w, scales, out, bits: int) -> np.ndarray:
+    if X.ndim != 2 or X.dtype != np.float32:
+        raise ValueError(f"X must be float32 [T, K], got {X.dtype} {X.shape}")
+    s = check_weight(w, scales, X.shape[1], bits)
+    if out.shape != (X.shape[0], w.shape[0]) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 [{X.shape[0]}, {w.shape[0]}], got {out.dtype} {out.shape}")
+    check_contig(out=out)
+    return s
+
+
+def matmul_small(X, w, scales, out, bits: int) -> np.ndarray:
+    """out float32 [T, O] = X W^T for int5 / int6 W [O, K*b/8]; X float32 [T, K]. Each token's row
+    is bit for bit the decode matvec's (int16 activations, its error bound); each weight row quad
+    is read from memory once for all T tokens. For small T (cpu_weights.QBATCH_MAX_T)."""
+    s = _check_matmul(X, w, scales, out, bits)
+    X = np.ascontiguousarray(X)
+    T, K = X.shape
+    xq = np.empty((T, K), np.int16)
+    xd = np.empty((T, K // 32), np.float32)
+    _matmul_small(X, w, s, out, xq, xd, np.empty((T, K // 32), np.int32), bits)
+    return out
+
+
+def matmul_exact(X, w, scales, out, bits: int) -> np.ndarray:
+    """out float32 [T, O] = X W^T, exact float32: dequantized row tiles + sgemm (q8.tiled_matmul)."""
+    s = _check_matmul(X, w, scales, out, bits)
+    return tiled_matmul(np.ascontiguousarray(X), w, s, out, _DEQUANT_ROWS[bits])
