@@ -1,12 +1,12 @@
-"""Quantization error and quantizer throughput of the q4 / q8 formats (ernie_edge/formats/quant.py).
+"""Quantization error and quantizer throughput of the q4 / q5 / q6 / q8 formats (ernie_edge/formats/quant.py).
 
     .venv/bin/python benchmarks/quant_error.py [--rows 1536] [--cols 2560] [--threads 2]
 
 Error: relative RMS error ||w - deq|| / ||w|| and max |w - deq| / max |w| on gaussian and
 Student-t (3 dof, heavy-tailed) matrices, for the searched scales and, as baselines, the plain
-scales amax/7 and llama.cpp Q4_0's max/-8 (int4) and amax/127 (int8). Throughput: weights per
-second of quantize_q4 / quantize_q8 on one thread, and on --threads threads (the kernels release
-the GIL). Writes benchmarks/results/quant_error.json and prints a markdown table.
+scales amax/7 and llama.cpp Q4_0's max/-8 (int4; int5 / int6: amax/15, max/-16 and amax/31,
+max/-32) and amax/127 (int8). Throughput: weights per second of each quantizer on one thread, and
+of quantize_q4 / quantize_q8 on --threads threads (the kernels release the GIL). Writes benchmarks/results/quant_error.json and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ernie_edge.formats.quant import (GROUP_SIZES, dequantize_q4, dequantize_q8,
-                                      quantize_q4, quantize_q8)
+from ernie_edge.formats.quant import (GROUP_SIZES, dequantize_q4, dequantize_q8, dequantize_qn,
+                                      quantize_q4, quantize_q5, quantize_q6, quantize_q8, quantize_qn)
 
 RESULTS = Path(__file__).parent / "results" / "quant_error.json"
 
@@ -34,7 +34,7 @@ def plain_scale_error(w: np.ndarray, bits: int, group_size: int, pivot_divisor: 
     if not signed:
         pivot = np.abs(pivot)
     s = (pivot / pivot_divisor).astype(np.float16).astype(np.float32)[:, None]
-    lo, hi = (-8, 7) if bits == 4 else (-127, 127)
+    lo, hi = (-127, 127) if bits == 8 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
     codes = np.clip(np.rint(g / np.where(s != 0, s, 1)), lo, hi)
     return float(np.linalg.norm(g - codes * s) / np.linalg.norm(g))
 
@@ -42,8 +42,10 @@ def plain_scale_error(w: np.ndarray, bits: int, group_size: int, pivot_divisor: 
 def searched_error(w: np.ndarray, bits: int, group_size: int) -> tuple[float, float]:
     if bits == 4:
         deq = dequantize_q4(*quantize_q4(w, group_size), group_size)
-    else:
+    elif bits == 8:
         deq = dequantize_q8(*quantize_q8(w, group_size), group_size)
+    else:
+        deq = dequantize_qn(*quantize_qn(w, group_size, bits), group_size, bits)
     diff = w - deq
     return float(np.linalg.norm(diff) / np.linalg.norm(w)), float(np.abs(diff).max() / np.abs(w).max())
 
@@ -71,33 +73,35 @@ def main() -> None:
     data = {"gaussian": rng.standard_normal((a.rows, a.cols)).astype(np.float32),
             "student_t3": rng.standard_t(3, (a.rows, a.cols)).astype(np.float32)}
     rows = []
-    for bits in (4, 8):
+    for bits in (4, 5, 6, 8):
+        top = 127 if bits == 8 else 1 << (bits - 1)  # plain scales: amax / (top - 1), Q4_0-style max / -top
         for g in GROUP_SIZES:
             row = {"format": f"int{bits}-sym-g{g}", "bits_per_weight": bits + 16.0 / g}
             for name, w in data.items():
                 row[f"{name}_rel_rms"], row[f"{name}_max_rel"] = searched_error(w, bits, g)
-                if bits == 4:
-                    row[f"{name}_rel_rms_amax7"] = plain_scale_error(w, 4, g, 7.0, False)
-                    row[f"{name}_rel_rms_q4_0"] = plain_scale_error(w, 4, g, -8.0, True)
-                else:
+                if bits == 8:
                     row[f"{name}_rel_rms_amax127"] = plain_scale_error(w, 8, g, 127.0, False)
+                else:
+                    row[f"{name}_rel_rms_amax{top - 1}"] = plain_scale_error(w, bits, g, top - 1.0, False)
+                    row[f"{name}_rel_rms_q{bits}_0"] = plain_scale_error(w, bits, g, -float(top), True)
             rows.append(row)
     w = data["gaussian"]
     speed = {}
-    for fn in (quantize_q4, quantize_q8):
+    for fn in (quantize_q4, quantize_q5, quantize_q6, quantize_q8):
         for g in GROUP_SIZES:
             speed[f"{fn.__name__} g{g} 1 thread"] = throughput(fn, w, g, 1)
-        speed[f"{fn.__name__} g32 {a.threads} threads"] = throughput(fn, w, 32, a.threads)
+        if fn in (quantize_q4, quantize_q8):
+            speed[f"{fn.__name__} g32 {a.threads} threads"] = throughput(fn, w, 32, a.threads)
     out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
            "shape": [a.rows, a.cols], "seed": a.seed, "error": rows, "weights_per_s": speed}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1) + "\n")
 
-    print("| format | bits/weight | rel RMS gaussian | (amax/7 or amax/127) | (Q4_0 max/-8) | rel RMS t3 | max err / max|w| (gaussian) |")
+    print("| format | bits/weight | rel RMS gaussian | (amax/(2^(b-1)-1) or amax/127) | (Q4_0-style max/-2^(b-1)) | rel RMS t3 | max err / max|w| (gaussian) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        base = r.get("gaussian_rel_rms_amax7", r.get("gaussian_rel_rms_amax127"))
-        q40 = r.get("gaussian_rel_rms_q4_0")
+        base = next(v for k, v in r.items() if k.startswith("gaussian_rel_rms_amax"))
+        q40 = next((v for k, v in r.items() if k.startswith("gaussian_rel_rms_q") and k.endswith("_0")), None)
         print(f"| {r['format']} | {r['bits_per_weight']:g} | {r['gaussian_rel_rms']:.4f} | {base:.4f} | "
               f"{'' if q40 is None else f'{q40:.4f}'} | {r['student_t3_rel_rms']:.4f} | {r['gaussian_max_rel']:.4f} |")
     for k, v in speed.items():

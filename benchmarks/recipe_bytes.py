@@ -27,7 +27,7 @@ from ernie_edge.formats.recipe import Recipe  # noqa: E402
 from ernie_edge.quant.synthetic import make_config  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "recipe-bytes.json"
-DEFAULT_RECIPES = ["q4g32-d8", "q4g32-d4", Recipe().name]
+DEFAULT_RECIPES = [Recipe.default().name, "q4g32-d4-h6", "q4g32-d8", "q4g32-d4"]
 ROLES = ("lm_head", "attn", "dense_mlp", "shared_expert", "expert", "router", "norm")
 
 

@@ -353,13 +353,15 @@ def _add_convert(sub) -> None:
     p.add_argument("dst", nargs="?", type=Path, default=None,
                    help="output folder (default: the models store, as NAME-RECIPE)")
     p.add_argument("--recipe", default=None, metavar="NAME",
-                   help="q{expert bits}g{group size}-d{dense bits}: q4g32-d8 (default), q4g32-d4 (all int4), "
-                        "q8g32-d8, ... (or the three flags below)")
-    p.add_argument("--expert-bits", type=int, choices=EXPERT_BITS, default=None, help="routed experts: 4 (default) or 8")
+                   help="q{expert bits}g{group size}-d{dense bits}, then -{a|m|s|h}{bits}[g{group}] per role "
+                        "(attention, layer-0 MLP, shared experts, head): q4g128-d6-s5g32 (default), q4g32-d4-h6 "
+                        "(int4 but the head), q4g32-d8, q4g32-d4, ... (or the three flags below)")
+    p.add_argument("--expert-bits", type=int, choices=EXPERT_BITS, default=None,
+                   help="routed experts: 4 or 8 (a plain recipe: a flag not given takes 4 / 8 / 32)")
     p.add_argument("--dense-bits", type=int, choices=DENSE_BITS, default=None,
-                   help="attention, shared experts, embedding: 4, 8 (default) or 16 (f16)")
+                   help="attention, layer-0 MLP, shared experts, embedding: 4, 5, 6, 8 or 16 (f16)")
     p.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
-                   help="weights per quantization scale: 32 (default), 64 or 128")
+                   help="weights per quantization scale: 32, 64 or 128")
     p.add_argument("--force", action="store_true", help="replace a finished DST")
     p.add_argument("--threads", type=_int_at_least(0), default=0, help="worker threads (0: all cores)")
     p.add_argument("--allow-nonfinite", action="store_true", help="zero NaN/Inf weights instead of failing")
@@ -368,11 +370,13 @@ def _add_convert(sub) -> None:
 
 
 def _recipe(a):
+    """--recipe NAME; or the plain recipe the three flags describe (4, 8 and 32 for a flag not
+    given, as before per-role recipes); or, with neither, the default recipe."""
     from .formats.recipe import Recipe
     bits = {"expert_bits": a.expert_bits, "dense_bits": a.dense_bits, "group_size": a.group_size}
     given = {k: v for k, v in bits.items() if v is not None}
     if a.recipe is None:
-        return Recipe(**given)
+        return Recipe(**given) if given else Recipe.default()
     if given:
         raise ErnieEdgeError(f"give --recipe or --expert-bits/--dense-bits/--group-size, not both "
                              f"(--recipe {a.recipe} already sets all three)")

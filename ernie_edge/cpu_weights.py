@@ -12,10 +12,11 @@ runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table
   f16/f32  BLAS sgemv on a float32 matrix           BLAS sgemm
            (f16 is widened once at load: twice its file size in RAM; f32 stays mapped)
 
-Fused kernels are picked at load too, when the tensors involved share q4 or q8 (FUSED): q, k and
-v in one parallel region (q8.matvec3); gate, up and SwiGLU in one (an MLP is a one-expert bank);
-a MoE layer's routed experts and its shared expert in two regions instead of four
-(q8.experts_pair_*). A new backend (CUDA) binds its own classes to the same rows.
+Fused kernels are picked at load too, when the tensors involved share q4 or q8 (FUSED), or q5 or
+q6: q, k and v in one parallel region (q8.matvec3, q56.matvec3); gate, up and SwiGLU in one (an
+MLP is a one-expert bank; q56.gate_up_silu); a MoE layer's routed experts (q4 / q8) and its shared
+expert in two regions instead of four or five (q8.experts_pair_*, or q56.pair_* for a q5 / q6
+shared expert). A new backend (CUDA) binds its own classes to the same rows.
 
 Legend: T tokens, H hidden, K input features, O output features, E experts, k routed slots per
 token, I expert width.
@@ -76,8 +77,8 @@ class QuantLinear:
 
 
 class PackedLinear:
-    """W [O, K] in q5 or q6: kernels/q56.py's matvec and matmul. `bits` is None: the fused q4 / q8
-    kernels do not take it, so QKV, SwiGLU and MoE run it one matrix at a time."""
+    """W [O, K] in q5 or q6: kernels/q56.py's matvec and matmul. `bits` is None (the fused q4 / q8
+    kernels do not take it); QKV, SwiGLU and MoE use q56.py's fused kernels by `packed_bits`."""
 
     bits = None
 
@@ -120,6 +121,13 @@ def linear(t: QTensor):
     return CPU_KERNELS[t.quant](t)
 
 
+def packed_bits(*ws) -> int | None:
+    """The bits (5 or 6) every one of ws is stored in, when all are q5 or all q6 (kernels/q56.py's
+    fused kernels), else None."""
+    bits = {w.nbits if isinstance(w, PackedLinear) else None for w in ws}
+    return bits.pop() if len(bits) == 1 and None not in bits else None
+
+
 def shared_bits(*ws) -> int | None:
     """The integer format (4 or 8) every one of ws is stored in, or None: the fused kernels take
     weights of one integer format."""
@@ -135,11 +143,15 @@ class QKV:
     def __init__(self, q: QTensor, k: QTensor, v: QTensor):
         self.q, self.k, self.v = linear(q), linear(k), linear(v)
         self.bits = shared_bits(self.q, self.k, self.v)
+        self.packed = packed_bits(self.q, self.k, self.v)
 
     def matvec(self, x, q_out, k_out, v_out, s: Scratch) -> None:
-        if self.bits:  # one parallel region for the three
+        if self.bits or self.packed:  # one parallel region for the three
             mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
-            q8.matvec3(x, mats, s.act, self.bits)
+            if self.bits:
+                q8.matvec3(x, mats, s.act, self.bits)
+            else:
+                q56.matvec3(x, mats, s.act, self.packed)
             return
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
             w.matvec(x, out, s)
@@ -157,6 +169,8 @@ class SwiGLU:
         self.width = gate.shape[0]
         self.gate_up_bits = shared_bits(self.gate, self.up)
         self.bits = shared_bits(self.gate, self.up, self.down)
+        self.gate_up_packed = packed_bits(self.gate, self.up)
+        self.packed = packed_bits(self.gate, self.up, self.down)
 
     def gate_up_silu(self, x: np.ndarray, s: Scratch) -> np.ndarray:
         """silu(gate x) * up x into s.g[:width]; returns that view."""
@@ -164,6 +178,9 @@ class SwiGLU:
         if self.gate_up_bits:  # gate, up and silu in one parallel region: the MLP as a one-expert bank
             q8.experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
                                     self.gate_up_bits)
+        elif self.gate_up_packed:
+            q56.gate_up_silu(x, self.gate.data, self.gate.scales, self.up.data, self.up.scales, g, s.act,
+                             self.gate_up_packed)
         else:
             u = s.u[:self.width]
             self.gate.matvec(x, g, s)
@@ -256,8 +273,10 @@ class MoE:
         self.layer, self.router, self.bias = layer, router, bias  # fp32 [E, H], [E] or None
         self.experts, self.shared = experts, shared
         self.k, self.norm_min = k, norm_min
-        # Routed and shared experts in two parallel regions (gate+up, down) instead of four.
+        # Routed and shared experts in two parallel regions (gate+up, down) instead of four (or
+        # five): a q4 / q8 shared expert by kernels/q8.py, a q5 / q6 one by kernels/q56.py.
         self.paired = experts.bits is not None and shared is not None and shared.bits is not None
+        self.paired_packed = experts.bits is not None and shared is not None and shared.packed is not None
 
     def route(self, X, idx, weights, trace=None, work=None) -> None:
         moe.route(X, self.router, self.bias, self.k, idx, weights, self.norm_min, work=work)
@@ -270,6 +289,9 @@ class MoE:
         ids, weights = s.idx[0], s.w[0]
         if self.paired:
             self._decode_paired(x, ids, weights, out, s)
+            return out
+        if self.paired_packed:
+            self._decode_paired_packed(x, ids, weights, out, s)
             return out
         self.experts.gate_up_silu(x, ids, s.he, s)
         self.experts.down_weighted(s.he, ids, weights, out, s)
@@ -288,6 +310,15 @@ class MoE:
         q8.experts_pair_down_weighted(  # the shared expert's output is still added last
             (s.he, *ex.arrays(2), ids, weights, ex.bits),
             (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared)
+
+    def _decode_paired_packed(self, x, ids, weights, out, s: Scratch) -> None:
+        sh, ex = self.shared, self.experts
+        g = s.g[:sh.width]
+        q56.pair_gate_up_silu(x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
+                              (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed),
+                              s.act, s.act_shared)
+        q56.pair_down_weighted((s.he, *ex.arrays(2), ids, weights, ex.bits),  # the shared expert added last
+                               (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared)
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None) -> np.ndarray:
         """out [T, H] = routed experts (grouped by expert) + shared expert of T tokens X [T, H]."""

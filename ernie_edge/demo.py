@@ -28,6 +28,7 @@ class DemoSettings:
 
 def ensure_demo_model(rebuild: bool = False) -> Path:
     """Build (once) and return the converted demo model folder in the models store."""
+    from .formats.recipe import Recipe
     from .quant.convert import ConvertSettings, convert
     from .quant.synthetic import write_checkpoint
 
@@ -44,7 +45,9 @@ def ensure_demo_model(rebuild: bool = False) -> Path:
             write_checkpoint(tmp, "tiny", seed=0)
             tmp.rename(hf_dir)  # config.json appears only in a finished folder
         print(f"converting it to {edge_dir} ...", file=sys.stderr)
-        convert(ConvertSettings(source=str(hf_dir), dest=edge_dir, progress=False, force=True))
+        # q4g32-d8 (int8 dense): the default recipe is sized against llama.cpp at the 21B shapes;
+        # a tiny model keeps the closest one to its weights at no cost.
+        convert(ConvertSettings(source=str(hf_dir), dest=edge_dir, recipe=Recipe(), progress=False, force=True))
     return edge_dir
 
 

@@ -31,7 +31,7 @@ class StoredModel:
     path: Path
     kind: str
     bytes: int
-    recipe: str | None  # the recipe's name (q4g32-d8) of a converted model
+    recipe: str | None  # the recipe's name (q4g128-d6-s5g32) of a converted model
 
     def to_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "kind": self.kind, "bytes": self.bytes,
@@ -124,7 +124,7 @@ def conversion_advice(typed: str, location: ModelLocation, reference_ok: bool = 
     reference_ok: the command has --backend reference (say so)."""
     from .formats.recipe import Recipe
     name = location.repo_id.split("/")[-1] if location.repo_id else location.path.name
-    default = f"{name}-{Recipe().name}"
+    default = f"{name}-{Recipe.default().name}"
     copy = _converted_copy(location, default)
     what = f"{typed} is an unconverted Hugging Face checkpoint"
     slow = ("(the numpy reference runs it at well under 1 token/s; --backend reference runs it anyway)"

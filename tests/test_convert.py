@@ -26,7 +26,8 @@ from ernie_edge.manifest import describe, format_description, read_manifest, ver
 from ernie_edge.mmap_store import SafetensorsFile
 from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertError, ConvertSettings, convert
-from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, quantize_q4, quantize_q8
+from ernie_edge.formats.quant import (dequantize_q4, dequantize_q8, dequantize_qn, quantize_q4, quantize_q8,
+                                      quantize_qn)
 from ernie_edge.formats.recipe import Recipe
 from ernie_edge.formats.table import choose_storage
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
@@ -88,12 +89,15 @@ class Dequantized:
 
     def _roundtrip(self, name: str) -> np.ndarray:
         w = self.hf.f32(name)
-        quant, G = choose_storage(self.recipe.precision_for(self.hf.specs[name].role), w.shape[-1],
-                                  self.recipe.group_size)
+        fmt, group = self.recipe.storage_for(self.hf.specs[name].role)
+        quant, G = choose_storage(fmt, w.shape[-1], group or 32)
         if quant == "q4":
             return dequantize_q4(*quantize_q4(w, G), G)
         if quant == "q8":
             return dequantize_q8(*quantize_q8(w, G), G)
+        if quant in ("q5", "q6"):
+            bits = int(quant[1])
+            return dequantize_qn(*quantize_qn(w, G, bits), G, bits)
         return w.astype(np.float16).astype(np.float32) if quant == "f16" else w
 
     def dense(self, name):
@@ -104,8 +108,8 @@ class Dequantized:
                      for p in ("gate", "up", "down"))
 
 
-@pytest.mark.parametrize("recipe", [Recipe(), Recipe(expert_bits=8, dense_bits=16, group_size=32)],
-                         ids=["q4g32-d8", "q8g32-d16"])
+@pytest.mark.parametrize("recipe", [Recipe(), Recipe(expert_bits=8, dense_bits=16, group_size=32), Recipe.default()],
+                         ids=["q4g32-d8", "q8g32-d16", "default"])
 def test_round_trip_logits(source, tmp_path, recipe):
     out = run(source, tmp_path / "out", recipe=recipe)
     assert verify(out) == []
@@ -122,7 +126,7 @@ def test_round_trip_logits(source, tmp_path, recipe):
 
 def test_folder_layout(reference_out, source):
     m = read_manifest(reference_out)
-    assert m.recipe == {"expert_bits": 4, "dense_bits": 8, "group_size": 32}
+    assert m.recipe == Recipe.default().to_dict()
     assert set(m.files) == {"dense.safetensors", "experts-01.safetensors", "experts-02.safetensors",
                             "config.json", "tokenizer.json"}
     assert m.source["path"] == str(source.resolve())
@@ -131,12 +135,18 @@ def test_folder_layout(reference_out, source):
     assert t["model.layers.1.mlp.gate.weight"].quant == "f32"
     assert t["model.layers.1.mlp.moe_statics.e_score_correction_bias"].quant == "f32"
     assert t["model.norm.weight"].quant == "f32"
-    assert t["model.embed_tokens.weight"].quant == "q8"
+    # the default recipe at the tiny width 64: group 128 falls back to 64 (32 for the experts' down)
+    assert (t["model.embed_tokens.weight"].quant, t["model.embed_tokens.weight"].group_size) == ("q6", 64)
+    assert (t["model.layers.1.mlp.shared_experts.up_proj.weight"].quant,
+            t["model.layers.1.mlp.shared_experts.up_proj.weight"].group_size) == ("q5", 32)
     assert t["layers.01.experts.down"].shape == (16, 64, 32) and t["layers.01.experts.down"].quant == "q4"
+    assert t["layers.01.experts.down"].group_size == 32
     f = SafetensorsFile(reference_out / "experts-01.safetensors")
     assert f.tensors["layers.01.experts.gate.qweight"].dtype == "U8"
     assert f.tensors["layers.01.experts.gate.qweight"].shape == (16, 32, 32)
-    assert f.tensors["layers.01.experts.gate.scales"].shape == (16, 32, 2)
+    assert f.tensors["layers.01.experts.gate.scales"].shape == (16, 32, 1)
+    d = SafetensorsFile(reference_out / "dense.safetensors")
+    assert d.tensors["model.embed_tokens.weight.qweight"].shape == (1024, 64 * 6 // 8)
     assert all(info.offset % 64 == 0 for name, info in f.tensors.items() if not name.startswith("__pad__"))
     assert (reference_out / "config.json").read_bytes() == (source / "config.json").read_bytes()
     assert not (reference_out / "progress.json").exists()
@@ -147,7 +157,7 @@ def test_folder_layout(reference_out, source):
 def test_default_dest_in_models_dir(source, tmp_path, monkeypatch):
     monkeypatch.setenv("ERNIE_EDGE_HOME", str(tmp_path / "home"))
     out = convert(ConvertSettings(source=str(source), progress=False))
-    assert out == tmp_path / "home" / "models" / f"{source.name}-q4g32-d8"
+    assert out == tmp_path / "home" / "models" / f"{source.name}-q4g128-d6-s5g32"
     assert EdgeCheckpoint(out).config.hidden_size == 64
 
 

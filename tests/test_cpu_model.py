@@ -18,9 +18,9 @@ def kld(p_logits, q_logits):
     return np.sum(p * (np.log(p + 1e-300) - np.log(q + 1e-300)), axis=-1)
 
 
-# The default recipe (q4 / q8 kernels, fused) and one with int5 / int6 dense roles (kernels/q56.py,
-# one matrix at a time) and a per-role group size.
-RECIPES = ["q4g32-d8", "q4g32-d5-a6g64-h6"]
+# q4g32-d8 (kernels/q8.py's fused q4 / q8 kernels) and the default recipe (int6 attention, MLP and
+# head, int5 shared experts paired with the int4 routed ones: kernels/q56.py's fused kernels).
+RECIPES = ["q4g32-d8", Recipe.default().name]
 
 
 @pytest.fixture(scope="module", params=RECIPES)
@@ -48,16 +48,25 @@ def test_backends(pair):
 
 
 def test_prefill_matches_reference(pair, sequences):
-    """Prefill is exact fp32 but for the fp16 KV cache: KLD <= 1e-4, top-1 >= 99 %."""
+    """Prefill is exact fp32 but for the fp16 KV cache and the routed experts' int16 activations:
+    KLD <= 1e-4, top-1 >= 99 %, over the positions routed alike. A position where a near-tie in
+    some layer's router went the other way (docs/ERNIE_SPEC.md P14; at most 2 %, as in
+    test_routing_agrees_with_reference, per layer and position) carries a KLD of up to ~0.05 that says nothing about the
+    kernels, so it is counted but not averaged in: with 288 positions one such flip alone moves
+    the mean by ~2e-4."""
     fast, ref = pair
-    kl, agree = [], []
+    kl, agree, rows = [], [], []
     for ids in sequences:
-        a, b = fast.logits(ids), ref.logits(ids)
+        ta, tb = RoutingTrace(), RoutingTrace()
+        a, b = fast.logits(ids, ta), ref.logits(ids, tb)
         kl.append(kld(b, a))
         agree.append(a.argmax(-1) == b.argmax(-1))
-    kl, agree = np.concatenate(kl), np.concatenate(agree)
-    print(f"\nprefill vs reference: KLD mean {kl.mean():.2e} max {kl.max():.2e}, top-1 {agree.mean():.4f}")
-    assert kl.mean() <= 1e-4 and agree.mean() >= 0.99
+        rows.append(np.stack([np.all(ta.layer(k) == tb.layer(k), axis=-1) for k in tb.experts]))  # [layers, T]
+    kl, agree, rows = np.concatenate(kl), np.concatenate(agree), np.concatenate(rows, axis=1)
+    same = rows.all(axis=0)  # positions routed alike in every layer
+    print(f"\nprefill vs reference: KLD mean {kl.mean():.2e} ({kl[same].mean():.2e} over the {same.sum()} "
+          f"positions routed alike) max {kl.max():.2e}, top-1 {agree.mean():.4f}")
+    assert kl[same].mean() <= 1e-4 and agree.mean() >= 0.99 and rows.mean() >= 0.98
 
 
 def test_decode_matches_reference(pair, sequences):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ernie_edge.formats.quant import FP16_MAX, dequantize_qn, pack_qn
-from ernie_edge.kernels import _jit, q56
+from ernie_edge.kernels import _jit, q8, q56
 from ernie_edge.kernels.q8 import ActScratch
 
 from test_kernels_q4 import act_error_bound, twin_matvec
@@ -129,7 +129,7 @@ def test_rejects_bad_arguments():
 PATH_CHECK = """
 import sys
 import numpy as np
-from ernie_edge.kernels import _jit, q56
+from ernie_edge.kernels import _jit, q8, q56
 from ernie_edge.kernels.q8 import ActScratch
 from ernie_edge.formats.quant import dequantize_qn, pack_qn
 assert _jit.SIMD == sys.argv[1], _jit.SIMD
@@ -166,3 +166,71 @@ def test_other_simd_paths_in_subprocess(path, tmp_path):
     res = subprocess.run([sys.executable, "-c", PATH_CHECK, path], env=env, capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+# ---- fused decode kernels: bit for bit the separate calls ----------------------------------------
+
+@pytest.mark.parametrize("bits", BITS)
+def test_matvec3_equals_three_matvecs(bits):
+    x = RNG.standard_normal(256).astype(np.float32)
+    mats = [random_qn(o, 256, gs, bits)[1:] for o, gs in ((9, 64), (4, 32), (3, 128))]
+    outs = [np.empty(p.shape[0], np.float32) for p, _ in mats]
+    q56.matvec3(x, [(*m, o) for m, o in zip(mats, outs)], ActScratch(256), bits)
+    for (p, s), got in zip(mats, outs):
+        one = np.empty(p.shape[0], np.float32)
+        q56.matvec(x, p, s, one, ActScratch(256), bits)
+        np.testing.assert_array_equal(got, one)
+
+
+def silu_mul(g, u):
+    g = g.astype(np.float32)
+    return g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("rows", [64, 66])  # 66: a partial row quad
+def test_gate_up_silu_equals_matvecs(bits, rows):
+    k = 128
+    x = RNG.standard_normal(k).astype(np.float32)
+    (_, wg, sg), (_, wu, su) = random_qn(rows, k, 32, bits), random_qn(rows, k, 64, bits)
+    out = np.full(rows, np.nan, np.float32)
+    q56.gate_up_silu(x, wg, sg, wu, su, out, ActScratch(k), bits)
+    g, u = np.empty(rows, np.float32), np.empty(rows, np.float32)
+    q56.matvec(x, wg, sg, g, ActScratch(k), bits)
+    q56.matvec(x, wu, su, u, ActScratch(k), bits)
+    np.testing.assert_allclose(out, silu_mul(g, u), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("ebits, gs, hid", [(4, 32, 96), (4, 128, 256), (8, 64, 192)])
+def test_pair_with_routed_experts_equals_separate_calls(bits, ebits, gs, hid):
+    """Routed q4 / q8 experts paired with a q5 / q6 shared expert: the two fused regions give
+    q8.py's routed kernels and q56's shared kernels bit for bit, and their sum to float rounding
+    (the kernels' fastmath may reassociate the last addition)."""
+    from ernie_edge.formats.quant import quantize_q4, quantize_q8
+    rng = np.random.default_rng(bits + ebits + hid)
+    E, inter, shared_w, k = 6, 128, 96, 3
+    x = rng.standard_normal(hid).astype(np.float32)
+    quant = quantize_q4 if ebits == 4 else quantize_q8
+    bank = lambda o, i: quant(rng.standard_normal((E, o, i)).astype(np.float32) * 0.1, gs if i % gs == 0 else 32)  # noqa: E731
+    (wg, sg), (wu, su), (wd, sd) = bank(inter, hid), bank(inter, hid), bank(hid, inter)
+    (_, sgw, sgs), (_, suw, sus) = random_qn(shared_w, hid, 32, bits, rng=rng), random_qn(shared_w, hid, 32, bits, rng=rng)
+    _, sdw, sds = random_qn(hid, shared_w, 32, bits, rng=rng)
+    ids, wts = np.array([4, 1, 5]), np.array([0.5, 0.3, 0.2], np.float32)
+    act_a, act_b = ActScratch(max(hid, inter), rows=k), ActScratch(max(hid, shared_w))
+    he, g = np.empty((k, inter), np.float32), np.empty(shared_w, np.float32)
+    out = np.empty(hid, np.float32)
+    q56.pair_gate_up_silu(x, (wg, sg, wu, su, ids, he, ebits), (sgw, sgs, suw, sus, g, bits), act_a, act_b)
+    q56.pair_down_weighted((he, wd, sd, ids, wts, ebits), (g, sdw, sds, bits), out, act_a, act_b)
+
+    he2, g2 = np.empty_like(he), np.empty_like(g)
+    q8.experts_gate_up_silu(x, wg, sg, wu, su, ids, he2, ActScratch(hid), ebits)
+    q56.gate_up_silu(x, sgw, sgs, suw, sus, g2, ActScratch(hid), bits)
+    np.testing.assert_array_equal(he, he2)
+    np.testing.assert_array_equal(g, g2)
+    want = np.empty(hid, np.float32)
+    q8.experts_down_weighted(he2, wd, sd, ids, wts, want, ActScratch(inter, rows=k), ebits)
+    shared = np.empty(hid, np.float32)
+    q56.matvec(g2, sdw, sds, shared, ActScratch(shared_w), bits)
+    want += shared
+    np.testing.assert_allclose(out, want, rtol=2e-6, atol=1e-6 * np.abs(want).max())

@@ -7,6 +7,7 @@ import pytest
 
 from cli_helpers import assert_user_error, run
 from ernie_edge.errors import ModelNotFoundError
+from ernie_edge.formats.recipe import DEFAULT_NAME as DEFAULT
 from ernie_edge.model_dir import looks_like_path, resolve
 from ernie_edge.models_store import conversion_advice, list_models
 
@@ -30,13 +31,13 @@ def test_list_shows_the_store_and_each_model(home):
     assert lines[1].split() == ["NAME", "SIZE", "RECIPE", "PATH"]
     rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == {"tiny-q4g32-d8", "raw-hf", "half-q4g32-d8.partial"}
-    assert "q4g32-d8" in rows["tiny-q4g32-d8"].split()[3] and "KB" in rows["tiny-q4g32-d8"]
+    assert DEFAULT in rows["tiny-q4g32-d8"].split()[3] and "KB" in rows["tiny-q4g32-d8"]
     assert str(home / "models" / "tiny-q4g32-d8") in rows["tiny-q4g32-d8"]
     assert "(not converted)" in rows["raw-hf"] and "(unfinished)" in rows["half-q4g32-d8.partial"]
     listed = json.loads(run("list", "--json", home=home).stdout)
     assert listed["store"] == str(home / "models")
     tiny = next(m for m in listed["models"] if m["name"] == "tiny-q4g32-d8")
-    assert tiny["kind"] == "edge" and tiny["recipe"] == "q4g32-d8" and tiny["bytes"] > 100_000
+    assert tiny["kind"] == "edge" and tiny["recipe"] == DEFAULT and tiny["bytes"] > 100_000
 
 
 def test_an_empty_store_says_how_to_fill_it(tmp_path):
@@ -68,7 +69,7 @@ def test_an_unconverted_checkpoint_points_to_its_converted_copy(home, tiny_dir):
     assert "a converted copy is in the models store: use --model tiny-q4g32-d8" in advice
     shutil.rmtree(home / "models" / "tiny-q4g32-d8")
     advice = conversion_advice(str(tiny_dir), resolve(tiny_dir))
-    assert f"`ernie-edge convert {tiny_dir}` (then use --model {tiny_dir.name}-q4g32-d8)" in advice
+    assert f"`ernie-edge convert {tiny_dir}` (then use --model {tiny_dir.name}-{DEFAULT})" in advice
 
 
 @pytest.mark.parametrize("text, is_path", [
@@ -91,7 +92,7 @@ def test_a_cached_repo_id_is_refused_with_its_convert_command(tiny_dir, tmp_path
     env = dict(cli_env(home=tmp_path), HF_HUB_CACHE=str(tmp_path / "hub"))
     proc = subprocess.run([*CLI, "chat", "--model", "acme/Tiny-ERNIE"], capture_output=True, text=True, env=env,
                           stdin=subprocess.DEVNULL, timeout=120)
-    assert_user_error(proc, "`ernie-edge convert acme/Tiny-ERNIE` (then use --model Tiny-ERNIE-q4g32-d8)")
+    assert_user_error(proc, f"`ernie-edge convert acme/Tiny-ERNIE` (then use --model Tiny-ERNIE-{DEFAULT})")
 
 
 def test_rm_on_a_terminal_asks_first(home):

@@ -90,7 +90,8 @@ def test_names_round_trip(name, fields):
 
 
 def test_default_name_is_the_readme_default():
-    assert Recipe().name == "q4g32-d8"
+    assert Recipe.default().name == "q4g128-d6-s5g32"
+    assert Recipe().name == "q4g32-d8"  # the plain recipe the three --*-bits / --group-size flags start from
 
 
 @pytest.mark.parametrize("name, message", [

@@ -17,15 +17,22 @@ be given its own bits (and group size) instead of dense_bits: `roles`, written i
 -{letter}{bits}[g{group}] after q{expert bits}g{group}-d{dense bits}, e.g. q4g32-d5-h6g64
 (int4 experts, int5 attention / MLP / shared experts at g32, int6 LM head at g64).
 
-Why the defaults (expert_bits=4, dense_bits=8, group_size=32):
+Why the default, q4g128-d6-s5g32 (int4 experts and int6 attention, layer-0 MLP and LM head at
+group 128; int5 shared experts at group 32): it reads fewer bytes per decoded token than
+llama.cpp's Q4_K_M on the same shapes (formats/budget.py: 483.4 vs 483.9 MB at 4 layers, 2055 vs
+2088 MB at 28) for a third of its KL divergence (docs/PERF.md, "Weights format & recipe"):
 - Routed experts hold ~20.4 B of the ~21.8 B parameters, and each token reads only 6 of the 64.
-  They decide the folder size (~11.5 GB at 4.5 bits/weight) and the bytes read per token, so they
-  get int4; an error in one expert reaches a token only when the router picks it.
+  They decide the folder size and half the bytes read per token, so they get int4; an error in one
+  expert reaches a token only when the router picks it. Group 128 (4.125 bits per weight) instead
+  of 32 (4.5) frees 90 MB per token at 28 layers for the tensors every token reads.
 - Attention, layer 0's MLP, the shared experts and the embedding / LM head (~1.44 B parameters)
-  run for every token, so their error reaches every token. int8 costs ~0.7 GB more than int4 there,
-  for ~17x lower weight error (relative RMS 0.47% vs 8.1% on gaussian data, docs/FORMAT.md).
-- Group size 32 is llama.cpp's Q4_0 block: int4 error 8.1% at g32 vs 9.7% at g128, for 0.375 more
-  bits per weight.
+  run for every token, so their error reaches every token, and they are where the KL divergence
+  comes from: on the 4-layer synthetic model each of attention, LM head and layer-0 MLP at int4
+  adds more KL divergence than all the int4 experts together. int6 (6.125 bits per weight at
+  g128) has 1/11 of int4 g32's squared error; the shared experts, the least sensitive per weight
+  and the largest of these at 28 layers, get int5 (1/4).
+- The previous default, q4g32-d8 (int8 dense), reads 1.33x Q4_K_M's bytes at 4 layers.
+- Group sizes are per role in the name (-s5g32); without one a role takes the recipe's.
 - The router and its correction bias stay f32 whatever the options (ERNIE_SPEC P3): softmax,
   bias-add and top-k run in fp32, and a 1-ulp change can flip which experts are chosen (P14).
   They are tiny (64 x 2560 and 64 values per layer).
@@ -50,6 +57,7 @@ FP32_ROLES = ("router", "router_bias", "norm")
 ROLES = EXPERT_ROLES + DENSE_ROLES + FP32_ROLES
 ROLE_LETTERS = {"attn": "a", "dense_mlp": "m", "shared_expert": "s", "embed": "h"}  # in the recipe name
 
+DEFAULT_NAME = "q4g128-d6-s5g32"  # Recipe.default(): why, in the module doc
 _BITS_TO_PRECISION = {4: "q4", 5: "q5", 6: "q6", 8: "q8", 16: "f16"}
 # q{expert_bits}g{group_size}-d{dense_bits}, then -{role letter}{bits}[g{group}] per role override
 _NAME = re.compile(r"^q(\d+)g(\d+)-d(\d+)((?:-[amsh]\d+(?:g\d+)?)*)$")
@@ -65,7 +73,8 @@ class RecipeError(ErnieEdgeError, ValueError):
 @dataclass(frozen=True)
 class Recipe:
     """Bits for routed experts, bits for the other matrices, the quantization group size, and
-    per-role exceptions: `roles` = ((dense role, bits, group size), ...). Overrides equal to the
+    per-role exceptions (the field defaults are the plain q4g32-d8; `Recipe.default()` is the
+    converter's default): `roles` = ((dense role, bits, group size), ...). Overrides equal to the
     dense default are dropped and the rest kept in DENSE_ROLES order, so equal recipes compare equal."""
 
     expert_bits: int = 4
@@ -97,6 +106,12 @@ class Recipe:
                      if role in given and given[role] != (self.dense_bits, self.group_size))
         object.__setattr__(self, "roles", kept)
 
+    @classmethod
+    def default(cls) -> "Recipe":
+        """The recipe `ernie-edge convert` uses when given none: DEFAULT_NAME (see the module doc).
+        Recipe() itself is the plain q4g32-d8, the three flags' starting point."""
+        return cls.from_name(DEFAULT_NAME)
+
     def storage_for(self, role: str) -> tuple[str, int | None]:
         """(format, group size or None) a tensor role asks for (see the module doc)."""
         if role in EXPERT_ROLES:
@@ -115,8 +130,9 @@ class Recipe:
     @property
     def name(self) -> str:
         """The recipe's short name, q{expert_bits}g{group_size}-d{dense_bits} plus one
-        -{letter}{bits}[g{group}] per role override: q4g32-d8, q4g32-d4 (all int4), q4g32-d5-h6, ...
-        Used in default folder names and by --recipe."""
+        -{letter}{bits}[g{group}] per role override: q4g128-d6-s5g32 (the default), q4g32-d4-h6
+        (int4 but the head), q4g32-d8 (the default before), ... Used in default folder names and by
+        --recipe."""
         out = f"q{self.expert_bits}g{self.group_size}-d{self.dense_bits}"
         for role, bits, group in self.roles:
             out += f"-{ROLE_LETTERS[role]}{bits}" + (f"g{group}" if group != self.group_size else "")
@@ -129,8 +145,9 @@ class Recipe:
         m = _NAME.match(name.strip().lower()) if isinstance(name, str) else None
         if m is None:
             raise RecipeError(f"--recipe {name!r}: expected q{{expert bits}}g{{group size}}-d{{dense bits}}, "
-                              f"e.g. q4g32-d8 (default) or q4g32-d4, then optionally -{{a|m|s|h}}{{bits}}[g{{group}}] "
-                              f"per role (attention, layer-0 MLP, shared experts, head), e.g. q4g32-d5-h6; "
+                              f"e.g. q4g32-d8 or q4g32-d4, then optionally -{{a|m|s|h}}{{bits}}[g{{group}}] "
+                              f"per role (attention, layer-0 MLP, shared experts, head), e.g. q4g128-d6-s5g32 "
+                              f"(default); "
                               f"expert bits {_choices(EXPERT_BITS)}, group size {_choices(GROUP_SIZES)}, "
                               f"dense bits {_choices(DENSE_BITS)}")
         expert_bits, group_size, dense_bits = (int(g) for g in m.groups()[:3])

@@ -16,6 +16,7 @@ from PyQt6.QtWidgets import (QComboBox, QDialog, QDialogButtonBox, QDoubleSpinBo
                              QFormLayout, QHBoxLayout, QLabel, QLineEdit, QListWidget, QListWidgetItem,
                              QProgressBar, QPushButton, QSpinBox, QTabWidget, QVBoxLayout, QWidget)
 
+from ..formats.recipe import DEFAULT_NAME
 from ..paths import models_dir
 from .settings import THEMES, AppSettings
 from .worker import UiPoster, run_in_thread
@@ -194,7 +195,7 @@ class ConvertDialog(QDialog):
     def _default_dest(self, text: str) -> None:
         name = Path(text.rstrip("/")).name or text.split("/")[-1]
         if name:
-            self.dst.setText(str(models_dir() / f"{name}-q4g32-d8"))
+            self.dst.setText(str(models_dir() / f"{name}-{DEFAULT_NAME}"))
 
     def _update_start(self, text: str) -> None:
         resumable = bool(text) and Path(text + ".partial").is_dir()

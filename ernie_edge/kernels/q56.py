@@ -1,5 +1,6 @@
-"""int5 / int6 ("int{b}-sym-g{G}", formats q5 / q6) kernels: the decode matvec, a small-batch matmul
-and the exact float32 prefill matmul.
+"""int5 / int6 ("int{b}-sym-g{G}", formats q5 / q6) kernels: the decode matvec and its fused forms
+(q/k/v in one region; an MLP's gate, up and SwiGLU; a MoE layer's q4 / q8 routed experts paired
+with a q5 / q6 shared expert), a small-batch matmul and the exact float32 prefill matmul.
 
 Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
 blocks, b bits per code (5 or 6), h = b - 4 high bits per code.
@@ -15,7 +16,10 @@ the block's codes are rebuilt as int16 vectors (low nibbles OR the high bits mov
 2^(b-1)) and multiplied with vpdpwssd / vpmaddwd / generic LLVM vector IR (kernels/simd.py's
 `_dot_i16`, the SIMD path of kernels/_jit.py). Every i32 lane sums 4 products of |code| <= 32 and
 |xq| <= 32767: below 2^24, so the conversion to float is exact on every path. The error bound is the
-decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units.
+decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units, and the fused kernels
+reuse q8.py's routed-expert quads, so a layer takes as few parallel regions as with q4 / q8 only;
+each fused result equals the separate calls' (bit for bit but for the last sum of `pair_down_weighted`,
+which fastmath may reassociate).
 
 Prefill: `matmul_small` reads every row quad once and dots it with each token's quantized
 activations while it sits in cache (the decode arithmetic, for small batches); `matmul_exact` is
@@ -33,8 +37,10 @@ from numba.extending import intrinsic
 
 from . import ir
 from ._jit import get_threads, njit, pnjit
-from .act_quant import ACT_BLOCK, as_u16, check_contig, log2_sub, quantize_act
-from .q8 import ActScratch, _next_unit, _units, tiled_matmul
+from . import q8
+from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, log2_sub, quantize_act
+from .q8 import (ActScratch, _down_sum1, _down_sum4, _gate_up_quad, _gate_up_tail, _next_unit, _quantize_slots,
+                 _silu_mul, _units, tiled_matmul)
 from .qbatch import _quantize_rows
 from .simd import _dot_i16, _prefetch_ahead
 from .ir import F32, F32x8, I8, I16, I16x16, I32x8, VectorType
@@ -191,6 +197,198 @@ def matvec(x, w, scales, out, act: ActScratch, bits: int) -> np.ndarray:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
     xq, xd, xs = act.views(k)
     _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
+    return out
+
+
+# ---- fused decode kernels: fewer parallel regions per token (as kernels/q8.py's) ------------------
+
+@njit(inline="always")
+def _rows4(bits, w, s, out, r, xq, xd, nb, l2):
+    kw, nsg = w.shape[1], s.shape[1]
+    a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+    out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
+
+
+@njit()
+def _rows_tail(bits, w, s, out, xq, xd, nb, l2):
+    kw, nsg = w.shape[1], s.shape[1]
+    for r in range(4 * (out.shape[0] // 4), out.shape[0]):
+        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+
+
+@pnjit()
+def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, bits, claims, nt):
+    """Three matvecs of the same x (the q, k and v projections) in one parallel region."""
+    nb = x.shape[0] // 32
+    quantize_act(x, xq, xd, xs, 32)
+    l0, l1, l2 = log2_sub(nb, s0.shape[1]), log2_sub(nb, s1.shape[1]), log2_sub(nb, s2.shape[1])
+    n0, n1 = o0.shape[0] // 4, o1.shape[0] // 4
+    nq = n0 + n1 + o2.shape[0] // 4
+    uq, n = _units(nq, claims)
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                if p < n0:
+                    _rows4(bits, w0, s0, o0, 4 * p, xq, xd, nb, l0)
+                elif p < n0 + n1:
+                    _rows4(bits, w1, s1, o1, 4 * (p - n0), xq, xd, nb, l1)
+                else:
+                    _rows4(bits, w2, s2, o2, 4 * (p - n0 - n1), xq, xd, nb, l2)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    _rows_tail(bits, w0, s0, o0, xq, xd, nb, l0)
+    _rows_tail(bits, w1, s1, o1, xq, xd, nb, l1)
+    _rows_tail(bits, w2, s2, o2, xq, xd, nb, l2)
+
+
+@njit(inline="always")
+def _gate_up_rows(bits, wg, sg, wu, su, out, r, xq, xd, nb, lg, lu):
+    """out[r .. r+3] = silu(G x) * (U x) for rows r .. r+3 (r + 4 <= rows) or the single row r."""
+    kw, ng, nu = wg.shape[1], sg.shape[1], su.shape[1]
+    if r + 4 <= out.shape[0]:
+        g0, g1, g2, g3 = _dot4(bits, wg, r * kw, kw, sg, r * ng, ng, xq, xd, nb, lg)
+        u0, u1, u2, u3 = _dot4(bits, wu, r * kw, kw, su, r * nu, nu, xq, xd, nb, lu)
+        out[r], out[r + 1] = _silu_mul(g0, u0), _silu_mul(g1, u1)
+        out[r + 2], out[r + 3] = _silu_mul(g2, u2), _silu_mul(g3, u3)
+    else:
+        for q in range(r, out.shape[0]):
+            g = _dot1(bits, wg, q * kw, kw, sg, q * ng, ng, xq, xd, nb, lg)
+            out[q] = _silu_mul(g, _dot1(bits, wu, q * kw, kw, su, q * nu, nu, xq, xd, nb, lu))
+
+
+@pnjit()
+def _gate_up_silu(x, wg, sg, wu, su, out, xq, xd, xs, bits, claims, nt):
+    """out [S] = silu(G x) * (U x) in one parallel region (an MLP's or shared expert's first half)."""
+    nb = x.shape[0] // 32
+    quantize_act(x, xq, xd, xs, 32)
+    lg, lu = log2_sub(nb, sg.shape[1]), log2_sub(nb, su.shape[1])
+    nq = (out.shape[0] + 3) // 4
+    uq, n = _units(nq, claims)
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                _gate_up_rows(bits, wg, sg, wu, su, out, 4 * p, xq, xd, nb, lg, lu)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+
+
+@pnjit()
+def _pair_gate_up(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
+                  wgb, sgb, wub, sub, outb, xqb, xdb, xsb, bits, claims, nt):
+    """Routed experts a (q4 / q8 bank, kernels/q8.py's quads) and a q5 / q6 shared expert b:
+    gate, up and SwiGLU of both in ONE parallel region, bit-identical to separate calls."""
+    nb = x.shape[0] // 32
+    quantize_act(x, xqa, xda, xsa, gsa)
+    quantize_act(x, xqb, xdb, xsb, 32)
+    l2a, lgb, lub = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[1]), log2_sub(nb, sub.shape[1])
+    nqa = wga.shape[1] // 4
+    ta = idsa.shape[0] * nqa
+    total = ta + (outb.shape[0] + 3) // 4
+    uq, n = _units(total, claims)
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(total, (u + 1) * uq)):
+                if p < ta:
+                    _gate_up_quad(wga, sga, wua, sua, idsa, outa, p, nqa, xqa, xda, xsa, nb, l2a)
+                else:
+                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * (p - ta), xqb, xdb, nb, lgb, lub)
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
+
+
+@pnjit()
+def _pair_down(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa, hb, wdb, sdb, hqb, hdb, hsb, out, bits, claims, nt):
+    """out [H] = routed experts' weighted down projections (q4 / q8, ascending expert id) + the
+    q5 / q6 shared expert's down projection, added last: one parallel region."""
+    nba, nbb = ha.shape[1] // 32, hb.shape[0] // 32
+    l2a, l2b = log2_sub(nba, sda.shape[2]), log2_sub(nbb, sdb.shape[1])
+    _quantize_slots(ha, hqa, hda, hsa, gsa)
+    quantize_act(hb, hqb, hdb, hsb, 32)
+    hid, kwb, nsb = wda.shape[1], wdb.shape[1], sdb.shape[1]
+    nq = hid // 4
+    uq, n = _units(nq, claims)
+    for t in prange(nt):
+        u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
+        while u >= 0:
+            for p in range(u * uq, min(nq, (u + 1) * uq)):
+                r = 4 * p
+                a0, a1, a2, a3 = _down_sum4(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a)
+                b0, b1, b2, b3 = _dot4(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, nbb, l2b)
+                out[r], out[r + 1], out[r + 2], out[r + 3] = a0 + b0, a1 + b1, a2 + b2, a3 + b3
+            u, k, pos = _next_unit(claims, t, nt, n, k, pos)
+    for r in range(4 * nq, hid):
+        b = _dot1(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, nbb, l2b)
+        out[r] = _down_sum1(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a) + b
+
+
+def matvec3(x, mats, act: ActScratch, bits: int):
+    """Three matvecs of one x in ONE parallel region (q, k and v): mats is three (w, scales, out)
+    as `matvec` takes them (the same bits; group sizes may differ). Returns the three outs."""
+    if len(mats) != 3:
+        raise ValueError(f"matvec3 takes exactly three (weight, scales, out) triples, got {len(mats)}")
+    k = x.shape[0]
+    args = []
+    for i, (w, scales, out) in enumerate(mats):
+        s = check_weight(w, scales, k, bits, f"weight {i}")
+        if out.shape != (w.shape[0],) or out.dtype != np.float32:
+            raise ValueError(f"out {i} must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
+        args += [w, s, out]
+    xq, xd, xs = act.views(k)
+    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
+    return tuple(args[2::3])
+
+
+def _check_gate_up(x, wg, sg, wu, su, out, bits: int):
+    sg = check_weight(wg, sg, x.shape[0], bits, "gate")
+    su = check_weight(wu, su, x.shape[0], bits, "up")
+    if wg.shape != wu.shape or out.shape != (wg.shape[0],) or out.dtype != np.float32:
+        raise ValueError(f"gate {wg.shape}, up {wu.shape} and out {out.dtype} {out.shape} disagree")
+    return sg, su
+
+
+def gate_up_silu(x, wg, sg, wu, su, out, act: ActScratch, bits: int) -> np.ndarray:
+    """out float32 [S] = silu(G x) * (U x) for int5 / int6 G, U [S, K*b/8], one parallel region."""
+    sg, su = _check_gate_up(x, wg, sg, wu, su, out, bits)
+    xq, xd, xs = act.views(x.shape[0])
+    _gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, out, xq[0], xd[0], xs[0], bits,
+                  act.claims, get_threads())
+    return out
+
+
+def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch):
+    """Gate, up and SwiGLU of a MoE layer's routed experts and its q5 / q6 shared expert in ONE
+    parallel region. routed: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits 4 or 8) as
+    q8.experts_gate_up_silu takes them; shared: (gate, gate_scales, up, up_scales, out, bits 5 or 6)
+    as `gate_up_silu`. Bit-identical to the two separate calls."""
+    wga, sga, wua, sua, ids, out_h, abits = routed
+    sga, sua, ids = q8._check_gate_up(x, wga, sga, wua, sua, ids, out_h, abits, "routed: ")
+    wgb, sgb, wub, sub, out_b, bits = shared
+    sgb, sub = _check_gate_up(x, wgb, sgb, wub, sub, out_b, bits)
+    k = x.shape[0]
+    xqa, xda, xsa = act_a.views(k)
+    xqb, xdb, xsb = act_b.views(k)
+    _pair_gate_up(np.ascontiguousarray(x, np.float32), wga, sga, wua, sua, ids, out_h, xqa[0], xda[0], xsa[0],
+                  act_group(k, sga, abits), wgb, sgb, wub, sub, out_b, xqb[0], xdb[0], xsb[0], bits,
+                  act_a.claims, get_threads())
+    return out_h, out_b
+
+
+def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch) -> np.ndarray:
+    """out [H] = the routed experts' weighted down projections + the q5 / q6 shared expert's,
+    added last, in ONE parallel region. routed: (h, down, down_scales, expert_ids, weights, bits 4
+    or 8) as q8.experts_down_weighted; shared: (h [S], down [H, S*b/8], down_scales, bits 5 or 6)."""
+    ha, wda, sda, ids, wts, abits = routed
+    sda, ids, ha, wts = q8._check_down(ha, wda, sda, ids, wts, out, abits, "routed: ")
+    hb, wdb, sdb, bits = shared
+    hb = np.ascontiguousarray(hb, np.float32)
+    sdb = check_weight(wdb, sdb, hb.shape[0], bits, "shared down")
+    if wdb.shape[0] != out.shape[0]:
+        raise ValueError(f"shared down {wdb.shape} does not give out {out.shape}")
+    hqa, hda, hsa = act_a.views(ha.shape[1], ha.shape[0])
+    hqb, hdb, hsb = act_b.views(hb.shape[0])
+    _pair_down(ha, wda, sda, ids, wts, hqa, hda, hsa, act_group(ha.shape[1], sda, abits), hb, wdb, sdb,
+               hqb[0], hdb[0], hsb[0], out, bits, act_a.claims, get_threads())
     return out
 
 

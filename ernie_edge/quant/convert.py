@@ -69,13 +69,13 @@ class ConvertSettings:
     """What `ernie-edge convert` was asked to do.
 
     source: an HF checkpoint folder or a repo id (local HF cache; downloaded only when online).
-    dest: the edge folder to write (default: models_dir() / NAME-TAG, e.g. ...-q4g32-d8).
+    dest: the edge folder to write (default: models_dir() / NAME-TAG, e.g. ...-q4g128-d6-s5g32).
     threads: quantization workers (0: all cores). allow_nonfinite: zero NaN/Inf weights (reported)
     instead of failing."""
 
     source: str
     dest: Path | None = None
-    recipe: Recipe = field(default_factory=Recipe)
+    recipe: Recipe = field(default_factory=Recipe.default)
     force: bool = False
     threads: int = 0
     progress: bool = True
@@ -83,7 +83,7 @@ class ConvertSettings:
 
 
 def recipe_tag(recipe: Recipe) -> str:
-    """A short name for a recipe, used in default folder names: q4g32-d8."""
+    """A short name for a recipe, used in default folder names: q4g128-d6-s5g32."""
     return recipe.name
 
 
