@@ -74,13 +74,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(text: str) -> None:
+def update_readme(text: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> None:
+    """Replace the README's text between the markers `begin` and `end` (if present) with `text`."""
     readme = ROOT / "README.md"
     body = readme.read_text()
-    if MARK_BEGIN in body:
-        head, _, rest = body.partition(MARK_BEGIN)
-        _, _, tail = rest.partition(MARK_END)
-        readme.write_text(f"{head}{MARK_BEGIN}\n{text}\n{MARK_END}{tail}")
+    if begin in body:
+        head, _, rest = body.partition(begin)
+        _, _, tail = rest.partition(end)
+        readme.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:

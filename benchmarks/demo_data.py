@@ -3,15 +3,17 @@
 Conversations in the Thinking model's own chat format (ernie_edge/templates/ernie_thinking.jinja),
 English and Chinese, all drawn from a seeded `random.Random`:
 
-- arithmetic with a worked reasoning, digit by digit: two-digit sums and differences, a two-digit
-  number times a digit (`can_do_by_hand`). Questions whose (operation, operands) fall in the
-  held-out set (`is_held_out`, 1 in 16) never appear in training;
-- unit conversions (km, m, kg, hours, minutes, weeks, days), using the same worked steps;
+- arithmetic with a worked reasoning, digit by digit: sums and differences of numbers up to 99
+  (`can_do_by_hand`); products of two digits by heart. Questions whose (operation, operands) fall
+  in the held-out set (`is_held_out`, 1 in 16) never appear in training. The steps are made of a
+  few one-digit facts (7+8, 13-6, 14+1, ...), which `fact_drill` also practises on their own;
+- unit conversions by powers of ten (km, m, cm, kg, tonnes, liters, yuan): writing zeros;
 - look-ups in the small table below (capitals and currencies of 20 countries), and "not in my
   table" for a few others;
 - the tools `get_weather` and `calculator`, given in the system turn as the chat template renders
-  them: a weather request, or arithmetic too big to do by hand, becomes a `<tool_call>` with JSON
-  arguments; a tool result becomes an answer that uses it; without the tool, a polite refusal;
+  them: a weather request, or arithmetic not done by hand (bigger numbers, longer products,
+  division), becomes a `<tool_call>` with JSON arguments; a tool result becomes an answer that
+  uses it; without the tool, a polite refusal;
 - greetings, thanks, and a polite refusal for what a tiny model cannot do;
 - repeating a random list of numbers and words exactly (copying, which every task above needs).
 
@@ -25,6 +27,8 @@ import random
 import re
 import zlib
 from dataclasses import dataclass
+
+from ernie_edge.demo import CALCULATOR_TOOL, WEATHER_TOOL, function_tool
 
 SEED = 20251
 HELD_OUT_BUCKETS = 16  # 1 in 16 arithmetic questions is held out
@@ -80,25 +84,16 @@ CONDITIONS = (("sunny", "晴"), ("cloudy", "多云"), ("rainy", "有雨"), ("sno
 
 # ---- tools, as an OpenAI client sends them ---------------------------------------------------
 
-def _tool(name: str, description: str, param: str, param_description: str) -> dict:
-    return {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object",
-                       "properties": {param: {"type": "string", "description": param_description}},
-                       "required": [param]}}}
-
-
-WEATHER_TOOL = _tool("get_weather", "Get the current weather in a city", "city", "City name")
-CALCULATOR_TOOL = _tool("calculator", "Evaluate an arithmetic expression", "expression",
-                        "The expression, e.g. 12 * 34")
-# Variants of the descriptions, so the model keys on the tool's name, not on exact wording.
+# WEATHER_TOOL and CALCULATOR_TOOL (ernie_edge/demo.py) are the canonical definitions, which
+# `ernie-edge demo` offers. Variants of the descriptions, so the model keys on the tool's name,
+# not on exact wording.
 _WEATHER_VARIANTS = (WEATHER_TOOL,
-                     _tool("get_weather", "Current weather for a city", "city", "The city"),
-                     _tool("get_weather", "Look up today's weather", "city", "Name of the city"))
+                     function_tool("get_weather", "Current weather for a city", "city", "The city"),
+                     function_tool("get_weather", "Look up today's weather", "city", "Name of the city"))
 _CALCULATOR_VARIANTS = (CALCULATOR_TOOL,
-                        _tool("calculator", "A calculator", "expression", "Arithmetic expression"),
-                        _tool("calculator", "Compute the value of a math expression", "expression",
-                              "For example 3 + 4"))
+                        function_tool("calculator", "A calculator", "expression", "Arithmetic expression"),
+                        function_tool("calculator", "Compute the value of a math expression", "expression",
+                                      "For example 3 + 4"))
 _SYSTEM_PROMPTS = ("You are a helpful assistant.", "You are ernie-edge, a local assistant.",
                    "Answer briefly.", "你是一个乐于助人的助手。", "请简洁地回答。")
 
@@ -133,7 +128,7 @@ def _user(text: str) -> list[dict]:
 
 # ---- arithmetic ---------------------------------------------------------------------------------
 
-OPS = ("+", "-", "*")
+OPS = ("+", "-")  # by hand, with worked steps: numbers up to 99; a one-digit product by heart
 _ASK = {
     ("en", "+"): ("What is {a} + {b}?", "What's {a} plus {b}?", "Calculate {a} + {b}.", "{a} + {b} = ?",
                   "How much is {a} plus {b}?", "Add {a} and {b}.", "what is {a}+{b}"),
@@ -161,36 +156,26 @@ def _digits(n: int) -> tuple[int, int]:
     return n // 10, n % 10
 
 
-# The reasoning writes sums without spaces ("7+8=15"): fewer tokens, and each digit sits right
-# next to the operator it goes with.
+# The steps write each fact without spaces ("7+8=15"), always in the same shape, so that the few
+# facts they are made of (a digit plus a digit, plus 0 or 1; a teen minus a digit, minus 0 or 1)
+# are learned once and used everywhere; `fact_drill` practises them on their own.
 
 def add_steps(a: int, b: int, lang: str) -> str:
     (a1, a0), (b1, b0) = _digits(a), _digits(b)
-    s0 = a0 + b0
+    s0, s1 = a0 + b0, a1 + b1
     c = s0 // 10
     if lang == "zh":
-        return f"个位：{a0}+{b0}={s0}，写{s0 % 10}进{c}。十位：{a1}+{b1}+{c}={a1 + b1 + c}。"
-    return f"Ones: {a0}+{b0}={s0}, write {s0 % 10} carry {c}. Tens: {a1}+{b1}+{c}={a1 + b1 + c}."
+        return f"个位：{a0}+{b0}={s0}，写{s0 % 10}进{c}。十位：{a1}+{b1}={s1}，{s1}+{c}={s1 + c}。"
+    return f"Ones: {a0}+{b0}={s0}, write {s0 % 10} carry {c}. Tens: {a1}+{b1}={s1}, {s1}+{c}={s1 + c}."
 
 
 def sub_steps(a: int, b: int, lang: str) -> str:
     (a1, a0), (b1, b0) = _digits(a), _digits(b)
     borrow = int(a0 < b0)
-    top = a0 + 10 * borrow
+    top, s1 = a0 + 10 * borrow, a1 - b1
     if lang == "zh":
-        return f"个位：{top}-{b0}={top - b0}，借{borrow}。十位：{a1}-{b1}-{borrow}={a1 - b1 - borrow}。"
-    return f"Ones: {top}-{b0}={top - b0}, borrow {borrow}. Tens: {a1}-{b1}-{borrow}={a1 - b1 - borrow}."
-
-
-def mul_steps(n: int, d: int, lang: str) -> str:
-    """n (two digits) times d (one digit), digit by digit."""
-    n1, n0 = _digits(n)
-    p0 = n0 * d
-    c = p0 // 10
-    if lang == "zh":
-        return f"个位：{n0}×{d}={p0}，写{p0 % 10}进{c}。十位：{n1}×{d}={n1 * d}，{n1 * d}+{c}={n1 * d + c}。"
-    return (f"Ones: {n0}×{d}={p0}, write {p0 % 10} carry {c}. "
-            f"Tens: {n1}×{d}={n1 * d}, {n1 * d}+{c}={n1 * d + c}.")
+        return f"个位：{top}-{b0}={top - b0}，借{borrow}。十位：{a1}-{b1}={s1}，{s1}-{borrow}={s1 - borrow}。"
+    return f"Ones: {top}-{b0}={top - b0}, borrow {borrow}. Tens: {a1}-{b1}={s1}, {s1}-{borrow}={s1 - borrow}."
 
 
 def _result(op: str, a: int, b: int) -> int:
@@ -198,15 +183,9 @@ def _result(op: str, a: int, b: int) -> int:
 
 
 def arithmetic_reasoning(op: str, a: int, b: int, lang: str) -> str:
-    """The worked reasoning for a small question (see `can_do_by_hand`)."""
-    r = _result(op, a, b)
-    if op == "*":
-        n, d = (a, b) if b < 10 else (b, a)
-        core = f"{n}×{d}"
-        steps = mul_steps(n, d, lang) if n >= 10 else ""
-    else:
-        core = f"{a}{op}{b}"
-        steps = "" if a < 10 and b < 10 else (add_steps if op == "+" else sub_steps)(a, b, lang)
+    """The worked reasoning for a question done by hand (see `can_do_by_hand`)."""
+    core, r = f"{a}{_SYMBOL[op]}{b}", _result(op, a, b)
+    steps = "" if op == "*" or (a < 10 and b < 10) else (add_steps if op == "+" else sub_steps)(a, b, lang)
     if lang == "zh":
         return f"要算{core}。{steps}所以{core}={r}。"
     return " ".join(x for x in (f"I need {core}.", steps, f"So {core}={r}.") if x)
@@ -220,20 +199,20 @@ def arithmetic_answer(op: str, a: int, b: int, lang: str) -> str:
 
 
 def can_do_by_hand(op: str, a: int, b: int) -> bool:
-    """Two-digit sums and differences (not negative), a two-digit number times a digit."""
+    """Sums and differences (not negative) of numbers up to 99; products of two digits. The rest
+    is the calculator's."""
     if op == "*":
-        return max(a, b) < 100 and min(a, b) < 10
+        return a < 10 and b < 10
     if op == "-":
         return a < 100 and b <= a
-    return a < 100 and b < 100
+    return op == "+" and a < 100 and b < 100
 
 
 def small_operands(rng: random.Random, op: str, held_out: bool) -> tuple[int, int]:
     """Operands for a question the model answers by hand, inside or outside the held-out set."""
     while True:
         if op == "*":
-            n, d = rng.randint(2, 99), rng.randint(2, 9)
-            a, b = (n, d) if rng.random() < 0.7 else (d, n)
+            a, b = rng.randint(2, 9), rng.randint(2, 9)
         else:
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             if op == "-" and b > a:
@@ -252,23 +231,61 @@ def arithmetic(rng: random.Random, lang: str, held_out: bool = False, op: str | 
                     expected=_result(op, a, b))
 
 
+def times_table(rng: random.Random, lang: str, tools: list[dict] | None = None) -> Dialogue:
+    """A product of two digits, known by heart."""
+    return arithmetic(rng, lang, op="*", tools=tools)
+
+
 def held_out_arithmetic(n: int = 50, seed: int = SEED) -> list[Dialogue]:
-    """n arithmetic questions from the held-out set (English and Chinese, every operation)."""
+    """n two-digit sums and differences from the held-out set (English and Chinese, alternating)."""
     rng = random.Random(seed + 1)
-    return [arithmetic(rng, ("en", "zh")[i % 2], held_out=True, op=OPS[i % 3]) for i in range(n)]
+    return [arithmetic(rng, ("en", "zh")[i % 2], held_out=True, op=OPS[i % 2]) for i in range(n)]
+
+
+def _fact(rng: random.Random) -> tuple[str, int, int]:
+    """One of the facts the steps are made of."""
+    kind = rng.randrange(6)
+    if kind <= 1:
+        return "+", rng.randint(0, 9), rng.randint(0, 9)    # ones (and tens) digits
+    if kind == 2:
+        return "+", rng.randint(0, 18), rng.randint(0, 1)   # the carry
+    if kind == 3:
+        b = rng.randint(0, 9)
+        return "-", b + rng.randint(0, 9), b                 # a (teen) minus a digit
+    if kind == 4:
+        return "-", rng.randint(1, 9), rng.randint(0, 1)    # the borrow
+    return "*", rng.randint(2, 9), rng.randint(2, 9)
+
+
+_ASK_DRILL = {"en": ("Quick: {q}", "Work these out: {q}", "Solve: {q}", "{q}"),
+              "zh": ("快速算一下：{q}", "算出这些：{q}", "口算：{q}", "{q}")}
+
+
+def fact_drill(rng: random.Random, lang: str) -> Dialogue:
+    """Several one-digit facts in one question (7+8, 13-6, 4×9, ...), answered in order: the
+    facts every longer question is worked out with, practised densely."""
+    facts = [_fact(rng) for _ in range(rng.randint(3, 8))]
+    sep = "，" if lang == "zh" else ", "
+    question = sep.join(f"{a}{_SYMBOL[op]}{b}" for op, a, b in facts)
+    reasoning = ("" if lang == "zh" else " ").join(
+        f"{a}{_SYMBOL[op]}{b}={_result(op, a, b)}" + ("。" if lang == "zh" else ".") for op, a, b in facts)
+    answer = sep.join(str(_result(op, a, b)) for op, a, b in facts)
+    return Dialogue(_user(rng.choice(_ASK_DRILL[lang]).format(q=question)), reasoning, answer, kind="drill")
 
 
 # ---- the calculator tool: for what is too big to do by hand -------------------------------------
 
 def _big_question(rng: random.Random) -> tuple[str, int, int]:
-    op = rng.choice(("+", "-", "*", "/"))
+    """A question `can_do_by_hand` refuses: a product with a number of two digits or more, a
+    division, a sum or difference with a number of three digits or more."""
+    op = rng.choice(("+", "-", "*", "*", "/"))
     if op == "/":
         b = rng.randint(2, 99)
         return op, b * rng.randint(2, 999), b
     if op == "*":
-        return op, rng.randint(10, 999), rng.randint(10, 999)
-    a, b = rng.randint(100, 9999), rng.randint(2, 9999)
-    return op, a, b
+        a, b = rng.randint(10, 9999), rng.randint(2, 999)
+        return (op, a, b) if rng.random() < 0.5 else (op, b, a)
+    return op, rng.randint(100, 9999), rng.randint(2, 9999)
 
 
 _ASK_DIVIDE = {"en": ("What is {a} / {b}?", "Divide {a} by {b}.", "What's {a} divided by {b}?"),
@@ -294,8 +311,8 @@ def _big_answer(op: str, a: int, b: int, lang: str) -> str:
 def calculator_call(rng: random.Random, lang: str, tools: list[dict]) -> Dialogue:
     op, a, b = _big_question(rng)
     expression = f"{a} {op} {b}"
-    reasoning = ("这些数太大，手算不可靠。我来调用calculator。" if lang == "zh" else
-                 "These numbers are too big to work out by hand. I will call calculator.")
+    reasoning = ("这超出了我手算的范围。我来调用calculator。" if lang == "zh" else
+                 "This is more than I can work out by hand. I will call calculator.")
     call = {"name": "calculator", "arguments": {"expression": expression}}
     return Dialogue(_user(_ask_big(rng, op, a, b, lang)), reasoning, call=call, tools=tools,
                     kind="calculator_call")
@@ -322,10 +339,10 @@ def _parse_expression(expression: str) -> tuple[str, int, int]:
 def too_big_without_calculator(rng: random.Random, lang: str, tools: list[dict] | None) -> Dialogue:
     op, a, b = _big_question(rng)
     if lang == "zh":
-        reasoning = "这些数太大，手算不可靠，而且没有calculator工具。"
+        reasoning = "这超出了我手算的范围，而且没有calculator工具。"
         answer = "这道题对我这个小模型来说太难了，无法手算。请启用calculator工具后再问一次。"
     else:
-        reasoning = "These numbers are too big to work out by hand, and there is no calculator tool."
+        reasoning = "This is more than I can work out by hand, and there is no calculator tool."
         answer = ("That is too much arithmetic for a tiny model to do by hand. Enable the calculator "
                   "tool and ask again.")
     return Dialogue(_user(_ask_big(rng, op, a, b, lang)), reasoning, answer, tools=tools,
@@ -398,11 +415,12 @@ def weather_without_tool(rng: random.Random, lang: str, tools: list[dict] | None
 
 # ---- unit conversions ---------------------------------------------------------------------------
 
-# (en from, en to, zh from, zh to, factor)
+# (en from, en to, zh from, zh to, factor): powers of ten, so the work is writing zeros.
 _UNITS = (("km", "meters", "公里", "米", 1000), ("meters", "centimeters", "米", "厘米", 100),
-          ("kg", "grams", "千克", "克", 1000), ("hours", "minutes", "小时", "分钟", 60),
-          ("minutes", "seconds", "分钟", "秒", 60), ("weeks", "days", "周", "天", 7),
-          ("days", "hours", "天", "小时", 24))
+          ("kg", "grams", "千克", "克", 1000), ("liters", "milliliters", "升", "毫升", 1000),
+          ("centimeters", "millimeters", "厘米", "毫米", 10), ("tonnes", "kg", "吨", "千克", 1000),
+          ("yuan", "fen", "元", "分", 100))
+_ZEROS = {10: ("one 0", "一个0"), 100: ("two 0s", "两个0"), 1000: ("three 0s", "三个0")}
 _ASK_UNITS = {
     "en": ("How many {to} are in {n} {frm}?", "Convert {n} {frm} to {to}.", "{n} {frm} is how many {to}?",
            "How many {to} is {n} {frm}?"),
@@ -412,30 +430,17 @@ _ASK_UNITS = {
 
 def unit_conversion(rng: random.Random, lang: str) -> Dialogue:
     frm, to, frm_zh, to_zh, factor = rng.choice(_UNITS)
-    if lang == "zh":
-        frm, to = frm_zh, to_zh
-    while True:
-        n = rng.randint(1, 99) if factor in (1000, 100, 7) else rng.randint(1, 20 if factor == 60 else 9)
-        small = {60: (n, 6), 7: (n, 7), 24: (24, n)}.get(factor)
-        if small is None or not is_held_out("*", *small):
-            break
+    n = rng.randint(1, 999)
     value = n * factor
-    question = rng.choice(_ASK_UNITS[lang]).format(n=n, frm=frm, to=to)
-    if factor in (1000, 100):
-        zeros = "三个0" if factor == 1000 else "两个0"
-        work = f"{n}后面加{zeros}：{value}。" if lang == "zh" else f"{n}×{factor}={value}."
-    elif factor == 60:
-        a, d = small
-        product = arithmetic_reasoning("*", a, d, lang)
-        work = product + (f"再乘10：{value}。" if lang == "zh" else f" Add a 0: {value}.")
-    else:
-        work = arithmetic_reasoning("*", *small, lang)
+    zeros_en, zeros_zh = _ZEROS[factor]
     if lang == "zh":
-        reasoning = f"1{frm}={factor}{to}，所以{n}{frm}={n}×{factor}{to}。{work}"
-        answer = f"{n}{frm}等于{value}{to}。"
+        question = rng.choice(_ASK_UNITS[lang]).format(n=n, frm=frm_zh, to=to_zh)
+        reasoning = f"1{frm_zh}={factor}{to_zh}，所以{n}后面加{zeros_zh}：{value}。"
+        answer = f"{n}{frm_zh}等于{value}{to_zh}。"
     else:
+        question = rng.choice(_ASK_UNITS[lang]).format(n=n, frm=frm, to=to)
         one = frm[:-1] if frm.endswith("s") else frm
-        reasoning = f"1 {one} = {factor} {to}, so {n} {frm} = {n}×{factor} {to}. {work}"
+        reasoning = f"1 {one} = {factor} {to}, so I write {n} with {zeros_en} after it: {value}."
         answer = f"{n} {frm} = {value} {to}."
     return Dialogue(_user(question), reasoning, answer, kind="units", expected=value)
 
@@ -556,9 +561,11 @@ def _without_tool(rng: random.Random, name: str) -> list[dict] | None:
 
 # (weight, maker(rng, lang))
 MIXTURE = (
-    (38, lambda r, lang: arithmetic(r, lang)),
-    (5, lambda r, lang: arithmetic(r, lang, tools=_tool_set(r))),
-    (12, unit_conversion),
+    (34, lambda r, lang: arithmetic(r, lang)),
+    (14, fact_drill),
+    (4, times_table),
+    (5, lambda r, lang: (arithmetic if r.random() < 0.8 else times_table)(r, lang, tools=_tool_set(r))),
+    (8, unit_conversion),
     (10, lookup),
     (7, lambda r, lang: weather_call(r, lang, _with_tool(r, "get_weather"))),
     (8, lambda r, lang: weather_result(r, lang, _with_tool(r, "get_weather"))),
@@ -567,7 +574,7 @@ MIXTURE = (
     (5, lambda r, lang: calculator_result(r, lang, _with_tool(r, "calculator"))),
     (2, lambda r, lang: too_big_without_calculator(r, lang, _without_tool(r, "calculator"))),
     (5, chat),
-    (6, echo),
+    (4, echo),
 )
 
 
@@ -596,6 +603,22 @@ def last_integer(text: str | None) -> int | None:
     """The last integer in an answer ("47 + 38 = 85." -> 85), or None."""
     found = _LAST_INT.findall(text or "")
     return int(found[-1]) if found else None
+
+
+def is_right(d: Dialogue, out) -> bool:
+    """Whether a generated turn does what `d` asks. `out`: anything with .reasoning, .content and
+    .tool_calls (ernie_edge.parsers.parse_output's result, a GenerationResult, ...). A call: exactly
+    one, to the right tool, with the right JSON arguments. An answer: some reasoning first, then
+    the expected number as the answer's last number, or else exactly the expected answer."""
+    if d.call is not None:
+        calls = out.tool_calls
+        return (len(calls) == 1 and calls[0].name == d.call["name"]
+                and json.loads(calls[0].arguments) == d.call["arguments"])
+    if out.reasoning is None:
+        return False
+    if d.expected is not None:
+        return last_integer(out.content) == d.expected
+    return out.content == d.answer
 
 
 def held_out_tool_dialogues(n: int = 20, seed: int = SEED) -> list[Dialogue]:

@@ -31,6 +31,7 @@ from PyQt6.QtCore import QCoreApplication, QEvent, QEventLoop, Qt, QTimer  # noq
 from PyQt6.QtGui import QKeyEvent  # noqa: E402
 from PyQt6.QtWidgets import QApplication  # noqa: E402
 
+from _machine import machine  # noqa: E402
 from ernie_edge.gui.backends import LocalBackend, LocalSettings  # noqa: E402
 from ernie_edge.gui.launch import GuiSettings, build_window  # noqa: E402
 
@@ -92,6 +93,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=300)
     p.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "gui_responsiveness.json")
     a = p.parse_args()
+    measured_on = machine()
     app = QApplication(sys.argv[:1])
     tmp = Path(tempfile.mkdtemp())
     if a.model is None:
@@ -146,7 +148,7 @@ def main() -> int:
     busy = list(probe.late)
     stats = w.chat.widgets[-1].message.stats or {}
     result = {
-        "model": str(model), "scripted": forced is not None, "tokens": stats.get("completion_tokens"),
+        "model": str(model), "machine": measured_on, "scripted": forced is not None, "tokens": stats.get("completion_tokens"),
         "decode_tok_s": round(stats.get("decode_tok_s", 0.0), 2), "seconds": round(elapsed, 2),
         "idle_heartbeat_late_ms": {"p50": pct(idle, 0.5), "p99": pct(idle, 0.99), "max": pct(idle, 1.0)},
         "decoding_heartbeat_late_ms": {"p50": pct(busy, 0.5), "p99": pct(busy, 0.99), "max": pct(busy, 1.0)},

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ernie_edge.bench import _read_sum
 from ernie_edge.kernels import _jit, attention, moe, norm, q4, q8, qbatch, rope
 from _machine import best_time, machine_load, wait_quiet  # noqa: E402
 
@@ -94,8 +95,8 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
 
     per_expert_gu = 2 * nbytes(gate[0][0], gate[1][0])
     per_expert_d = nbytes(down[0][0], down[1][0])
-    r["q4_experts_gate_up_silu_6"] = timed(experts_gate_up, reps, K_ROUTED * per_expert_gu)
-    r["q4_experts_down_weighted_6"] = timed(experts_down, reps, K_ROUTED * per_expert_d)
+    r["q4_experts_gate_up_silu_6"] = timed(experts_gate_up, reps, K_ROUTED * per_expert_gu, E * per_expert_gu)
+    r["q4_experts_down_weighted_6"] = timed(experts_down, reps, K_ROUTED * per_expert_d, E * per_expert_d)
     del gate, up, down
 
     # int8 matvecs: attention projections, shared expert, dense MLP, lm head
@@ -104,7 +105,7 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
         xin = rng.standard_normal(k).astype(np.float32)
         y = np.empty(o, np.float32)
         call = Rotating(ws, lambda w: q8.q8_matvec(xin, w[0], w[1], y, act))
-        r[name] = timed(call, reps, nbytes(*ws[0]))
+        r[name] = timed(call, reps, nbytes(*ws[0]), n_copies * nbytes(*ws[0]))
 
     q8_case("q8_matvec_q_proj_2560x2560", H, H, copies)
     q8_case("q8_matvec_kv_proj_512x2560", NKV * D, H, copies * 4)
@@ -112,7 +113,8 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
     qkv = [(q8_weight(rng, H, H), q8_weight(rng, NKV * D, H), q8_weight(rng, NKV * D, H)) for _ in range(copies)]
     yq, yk, yv = np.empty(H, np.float32), np.empty(NKV * D, np.float32), np.empty(NKV * D, np.float32)
     call = Rotating(qkv, lambda m: q8.q8_matvec3(x, *m[0], yq, *m[1], yk, *m[2], yv, act))
-    r["q8_matvec3_qkv_3584x2560"] = timed(call, reps, nbytes(*qkv[0][0], *qkv[0][1], *qkv[0][2]))
+    qkv_bytes = nbytes(*qkv[0][0], *qkv[0][1], *qkv[0][2])
+    r["q8_matvec3_qkv_3584x2560"] = timed(call, reps, qkv_bytes, copies * qkv_bytes)
     del qkv
     q8_case("q8_matvec_shared_down_2560x3072", H, I_SHARED, copies)
     q8_case("q8_matvec_dense_down_2560x12288", H, I_DENSE, 2)
@@ -132,7 +134,7 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
         hh = np.empty((1, inter), np.float32)
         ids = np.zeros(1, np.int64)
         call = Rotating(banks, lambda b: q8.q8_experts_gate_up_silu(x, b[0][0], b[0][1], b[1][0], b[1][1], ids, hh, act))
-        r[name] = timed(call, reps, nbytes(*banks[0][0], *banks[0][1]))
+        r[name] = timed(call, reps, nbytes(*banks[0][0], *banks[0][1]), n_copies * nbytes(*banks[0][0], *banks[0][1]))
 
     gate_up_case("q8_shared_gate_up_silu_2x3072x2560", I_SHARED, copies)
     gate_up_case("q8_dense_gate_up_silu_2x12288x2560", I_DENSE, 1)
@@ -163,10 +165,29 @@ def decode_benchmarks(rng, reps: int, copies: int) -> dict:
     return r
 
 
-def timed(fn, reps, weight_bytes) -> dict:
+def timed(fn, reps, weight_bytes, footprint: int = 0) -> dict:
+    """Best time of fn; with a footprint (the bytes its calls rotate over), also the bare-read floor:
+    the best time to read weight_bytes from a buffer of that size with the same threads
+    (`read_floor`), and floor_fraction = floor / kernel time (1.0: the kernel reads at the floor)."""
     t = best_time(fn, reps)
     gbs = weight_bytes / t / 1e9 if weight_bytes else None
-    return {"us": round(t * 1e6, 1), "GB_s": None if gbs is None else round(gbs, 2)}
+    out = {"us": round(t * 1e6, 1), "GB_s": None if gbs is None else round(gbs, 2)}
+    if footprint:
+        floor = read_floor(weight_bytes, footprint, reps)
+        out.update(floor_us=round(floor * 1e6, 1), floor_fraction=round(floor / t, 3))
+    return out
+
+
+def read_floor(nbytes: int, footprint: int, reps: int) -> float:
+    """Seconds to read nbytes (the bandwidth probe of `ernie-edge bench`, bench._read_sum: a
+    STREAM-style sum with the kernels' threads), rotating over a buffer of `footprint` bytes as the
+    kernel benchmarks rotate over their weight copies."""
+    rows = max(1, nbytes // 256)  # float32 [rows, 64]
+    buf = np.ones((max(rows, footprint // 256), 64), np.float32)
+    n = buf.shape[0] // rows
+    nt = _jit.get_threads()
+    parts = [buf[i * rows:(i + 1) * rows] for i in range(n)]
+    return best_time(Rotating(parts, lambda a: _read_sum(a, nt)), reps)
 
 
 def decode_estimate(r: dict, attention_len: int = 1024) -> dict:
@@ -281,7 +302,8 @@ def main(argv=None) -> int:
     dec = decode_benchmarks(rng, reps, copies)
     res["decode"] = dec
     for k, v in dec.items():
-        print(f"  {k:42s} {v['us']:10.1f} us   " + (f"{v['GB_s']:6.2f} GB/s" if v["GB_s"] else ""))
+        print(f"  {k:42s} {v['us']:10.1f} us   " + (f"{v['GB_s']:6.2f} GB/s" if v["GB_s"] else "")
+              + (f"   bare read {v['floor_us']:8.1f} us ({v['floor_fraction']:.2f} of it)" if "floor_us" in v else ""))
     res["decode_estimate"] = [decode_estimate(dec, 1024), decode_estimate(dec, 32768)]
     for est in res["decode_estimate"]:
         print(f"decode estimate @ {est['attention_len']} ctx: {est['ms_per_token']} ms/token = {est['tokens_per_s']} tok/s")

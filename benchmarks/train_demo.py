@@ -1,9 +1,10 @@
-"""Train the built-in demo model (ernie_edge/demo_checkpoint/): a tiny ERNIE-4.5 MoE that really talks.
+"""Train the built-in demo model (models/demo/): a tiny ERNIE-4.5 MoE that really talks.
 
-Work in progress: the shipped checkpoint, its loader and its tests are not in the repository yet;
-this script and benchmarks/demo_data.py are, so that the training can be resumed and validated.
+Work in progress: no run of this script has yet met the held-out bar (>= 90 % of 50 arithmetic
+questions through the converted int4 model), so the checkpoint, its loader (convert on first use
+into the models store) and its end-to-end tests are not in the repository yet.
 
-    python benchmarks/train_demo.py               # the shipped model (see its README.md)
+    python benchmarks/train_demo.py               # into models/demo/ (gitignored until it ships)
     python benchmarks/train_demo.py --out /tmp/demo-trial --steps 300   # a quick trial
 
 Everything is seeded (--seed): one machine gives the same model on every run.
@@ -15,12 +16,12 @@ Everything is seeded (--seed): one machine gives the same model on every run.
    tokenizer_config.json with the chat template, special_tokens_map.json).
 3. transformers' Ernie4_5_MoeForCausalLM at a tiny size with the real layout: a dense first layer,
    then MoE layers (8 experts, top-2 routing, one shared expert), the real RoPE (theta 500000),
-   tied embeddings. Trained with torch on one CPU thread, loss on the assistant's tokens only.
+   tied embeddings. Trained with torch (fp32) on one CPU thread, loss on the assistant's tokens only.
 4. The checkpoint as the real one is stored: bf16 safetensors with per-expert tensor names, the
    router weight and correction bias in fp32, config.json with the real keys.
 5. Checks: transformers and ernie-edge's reference backend agree on the saved folder; held-out
    accuracy through transformers (greedy) and through ernie-edge after conversion to the int4 edge
-   format (cpu backend, temperature 0), as tests/test_demo_model.py checks it.
+   format (cpu backend, temperature 0).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.demo_data import (SEED, Dialogue, held_out_arithmetic,  # noqa: E402
-                                  held_out_tool_dialogues, last_integer, sample_dialogue)
+                                  held_out_tool_dialogues, is_right, sample_dialogue)
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    out: Path = ROOT / "ernie_edge" / "demo_checkpoint"
+    out: Path = ROOT / "models" / "demo"
     seed: int = SEED
     steps: int = 2000
     rows: int = 16
@@ -212,14 +213,13 @@ def batches(encoder: Encoder, rng: random.Random, rows: int, row_tokens: int):
 
 
 def train(model, encoder: Encoder, s: TrainSettings, probe=None) -> list[float]:
-    """AdamW with warmup and cosine decay; bf16 autocast where the CPU has bf16 matmuls.
+    """AdamW with warmup and cosine decay, in fp32 (at this size bf16 autocast was slower here).
     Loss: next-token cross-entropy on the assistant's tokens + the router's load-balancing loss.
     probe(): called every s.probe_every steps (a progress check; it must leave the model in
     train mode)."""
     import torch
     from transformers.models.ernie4_5_moe.modeling_ernie4_5_moe import load_balancing_loss_func
 
-    use_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.01)
     schedule = lambda step: min(1.0, (step + 1) / s.warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / s.steps))))
@@ -231,12 +231,11 @@ def train(model, encoder: Encoder, s: TrainSettings, probe=None) -> list[float]:
     for step in range(s.steps):
         b = next(data)
         predict = b.targets[:, 1:]  # [B, T-1]: position t predicts token t+1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            out = model.model(input_ids=b.ids, position_ids=b.positions, attention_mask=b.mask,
-                              output_router_logits=True)
-            hidden = out.last_hidden_state[:, :-1][predict]  # [N, H]
-            logits = hidden @ embed.T  # [N, V]
-        loss = torch.nn.functional.cross_entropy(logits.float(), b.ids[:, 1:][predict])
+        out = model.model(input_ids=b.ids, position_ids=b.positions, attention_mask=b.mask,
+                          output_router_logits=True)
+        hidden = out.last_hidden_state[:, :-1][predict]  # [N, H]
+        logits = hidden @ embed.T  # [N, V]
+        loss = torch.nn.functional.cross_entropy(logits, b.ids[:, 1:][predict])
         aux = load_balancing_loss_func(out.router_logits, s.experts, s.top_k)
         (loss + s.aux_loss * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -329,26 +328,14 @@ class Score:
         return f"{self.right}/{self.total} ({100 * self.right / max(self.total, 1):.0f} %)"
 
 
-def check(d: Dialogue, text: str) -> bool:
-    """Whether a generated completion does what the dialogue asks (parsed as the server does)."""
-    from ernie_edge.parsers import parse_output
-
-    parsed = parse_output(text)
-    if d.call is not None:
-        calls = parsed.tool_calls
-        return (len(calls) == 1 and calls[0].name == d.call["name"]
-                and json.loads(calls[0].arguments) == d.call["arguments"])
-    if d.expected is not None:
-        return parsed.reasoning is not None and last_integer(parsed.content) == d.expected
-    return parsed.content == d.answer
-
-
 def evaluate(generate_text, encoder: Encoder, dialogues: list[Dialogue]) -> Score:
     """generate_text(prompt_ids) -> completion text (greedy)."""
+    from ernie_edge.parsers import parse_output
+
     score = Score()
     for d in dialogues:
         text = generate_text(encoder.tok.encode(encoder.prompt(d)))
-        score.add(check(d, text), f"{d.messages[-1]['content']!r} -> {text!r}")
+        score.add(is_right(d, parse_output(text)), f"{d.messages[-1]['content']!r} -> {text!r}")
     return score
 
 
@@ -452,7 +439,7 @@ def parse_args(argv: list[str] | None = None) -> TrainSettings:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     d = TrainSettings()
     p.add_argument("--out", type=Path, default=d.out,
-                   help="checkpoint folder (default: ernie_edge/demo_checkpoint)")
+                   help="checkpoint folder (default: models/demo)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--layers", type=int, default=d.layers)

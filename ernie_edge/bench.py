@@ -29,6 +29,8 @@ class BenchSettings:
     seed: int = 0
     max_context: int | None = None
     kv_dtype: str = "f16"  # KV cache storage (model.load's kv_dtype)
+    device: str = "cpu"  # cpu | cuda | auto (model.load's device, ernie_edge/placement.py)
+    gpu_experts: str | int | None = None  # MoE layers whose routed experts go on the GPU
     probe_bytes: int = 1 << 30  # size of the read-bandwidth probe (larger than any CPU cache)
 
 
@@ -117,7 +119,8 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     rng = np.random.default_rng(s.seed)
 
     t = time.perf_counter()
-    model = load(s.model, threads=s.threads, max_context=s.max_context, kv_dtype=s.kv_dtype)
+    model = load(s.model, threads=s.threads, max_context=s.max_context, kv_dtype=s.kv_dtype, device=s.device,
+                 gpu_experts=s.gpu_experts)
     load_s = time.perf_counter() - t
     vocab = model.tokenizer.vocab_size
 
@@ -172,13 +175,25 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
         "file_rss_bytes": mem.get("RssFile"), "kv_dtype": s.kv_dtype, "kv_cache_bytes": cache.nbytes(),
         "weights_bytes_per_token": wbytes, "read_bandwidth_gbs": bw,
         "bandwidth_fraction": decode_tok_s * wbytes / (bw * 1e9),
+        "device": model.backend_name, "placement": _placement(model),
     }
+
+
+def _placement(model) -> dict | None:
+    """Where a CUDA model's weights are (None on the CPU)."""
+    plan = model.placement
+    if plan is None:
+        return None
+    return {"gpu": plan.gpu_name, "gpu_expert_layers": list(plan.gpu_expert_layers),
+            "cpu_expert_layers": list(plan.cpu_expert_layers), "gpu_bytes_estimate": plan.gpu_bytes}
 
 
 def format_bench(r: dict) -> str:
     gb = 1e9
     return "\n".join([
         f"model            {r['model']} ({r['backend']}, {r['threads']} threads)",
+        *([f"placement        GPU {r['placement']['gpu']}: routed experts of {len(r['placement']['gpu_expert_layers'])} "
+           f"MoE layers on the GPU, {len(r['placement']['cpu_expert_layers'])} on the CPU"] if r.get("placement") else []),
         f"prefill          {r['prefill_tok_s']:.2f} tok/s ({r['prompt_tokens']} tokens)",
         f"decode           {r['decode_tok_s']:.2f} tok/s ({r['gen_tokens']} tokens; per token: median "
         f"{r['decode_ms_p50']:.1f} ms, 90th percentile {r['decode_ms_p90']:.1f} ms)",

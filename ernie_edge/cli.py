@@ -106,6 +106,18 @@ def _add_model_flags(p) -> None:
                    help="context: prompt + answer tokens at most (default: the model's 131072); "
                         "also caps the KV cache's memory")
     _add_kv_dtype_flag(p)
+    _add_device_flags(p)
+
+
+def _add_device_flags(p) -> None:
+    from .placement import DEVICES
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (default); cuda: an NVIDIA GPU (attention, shared experts, router and KV cache on "
+                        "it, routed experts as --gpu-experts says); auto: the GPU when there is one, fitted to "
+                        "its free memory. The placement and its memory estimate are printed before loading")
+    p.add_argument("--gpu-experts", default=None, metavar="all|none|N",
+                   help="with a GPU: the MoE layers whose routed experts go on it: all, none (all on the CPU), "
+                        "or N (the first N; the rest run on the CPU). Default: as many as fit")
 
 
 def _add_kv_dtype_flag(p) -> None:
@@ -163,7 +175,8 @@ def _load_model(a):
     if location.kind == "hf" and a.backend != "reference":
         raise ErnieEdgeError(conversion_advice(a.model, location))
     params = _sampling(a, location.path)
-    model = load(a.model, backend=a.backend, threads=a.threads, kv_dtype=a.kv_dtype, max_context=a.ctx_size)
+    model = load(a.model, backend=a.backend, threads=a.threads, kv_dtype=a.kv_dtype, max_context=a.ctx_size,
+                 device=a.device, gpu_experts=a.gpu_experts)
     if model.backend_name == "cpu":
         _note("preparing kernels (the first run compiles them, later runs load them from the cache) ...")
         seconds = model.warmup()
@@ -455,6 +468,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--gen-tokens", type=_int_at_least(1), default=128, help="decode steps (default 128)")
     p.add_argument("--threads", type=_int_at_least(0), default=None, help="kernel threads (default: all cores)")
     _add_kv_dtype_flag(p)
+    _add_device_flags(p)
     p.add_argument("--seed", type=int, default=0, help="picks the random prompt")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the figures as JSON")
     p.set_defaults(func=_run_bench)
@@ -464,7 +478,8 @@ def _run_bench(a) -> int:
     from .bench import BenchSettings, format_bench, run_bench
     _check_writable(a.json, "--json")
     result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                                     threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype))
+                                     threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype, device=a.device,
+                                     gpu_experts=a.gpu_experts))
     print(format_bench(result))
     _save_json(a.json, result)
     return 0
@@ -510,8 +525,8 @@ def _run_serve(a) -> int:
         model=a.model, host=a.host, port=a.port, unix_socket=a.unix_socket, api_key=key,
         allow_origins=tuple(a.allow_origin), allow_hosts=tuple(a.allow_host),
         context=a.ctx or a.ctx_size or DEFAULT_CONTEXT, slots=a.slots, queue_size=a.queue_size,
-        prefill_chunk=a.prefill_chunk, threads=a.threads, kv_dtype=a.kv_dtype,
-        reasoning_field=a.reasoning_field, model_name=a.model_name)
+        prefill_chunk=a.prefill_chunk, threads=a.threads, kv_dtype=a.kv_dtype, device=a.device,
+        gpu_experts=a.gpu_experts, reasoning_field=a.reasoning_field, model_name=a.model_name)
     settings.check()  # unsafe exposure is refused before anything is loaded
     location = resolve(a.model)
     if location.kind == "hf" and a.backend != "reference":

@@ -81,7 +81,8 @@ class EngineSettings:
     stall less while a long prompt is read; larger: the prompt is read faster).
     prefix_cache: KV caches of finished requests kept for prefix reuse (None: as many as slots).
     kv_budget_bytes: memory the KV caches may take (None: the memory available at start).
-    threads, kv_dtype: used by `Engine.load` when it loads the model (see `ernie_edge.load`).
+    threads, kv_dtype, device, gpu_experts: used by `Engine.load` when it loads the model (see
+    `ernie_edge.load`; device "cuda" / "auto" places it on a GPU, ernie_edge/placement.py).
     """
 
     slots: int = 2
@@ -92,6 +93,8 @@ class EngineSettings:
     kv_budget_bytes: int | None = None
     threads: int | None = None
     kv_dtype: str = "f16"
+    device: str = "cpu"
+    gpu_experts: str | int | None = None
 
     def __post_init__(self):
         for name, low in (("slots", 1), ("context", 2), ("queue_size", 0), ("prefill_chunk", 1)):
@@ -398,7 +401,8 @@ class Engine:
         context, compile its kernels, and start an engine on it."""
         from . import load
         settings = settings or EngineSettings()
-        model = load(path, threads=settings.threads, max_context=settings.context, kv_dtype=settings.kv_dtype)
+        model = load(path, threads=settings.threads, max_context=settings.context, kv_dtype=settings.kv_dtype,
+                     device=settings.device, gpu_experts=settings.gpu_experts)
         if warmup and model.backend_name == "cpu":
             model.warmup()
         return cls(model, settings)

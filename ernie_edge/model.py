@@ -28,8 +28,10 @@ class Model:
         self.path = location.path
         self.weights = weights
         self.config: ErnieConfig = weights.config
-        self.backend = backend  # ReferenceModel (numpy spec) or CpuModel (numba kernels)
-        self.backend_name = "reference" if isinstance(backend, ReferenceModel) else "cpu"
+        self.backend = backend  # ReferenceModel (numpy spec), CpuModel (numba kernels) or CudaModel (numba.cuda)
+        self.backend_name = "reference" if isinstance(backend, ReferenceModel) else getattr(backend, "backend_name",
+                                                                                              "cpu")
+        self.placement = getattr(backend, "plan", None)  # placement.Plan of a CUDA model
         self._tokenizer = None
         self._chat_template = None
 
@@ -132,7 +134,8 @@ KV_DTYPES = ("f16", "i8")  # kernels/attention.py's cache formats (not imported 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
          threads: int | None = None, max_context: int | None = None, prefetch: bool = True,
-         kv_dtype: str = "f16") -> Model:
+         kv_dtype: str = "f16", device: str = "cpu", gpu_experts: str | int | None = None,
+         log=None) -> Model:
     """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
     local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason.
 
@@ -142,10 +145,22 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     model's 131072). prefetch: map a converted model's weights up front when they fit in free
     memory (otherwise they are paged in as used). kv_dtype: "f16" (default) or "i8" KV cache
     for the cpu backend: int8 takes half the memory of fp16 and decodes faster at long contexts, at
-    some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in."""
+    some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in.
+    device: "cpu" (default), "cuda" (an NVIDIA GPU through numba.cuda) or "auto" (the GPU when there
+    is a usable one). gpu_experts: with a GPU, the MoE layers whose routed experts go on it: "all",
+    "none", N (the first N), or None (as many as fit in free GPU memory). The placement and its
+    memory estimate are printed (to `log`, default stderr) before loading; with no usable GPU the
+    reason is printed and the model runs on the CPU (ernie_edge/placement.py)."""
     if backend not in BACKENDS:
         raise ErnieEdgeError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    from .placement import check_device, parse_gpu_experts
+    check_device(device)
+    gpu_experts = parse_gpu_experts(gpu_experts)
+    if device != "cpu" and backend != "auto":
+        raise ErnieEdgeError(f"device {device!r} needs backend 'auto' (backend {backend!r} runs on the CPU)")
     location = resolve(path)
+    if location.kind == "hf" and device == "cuda":
+        raise ErnieEdgeError(f"{location.path}: the CUDA backend runs converted models; run `ernie-edge convert` first")
     if location.kind == "hf":
         if backend == "cpu":
             raise ErnieEdgeError(f"{location.path}: the cpu backend runs converted models; run "
@@ -157,7 +172,18 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
         weights = EdgeCheckpoint(location.path)
     if kv_dtype not in KV_DTYPES:
         raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
-    if location.kind == "edge" and backend in ("auto", "cpu"):
+    plan = _plan(weights, device, gpu_experts, max_context, log) if location.kind == "edge" and device != "cpu" else None
+    if plan is not None and plan.device == "cuda":
+        if kv_dtype != "f16":
+            raise ErnieEdgeError(f"kv_dtype {kv_dtype!r}: the CUDA backend keeps an f16 KV cache")
+        from .cuda_model import CudaModel
+        from .kernels._jit import set_threads
+        if threads:
+            set_threads(threads)  # the CPU kernels of routed experts placed on the CPU
+        impl = CudaModel(weights, plan, use_correction_bias=use_correction_bias, max_context=max_context)
+        if plan.cpu_expert_layers and prefetch:
+            weights.prefetch()
+    elif location.kind == "edge" and backend in ("auto", "cpu"):
         from .cpu_model import CpuModel
         from .kernels._jit import set_threads
         if threads:
@@ -171,3 +197,14 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
             raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} needs the cpu backend (a converted model)")
         impl = ReferenceModel(weights, use_correction_bias=use_correction_bias)
     return Model(location, weights, impl)
+
+
+def _plan(weights, device: str, gpu_experts, max_context: int | None, log):
+    """The placement of a converted model on this machine, printed before anything is uploaded."""
+    import sys
+
+    from .placement import DEFAULT_CONTEXT, model_sizes, plan_placement, probe_gpu
+    gpu, why = probe_gpu()
+    plan = plan_placement(model_sizes(weights), device, gpu_experts, gpu, why, context=max_context or DEFAULT_CONTEXT)
+    (log or (lambda text: print(text, file=sys.stderr, flush=True)))(plan.describe())
+    return plan

@@ -19,9 +19,9 @@ from ernie_edge.errors import CheckpointError, ErnieEdgeError
 from ernie_edge.hf_checkpoint import HFCheckpoint
 from ernie_edge.manifest import describe, format_description, read_manifest, verify
 from ernie_edge.quant import synthetic
+from ernie_edge.formats.recipe import Recipe
 from ernie_edge.quant.convert import ConvertSettings, convert
 from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, quantize_q4
-from ernie_edge.formats.recipe import Recipe
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
 
 TOKENIZER_JSON = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab": {}, "merges": []}})
@@ -31,8 +31,9 @@ TOKENIZER_JSON = json.dumps({"version": "1.0", "model": {"type": "BPE", "vocab":
 def edge(tmp_path_factory):
     src = synthetic.write_checkpoint(tmp_path_factory.mktemp("src"), "tiny", tokenizer=False)
     (src / "tokenizer.json").write_text(TOKENIZER_JSON)
+    # The int8-dense recipe these tests' expected layouts describe (the default's are in test_recipe).
     out = convert(ConvertSettings(source=str(src), dest=tmp_path_factory.mktemp("edge") / "m", progress=False,
-                                  recipe=Recipe()))  # q4g32-d8: the q8 / q4 layouts pinned below
+                                  recipe=Recipe.from_name("q4g32-d8")))
     return src, out
 
 

@@ -236,23 +236,23 @@ def test_q4_dequant_rows_is_the_spec(gs):
     np.testing.assert_array_equal(unpack_q4(packed, gs), codes)
 
 
-# ---- the portable path -------------------------------------------------------------------------
+# ---- the portable and the plain AVX2 paths ------------------------------------------------------
 
-GENERIC_CHECK = """
+PATH_CHECK = """
 import numpy as np
 from ernie_edge.kernels import _jit, q4, q8
 from ernie_edge.formats.quant import dequantize_q4, dequantize_q8, pack_q4
-assert _jit.SIMD == "generic", _jit.SIMD
+assert _jit.SIMD == "{path}" and not _jit.AVX512, (_jit.SIMD, _jit.AVX512)
 rng = np.random.default_rng(0)
-for gs in (32, 64):
-    codes = rng.integers(-8, 8, size=(7, 128)); sc = (rng.random((7, 128 // gs)) * 0.1).astype(np.float16)
-    x = rng.standard_normal(128).astype(np.float32)
+for gs, k in ((32, 96), (32, 128), (64, 128)):
+    codes = rng.integers(-8, 8, size=(7, k)); sc = (rng.random((7, k // gs)) * 0.1).astype(np.float16)
+    x = rng.standard_normal(k).astype(np.float32)
     out = np.empty(7, np.float32)
-    q8.matvec(x, pack_q4(codes, gs), sc, out, q8.ActScratch(128), 4)
+    q8.matvec(x, pack_q4(codes, gs), sc, out, q8.ActScratch(k), 4)
     want = dequantize_q4(pack_q4(codes, gs), sc, gs) @ x
     assert np.abs(out - want).max() < 2e-4 * np.abs(want).max(), (out, want)
-    c8 = rng.integers(-127, 128, size=(7, 128)).astype(np.int8)
-    q8.q8_matvec(x, c8, sc, out, q8.ActScratch(128))
+    c8 = rng.integers(-127, 128, size=(7, k)).astype(np.int8)
+    q8.q8_matvec(x, c8, sc, out, q8.ActScratch(k))
     want = dequantize_q8(c8, sc, gs) @ x
     assert np.abs(out - want).max() < 2e-4 * np.abs(want).max(), (out, want)
 X = rng.standard_normal((3, 128)).astype(np.float32)
@@ -269,11 +269,15 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(_jit.SIMD == "generic", reason="already the generic path")
-def test_generic_path_in_subprocess():
-    env = dict(os.environ, ERNIE_EDGE_SIMD="generic")
-    res = subprocess.run([sys.executable, "-c", GENERIC_CHECK], env=env, capture_output=True, text=True,
-                         timeout=120)
+@pytest.mark.parametrize("path", ["generic", "avx2"])
+def test_other_simd_paths_in_subprocess(path):
+    """The portable path and the 256-bit AVX2 one (also what an AVX-512 CPU runs when forced below
+    its best path): decode matvecs with even and odd block counts, the exact prefill matmul."""
+    if path == _jit.SIMD or path not in _jit._host_paths():
+        pytest.skip(f"{path}: this process's path or not available on this CPU")
+    env = dict(os.environ, ERNIE_EDGE_SIMD=path)
+    res = subprocess.run([sys.executable, "-c", PATH_CHECK.replace("{path}", path)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
 
 

@@ -110,3 +110,54 @@ def test_a_taken_port_or_unsafe_settings_are_refused(engine):
             serve_engine(engine, settings_for(engine, port=port))
     with pytest.raises(ServeError, match="--api-key"):
         serve_engine(engine, settings_for(engine, host="0.0.0.0"))
+
+
+def test_connections_that_never_complete_a_request_are_closed_and_streams_are_not(engine):
+    """Slow clients ("slowloris"): a connection that sends its headers, or its body, a byte now and
+    then holds a socket forever in plain uvicorn. Here each request must be in within
+    request_read_timeout_s; a response that streams for longer than that is not cut."""
+    gate = threading.Event()
+
+    def hold(logits, generated):  # the stream waits on its 2nd token until the slow sockets are closed
+        if len(generated) == 1:
+            gate.wait(30)
+        return logits
+    engine.request_hook = lambda req: dataclasses.replace(req, logits_processor=hold)
+    server = serve_engine(engine, settings_for(engine, request_read_timeout_s=0.5))
+    port = server.settings.port
+    host = f"Host: 127.0.0.1:{port}\r\n".encode()
+    chunks: list[str] = []
+
+    def stream():
+        body = {"messages": USER, "stream": True, "max_tokens": 3}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+            chunks.extend(line for line in r.iter_lines() if line.startswith("data:"))
+    client = threading.Thread(target=stream, daemon=True)
+    try:
+        client.start()
+        wait_until(lambda: engine.stats().active_ids, 30, "the stream starting")
+        half_headers = socket.create_connection(("127.0.0.1", port))
+        half_headers.sendall(b"POST /v1/completions HTTP/1.1\r\n" + host)
+        half_body = socket.create_connection(("127.0.0.1", port))
+        half_body.sendall(b"POST /v1/completions HTTP/1.1\r\n" + host +
+                          b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"prompt\"")
+        for sock in (half_headers, half_body):
+            sock.settimeout(20)
+            assert sock.recv(1) == b"", "the server should close the connection"
+            sock.close()
+        assert client.is_alive()  # the stream outlived the deadline, held on its 2nd token
+        gate.set()
+        client.join(30)
+        assert chunks[-1] == "data: [DONE]" and len(chunks) >= 4
+        # A kept-alive connection gets a new deadline after each response.
+        with socket.create_connection(("127.0.0.1", port)) as keep:
+            keep.sendall(b"GET /health HTTP/1.1\r\n" + host + b"\r\n")
+            keep.settimeout(20)
+            assert keep.recv(4096).startswith(b"HTTP/1.1 200")
+            keep.sendall(b"GET /health HTTP/1.1\r\n")
+            while keep.recv(4096):
+                pass  # until the server closes it
+    finally:
+        gate.set()
+        engine.request_hook = None
+        server.stop(timeout=30)

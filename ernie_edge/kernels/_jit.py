@@ -44,6 +44,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 JIT = dict(nogil=True, cache=True, fastmath=_FASTMATH, error_model="numpy", boundscheck=False)
 PARALLEL = dict(JIT, parallel=True)
+_llvm.initialize_native_asmparser()  # inline asm in kernels/dot512.py
 _FEATURES = _llvm.get_host_cpu_features()
 
 

@@ -25,7 +25,8 @@ float once and scaled by [ws0..ws3, ws0..ws3] * xd[t]: the float epilogue costs 
 per-row one. Rows are shared out in chunks of CHUNK_ROWS (one parallel region per call); within
 a chunk each row quad stays in L1 while every token tile passes over it.
 
-SIMD paths follow kernels/_jit.SIMD: "avxvnni" (vpdpwssd), "avx2" (vpmaddwd), "generic" (plain
+With AVX-512 the 4-row tiles are kernels/dot512.py's (two blocks per step in 512-bit vectors,
+the rows folded by unpacks instead of vphaddd). SIMD paths follow kernels/_jit.SIMD: "avxvnni" (vpdpwssd), "avx2" (vpmaddwd), "generic" (plain
 LLVM vector IR, e.g. NEON). All paths compute the same integer lanes.
 """
 
@@ -36,7 +37,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from . import _jit, ir
+from . import _jit, dot512, ir
 from ._jit import njit, pnjit
 from .act_quant import act_group, check_weight, log2_sub, quantize_blocks
 from .ir import F32, F32x4, F32x8, I8, I8x16, I16, I16x16, I32x8, I32x16, I64
@@ -170,6 +171,8 @@ def _make_tile(nrows, ntok):
         unpack = w.dtype == types.uint8
 
         def codegen(context, builder, signature, args):
+            if nrows == 4 and _jit.AVX512:
+                return dot512.tile4(context, builder, signature, args, ntok, unpack)
             return _tile_body(context, builder, signature, args, nrows, ntok, unpack)
 
         return sig, codegen

@@ -25,7 +25,9 @@ import threading
 from pathlib import Path
 from typing import TextIO
 
+import h11
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..config import ErnieConfig
 from ..engine import Engine
@@ -154,13 +156,47 @@ class _Server(uvicorn.Server):
                 self.startup_over.set()
 
 
+class _ReadDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol, with a deadline for reading each request: armed when the connection
+    opens and after each response, cleared once the whole request (headers and body) is in; when it
+    passes, the connection is closed. uvicorn alone only times out idle keep-alive connections, and
+    any byte received cancels that timer."""
+
+    read_timeout_s: float = 30.0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.read_timeout_s, self._read_deadline_passed)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE and self.conn.their_state is not h11.SEND_BODY:
+            self._deadline.cancel()  # the request is in (or the connection is ending)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(self.read_timeout_s, self._read_deadline_passed)
+
+    def connection_lost(self, exc) -> None:
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _read_deadline_passed(self) -> None:
+        if self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing():
+            log.info("closed a connection that sent no complete request within %.0f s", self.read_timeout_s)
+            self.transport.close()
+
+
 def _uvicorn_server(state: ServerState, console_logs: bool = True,
                     startup_over: threading.Event | None = None) -> uvicorn.Server:
     """The server for `state`'s app and settings. console_logs: uvicorn configures logging to the
     console (`ernie-edge serve`); False leaves logging to the host application (the desktop app)."""
     settings = state.settings
     logging_config = {} if console_logs else {"log_config": None}
-    config = uvicorn.Config(create_app(state), http="h11", ws="none", lifespan="off", proxy_headers=False,
+    protocol = type("ReadDeadlineH11", (_ReadDeadlineH11,), {"read_timeout_s": settings.request_read_timeout_s})
+    config = uvicorn.Config(create_app(state), http=protocol, ws="none", lifespan="off", proxy_headers=False,
                             server_header=False, access_log=False, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.graceful_shutdown_s,
                             h11_max_incomplete_event_size=settings.max_header_bytes + 4096, **logging_config)

@@ -30,7 +30,10 @@ class ServeSettings:
     extra Host header values accepted besides 127.0.0.1/localhost/[::1] with the port.
     reasoning_field: where the reasoning goes in responses: "reasoning_content" (DeepSeek / vLLM
     style), "reasoning" (OpenRouter / Ollama style) or "both". model_name: the id served in
-    /v1/models and responses (default: the model folder's name).
+    /v1/models and responses (default: the model folder's name). request_read_timeout_s: a
+    connection must deliver each request (headers and body) within this many seconds of opening or
+    of its previous response, else it is closed (clients that hold sockets open by sending a byte
+    now and then: "slowloris").
     """
 
     model: str
@@ -45,6 +48,8 @@ class ServeSettings:
     queue_size: int = 16
     threads: int | None = None
     kv_dtype: str = "f16"
+    device: str = "cpu"  # cpu | cuda | auto (ernie_edge/placement.py)
+    gpu_experts: str | int | None = None  # all | none | N | None: as many as fit
     prefill_chunk: int = 256
     reasoning_field: str = "reasoning_content"
     model_name: str | None = None
@@ -52,6 +57,7 @@ class ServeSettings:
     max_headers: int = 100
     max_header_bytes: int = 64 << 10
     max_json_depth: int = 64
+    request_read_timeout_s: float = 30.0
     graceful_shutdown_s: int = 60
     log_level: str = "info"
 
@@ -68,11 +74,15 @@ class ServeSettings:
             raise ServeError(f"--host {self.host} exposes the API beyond this machine; that needs "
                              "--api-key KEY (or --api-key-file PATH). Leave --host out to listen on "
                              "127.0.0.1 only")
+        from ..placement import check_device, parse_gpu_experts
+        check_device(self.device)
+        parse_gpu_experts(self.gpu_experts)
         self.engine_settings()  # checks slots, context, queue size
 
     def engine_settings(self) -> EngineSettings:
         return EngineSettings(slots=self.slots, context=self.context, queue_size=self.queue_size,
-                              prefill_chunk=self.prefill_chunk, threads=self.threads, kv_dtype=self.kv_dtype)
+                              prefill_chunk=self.prefill_chunk, threads=self.threads, kv_dtype=self.kv_dtype,
+                              device=self.device, gpu_experts=self.gpu_experts)
 
     @property
     def url(self) -> str:
