@@ -90,14 +90,15 @@ def _read_json_file(name: str | Path, what: str):
 
 # ---- flags shared by the commands that run a model -----------------------------------------------
 
-def _add_model_arg(p, help_extra: str = "") -> None:
-    p.add_argument("--model", required=True, metavar="NAME|PATH",
+def _add_model_arg(p, help_extra: str = "", required: bool = True) -> None:
+    p.add_argument("--model", required=required, metavar="NAME|PATH",
                    help="model: a name from `ernie-edge list`, or a converted folder" + help_extra)
 
 
-def _add_model_flags(p) -> None:
+def _add_model_flags(p, model_required: bool = True) -> None:
     from .model import BACKENDS
-    _add_model_arg(p, "; an HF folder or cached repo id only with --backend reference")
+    _add_model_arg(p, "; an HF folder or cached repo id only with --backend reference"
+                   + ("" if model_required else "; default: the built-in demo model"), model_required)
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="auto (default): the kernels, for converted models; reference: the slow numpy "
                         "spec, which also runs unconverted HF checkpoints")
@@ -272,9 +273,10 @@ def _run_chat(a) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="offline demo: build the tiny synthetic model (first run) and chat with it")
+    p = sub.add_parser("demo", help="chat with the built-in demo model, a tiny ERNIE trained for this "
+                                       "repository (converted on first run; offline)")
     p.add_argument("--prompt", default=None, help="answer one prompt and exit (default when stdin is not a terminal)")
-    p.add_argument("--rebuild", action="store_true", help="rebuild the demo model")
+    p.add_argument("--rebuild", action="store_true", help="convert the demo model again")
     p.set_defaults(func=_run_demo)
 
 
@@ -489,7 +491,7 @@ def _run_bench(a) -> int:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible API on localhost (docs/API.md)")
-    _add_model_flags(p)
+    _add_model_flags(p, model_required=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; anything "
                                                       "else needs --api-key)")
     p.add_argument("--port", type=_int_at_least(1), default=8080, help="TCP port (default 8080)")
@@ -528,6 +530,11 @@ def _run_serve(a) -> int:
         prefill_chunk=a.prefill_chunk, threads=a.threads, kv_dtype=a.kv_dtype, device=a.device,
         gpu_experts=a.gpu_experts, reasoning_field=a.reasoning_field, model_name=a.model_name)
     settings.check()  # unsafe exposure is refused before anything is loaded
+    if a.model is None:
+        from .demo import ensure_demo_model
+        demo = ensure_demo_model()
+        print(f"no --model given: serving the built-in demo model ({demo})", file=sys.stderr, flush=True)
+        return serve(replace(settings, model=str(demo)))
     location = resolve(a.model)
     if location.kind == "hf" and a.backend != "reference":
         raise ErnieEdgeError(conversion_advice(a.model, location))

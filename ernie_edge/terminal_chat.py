@@ -45,6 +45,12 @@ class ChatSettings:
     tools: list[dict] | None = None  # OpenAI-style tool definitions, rendered into every prompt
     max_context: int | None = None  # cap on prompt + answer tokens (default: the model's)
     history_file: Path | None = None  # readline history kept between sessions (None: not kept)
+    # run_tool(name, arguments JSON) -> the result text to send back at once, or None to leave the
+    # call to the user (/tool RESULT). The demo runs its calculator this way.
+    run_tool: Callable[[str, str], str | None] | None = None
+
+
+MAX_AUTOMATIC_TOOL_ROUNDS = 4  # tool results sent back in a row without the user
 
 
 def read_message(read_line: Callable[[str], str], prompt: str, more: str) -> str:
@@ -201,9 +207,10 @@ class TerminalChat:
     def answer(self, user_text: str) -> None:
         self.converse({"role": "user", "content": user_text})
 
-    def converse(self, message: dict) -> None:
+    def converse(self, message: dict, rounds: int = 0) -> None:
         """Generate the reply to `message`; the conversation keeps both only when generation ran
-        (an error before it, e.g. a message longer than the context, leaves it unchanged)."""
+        (an error before it, e.g. a message longer than the context, leaves it unchanged). A tool
+        call that settings.run_tool answers is answered at once (up to MAX_AUTOMATIC_TOOL_ROUNDS)."""
         system = [{"role": "system", "content": self.s.system}] if self.s.system else []
         ids = render_prompt(self.model, system + self.messages + [message], tools=self.s.tools)
         stream = stream_generate(self.model, ids, self.s.params, session=self.session,
@@ -218,7 +225,19 @@ class TerminalChat:
             self.write("\n[stopped before the answer began; the message was not sent]\n")
             return
         self.messages.append(message)
-        self.messages.append(self.stream_reply(first, stream))
+        reply = self.stream_reply(first, stream)
+        self.messages.append(reply)
+        calls = reply.get("tool_calls")
+        if not calls:
+            return
+        call, result = calls[-1], None
+        if self.s.run_tool is not None and rounds < MAX_AUTOMATIC_TOOL_ROUNDS:
+            result = self.s.run_tool(call["function"]["name"], call["function"]["arguments"])
+        if result is None:
+            self.write("(answer it with /tool RESULT)\n")
+            return
+        self.write(self.style(f"[tool result] {result}", DIM) + "\n")
+        self.converse({"role": "tool", "content": result, "tool_call_id": call["id"]}, rounds + 1)
 
     def stream_reply(self, first, stream) -> dict:
         """Print the chunks as they come; returns the assistant message (partial after Ctrl-C)."""
@@ -254,7 +273,7 @@ class TerminalChat:
                 phase = "answer"
             self.write(chunk.content)
         for call in chunk.tool_calls:
-            self.write(f"\n[tool call] {call.name}({call.arguments})  (answer it with /tool RESULT)")
+            self.write(f"\n[tool call] {call.name}({call.arguments})")
         return phase
 
     def show_stats(self, last) -> None:

@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from(a: argparse.Namespace) -> GuiSettings:
-    return GuiSettings(model=a.model, data_dir=a.data_dir, config_dir=a.config_dir, theme=a.theme)
+    return GuiSettings(model=a.model, data_dir=a.data_dir, config_dir=a.config_dir, theme=a.theme,
+                       demo_on_first_start=True)
 
 
 def main(argv: list[str] | None = None) -> int:

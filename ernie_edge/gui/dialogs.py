@@ -132,7 +132,7 @@ class ModelDialog(QDialog):
 
     def _demo(self) -> None:
         from ..demo import ensure_demo_model
-        self.estimate.setText("Building the demo model (a tiny random-weight ERNIE; a few seconds)…")
+        self.estimate.setText("Preparing the demo model (a tiny ERNIE trained for this app; a few seconds)…")
         run_in_thread(self.poster, lambda: str(ensure_demo_model()),
                       lambda path: (self._select(path), self._refresh()), self._show_error, "ernie-edge-demo")
 

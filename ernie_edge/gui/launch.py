@@ -23,12 +23,15 @@ T_START = time.perf_counter()  # first import of this module: the start of the l
 class GuiSettings:
     """How the app was started. model: a folder or a name in the models store (overrides the saved
     choice). data_dir / config_dir: where the chat history / settings live (defaults: the
-    platform's user folders). theme: "light", "dark" or "system" (overrides the saved one)."""
+    platform's user folders). theme: "light", "dark" or "system" (overrides the saved one).
+    demo_on_first_start: with no saved settings and no model given, open the built-in demo model
+    (the app does; tests and benchmarks don't)."""
 
     model: str | None = None
     data_dir: Path | None = None
     config_dir: Path | None = None
     theme: str | None = None
+    demo_on_first_start: bool = False
 
 
 def run_gui(settings: GuiSettings, backend_factory=None) -> int:
@@ -79,13 +82,16 @@ def build_window(settings: GuiSettings, backend_factory):
 
     config_dir = settings.config_dir or app_settings.config_dir()
     data_dir = settings.data_dir or app_settings.data_dir()
+    first_start = not (config_dir / app_settings.SETTINGS_FILE).exists()
     saved, notice = app_settings.load_settings(config_dir)
+    start_demo = settings.demo_on_first_start and first_start and not settings.model
     if settings.model:
         saved.mode, saved.model_path = "local", resolve_model_arg(settings.model)
     if settings.theme:
         saved.theme = settings.theme
     apply_theme(QApplication.instance(), resolve_theme(saved.theme))
-    return MainWindow(saved, data_dir, config_dir, backend_factory, notices=[notice] if notice else [])
+    return MainWindow(saved, data_dir, config_dir, backend_factory, notices=[notice] if notice else [],
+                      start_demo=start_demo)
 
 
 # ---- desktop entry ------------------------------------------------------------------------------

@@ -118,7 +118,8 @@ class Banner(QFrame):
 
 class MainWindow(QMainWindow):
     def __init__(self, settings: AppSettings, data_dir: Path, config_dir: Path,
-                 backend_factory: BackendFactory = make_backend, notices: list[str] = ()):
+                 backend_factory: BackendFactory = make_backend, notices: list[str] = (),
+                 start_demo: bool = False):
         super().__init__()
         self.settings, self.config_dir = settings, config_dir
         self.backend_factory = backend_factory
@@ -147,7 +148,8 @@ class MainWindow(QMainWindow):
             self.banner.show_message(notice)
         self._shortcuts()
         self._update_state()
-        QTimer.singleShot(0, self.load_backend)
+        # The first start opens the built-in demo model, so a new user sees the app answer at once.
+        QTimer.singleShot(0, self.use_demo_model if start_demo else self.load_backend)
 
     # ---- layout -------------------------------------------------------------------------------
 
@@ -256,8 +258,9 @@ class MainWindow(QMainWindow):
         lay.addStretch(1)
         title = QLabel("Chat with ERNIE, offline", objectName="welcomeTitle")
         text = QLabel("No model is open yet. Open a model converted with `ernie-edge convert`, convert a "
-                      "Hugging Face checkpoint here, try the built-in demo model (tiny, random weights: it "
-                      "shows the app working, not language), or connect to a server.", wordWrap=True)
+                      "Hugging Face checkpoint here, try the built-in demo model (a tiny ERNIE trained for "
+                      "this app: small sums, unit conversions, capitals, weather and calculator tool calls), "
+                      "or connect to a server.", wordWrap=True)
         lay.addWidget(title)
         lay.addWidget(text)
         for label, slot in (("Open a converted model folder…", self.open_model_folder),
@@ -413,7 +416,7 @@ class MainWindow(QMainWindow):
 
     def use_demo_model(self) -> None:
         from ..demo import ensure_demo_model
-        self.status.setText("Building the demo model…")
+        self.status.setText("Preparing the demo model…")
         run_in_thread(self.poster, lambda: str(ensure_demo_model()),
                       lambda path: self._apply_model(mode="local", model_path=path),
                       lambda msg: self.banner.show_message(msg, "error"), "ernie-edge-demo")
