@@ -4,7 +4,8 @@ memory, not for quality).
     .venv/bin/python benchmarks/cpu.py            # full 28-layer model (~44 GB bf16 synthesised once,
                                                   #   converted, source deleted unless --keep-source)
     .venv/bin/python benchmarks/cpu.py --quick    # 4-layer full-width model
-    options: --dense-bits 4 (all-int4 recipe), --threads 1 2, --prompt-tokens, --gen-tokens
+    options: --recipe q4g32-d4-h6 (default: the converter's default recipe), --threads 1 2,
+             --prompt-tokens, --gen-tokens
 
 Each run is a fresh `ernie-edge bench` process (real RSS and JIT-cache behaviour). Results go to
 benchmarks/results/cpu-<model>.json and into the README table between the bench markers.
@@ -33,9 +34,10 @@ def sh(*args) -> None:
     subprocess.run([*CLI, *map(str, args)], check=True, cwd=ROOT)
 
 
-def ensure_model(layers: int, dense_bits: int, keep_source: bool) -> Path:
+def ensure_model(layers: int, recipe: str, keep_source: bool) -> Path:
+    """The synthetic full-width model at `layers` layers, converted with `recipe` (under WORK)."""
     src = WORK / f"full-L{layers}"
-    dst = WORK / f"full-L{layers}-q4g32-d{dense_bits}"
+    dst = WORK / f"full-L{layers}-{recipe}"
     if (dst / "manifest.json").is_file():
         return dst
     if not (src / "config.json").is_file():
@@ -45,7 +47,7 @@ def ensure_model(layers: int, dense_bits: int, keep_source: bool) -> Path:
             sys.exit(f"not enough disk: {free / 1e9:.0f} GB free, ~{need * 1.35 / 1e9:.0f} GB needed")
         sh("synth", src, "--preset", "full", "--layers", layers)
     t = time.perf_counter()
-    sh("convert", src, dst, "--dense-bits", dense_bits, "--force")
+    sh("convert", src, dst, "--recipe", recipe, "--force")
     print(f"converted in {time.perf_counter() - t:.0f} s")
     if not keep_source and layers > 4:
         shutil.rmtree(src)
@@ -87,14 +89,15 @@ def update_readme(text: str, begin: str = MARK_BEGIN, end: str = MARK_END) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4-layer full-width model")
-    ap.add_argument("--dense-bits", type=int, default=8, choices=[4, 8, 16])
+    ap.add_argument("--recipe", default=None, help="conversion recipe (default: the converter's default)")
     ap.add_argument("--threads", type=int, nargs="+", default=[2])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen-tokens", type=int, default=128)
     ap.add_argument("--keep-source", action="store_true")
     a = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    model = ensure_model(4 if a.quick else 28, a.dense_bits, a.keep_source)
+    from ernie_edge.formats.recipe import Recipe
+    model = ensure_model(4 if a.quick else 28, a.recipe or Recipe.default().name, a.keep_source)
     rows = [run_bench(model, t, a.prompt_tokens, a.gen_tokens) for t in a.threads]
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"cpu-{model.name}.json"

@@ -8,8 +8,9 @@ the Q4_K_M / Q4_0 GGUFs of the synthetic full-width ERNIE-4.5-21B-A3B, runs llam
 optionally, `quiet_run.py` (runs a timed command only when the machine is idle and repeats runs
 that other processes disturbed). Pairs, by quality class:
 
-  default   ernie-edge q4g32-d8 (int4 experts, int8 elsewhere)  vs  llama.cpp Q4_K_M
-  int4      ernie-edge q4g32-d4 (all int4)                      vs  llama.cpp Q4_0
+  default   ernie-edge q4g128-d6-s5g32 (the default recipe)    vs  llama.cpp Q4_K_M
+  int4      ernie-edge q4g32-d4-h6 (int4 but a 6-bit head)     vs  llama.cpp Q4_0
+  (--pair-recipe default=q4g32-d8 pairs another recipe, e.g. the old default)
 
 Each round runs, for every pair, `ernie-edge bench` (512-token prompt, 128 generated tokens) and
 then `llama-bench -p 512 -n 128 -r 3` (default mmap load), 2 threads each, as fresh processes, so the machine's drift
@@ -41,7 +42,8 @@ from cpu import ROOT, WORK, ensure_model, update_readme  # noqa: E402
 
 RESULTS = HERE / "results"
 MARK_BEGIN, MARK_END = "<!-- bench:peers:begin -->", "<!-- bench:peers:end -->"
-PAIRS = {"default": (8, "Q4_K_M"), "int4": (4, "Q4_0")}  # name: (ernie-edge dense bits, llama.cpp type)
+PAIRS = {"default": ("q4g128-d6-s5g32", "Q4_K_M"), "int4": ("q4g32-d4-h6", "Q4_0")}  # name: (ernie-edge recipe, llama.cpp type)
+OLD_RECIPES = {"default": "q4g32-d8", "int4": "q4g32-d4"}  # what results files without "recipe" ran
 
 
 class Runner:
@@ -113,11 +115,11 @@ def cpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "cpu"
 
 
-def summarize(rounds: list[dict], pairs: list[str], depth: int) -> dict:
+def summarize(rounds: list[dict], pairs: list[str], depth: int, recipes: dict[str, str]) -> dict:
     keys = ["decode_tok_s"] + ([] if depth else ["prefill_tok_s"])
     out = {}
     for p in pairs:
-        out[p] = {}
+        out[p] = {"recipe": recipes[p]}
         for k in keys:
             edge = [r[p]["edge"][k] for r in rounds]
             peer = [r[p]["llama"][k] for r in rounds]
@@ -147,8 +149,8 @@ def table(results: list[dict]) -> str:
 
     for res in results:
         for pair, s in res["summary"].items():
-            edge, peer = PAIRS[pair]
-            name = f"q4g32-d{edge} vs {peer}"
+            edge, peer = s.get("recipe", OLD_RECIPES[pair]), PAIRS[pair][1]
+            name = f"{edge} vs {peer}"
             d = s["decode_tok_s"]
             p = s.get("prefill_tok_s")
             pre = (f"{cell(p['edge'])} | {cell(p['llama'])} | {p['median_ratio']:.2f}x" if p else "- | - | -")
@@ -173,7 +175,15 @@ def main() -> None:
     ap.add_argument("--llama-args", nargs="*", default=[], help="more llama-bench arguments (e.g. --repack 0)")
     ap.add_argument("--llama-lib-path", help="LD_LIBRARY_PATH for llama-bench (e.g. a libggml-cpu built without AMX, "
                     "where llama.cpp's AMX kernels crash)")
+    ap.add_argument("--pair-recipe", action="append", default=[], metavar="PAIR=RECIPE",
+                    help="the ernie-edge recipe of a pair (default: default=q4g128-d6-s5g32, int4=q4g32-d4-h6)")
     a = ap.parse_args()
+    recipes = {p: r for p, (r, _) in PAIRS.items()}
+    for item in a.pair_recipe:
+        pair, _, recipe = item.partition("=")
+        if pair not in PAIRS or not recipe:
+            sys.exit(f"--pair-recipe {item!r}: expected PAIR=RECIPE with PAIR one of {', '.join(PAIRS)}")
+        recipes[pair] = recipe
     if a.tools is None or not (a.tools / "llama_cpp.sh").is_file():
         sys.exit("peers.py needs --tools DIR (or $ERNIE_EDGE_PEER_TOOLS): the folder holding llama_cpp.sh")
     tools = a.tools.resolve()
@@ -181,7 +191,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runner = Runner(tools, WORK / f"peers-quiet-{stamp}.jsonl", a.quiet_wait, a.max_foreign, a.tries)
-    models = {p: (ensure_model(a.layers, PAIRS[p][0], keep_source=False), ensure_gguf(tools, a.layers, PAIRS[p][1]))
+    models = {p: (ensure_model(a.layers, recipes[p], keep_source=False), ensure_gguf(tools, a.layers, PAIRS[p][1]))
               for p in a.pairs}
     prompt, gen = (a.depth, 64) if a.depth else (512, 128)
     for p, (edge, _) in models.items():  # first run compiles the kernels into numba's cache: not timed
@@ -203,7 +213,7 @@ def main() -> None:
     res = {"machine": mach, "layers": a.layers, "depth": a.depth, "threads": a.threads, "commit": commit,
            "date": time.strftime("%Y-%m-%d %H:%M"), "llama_args": a.llama_args, "llama_lib_path": a.llama_lib_path,
            "llama_cpp_build": rounds[0][a.pairs[0]]["llama"]["tests"][0].get("build_commit"),
-           "summary": summarize(rounds, a.pairs, a.depth), "rounds": rounds}
+           "summary": summarize(rounds, a.pairs, a.depth, recipes), "rounds": rounds}
     suffix = f"-d{a.depth}" if a.depth else ""
     out = RESULTS / f"peers-{cpu_slug(mach['cpu'])}-L{a.layers}{suffix}.json"
     out.write_text(json.dumps(res, indent=1) + "\n")
