@@ -22,6 +22,7 @@ No torch and no numpy here: tests import this file (tests/test_demo_model.py).
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -318,8 +319,9 @@ def calculator_call(rng: random.Random, lang: str, tools: list[dict]) -> Dialogu
                     kind="calculator_call")
 
 
-def calculator_result(rng: random.Random, lang: str, tools: list[dict]) -> Dialogue:
-    first = calculator_call(rng, lang, tools)
+def calculator_result(rng: random.Random, lang: str, tools: list[dict], first: Dialogue | None = None) -> Dialogue:
+    """The calculator's answer to `first` (a calculator_call; a new one if None) -> the model's answer."""
+    first = first or calculator_call(rng, lang, tools)
     op, a, b = _parse_expression(first.call["arguments"]["expression"])
     value = _big_value(op, a, b)
     messages = first.messages + _called(rng, first) + [
@@ -381,8 +383,9 @@ def weather_call(rng: random.Random, lang: str, tools: list[dict]) -> Dialogue:
     return Dialogue(_user(question), reasoning, call=call, tools=tools, kind="weather_call")
 
 
-def weather_result(rng: random.Random, lang: str, tools: list[dict]) -> Dialogue:
-    first = weather_call(rng, lang, tools)
+def weather_result(rng: random.Random, lang: str, tools: list[dict], first: Dialogue | None = None) -> Dialogue:
+    """get_weather's report for `first` (a weather_call; a new one if None) -> the model's answer."""
+    first = first or weather_call(rng, lang, tools)
     city = first.call["arguments"]["city"]
     temperature = rng.randint(-15, 40)
     condition, condition_zh = rng.choice(CONDITIONS)
@@ -619,6 +622,48 @@ def is_right(d: Dialogue, out) -> bool:
     if d.expected is not None:
         return last_integer(out.content) == d.expected
     return out.content == d.answer
+
+
+def held_out_conversations(n: int = 10, seed: int = SEED) -> list[list[Dialogue]]:
+    """n conversations of 4 turns, drawn anew (held-out sums, look-ups, conversions, weather and
+    calculator requests and results, greetings), both tools offered throughout. Turn k's messages
+    hold the turns before it, answered as the expected answers (what a right model said)."""
+    rng = random.Random(seed + 3)
+    tools = [WEATHER_TOOL, CALCULATOR_TOOL]
+    makers = (lambda r, la: arithmetic(r, la, held_out=True, tools=tools),
+              lambda r, la: _tools_on(lookup(r, la), tools), lambda r, la: _tools_on(unit_conversion(r, la), tools),
+              lambda r, la: weather_call(r, la, tools), lambda r, la: weather_result(r, la, tools),
+              lambda r, la: calculator_call(r, la, tools), lambda r, la: calculator_result(r, la, tools),
+              lambda r, la: _tools_on(chat(r, la), tools))
+    conversations = []
+    for i in range(n):
+        lang, history, turns = ("en", "zh")[i % 2], [], []
+        for _ in range(4):
+            d = rng.choice(makers)(rng, lang)
+            d.messages = history + d.messages
+            turns.append(d)
+            if d.call is not None:  # the client runs the call; the next turn starts after the answer
+                follow = (weather_result if d.call["name"] == "get_weather" else calculator_result)
+                done = follow(rng, lang, tools, first=d)
+                history = done.messages + [{"role": "assistant", "content": done.answer}]
+            else:
+                history = d.messages + [{"role": "assistant", "content": d.answer}]
+        conversations.append(turns)
+    return conversations
+
+
+def current_turn(d: Dialogue) -> Dialogue:
+    """d with its messages from the last user message on (its tool exchange kept): what
+    `ernie-edge demo` sends the model (ernie_edge/demo.py, DEMO_KEEP_TURNS)."""
+    last = max(i for i, m in enumerate(d.messages) if m["role"] == "user")
+    out = copy.copy(d)
+    out.messages = d.messages[last:]
+    return out
+
+
+def _tools_on(d: Dialogue, tools: list[dict]) -> Dialogue:
+    d.tools = tools
+    return d
 
 
 def held_out_tool_dialogues(n: int = 20, seed: int = SEED) -> list[Dialogue]:

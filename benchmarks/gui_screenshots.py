@@ -4,14 +4,14 @@
     python benchmarks/gui_screenshots.py [--out docs/screenshots]
 
 Runs itself under `xvfb-run` when there is no display (scripts/setup.sh --gui installs Xvfb);
-without Xvfb it falls back to Qt's offscreen platform. The model is the tiny synthetic one, its
-words scripted through the LocalBackend test hook (random weights write random text); everything
-else (window, streaming, Markdown, figures under the answer) is the app as it runs.
+without Xvfb it falls back to Qt's offscreen platform. The model is the built-in demo model
+(models/demo), answering for real at temperature 0: nothing on screen is scripted.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -21,24 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-TURNS = [
-    ("What is a mixture-of-experts model? Two sentences, please.",
-     "The user wants a short definition. Key points: many expert feed-forward blocks, a router that "
-     "picks a few per token, so compute per token stays small while total parameters are large. "
-     "ERNIE-4.5-21B-A3B is a good example: 21B parameters, about 3B active.",
-     "A **mixture-of-experts** (MoE) model replaces each feed-forward layer with many *experts* and a "
-     "small router that sends every token to only a few of them.\n\nSo a model like ERNIE-4.5-21B-A3B "
-     "holds 21 B parameters but computes with about 3 B per token, which is why it runs on a laptop."),
-    ("用 Python 写一个函数，计算斐波那契数列的第 n 项。",
-     "用户想要一个计算斐波那契数的函数。递归版本太慢（指数级），用迭代：两个变量滚动更新，O(n) 时间、O(1) 空间。"
-     "再给一个简短的用法示例。",
-     "可以用迭代的方法，时间复杂度 O(n)，空间 O(1)：\n\n```python\ndef fib(n: int) -> int:\n"
-     "    \"\"\"第 n 项斐波那契数（fib(0) = 0, fib(1) = 1）。\"\"\"\n    a, b = 0, 1\n    for _ in range(n):\n"
-     "        a, b = b, a + b\n    return a\n\nprint([fib(i) for i in range(10)])\n```\n\n"
-     "输出 `[0, 1, 1, 2, 3, 5, 8, 13, 21, 34]`。"),
-]
+QUESTIONS = ["What is 47 + 38?", "把3公里换算成米。", "What is the capital of Kenya?"]
 SIZES = [(1280, 800), (800, 600)]
 
 
@@ -66,23 +50,21 @@ def main() -> int:
     reexec_under_xvfb()
     from PyQt6.QtWidgets import QApplication
 
-    from gui_helpers import scripted, tiny_edge_dir
-    from ernie_edge.gui.backends import LocalBackend, LocalSettings
+    from ernie_edge.demo import ensure_demo_model
     from ernie_edge.gui.launch import GuiSettings, build_window
+    from ernie_edge.gui.window import make_backend
 
     app = QApplication(sys.argv[:1])
     tmp = Path(tempfile.mkdtemp())
-    model = tiny_edge_dir(tmp)
-    scripts = iter([scripted(think, answer) for _, think, answer in TURNS])
-
-    def factory(settings):
-        return LocalBackend(LocalSettings(str(model), context=4096), forced=lambda req: next(scripts))
-    w = build_window(GuiSettings(model=str(model), data_dir=tmp, config_dir=tmp, theme="light"), factory)
+    os.environ["ERNIE_EDGE_HOME"] = str(tmp)  # the demo model is converted into a fresh store
+    (tmp / "gui.json").write_text(json.dumps({"temperature": 0.0}))
+    w = build_window(GuiSettings(model=str(ensure_demo_model()), data_dir=tmp, config_dir=tmp, theme="light"),
+                     make_backend)
     w.resize(*SIZES[0])
     w.show()
     while w.backend is None:
         settle(app, 0.05)
-    for question, _, _ in TURNS:
+    for question in QUESTIONS:
         w.input.setPlainText(question)
         w.send()
         while w.controller.busy:

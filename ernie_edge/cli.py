@@ -315,7 +315,12 @@ def _add_rm(sub) -> None:
 def _run_rm(a) -> int:
     from .manifest import format_size
     from .models_store import find, remove
+    from .demo import DEMO_NAME, shipped_demo_dir
     model = find(a.name)
+    shipped = shipped_demo_dir()
+    if shipped is not None and model.path.resolve() == shipped.resolve():
+        raise ErnieEdgeError(f"rm {a.name}: {model.path} is the demo model's shipped checkpoint, part of "
+                             f"ernie-edge; `ernie-edge rm {DEMO_NAME}` deletes its converted copy")
     what = f"{model.name} ({format_size(model.bytes)}, {model.path})"
     if not a.yes:
         if not sys.stdin.isatty():

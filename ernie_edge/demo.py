@@ -27,6 +27,7 @@ from .paths import models_dir
 DEMO_NAME = "ernie-demo"
 DEMO_RECIPE = "q4g32-d8"  # int4 experts, int8 dense: the tiny model keeps its weights close
 DEMO_PROMPT = "What is 47 + 38?"
+DEMO_KEEP_TURNS = 1  # it was trained on single questions: the chat sends it the current one (with its tool exchange)
 SOURCE_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
                 "tokenizer_config.json", "special_tokens_map.json")
 
@@ -51,16 +52,24 @@ DEMO_TOOLS = (WEATHER_TOOL, CALCULATOR_TOOL)
 
 # ---- the shipped checkpoint and its converted copy ------------------------------------------
 
+def _candidates() -> tuple[Path, ...]:
+    return (Path(__file__).resolve().parent.parent / "models" / "demo",
+            Path(sys.prefix) / "share" / "ernie-edge" / "demo")
+
+
+def shipped_demo_dir() -> Path | None:
+    """The shipped HF checkpoint, or None: models/demo in a source checkout, share/ernie-edge/demo
+    in an installed wheel."""
+    return next((folder for folder in _candidates() if (folder / "config.json").is_file()), None)
+
+
 def demo_source_dir() -> Path:
-    """The shipped HF checkpoint: models/demo in a source checkout, share/ernie-edge/demo in an
-    installed wheel."""
-    candidates = (Path(__file__).resolve().parent.parent / "models" / "demo",
-                  Path(sys.prefix) / "share" / "ernie-edge" / "demo")
-    for folder in candidates:
-        if (folder / "config.json").is_file():
-            return folder
-    raise ModelNotFoundError("the demo checkpoint is missing (looked in " + ", ".join(map(str, candidates))
-                             + "); check out the repository again or reinstall ernie-edge")
+    """shipped_demo_dir(), or an error saying where it was looked for."""
+    folder = shipped_demo_dir()
+    if folder is None:
+        raise ModelNotFoundError("the demo checkpoint is missing (looked in " + ", ".join(map(str, _candidates()))
+                                 + "); check out the repository again or reinstall ernie-edge")
+    return folder
 
 
 def source_digest(folder: Path) -> str:
@@ -192,7 +201,7 @@ def run_demo(settings: DemoSettings) -> None:
     # Greedy: a tiny model is at its most accurate at temperature 0.
     params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
     chat = TerminalChat(model, ChatSettings(params=params, tools=[dict(t) for t in DEMO_TOOLS],
-                                            run_tool=run_demo_tool))
+                                            run_tool=run_demo_tool, keep_turns=DEMO_KEEP_TURNS))
     if settings.prompt is None and settings.interactive:
         chat.write("The demo model: a tiny ERNIE-4.5 MoE trained for this repository. Ask it small sums "
                    "(What is 47 + 38?), unit conversions, capitals and currencies, or the weather "

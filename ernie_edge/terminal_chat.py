@@ -48,6 +48,9 @@ class ChatSettings:
     # run_tool(name, arguments JSON) -> the result text to send back at once, or None to leave the
     # call to the user (/tool RESULT). The demo runs its calculator this way.
     run_tool: Callable[[str, str], str | None] | None = None
+    # Send the model only the last keep_turns user turns (with what follows each); /save keeps
+    # them all. For a small model trained on short conversations (the demo model); None: all.
+    keep_turns: int | None = None
 
 
 MAX_AUTOMATIC_TOOL_ROUNDS = 4  # tool results sent back in a row without the user
@@ -212,7 +215,7 @@ class TerminalChat:
         (an error before it, e.g. a message longer than the context, leaves it unchanged). A tool
         call that settings.run_tool answers is answered at once (up to MAX_AUTOMATIC_TOOL_ROUNDS)."""
         system = [{"role": "system", "content": self.s.system}] if self.s.system else []
-        ids = render_prompt(self.model, system + self.messages + [message], tools=self.s.tools)
+        ids = render_prompt(self.model, system + self.recent(self.messages + [message]), tools=self.s.tools)
         stream = stream_generate(self.model, ids, self.s.params, session=self.session,
                                  reasoning_budget=self.s.reasoning_budget)
         try:
@@ -238,6 +241,13 @@ class TerminalChat:
             return
         self.write(self.style(f"[tool result] {result}", DIM) + "\n")
         self.converse({"role": "tool", "content": result, "tool_call_id": call["id"]}, rounds + 1)
+
+    def recent(self, messages: list[dict]) -> list[dict]:
+        """messages from the keep_turns-th last user message on (all when keep_turns is None)."""
+        if self.s.keep_turns is None:
+            return messages
+        starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        return messages[starts[-self.s.keep_turns]:] if len(starts) > self.s.keep_turns else messages
 
     def stream_reply(self, first, stream) -> dict:
         """Print the chunks as they come; returns the assistant message (partial after Ctrl-C)."""
