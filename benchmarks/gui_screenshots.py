@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-QUESTIONS = ["What is 47 + 38?", "把3公里换算成米。", "What is the capital of Kenya?"]
+QUESTIONS = ["What is 47 + 38?", "肯尼亚的首都是哪里？"]
 SIZES = [(1280, 800), (800, 600)]
 
 
