@@ -29,7 +29,8 @@ import re
 import zlib
 from dataclasses import dataclass
 
-from ernie_edge.demo import CALCULATOR_TOOL, WEATHER_TOOL, function_tool
+from ernie_edge.chat_template import last_turns
+from ernie_edge.demo import CALCULATOR_TOOL, DEMO_KEEP_TURNS, WEATHER_TOOL, function_tool
 
 SEED = 20251
 HELD_OUT_BUCKETS = 16  # 1 in 16 arithmetic questions is held out
@@ -655,9 +656,8 @@ def held_out_conversations(n: int = 10, seed: int = SEED) -> list[list[Dialogue]
 def current_turn(d: Dialogue) -> Dialogue:
     """d with its messages from the last user message on (its tool exchange kept): what
     `ernie-edge demo` sends the model (ernie_edge/demo.py, DEMO_KEEP_TURNS)."""
-    last = max(i for i, m in enumerate(d.messages) if m["role"] == "user")
     out = copy.copy(d)
-    out.messages = d.messages[last:]
+    out.messages = last_turns(d.messages, DEMO_KEEP_TURNS)
     return out
 
 

@@ -434,6 +434,15 @@ def validate_tools(tools: Any) -> list[dict] | None:
     return out or None
 
 
+def last_turns(messages: list[dict], n: int | None) -> list[dict]:
+    """messages from the n-th last user message on (what follows each user message, tool calls
+    and results included, stays with it); all of them when n is None or there are no more."""
+    if n is None:
+        return messages
+    starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    return messages[starts[-n]:] if len(starts) > n else messages
+
+
 def _input_chars(messages: list[dict], tools: list[dict] | None, extra: dict) -> int:
     """Rough size of everything the caller passes in, to scale the output limit."""
     total = len(json.dumps(tools, ensure_ascii=False, default=str)) if tools else 0

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .chat_template import last_turns
 from .errors import ContextLengthError, ErnieEdgeError, one_line
 from .generate import PromptCache, Session, render_prompt, stream_generate
 from .sampling import SamplingParams
@@ -243,11 +244,8 @@ class TerminalChat:
         self.converse({"role": "tool", "content": result, "tool_call_id": call["id"]}, rounds + 1)
 
     def recent(self, messages: list[dict]) -> list[dict]:
-        """messages from the keep_turns-th last user message on (all when keep_turns is None)."""
-        if self.s.keep_turns is None:
-            return messages
-        starts = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        return messages[starts[-self.s.keep_turns]:] if len(starts) > self.s.keep_turns else messages
+        """What the model is sent of messages: the last keep_turns user turns (all when None)."""
+        return last_turns(messages, self.s.keep_turns)
 
     def stream_reply(self, first, stream) -> dict:
         """Print the chunks as they come; returns the assistant message (partial after Ctrl-C)."""
