@@ -69,20 +69,42 @@ def test_matvec_extreme_codes_scales_and_integer_sums(bits):
 @pytest.mark.parametrize("t", [1, 3, 17, 100])
 @pytest.mark.parametrize("o,k,gs", [(5, 64, 32), (37, 256, 64), (130, 2560, 128)])
 def test_matmul_small_and_exact(bits, t, o, k, gs):
-    """matmul_small: each row is the decode matvec of that token, bit for bit; matmul_exact: exact
-    float32."""
+    """matmul_small: every token's row is the decode matvec's arithmetic (the twin to float
+    rounding, the exact product within the activation bound) for every token tile and the
+    O % 4 tail rows; matmul_exact: exact float32."""
     codes, packed, scales = random_qn(o, k, gs, bits)
     X = RNG.standard_normal((t, k)).astype(np.float32)
     out = np.full((t, o), np.nan, np.float32)
     q56.matmul_small(X, packed, scales, out, bits)
-    for i in (0, t - 1):
-        one = np.empty(o, np.float32)
-        q56.matvec(X[i], packed, scales, one, ActScratch(k), bits)
-        np.testing.assert_array_equal(out[i], one)
     w = dequantize_qn(packed, scales, gs, bits).astype(np.float64)
+    for i in range(t):
+        y, mag = twin_matvec(X[i], codes, scales.astype(np.float32).repeat(gs // 32, axis=1), 32)
+        np.testing.assert_array_less(np.abs(out[i] - y), 1e-5 * mag + 1e-30)
+        np.testing.assert_array_less(np.abs(out[i] - w @ X[i]), act_error_bound(X[i], w, 32) + 1e-6 * mag + 1e-30)
+    one = np.empty(o, np.float32)
+    q56.matvec(X[t - 1], packed, scales, one, ActScratch(k), bits)
+    np.testing.assert_allclose(out[t - 1], one, rtol=0, atol=1e-5 * np.abs(one).max())
     q56.matmul_exact(X, packed, scales, out, bits)
     scale = np.abs(X).astype(np.float64) @ np.abs(w).T
     np.testing.assert_array_less(np.abs(out - X.astype(np.float64) @ w.T), 1e-5 * scale + 1e-30)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_matmul_small_largest_integer_sums(bits):
+    """Codes at both ends with every xq at +-32767: the tile's 16-product lane sums (< 2^24) stay
+    exact, so the result is the float64 product to float32 rounding."""
+    off = 1 << (bits - 1)
+    o, k, gs = 8, 256, 32
+    codes = np.where(RNG.random((o, k)) < 0.5, -off, off - 1)
+    codes[0], codes[1] = -off, off - 1
+    scales = np.full((o, k // gs), 0.25, np.float16)
+    packed = pack_qn(codes, bits)
+    X = np.stack([np.full(k, 1.5, np.float32), np.full(k, -1.5, np.float32)] * 3)
+    out = np.empty((6, o), np.float32)
+    q56.matmul_small(X, packed, scales, out, bits)
+    want = X.astype(np.float64) @ dequantize_qn(packed, scales, gs, bits).astype(np.float64).T
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+    assert out[0, 0] == 0.25 * 1.5 * -off * k
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -8,7 +8,8 @@ per block and token. Here one step takes FOUR rows x TWO blocks:
 
 - the rows' two blocks are widened once per step for all tokens of the tile: int4 nibbles
   (vpmovzxbw, and 15 / shift 4, minus 8) as [b0 | b1] low and high halves; int8 codes permuted by
-  quadwords into [b0 | b1] first and second halves; the scale vector ws[r, g(b)] (one 32-bit
+  quadwords into [b0 | b1] first and second halves; int5 / int6 blocks each widened as in
+  kernels/codes.py and joined; the scale vector ws[r, g(b)] (one 32-bit
   load per row when G = 32: both blocks' scales; one 16-bit load when G >= 64: one group);
 - per token: the activations shuffled to match, P = two 512-bit vpdpwssd (AVX512-VNNI; vpmaddwd +
   add with AVX512BW only), lanes 0..7 block b0 and 8..15 block b1; the four rows' P fold with two
@@ -16,8 +17,8 @@ per block and token. Here one step takes FOUR rows x TWO blocks:
   b0, chunks 2, 3: b1); ONE convert and ONE multiply-add with ws * xd[token, b];
 - at the end the four chunks add up to the four row results.
 
-Integer exactness: a chunk lane sums 16 products: int4 at most 16 * 8 * 32767 < 2^24 (exact);
-int8 up to 16 * 127 * 32767 ~ 2^26, so the conversion may round by a relative 6e-8, far below the
+Integer exactness: a chunk lane sums 16 products: int4 at most 16 * 8 * 32767 < 2^24 (exact),
+int6 at most 16 * 32 * 32767 < 2^24 (exact); int8 up to 16 * 127 * 32767 ~ 2^26, so the conversion may round by a relative 6e-8, far below the
 activation quantization error (as qbatch's own vphaddd fold). An odd last block runs as a step
 whose second block is zero (never read).
 
@@ -31,7 +32,8 @@ from __future__ import annotations
 from numba.core import cgutils
 
 from . import _jit, ir
-from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x32, I32, I32x16, I64
+from .codes import BLOCK_BYTES, block_i16
+from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x16, I16x32, I32, I32x16, I64
 
 F32x2 = ir.VectorType(F32, 2)
 F32x4 = ir.VectorType(F32, 4)
@@ -80,10 +82,10 @@ def _fold4(builder, p):
     return builder.add(lo, hi)
 
 
-def _pair_weights(builder, wptr, wo, unpack, single):
+def _pair_weights(builder, wptr, wo, bits, single):
     """Row weights of blocks b0, b1 (b1 zero when `single`) as (first halves, second halves), each
-    <32 x i16> = [b0's 16 | b1's 16] signed codes (int4: nibble - 8)."""
-    if unpack:
+    <32 x i16> = [b0's 16 | b1's 16] signed codes (block layouts in kernels/codes.py)."""
+    if bits == 4:
         if single:
             raw = ir.load_vec(builder, wptr, wo, I8x16)
             raw = builder.shuffle_vector(raw, ir.Constant(I8x16, [0] * 16), ir.mask(range(32)))
@@ -94,15 +96,24 @@ def _pair_weights(builder, wptr, wo, unpack, single):
         hi = builder.lshr(wide, ir.Constant(I16x32, [4] * 32))
         eight = ir.Constant(I16x32, [8] * 32)
         return builder.sub(lo, eight), builder.sub(hi, eight)
+    if bits == 8:
+        if single:
+            raw = ir.load_vec(builder, wptr, wo, I8x32)
+            raw = builder.shuffle_vector(raw, ir.Constant(I8x32, [0] * 32), ir.mask(range(64)))
+        else:
+            raw = ir.load_vec(builder, wptr, wo, I8x64)
+        q = builder.bitcast(raw, I64x8)  # quadwords: b0 = 0..3, b1 = 4..7
+        first = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([0, 1, 4, 5])), I8x32)
+        second = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([2, 3, 6, 7])), I8x32)
+        return builder.sext(first, I16x32), builder.sext(second, I16x32)
+    # int5 / int6: each block widened by its 256-bit recipe, the halves joined
+    lo0, hi0 = block_i16(builder, wptr, wo, bits)
     if single:
-        raw = ir.load_vec(builder, wptr, wo, I8x32)
-        raw = builder.shuffle_vector(raw, ir.Constant(I8x32, [0] * 32), ir.mask(range(64)))
+        lo1 = hi1 = ir.Constant(I16x16, [0] * 16)
     else:
-        raw = ir.load_vec(builder, wptr, wo, I8x64)
-    q = builder.bitcast(raw, I64x8)  # quadwords: b0 = 0..3, b1 = 4..7
-    first = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([0, 1, 4, 5])), I8x32)
-    second = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([2, 3, 6, 7])), I8x32)
-    return builder.sext(first, I16x32), builder.sext(second, I16x32)
+        lo1, hi1 = block_i16(builder, wptr, builder.add(wo, ir.c64(BLOCK_BYTES[bits])), bits)
+    return (builder.shuffle_vector(lo0, lo1, ir.mask(range(32))),
+            builder.shuffle_vector(hi0, hi1, ir.mask(range(32))))
 
 
 def _pair_x(builder, xqptr, x0, single):
@@ -175,10 +186,10 @@ def _offsets(builder, woff, wstride, soff, sstride):
             [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)])
 
 
-def tile4(context, builder, sig, args, ntok, unpack):
+def tile4(context, builder, sig, args, ntok, bits):
     """qbatch's register tile for four weight rows x ntok tokens (the arguments of qbatch._tile_body):
     each step widens the four rows' two blocks once and dots them with every token of the tile;
-    res[4 j + r] = the dot of row r with token j. int4 codes are made signed (nibble - 8) once per
+    res[4 j + r] = the dot of row r with token j. Codes are made signed (int4: nibble - 8) once per
     step, so no offset term is needed."""
     (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res) = args
     wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty = sig.args
@@ -189,7 +200,7 @@ def tile4(context, builder, sig, args, ntok, unpack):
     xoffs = [builder.mul(row, builder.mul(nblk, ir.c64(32))) for row in rows]
     doffs = [builder.mul(row, nblk) for row in rows]
     woffs, soffs = _offsets(builder, woff, wstride, soff, sstride)
-    bpb = 16 if unpack else 32
+    bpb = BLOCK_BYTES[bits]
     ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))
     accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
     zero = ir.Constant(I32x16, [0] * 16)
@@ -197,7 +208,7 @@ def tile4(context, builder, sig, args, ntok, unpack):
     def step(b0, index, g32, single):
         if index is not None:
             ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(index, ir.c64(8 * bpb))), 8 * bpb)
-        wv = [_pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), unpack, single)
+        wv = [_pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), bits, single)
               for wrow in woffs]
         ws = _pair_scales(builder, sptr, soffs, b0, log2sub, g32, single)
         for j in range(ntok):

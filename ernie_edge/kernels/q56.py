@@ -21,8 +21,8 @@ reuse q8.py's routed-expert quads, so a layer takes as few parallel regions as w
 each fused result equals the separate calls' (bit for bit but for the last sum of `pair_down_weighted`,
 which fastmath may reassociate).
 
-Prefill: `matmul_small` reads every row quad once and dots it with each token's quantized
-activations while it sits in cache (the decode arithmetic, for small batches); `matmul_exact` is
+Prefill: `matmul_small` is the decode arithmetic for small batches in kernels/qbatch.py's register
+tiles (4 rows x up to 4 tokens: each block read once and widened once per tile); `matmul_exact` is
 exact float32: rows dequantized into a tile (vector code, as q4's), multiplied by sgemm
 (q8.tiled_matmul).
 
@@ -39,41 +39,15 @@ from numba.extending import intrinsic
 from . import ir
 from ._jit import get_threads, njit, pnjit
 from . import q8
+from .codes import block_i16
 from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, log2_sub, quantize_act
 from .q8 import (ActScratch, _down_sum1, _down_sum4, _gate_up_quad, _gate_up_tail, _next_unit, _quantize_slots,
                  _silu_mul, _units, tiled_matmul)
-from .qbatch import _quantize_rows
+from .qbatch import CHUNK_ROWS, TILE_TOKENS, _quantize_rows, make_tile
 from .simd import _dot_i16, _prefetch_ahead
 from .ir import F32, F32x8, I8, I16, I16x16, I32x8, VectorType
 
 BITS = (5, 6)
-
-
-def _high_bits(builder, wptr, wo, bits):
-    """The high bits of a block's 32 codes, already at bit 4: (codes 0..15, codes 16..31) as
-    <16 x i16>. Lane l of the first half reads byte l % 4h at bit h (l // 4h); the second half the
-    same bytes 4 bits higher."""
-    h = bits - 4
-    nqh = 4 * h
-    raw = ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), VectorType(I8, nqh))
-    raw = builder.zext(raw, VectorType(I16, nqh))
-    spread = builder.shuffle_vector(raw, raw, ir.mask([lane % nqh for lane in range(16)]))
-    t = [lane // nqh for lane in range(16)]
-    keep = ir.Constant(I16x16, [((1 << h) - 1) << (h * ti) for ti in t])
-    to_bit4 = ir.Constant(I16x16, [1 << (4 - h * ti) for ti in t])
-    first = builder.mul(builder.and_(spread, keep), to_bit4)
-    second = builder.mul(builder.and_(builder.lshr(spread, ir.Constant(I16x16, [4] * 16)), keep), to_bit4)
-    return first, second
-
-
-def _codes(builder, wptr, wo, bits):
-    """The 32 codes of the block at byte wo as two <16 x i16> (codes 0..15, codes 16..31)."""
-    nib = builder.zext(ir.load_vec(builder, wptr, wo, VectorType(I8, 16)), I16x16)
-    hi0, hi1 = _high_bits(builder, wptr, wo, bits)
-    offset = ir.Constant(I16x16, [1 << (bits - 1)] * 16)
-    wlo = builder.or_(builder.and_(nib, ir.Constant(I16x16, [15] * 16)), hi0)
-    whi = builder.or_(builder.lshr(nib, ir.Constant(I16x16, [4] * 16)), hi1)
-    return builder.sub(wlo, offset), builder.sub(whi, offset)
 
 
 def _rows_dot(context, builder, sig, args, nrows, bits):
@@ -103,7 +77,7 @@ def _rows_dot(context, builder, sig, args, nrows, bits):
             wo = builder.add(builder.add(woff, builder.mul(rr, wstride)), builder.mul(i, ir.c64(block_bytes)))
             srow = builder.add(soff, builder.mul(rr, sstride))
             ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
-            wlo, whi = _codes(builder, wptr, wo, bits)
+            wlo, whi = block_i16(builder, wptr, wo, bits)
             f = builder.sitofp(_dot_i16(builder, wlo, whi, xlo, xhi, izero8), F32x8)
             dv = ir.splat(builder, builder.fmul(ws, xdi), F32x8)
             acc = builder.load(accs[r])
@@ -389,19 +363,53 @@ def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch
 
 # ---- prefill ----------------------------------------------------------------------------------------
 
+# register tiles of 4 rows x n tokens (kernels/qbatch.py's, on int5 / int6 blocks)
+_q5x1, _q5x2, _q5x3, _q5x4 = (make_tile(4, n, 5) for n in (1, 2, 3, 4))
+_q6x1, _q6x2, _q6x3, _q6x4 = (make_tile(4, n, 6) for n in (1, 2, 3, 4))
+
+
+@njit(inline="always")
+def _tile4(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res):
+    """4 weight rows x nt (1..4) tokens toks[t0 ..] -> res[4 j + r] (qbatch._tile_body's arguments)."""
+    if bits == 5:
+        if nt == 4:
+            _q5x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        elif nt == 3:
+            _q5x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        elif nt == 2:
+            _q5x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        else:
+            _q5x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 4:
+        _q6x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 3:
+        _q6x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    elif nt == 2:
+        _q6x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+    else:
+        _q6x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+
+
 @pnjit()
-def _matmul_small(x, w, s, out, xq, xd, xs, bits):
-    """out [T, O] = X W^T: every row quad read once, dotted with each token's int16 activations."""
+def _matmul_small(x, w, s, out, xq, xd, xs, toks, bits):
+    """out [T, O] = X W^T: X quantized once, then one parallel region over chunks of row quads;
+    each quad's blocks are widened once per tile of 4 tokens. The last O % 4 rows: decode dots."""
     O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
     T, nb = xd.shape
     l2 = log2_sub(nb, nsg)
     _quantize_rows(x, xq, xd, xs, 32)
     nq = O // 4
-    for p in prange(nq):
-        r = 4 * p
-        for t in range(T):
-            a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
-            out[t, r], out[t, r + 1], out[t, r + 2], out[t, r + 3] = a, b, c, d
+    per = CHUNK_ROWS // 4
+    for c in prange((nq + per - 1) // per):
+        res = np.empty(4 * TILE_TOKENS, np.float32)
+        for p in range(c * per, min(nq, (c + 1) * per)):
+            r = 4 * p
+            for t0 in range(0, T, TILE_TOKENS):
+                nt = min(TILE_TOKENS, T - t0)
+                _tile4(bits, nt, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, t0, nb, l2, res)
+                for j in range(nt):
+                    for q in range(4):
+                        out[t0 + j, r + q] = res[4 * j + q]
     for r in range(4 * nq, O):
         for t in range(T):
             out[t, r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
@@ -421,7 +429,7 @@ def _dequant_row_ir(context, builder, sig, args, bits):
         g = builder.udiv(builder.mul(b, ir.c64(32)), gs)
         scale = ir.splat(builder, ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)]))),
                          F32x16)
-        wlo, whi = _codes(builder, wptr, builder.add(woff, builder.mul(b, ir.c64(4 * bits))), bits)
+        wlo, whi = block_i16(builder, wptr, builder.add(woff, builder.mul(b, ir.c64(4 * bits))), bits)
         base = builder.add(ooff, builder.mul(b, ir.c64(32)))
         for half, codes in ((0, wlo), (16, whi)):
             p = builder.bitcast(builder.gep(optr, [builder.add(base, ir.c64(half))]), F32x16.as_pointer())
@@ -490,15 +498,18 @@ def _check_matmul(X, w, scales, out, bits: int) -> np.ndarray:
 
 
 def matmul_small(X, w, scales, out, bits: int) -> np.ndarray:
-    """out float32 [T, O] = X W^T for int5 / int6 W [O, K*b/8]; X float32 [T, K]. Each token's row
-    is bit for bit the decode matvec's (int16 activations, its error bound); each weight row quad
-    is read from memory once for all T tokens. For small T (cpu_weights.QBATCH_MAX_T)."""
+    """out float32 [T, O] = X W^T for int5 / int6 W [O, K*b/8]; X float32 [T, K]. The decode
+    matvec's arithmetic (int16 activations, the same integer block sums and error bound; only the
+    float accumulation order differs) in qbatch's register tiles: each weight block is read once
+    and widened once per tile of 4 tokens. For small T (cpu_weights.QBATCH_MAX_T)."""
     s = _check_matmul(X, w, scales, out, bits)
     X = np.ascontiguousarray(X)
     T, K = X.shape
+    if T == 0:
+        return out
     xq = np.empty((T, K), np.int16)
     xd = np.empty((T, K // 32), np.float32)
-    _matmul_small(X, w, s, out, xq, xd, np.empty((T, K // 32), np.int32), bits)
+    _matmul_small(X, w, s, out, xq, xd, np.empty((T, K // 32), np.int32), np.arange(T, dtype=np.int64), bits)
     return out
 
 

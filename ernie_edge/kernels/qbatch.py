@@ -19,8 +19,9 @@ Error bound, per output (tested in tests/test_kernels_qbatch.py), as for the dec
 plus float32 rounding (the per-block integer sums of four rows are added pairwise before the
 float conversion; past 2^24 that rounds, a relative 6e-8, far below the activation error).
 
-Register tile: R = 4 weight rows x N <= 4 tokens. Per 32-block the four rows' <8 x i32> dot
-vectors are folded into one by two levels of pairwise horizontal adds (vphaddd), converted to
+Register tile: R = 4 weight rows x N <= 4 tokens (`make_tile`; kernels/q56.py's small-batch
+matmul uses it on int5 / int6 blocks too; kernels/codes.py widens every format). Per 32-block
+the four rows' <8 x i32> dot vectors are folded into one by two levels of pairwise horizontal adds (vphaddd), converted to
 float once and scaled by [ws0..ws3, ws0..ws3] * xd[t]: the float epilogue costs a quarter of a
 per-row one. Rows are shared out in chunks of CHUNK_ROWS (one parallel region per call); within
 a chunk each row quad stays in L1 while every token tile passes over it.
@@ -40,7 +41,8 @@ from numba.extending import intrinsic
 from . import _jit, dot512, ir
 from ._jit import njit, pnjit
 from .act_quant import act_group, check_weight, log2_sub, quantize_blocks
-from .ir import F32, F32x4, F32x8, I8, I8x16, I16, I16x16, I32x8, I32x16, I64
+from .codes import BLOCK_BYTES, block_i16
+from .ir import F32, F32x4, F32x8, I8, I16, I16x16, I32x8, I32x16, I64
 
 TILE_ROWS = 4  # R
 TILE_TOKENS = 4  # N (largest token tile)
@@ -85,25 +87,13 @@ def _hadd(builder, a, b):
     return builder.add(even, odd)
 
 
-def _weights(builder, wptr, wo, unpack):
-    """One row's 32-block as signed int16 codes (lo 16, hi 16): int4 nibbles minus 8, or int8."""
-    if unpack:
-        raw = builder.zext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
-        eight = ir.Constant(I16x16, [8] * 16)
-        lo = builder.sub(builder.and_(raw, ir.Constant(I16x16, [15] * 16)), eight)
-        hi = builder.sub(builder.lshr(raw, ir.Constant(I16x16, [4] * 16)), eight)
-        return lo, hi
-    lo = builder.sext(ir.load_vec(builder, wptr, wo, I8x16), I16x16)
-    hi = builder.sext(ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), I8x16), I16x16)
-    return lo, hi
-
-
-def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
+def _tile_body(context, builder, sig, args, nrows, ntok, bits):
     """res[j * nrows + r] = dot(weight row r, activation row toks[t0 + j]) for r < nrows, j < ntok.
 
     args: (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res)
-      w      weights (uint8 packed int4 or int8 codes, any shape, C-contiguous); row r of the tile
-             starts at flat element woff + r * wstride
+      w      weights (uint8 packed int4 / int5 / int6 or int8 codes, any shape, C-contiguous;
+             `bits` per code, layouts in kernels/codes.py); row r of the tile starts at flat
+             element woff + r * wstride
       s      uint16 fp16 scales; row r's first at soff + r * sstride; block b uses group b >> log2sub
       xq/xd  int16 [*, 32 * nblk] quantized activations and float32 [*, nblk] block scales
       toks   int64 row numbers of xq/xd; the tile's tokens are toks[t0 .. t0 + ntok)
@@ -117,7 +107,7 @@ def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
     xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
     tptr = ir.data_ptr(context, builder, tty, toks, I64)
     rptr = ir.data_ptr(context, builder, rty, res, F32)
-    bpb = 16 if unpack else 32  # weight bytes per 32-block and row
+    bpb = BLOCK_BYTES[bits]  # weight bytes per 32-block and row
     kq = builder.mul(nblk, ir.c64(32))
     xrows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
     xoffs = [builder.mul(row, kq) for row in xrows]
@@ -131,7 +121,7 @@ def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
         i = loop.index
         ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(i, ir.c64(nrows * bpb))), nrows * bpb)
         g = builder.lshr(i, log2sub)
-        wv = [_weights(builder, wptr, builder.add(wo, builder.mul(i, ir.c64(bpb))), unpack) for wo in woffs]
+        wv = [block_i16(builder, wptr, builder.add(wo, builder.mul(i, ir.c64(bpb))), bits) for wo in woffs]
         ws = [ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(so, g)]))) for so in soffs]
         if nrows == 4:
             wsv = ir.Constant(F32x8, ir.Undefined)
@@ -164,24 +154,27 @@ def _tile_body(context, builder, sig, args, nrows, ntok, unpack):
     return context.get_dummy_value()
 
 
-def _make_tile(nrows, ntok):
+def make_tile(nrows, ntok, bits=None):
+    """The register tile intrinsic of nrows (4 or 1) weight rows x ntok tokens (arguments in
+    `_tile_body`); bits 5 / 6 for int5 / int6 weights, None for int4 (uint8) or int8 (int8) by the
+    weights' dtype."""
     def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res):
         sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, toks, types.intp,
                          types.intp, types.intp, res)
-        unpack = w.dtype == types.uint8
+        b = bits or (4 if w.dtype == types.uint8 else 8)
 
         def codegen(context, builder, signature, args):
             if nrows == 4 and _jit.AVX512:
-                return dot512.tile4(context, builder, signature, args, ntok, unpack)
-            return _tile_body(context, builder, signature, args, nrows, ntok, unpack)
+                return dot512.tile4(context, builder, signature, args, ntok, b)
+            return _tile_body(context, builder, signature, args, nrows, ntok, b)
 
         return sig, codegen
 
     return intrinsic(typer)
 
 
-_q1x1, _q1x2, _q1x3, _q1x4 = (_make_tile(4, n) for n in (1, 2, 3, 4))  # 4 rows x n tokens
-_s1x1, _s1x2, _s1x3, _s1x4 = (_make_tile(1, n) for n in (1, 2, 3, 4))  # 1 row x n tokens
+_q1x1, _q1x2, _q1x3, _q1x4 = (make_tile(4, n) for n in (1, 2, 3, 4))  # 4 rows x n tokens
+_s1x1, _s1x2, _s1x3, _s1x4 = (make_tile(1, n) for n in (1, 2, 3, 4))  # 1 row x n tokens
 
 
 @njit(inline="always")
