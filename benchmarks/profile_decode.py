@@ -21,7 +21,7 @@ import numpy as np
 
 import ernie_edge
 from ernie_edge import cpu_model, weights
-from ernie_edge.kernels import attention, moe, norm, q8
+from ernie_edge.kernels import attention, moe, norm, q8, q56
 from _machine import machine_load  # noqa: E402
 
 TIMES: dict[str, float] = defaultdict(float)
@@ -40,10 +40,12 @@ def timed(name, fn):
 def instrument() -> None:
     for mod, names in ((q8, ["matvec", "matvec3", "experts_gate_up_silu", "experts_down_weighted",
                              "experts_pair_gate_up_silu", "experts_pair_down_weighted"]),
+                       (q56, ["matvec", "matvec3", "gate_up_silu", "pair_gate_up_silu", "pair_down_weighted"]),
                        (attention, ["attention_decode", "kv_write"]), (moe, ["route"]),
                        (norm, ["rmsnorm", "add_rmsnorm", "silu_mul"])):
         for n in names:
-            setattr(mod, n, timed(n, getattr(mod, n)))
+            label = n if mod is not q56 else f"q56.{n}"
+            setattr(mod, n, timed(label, getattr(mod, n)))
     cpu_model.apply_rope = timed("apply_rope", cpu_model.apply_rope)
     weights.QTensor.rows = timed("embed_rows", weights.QTensor.rows)
 

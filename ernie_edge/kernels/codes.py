@@ -17,7 +17,7 @@ activations x[32b : 32b + 16] and x[32b + 16 : 32b + 32] (in the quantizer's blo
 from __future__ import annotations
 
 from . import ir
-from .ir import I8, I8x16, I16, I16x16, VectorType
+from .ir import I8, I8x16, I16, I16x16, I16x32, VectorType
 
 BLOCK_BYTES = {4: 16, 5: 20, 6: 24, 8: 32}
 
@@ -56,3 +56,31 @@ def block_i16(builder, wptr, wo, bits):
         raise ValueError(f"no block layout for int{bits}")
     offset = ir.Constant(I16x16, [1 << (bits - 1)] * 16)
     return builder.sub(lo, offset), builder.sub(hi, offset)
+
+
+def pair_i16(builder, wptr, wo, bits):
+    """Two consecutive int5 / int6 blocks (at byte wo and wo + BLOCK_BYTES) widened together in
+    512-bit vectors: (first, second), each <32 x i16> = [b0's 16 | b1's 16], first holding codes
+    0..15 and second codes 16..31 of each block (the lanes of kernels/dot512.py's steps)."""
+    h, bb = bits - 4, BLOCK_BYTES[bits]
+    nqh = 4 * h
+    b1 = builder.add(wo, ir.c64(bb))
+    nib = builder.shuffle_vector(ir.load_vec(builder, wptr, wo, I8x16), ir.load_vec(builder, wptr, b1, I8x16),
+                                 ir.mask(range(32)))
+    nib = builder.zext(nib, I16x32)
+    hq = VectorType(I8, nqh)
+    raw = builder.shuffle_vector(ir.load_vec(builder, wptr, builder.add(wo, ir.c64(16)), hq),
+                                 ir.load_vec(builder, wptr, builder.add(b1, ir.c64(16)), hq), ir.mask(range(2 * nqh)))
+    raw = builder.zext(raw, VectorType(I16, 2 * nqh))
+    lanes = [lane % nqh for lane in range(16)]
+    spread = builder.shuffle_vector(raw, raw, ir.mask(lanes + [nqh + lane for lane in lanes]))
+    t = [lane // nqh for lane in range(16)] * 2
+    keep = ir.Constant(I16x32, [((1 << h) - 1) << (h * ti) for ti in t])
+    to_bit4 = ir.Constant(I16x32, [1 << (4 - h * ti) for ti in t])
+    hb0 = builder.mul(builder.and_(spread, keep), to_bit4)
+    hb1 = builder.mul(builder.and_(builder.lshr(spread, ir.Constant(I16x32, [4] * 32)), keep), to_bit4)
+    offset = ir.Constant(I16x32, [1 << (bits - 1)] * 32)
+    first = builder.or_(builder.and_(nib, ir.Constant(I16x32, [15] * 32)), hb0)
+    second = builder.or_(builder.lshr(nib, ir.Constant(I16x32, [4] * 32)), hb1)
+    return builder.sub(first, offset), builder.sub(second, offset)
+

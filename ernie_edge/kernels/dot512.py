@@ -8,8 +8,8 @@ per block and token. Here one step takes FOUR rows x TWO blocks:
 
 - the rows' two blocks are widened once per step for all tokens of the tile: int4 nibbles
   (vpmovzxbw, and 15 / shift 4, minus 8) as [b0 | b1] low and high halves; int8 codes permuted by
-  quadwords into [b0 | b1] first and second halves; int5 / int6 blocks each widened as in
-  kernels/codes.py and joined; the scale vector ws[r, g(b)] (one 32-bit
+  quadwords into [b0 | b1] first and second halves; int5 / int6 pairs in 512-bit vectors
+  (kernels/codes.py's pair_i16); the scale vector ws[r, g(b)] (one 32-bit
   load per row when G = 32: both blocks' scales; one 16-bit load when G >= 64: one group);
 - per token: the activations shuffled to match, P = two 512-bit vpdpwssd (AVX512-VNNI; vpmaddwd +
   add with AVX512BW only), lanes 0..7 block b0 and 8..15 block b1; the four rows' P fold with two
@@ -32,7 +32,7 @@ from __future__ import annotations
 from numba.core import cgutils
 
 from . import _jit, ir
-from .codes import BLOCK_BYTES, block_i16
+from .codes import BLOCK_BYTES, block_i16, pair_i16
 from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x16, I16x32, I32, I32x16, I64
 
 F32x2 = ir.VectorType(F32, 2)
@@ -106,14 +106,12 @@ def _pair_weights(builder, wptr, wo, bits, single):
         first = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([0, 1, 4, 5])), I8x32)
         second = builder.bitcast(builder.shuffle_vector(q, q, ir.mask([2, 3, 6, 7])), I8x32)
         return builder.sext(first, I16x32), builder.sext(second, I16x32)
-    # int5 / int6: each block widened by its 256-bit recipe, the halves joined
+    if not single:  # int5 / int6
+        return pair_i16(builder, wptr, wo, bits)
     lo0, hi0 = block_i16(builder, wptr, wo, bits)
-    if single:
-        lo1 = hi1 = ir.Constant(I16x16, [0] * 16)
-    else:
-        lo1, hi1 = block_i16(builder, wptr, builder.add(wo, ir.c64(BLOCK_BYTES[bits])), bits)
-    return (builder.shuffle_vector(lo0, lo1, ir.mask(range(32))),
-            builder.shuffle_vector(hi0, hi1, ir.mask(range(32))))
+    zero = ir.Constant(I16x16, [0] * 16)
+    return (builder.shuffle_vector(lo0, zero, ir.mask(range(32))),
+            builder.shuffle_vector(hi0, zero, ir.mask(range(32))))
 
 
 def _pair_x(builder, xqptr, x0, single):
