@@ -4,7 +4,9 @@ Figures (keys of --json): prefill_tok_s, decode_tok_s, ttft_s, load_s, jit_s, pe
 anon_rss_bytes, file_rss_bytes, weights_bytes_per_token, read_bandwidth_gbs, bandwidth_fraction
 (= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus);
 also decode_ms_p50 / decode_ms_p90, the median and 90th percentile of the decode steps' times (on
-a shared machine the median is the steadier figure for comparing code versions).
+a shared machine the median is the steadier figure for comparing code versions). jit_s is the
+CPU backend's warm-up (ernie_edge/kernel_warmup.py): every kernel compiled on a first run (numba's
+cache then holds them) or loaded from the cache, plus its throwaway pass.
 """
 
 from __future__ import annotations
@@ -124,12 +126,15 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     load_s = time.perf_counter() - t
     vocab = model.tokenizer.vocab_size
 
-    print("compiling kernels (first run only; later runs load them from the cache) ...", file=log, flush=True)
-    t = time.perf_counter()
-    cache = model.new_cache()
-    model.prefill(rng.integers(0, vocab, 3), cache)
-    model.decode(1, cache)
-    jit_s = time.perf_counter() - t
+    if model.backend_name == "cpu":  # every kernel path compiled (first run) or loaded, with progress
+        from .kernel_warmup import console_warm_up
+        jit_s = console_warm_up(model, log)
+    else:
+        t = time.perf_counter()
+        cache = model.new_cache()
+        model.prefill(rng.integers(0, vocab, 3), cache)
+        model.decode(1, cache)
+        jit_s = time.perf_counter() - t
 
     from .generate import PromptCache, Session, render_prompt
     from .sampling import SamplingParams

@@ -178,10 +178,11 @@ def _load_model(a):
     params = _sampling(a, location.path)
     model = load(a.model, backend=a.backend, threads=a.threads, kv_dtype=a.kv_dtype, max_context=a.ctx_size,
                  device=a.device, gpu_experts=a.gpu_experts)
-    if model.backend_name == "cpu":
-        _note("preparing kernels (the first run compiles them, later runs load them from the cache) ...")
-        seconds = model.warmup()
-        _note(f"kernels ready in {seconds:.1f} s")
+    if model.backend_name == "cpu" and sys.stderr.isatty():
+        from .kernel_warmup import console_warm_up
+        console_warm_up(model)
+    elif model.backend_name == "cpu":
+        model.warmup()
     return model, params
 
 

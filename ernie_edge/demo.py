@@ -191,13 +191,12 @@ class DemoSettings:
 
 def run_demo(settings: DemoSettings) -> None:
     from . import load
+    from .kernel_warmup import console_warm_up
     from .sampling import SamplingParams
     from .terminal_chat import ChatSettings, TerminalChat
 
     model = load(ensure_demo_model(settings.rebuild))
-    print("preparing kernels (the first run compiles them, later runs load them from the cache) ...",
-          file=sys.stderr, flush=True)
-    print(f"kernels ready in {model.warmup():.1f} s", file=sys.stderr, flush=True)
+    console_warm_up(model)
     # Greedy: a tiny model is at its most accurate at temperature 0.
     params = SamplingParams(temperature=0.0, max_tokens=settings.max_tokens)
     chat = TerminalChat(model, ChatSettings(params=params, tools=[dict(t) for t in DEMO_TOOLS],

@@ -396,15 +396,16 @@ class Engine:
         self._thread.start()
 
     @classmethod
-    def load(cls, path, settings: EngineSettings | None = None, *, warmup: bool = True) -> "Engine":
+    def load(cls, path, settings: EngineSettings | None = None, *, warmup: bool = True,
+             progress=None) -> "Engine":
         """Load a model (folder or cached repo id) with the settings' threads, kv_dtype and
-        context, compile its kernels, and start an engine on it."""
+        context, compile its kernels (progress: as Model.warmup's), and start an engine on it."""
         from . import load
         settings = settings or EngineSettings()
         model = load(path, threads=settings.threads, max_context=settings.context, kv_dtype=settings.kv_dtype,
                      device=settings.device, gpu_experts=settings.gpu_experts)
         if warmup and model.backend_name == "cpu":
-            model.warmup()
+            model.warmup(progress)
         return cls(model, settings)
 
     # ---- the public API -------------------------------------------------------------------------

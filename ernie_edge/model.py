@@ -77,15 +77,12 @@ class Model:
         hidden = self.forward(token_ids, self.new_cache(), trace)
         return self.backend.logits(hidden).astype(np.float32, copy=False)
 
-    def warmup(self) -> float:
-        """Compile (first run) or load (from numba's on-disk cache) the kernels by running two
-        tokens through a throwaway cache; returns the seconds it took."""
-        import time
-        t = time.perf_counter()
-        cache = self.new_cache()
-        self.prefill([0, 1], cache)
-        self.decode(2, cache)
-        return time.perf_counter() - t
+    def warmup(self, progress=None) -> float:
+        """Compile (first run) or load (from numba's on-disk cache) every kernel the model's
+        requests use, through a throwaway pass; returns the seconds it took. progress: called with
+        a kernel_warmup.WarmupProgress as each kernel starts compiling."""
+        from .kernel_warmup import warm_up
+        return warm_up(self, progress)
 
     # ---- text ----------------------------------------------------------------------------------
 

@@ -171,9 +171,15 @@ class LocalBackend:
             except ErnieEdgeError as e:
                 raise BackendError(f"Could not load the model: {e}") from None
         if self.model.backend_name == "cpu":
-            progress(LoadProgress("Preparing kernels (the first run compiles them: a few minutes; "
+            progress(LoadProgress("Preparing kernels (the first run compiles them, once; "
                                   "later runs load them in seconds)"))
-            self.model.warmup()
+
+            def compiling(p) -> None:
+                total = f" of about {p.expected}" if p.expected else ""
+                progress(LoadProgress(f"Compiling kernels (first run only): {p.compiled}{total}, {p.elapsed_s:.0f} s",
+                                      min(0.95, p.compiled / p.expected) if p.expected else None))
+
+            self.model.warmup(compiling)
         try:
             self.engine = Engine(self.model, engine_settings)
         except ErnieEdgeError as e:

@@ -41,6 +41,14 @@ log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 30.0
 
 
+def _compile_note(p, out: TextIO) -> None:
+    """A line on the first kernel a cold start compiles and on every 10th (kernel_warmup.WarmupProgress)."""
+    if p.compiled == 1 or p.compiled % 10 == 0:
+        total = f" of about {p.expected}" if p.expected else ""
+        print(f"ernie-edge serve: compiling kernels (first run only): {p.compiled}{total} done, {p.elapsed_s:.0f} s",
+              file=out, flush=True)
+
+
 def serve(settings: ServeSettings, out: TextIO = sys.stdout) -> int:
     """Run the server until interrupted; returns the exit code. Raises ErnieEdgeError for settings
     or a model that cannot be served (before anything listens)."""
@@ -60,7 +68,7 @@ def serve(settings: ServeSettings, out: TextIO = sys.stdout) -> int:
 
     def load() -> None:
         try:
-            engine = Engine.load(location.path, engine_settings)
+            engine = Engine.load(location.path, engine_settings, progress=lambda p: _compile_note(p, out))
         except Exception as e:  # noqa: BLE001 (reported, then the server stops)
             state.fail(str(e))
             log.error("the model failed to load: %s", e, exc_info=not isinstance(e, ErnieEdgeError))

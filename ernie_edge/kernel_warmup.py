@@ -1,0 +1,150 @@
+"""Getting a model's CPU kernels ready before its first request, with progress.
+
+numba compiles each kernel on first use: a few tens of seconds once per kernel version and SIMD
+path, after which every run loads them from the on-disk cache (kernels/_jit.py) in a second or two.
+`warm_up` runs a throwaway pass through every path a model takes (a short and a long prefill, a
+one-token decode, a batched decode step), so that no request later stalls on a compile, and
+reports each kernel numba starts compiling. How many kernels a cold warm-up compiled is kept per
+set of weight formats (beside numba's cache), so the next cold warm-up - after an upgrade, say -
+can show a bar with a total. `console_warm_up` draws that bar on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+COUNTS_FILE = "warmup-counts.json"  # in $NUMBA_CACHE_DIR: {formats key: kernels a cold warm-up compiled}
+
+
+@dataclass(frozen=True)
+class WarmupProgress:
+    compiled: int  # kernels compiled so far by this warm-up
+    expected: int | None  # what the last cold warm-up of these weight formats compiled (None: unknown)
+    kernel: str  # the kernel numba is compiling now
+    elapsed_s: float
+
+
+@contextmanager
+def compile_events(callback: Callable[[str], None]):
+    """Call callback(qualified name) whenever numba starts compiling a function (not when it loads
+    one from its cache) inside the block."""
+    from numba.core import event
+
+    class Listener(event.Listener):
+        def on_start(self, ev):
+            fn = getattr(ev.data.get("dispatcher"), "py_func", None)
+            callback(f"{getattr(fn, '__module__', '?').rsplit('.', 1)[-1]}.{getattr(fn, '__qualname__', '?')}")
+
+        def on_end(self, ev):
+            pass
+
+    with event.install_listener("numba:compile", Listener()):
+        yield
+
+
+def formats_key(model) -> str:
+    """The kernel set a model needs: its backend, weight formats and KV cache type."""
+    manifest = getattr(getattr(model, "weights", None), "manifest", None)
+    tensors = getattr(manifest, "tensors", None) or {}
+    quants = sorted({getattr(t, "quant", None) or (t.get("quant") if isinstance(t, dict) else None) or "?"
+                     for t in (tensors.values() if isinstance(tensors, dict) else tensors)})
+    kv = getattr(model.backend, "kv_dtype", "f16")
+    return f"{model.backend_name}:{','.join(quants)}:kv-{kv}"
+
+
+def _counts_path() -> Path | None:
+    root = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(root) / COUNTS_FILE if root else None
+
+
+def _read_counts() -> dict:
+    path = _counts_path()
+    try:
+        return json.loads(path.read_text()) if path else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_count(key: str, n: int) -> None:
+    path = _counts_path()
+    if path is None:
+        return
+    counts = _read_counts()
+    counts[key] = n
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(counts, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache dir only loses the estimate
+
+
+def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> float:
+    """Compile (first run) or load (cached) every kernel the model's requests will use, through a
+    throwaway pass; returns the seconds it took. progress, when given, is called as each kernel
+    starts compiling."""
+    from .cpu_weights import QBATCH_MAX_T
+    from .kernels import _jit  # noqa: F401 (numba's options and cache dir before any compile)
+
+    key = formats_key(model)
+    expected = _read_counts().get(key)
+    compiled: list[str] = []
+    t0 = time.perf_counter()
+
+    def on_compile(name: str) -> None:
+        compiled.append(name)
+        if progress is not None:
+            progress(WarmupProgress(len(compiled), expected, name, time.perf_counter() - t0))
+
+    long = min(QBATCH_MAX_T + 1, model.config.max_position_embeddings - 8)
+    ids = np.arange(long, dtype=np.int64) % model.config.vocab_size
+    with compile_events(on_compile):
+        a, b = model.new_cache(), model.new_cache()
+        model.prefill(ids[:2], a)  # the small-batch path
+        model.decode(2, a)  # one-token decode
+        model.prefill(ids[:3], b)
+        model.decode_batch([3, 4], [a, b])  # the engine's batched step
+        model.prefill(ids, model.new_cache())  # the long-prompt path
+    if compiled:
+        _save_count(key, len(compiled))
+    return time.perf_counter() - t0
+
+
+def console_warm_up(model, stream=sys.stderr) -> float:
+    """warm_up with a progress bar on a terminal (tqdm; a line per 10 kernels when not a terminal),
+    then "kernels ready in N s"."""
+    from tqdm import tqdm
+
+    print("preparing kernels (the first run compiles them, later runs load them from the cache) ...",
+          file=stream, flush=True)
+    bar = None
+
+    def show(p: WarmupProgress) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.expected, desc="compiling kernels", unit=" kernels", file=stream,
+                       disable=not getattr(stream, "isatty", lambda: False)(), leave=False)
+            if bar.disable:
+                print(f"compiling kernels{f' (about {p.expected})' if p.expected else ''} ...", file=stream, flush=True)
+        bar.update(1)
+        bar.set_postfix_str(p.kernel, refresh=True)
+        if bar.disable and p.compiled % 10 == 0:
+            print(f"  {p.compiled} kernels compiled, {p.elapsed_s:.0f} s", file=stream, flush=True)
+
+    try:
+        seconds = warm_up(model, show)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"kernels ready in {seconds:.1f} s", file=stream, flush=True)
+    return seconds

@@ -1,0 +1,88 @@
+"""The kernel warm-up (ernie_edge/kernel_warmup.py): every path compiled before the first request,
+progress for each kernel numba compiles, and the count kept for the next cold start."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import numba
+import pytest
+
+import ernie_edge
+from ernie_edge import kernel_warmup
+from ernie_edge.kernel_warmup import WarmupProgress, compile_events, console_warm_up, formats_key, warm_up
+
+
+def test_compile_events_report_real_compiles_only():
+    seen = []
+
+    @numba.njit
+    def twice(x):
+        return 2 * x
+
+    with compile_events(seen.append):
+        twice(3)  # compiles
+        twice(4)  # the same signature: no compile
+    twice(5.0)  # outside the block: not reported
+    assert seen == ["test_kernel_warmup.test_compile_events_report_real_compiles_only.<locals>.twice"]
+
+
+def test_warm_up_runs_every_path_and_reports_progress(edge_dir, tmp_path, monkeypatch):
+    """Kernels already in the cache: nothing compiles, no progress, no count saved; a fake compile
+    event goes through the callback with the saved count as `expected`."""
+    model = ernie_edge.load(edge_dir)
+    model.warmup()  # whatever was not compiled yet in this process
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))  # where the counts are kept
+    calls = {"prefill": 0, "decode": 0, "decode_batch": 0}
+    for name in calls:
+        orig = getattr(model, name)
+
+        def counted(*args, _orig=orig, _name=name, **kw):
+            calls[_name] += 1
+            return _orig(*args, **kw)
+        monkeypatch.setattr(model, name, counted)
+    got: list[WarmupProgress] = []
+    seconds = warm_up(model, got.append)
+    assert seconds > 0 and got == []  # all loaded: nothing compiled
+    assert calls["decode_batch"] == 1 and calls["prefill"] >= 3 and calls["decode"] >= 1
+    assert not (tmp_path / kernel_warmup.COUNTS_FILE).exists()
+
+    (tmp_path / kernel_warmup.COUNTS_FILE).write_text(json.dumps({formats_key(model): 7}))
+
+    @numba.njit
+    def fresh(x):
+        return x + 1
+
+    def with_compile(*args, _orig=model.decode_batch, **kw):
+        fresh(np.int64(1))  # a real compile inside the warm-up
+        return _orig(*args, **kw)
+    monkeypatch.setattr(model, "decode_batch", with_compile)
+    warm_up(model, got.append)
+    assert [(p.compiled, p.expected) for p in got] == [(1, 7)] and got[0].kernel.endswith("fresh")
+    assert json.loads((tmp_path / kernel_warmup.COUNTS_FILE).read_text()) == {formats_key(model): 1}
+
+
+def test_formats_key_names_the_weight_formats(edge_dir):
+    model = ernie_edge.load(edge_dir)
+    key = formats_key(model)
+    backend, formats, kv = key.split(":")
+    assert backend == "cpu" and kv == "kv-f16"
+    assert set(formats.split(",")) <= {"q4", "q5", "q6", "q8", "f16", "f32"} and formats
+
+
+def test_console_warm_up_prints_ready_line(edge_dir):
+    out = io.StringIO()
+    seconds = console_warm_up(ernie_edge.load(edge_dir), out)
+    text = out.getvalue()
+    assert text.startswith("preparing kernels") and f"kernels ready in {seconds:.1f} s" in text
+
+
+@pytest.fixture(scope="module")
+def edge_dir(tmp_path_factory):
+    from ernie_edge.quant import synthetic
+    from ernie_edge.quant.convert import ConvertSettings, convert
+    root = tmp_path_factory.mktemp("warm")
+    src = synthetic.write_checkpoint(root / "src", "tiny", layers=2)
+    return convert(ConvertSettings(source=str(src), dest=root / "edge", progress=False))
