@@ -112,6 +112,20 @@ def f16_to_f32(builder, h):
     return builder.bitcast(builder.or_(builder.bitcast(f, i32), sign), f32)
 
 
+def switch(builder, value, cases):
+    """Emit cases[k]() for the code path where the integer `value` equals k (a dict of
+    callables that build IR); any other value does nothing. Continues after the switch."""
+    end = builder.append_basic_block("switch.end")
+    sw = builder.switch(value, end)
+    for k, emit in cases.items():
+        block = builder.append_basic_block(f"switch.case{k}")
+        sw.add_case(Constant(value.type, k), block)
+        builder.position_at_end(block)
+        emit()
+        builder.branch(end)
+    builder.position_at_end(end)
+
+
 def call(builder, name, ret, args):
     """Call the LLVM intrinsic `name` (e.g. "llvm.x86.avx2.pmadd.wd") returning `ret`."""
     fnty = FunctionType(ret, [a.type for a in args])

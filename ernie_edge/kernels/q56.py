@@ -363,31 +363,17 @@ def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch
 
 # ---- prefill ----------------------------------------------------------------------------------------
 
-# register tiles of 4 rows x n tokens (kernels/qbatch.py's, on int5 / int6 blocks)
-_q5x1, _q5x2, _q5x3, _q5x4 = (make_tile(4, n, 5) for n in (1, 2, 3, 4))
-_q6x1, _q6x2, _q6x3, _q6x4 = (make_tile(4, n, 6) for n in (1, 2, 3, 4))
+# register tiles of 4 rows x 1..4 tokens (kernels/qbatch.py's, on int5 / int6 blocks)
+_tile5, _tile6 = make_tile(4, 5), make_tile(4, 6)
 
 
 @njit(inline="always")
 def _tile4(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res):
     """4 weight rows x nt (1..4) tokens toks[t0 ..] -> res[4 j + r] (qbatch._tile_body's arguments)."""
     if bits == 5:
-        if nt == 4:
-            _q5x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        elif nt == 3:
-            _q5x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        elif nt == 2:
-            _q5x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        else:
-            _q5x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 4:
-        _q6x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 3:
-        _q6x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 2:
-        _q6x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        _tile5(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
     else:
-        _q6x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        _tile6(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
 
 
 @pnjit()

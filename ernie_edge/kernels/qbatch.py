@@ -154,49 +154,43 @@ def _tile_body(context, builder, sig, args, nrows, ntok, bits):
     return context.get_dummy_value()
 
 
-def make_tile(nrows, ntok, bits=None):
-    """The register tile intrinsic of nrows (4 or 1) weight rows x ntok tokens (arguments in
-    `_tile_body`); bits 5 / 6 for int5 / int6 weights, None for int4 (uint8) or int8 (int8) by the
-    weights' dtype."""
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res):
+def make_tile(nrows, bits=None):
+    """The register tile intrinsic of nrows (4 or 1) weight rows x nt tokens, nt = 1..4 given at
+    run time as the last argument (one unrolled body per nt, chosen by a switch); the other
+    arguments are `_tile_body`'s. bits 5 / 6 for int5 / int6 weights, None for int4 (uint8) or
+    int8 (int8) by the weights' dtype."""
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, nt):
         sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, toks, types.intp,
-                         types.intp, types.intp, res)
+                         types.intp, types.intp, res, types.intp)
         b = bits or (4 if w.dtype == types.uint8 else 8)
 
         def codegen(context, builder, signature, args):
-            if nrows == 4 and _jit.AVX512:
-                return dot512.tile4(context, builder, signature, args, ntok, b)
-            return _tile_body(context, builder, signature, args, nrows, ntok, b)
+            body_sig = types.void(*signature.args[:-1])
+
+            def body(ntok):
+                if nrows == 4 and _jit.AVX512:
+                    dot512.tile4(context, builder, body_sig, args[:-1], ntok, b)
+                else:
+                    _tile_body(context, builder, body_sig, args[:-1], nrows, ntok, b)
+
+            ir.switch(builder, args[-1], {n: (lambda n=n: body(n)) for n in range(1, TILE_TOKENS + 1)})
+            return context.get_dummy_value()
 
         return sig, codegen
 
     return intrinsic(typer)
 
 
-_q1x1, _q1x2, _q1x3, _q1x4 = (make_tile(4, n) for n in (1, 2, 3, 4))  # 4 rows x n tokens
-_s1x1, _s1x2, _s1x3, _s1x4 = (make_tile(1, n) for n in (1, 2, 3, 4))  # 1 row x n tokens
+_tile4, _tile1 = make_tile(4), make_tile(1)
 
 
 @njit(inline="always")
 def _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res):
     """One register tile: nrows (4 or 1) weight rows x nt (1..4) tokens -> res[j * nrows + r]."""
     if nrows == 4:
-        if nt == 4:
-            _q1x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        elif nt == 3:
-            _q1x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        elif nt == 2:
-            _q1x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-        else:
-            _q1x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 4:
-        _s1x4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 3:
-        _s1x3(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
-    elif nt == 2:
-        _s1x2(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
     else:
-        _s1x1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        _tile1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
 
 
 # ---- activation quantization ------------------------------------------------------------------------
