@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -20,6 +21,13 @@ def cli_env(home: Path | None = None) -> dict:
     if home is not None:
         env["ERNIE_EDGE_HOME"] = str(home)
     return env
+
+
+def interruptible() -> None:
+    """preexec_fn of a child that a test sends SIGINT: SIGINT back to its default action, so that
+    Python in the child installs its KeyboardInterrupt handler even when the test run itself
+    ignores SIGINT (as a background job of a non-interactive shell, or under nohup, does)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run(*args, input: str | None = None, check: bool = True, home: Path | None = None,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import CLI, assert_user_error, cli_env, nan_checkpoint, run
+from cli_helpers import CLI, assert_user_error, cli_env, interruptible, nan_checkpoint, run
 
 
 def gen_json(model, *args, **kw) -> dict:
@@ -109,7 +109,7 @@ def test_generate_streams_and_ctrl_c_keeps_the_text(tiny_edge_dir):
     proc = subprocess.Popen([*CLI, "generate", "--model", str(tiny_edge_dir), "--prompt", "Tell me a long story",
                              "--max-tokens", "100000", "--show-thinking", "--seed", "0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=cli_env())
+                            env=cli_env(), preexec_fn=interruptible)
     try:
         seen = b""
         deadline = time.monotonic() + 120

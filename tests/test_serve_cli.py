@@ -17,6 +17,7 @@ import pytest
 
 from ernie_edge.cli import main
 from ernie_edge.server.settings import ServeError, ServeSettings, read_api_key_file
+from cli_helpers import interruptible
 from serve_helpers import converted_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,8 @@ def test_serve_on_a_unix_socket_then_ctrl_c(tiny_dir, tmp_path_factory, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "ernie_edge.cli", "serve", "--model", str(model), "--unix-socket",
                              str(sock), "--threads", "1", "--slots", "1", "--ctx", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                            preexec_fn=interruptible)
     try:
         banner = read_until(proc, "Ctrl-C stops the server", 120)
         assert "ready at http://localhost (unix socket" in banner and "memory: weights" in banner

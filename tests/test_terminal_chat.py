@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_helpers import CLI, cli_env, nan_checkpoint, run
+from cli_helpers import CLI, cli_env, interruptible, nan_checkpoint, run
 from ernie_edge.terminal_chat import ChatSettings, TerminalChat, read_message
 
 STATS = "tok/s"
@@ -92,7 +92,8 @@ def nan_dir(tiny_dir, tmp_path_factory):
 def test_ctrl_c_stops_the_answer_not_the_chat(tiny_edge_dir):
     """SIGINT while an answer streams prints [stopped], and the chat goes on to the next prompt."""
     proc = subprocess.Popen([*CLI, "chat", "--model", str(tiny_edge_dir), "--max-tokens", "100000", "--seed", "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env())
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(),
+                            preexec_fn=interruptible)
     seen = b""
 
     def read_until(marker: bytes, limit_s: float = 120.0) -> None:
