@@ -29,20 +29,21 @@ COUNTS_FILE = "warmup-counts.json"  # in $NUMBA_CACHE_DIR: {formats key: kernels
 class WarmupProgress:
     compiled: int  # kernels compiled so far by this warm-up
     expected: int | None  # what the last cold warm-up of these weight formats compiled (None: unknown)
-    kernel: str  # the kernel numba is compiling now
+    kernel: str  # the last ernie-edge kernel numba started compiling (its helpers from numba count too)
     elapsed_s: float
 
 
 @contextmanager
 def compile_events(callback: Callable[[str], None]):
-    """Call callback(qualified name) whenever numba starts compiling a function (not when it loads
-    one from its cache) inside the block."""
+    """Call callback("module.qualname") whenever numba starts compiling a function (not when it
+    loads one from its cache) inside the block: ernie-edge's kernels and the numba helpers they
+    use."""
     from numba.core import event
 
     class Listener(event.Listener):
         def on_start(self, ev):
             fn = getattr(ev.data.get("dispatcher"), "py_func", None)
-            callback(f"{getattr(fn, '__module__', '?').rsplit('.', 1)[-1]}.{getattr(fn, '__qualname__', '?')}")
+            callback(f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}")
 
         def on_end(self, ev):
             pass
@@ -101,10 +102,15 @@ def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> 
     compiled: list[str] = []
     t0 = time.perf_counter()
 
+    kernel = ""
+
     def on_compile(name: str) -> None:
+        nonlocal kernel
         compiled.append(name)
+        if name.startswith("ernie_edge."):
+            kernel = name.removeprefix("ernie_edge.kernels.").removeprefix("ernie_edge.")
         if progress is not None:
-            progress(WarmupProgress(len(compiled), expected, name, time.perf_counter() - t0))
+            progress(WarmupProgress(len(compiled), expected, kernel, time.perf_counter() - t0))
 
     long = min(QBATCH_MAX_T + 1, model.config.max_position_embeddings - 8)
     ids = np.arange(long, dtype=np.int64) % model.config.vocab_size
