@@ -86,7 +86,7 @@ def edge_bench(runner: Runner, label: str, model: Path, prompt: int, gen: int, t
     cmd = [sys.executable, "-m", "ernie_edge.cli", "bench", "--model", str(model), "--threads", str(threads),
            "--prompt-tokens", str(prompt), "--gen-tokens", str(gen), "--json", str(out)]
     if prompt > 4096:
-        cmd += ["--max-context", str(prompt + gen + 64)]
+        cmd += ["--ctx-size", str(prompt + gen + 64)]
     _, rec = runner.run(label, cmd)
     r = json.loads(out.read_text())
     r["quiet_run"] = rec

@@ -109,6 +109,9 @@ def check_settings(s: BenchSettings) -> None:
     if s.prompt_tokens < 1 or s.gen_tokens < 1:
         raise ErnieEdgeError(f"bench needs --prompt-tokens >= 1 and --gen-tokens >= 1, got "
                              f"{s.prompt_tokens} and {s.gen_tokens}")
+    if s.max_context is not None and s.max_context < s.prompt_tokens + s.gen_tokens:
+        raise ErnieEdgeError(f"bench --ctx-size {s.max_context} does not hold --prompt-tokens {s.prompt_tokens} "
+                             f"+ --gen-tokens {s.gen_tokens}")
     location = resolve(s.model)
     if location.kind != "edge":
         raise ErnieEdgeError(conversion_advice(s.model, location, reference_ok=False))

@@ -475,6 +475,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--prompt-tokens", type=_int_at_least(1), default=512, help="prefill length (default 512)")
     p.add_argument("--gen-tokens", type=_int_at_least(1), default=128, help="decode steps (default 128)")
     p.add_argument("--threads", type=_int_at_least(0), default=None, help="kernel threads (default: all cores)")
+    p.add_argument("--ctx-size", type=_int_at_least(16), default=None, metavar="N",
+                   help="context the model is loaded with (default: the model's); at least prompt + gen tokens")
     _add_kv_dtype_flag(p)
     _add_device_flags(p)
     p.add_argument("--seed", type=int, default=0, help="picks the random prompt")
@@ -486,8 +488,8 @@ def _run_bench(a) -> int:
     from .bench import BenchSettings, format_bench, run_bench
     _check_writable(a.json, "--json")
     result = run_bench(BenchSettings(model=a.model, prompt_tokens=a.prompt_tokens, gen_tokens=a.gen_tokens,
-                                     threads=a.threads, seed=a.seed, kv_dtype=a.kv_dtype, device=a.device,
-                                     gpu_experts=a.gpu_experts))
+                                     threads=a.threads, seed=a.seed, max_context=a.ctx_size, kv_dtype=a.kv_dtype,
+                                     device=a.device, gpu_experts=a.gpu_experts))
     print(format_bench(result))
     _save_json(a.json, result)
     return 0

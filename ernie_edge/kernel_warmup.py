@@ -112,7 +112,9 @@ def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> 
         if progress is not None:
             progress(WarmupProgress(len(compiled), expected, kernel, time.perf_counter() - t0))
 
-    long = min(QBATCH_MAX_T + 1, model.config.max_position_embeddings - 8)
+    # a context shorter than QBATCH_MAX_T never takes the long-prompt path: no need to compile it
+    context = getattr(model.backend, "max_context", None) or model.config.max_position_embeddings
+    long = min(QBATCH_MAX_T + 1, context)
     ids = np.arange(long, dtype=np.int64) % model.config.vocab_size
     with compile_events(on_compile):
         a, b = model.new_cache(), model.new_cache()

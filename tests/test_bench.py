@@ -69,3 +69,16 @@ def test_bench_cli_int8_kv_cache_is_half_the_bytes(tiny_edge, tmp_path):
     assert figures["i8"]["kv_dtype"] == "i8" and figures["f16"]["kv_dtype"] == "f16"
     d = ernie_edge.load(tiny_edge).config.dim_head
     assert figures["i8"]["kv_cache_bytes"] / figures["f16"]["kv_cache_bytes"] == pytest.approx((d + 4) / (2 * d))
+
+
+def test_bench_cli_ctx_size(tiny_edge, tmp_path):
+    """--ctx-size loads the model with that context (a long-context bench sizes it to the prompt); one
+    that cannot hold the prompt and the answer is refused before loading, naming both flags."""
+    cmd = [sys.executable, "-m", "ernie_edge.cli", "bench", "--model", str(tiny_edge), "--prompt-tokens", "8",
+           "--gen-tokens", "3"]
+    bad = subprocess.run([*cmd, "--ctx-size", "16", "--prompt-tokens", "14"], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "--ctx-size 16 does not hold --prompt-tokens 14 + --gen-tokens 3" in bad.stderr
+    out = tmp_path / "ctx.json"
+    subprocess.run([*cmd, "--ctx-size", "128", "--json", str(out)], check=True, capture_output=True, timeout=300)
+    assert KEYS <= set(json.loads(out.read_text()))
