@@ -48,6 +48,40 @@ def quantize_blocks(x, xq, xd, xs, gs, b0, b1):
         xs[b] = 8 * total
 
 
+ACT8_MAX = 127  # prefill's int8 activations (kernels/qbatch8.py): [-127, 127]
+
+
+@njit(inline="always")
+def quantize_spans8(x, xq, xd, xs, gs, b0, b1):
+    """Blocks b0..b1 of one row to int8 in qbatch8.py's span order: x float32 [K] -> xq int8
+    [128 NS] (block b = 4s + c: its first 16 values at 128s + 16c, its last 16 at 128s + 64 + 16c),
+    xd float32 [16 NS] and xs int32 [16 NS] (block c's scale and sum of xq at lanes 16s + 4c .. + 3).
+    Block order and rounding as `quantize_blocks`, with ACT8_MAX."""
+    half = gs // 2
+    chunks = gs // 32
+    for b in range(b0, b1):
+        g, c = b // chunks, b % chunks
+        lo = g * gs + 16 * c
+        hi = lo + half
+        amax = np.float32(0.0)
+        for j in range(16):
+            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
+        d = amax / np.float32(ACT8_MAX)
+        inv = ACT8_MAX / np.float64(amax) if amax > 0 else 0.0
+        base = 128 * (b // 4) + 16 * (b % 4)
+        total = 0
+        for j in range(16):
+            q0 = np.int32(np.rint(np.float64(x[lo + j]) * inv))
+            q1 = np.int32(np.rint(np.float64(x[hi + j]) * inv))
+            xq[base + j] = q0
+            xq[base + 64 + j] = q1
+            total += q0 + q1
+        lane = 16 * (b // 4) + 4 * (b % 4)
+        for r in range(4):
+            xd[lane + r] = d
+            xs[lane + r] = total
+
+
 @njit()
 def quantize_act(x, xq, xd, xs, gs):
     """A whole row: x float32 [K] -> xq int16 [K], xd float32 [K/32], xs int32 [K/32]."""

@@ -1,0 +1,537 @@
+"""Prefill matmuls with int8 activations: byte dot products (vpdpbusd) of unsigned weight codes and
+signed 8-bit activations, one float epilogue per 32-block for four rows at once.
+
+Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
+blocks, a span = 4 blocks = 128 inputs, NS = ceil(B / 4) spans, b bits per code (4, 5, 6), u =
+code + 2^(b-1) the stored unsigned code, c a block of a span (0..3), r a row of a register tile.
+
+Why: the int16 tiles of kernels/qbatch.py do 32 multiply-adds per 512-bit vpdpwssd and pay a float
+epilogue (fold, convert, scale) for every two blocks and token: prefill stays compute-bound at about
+half of llama.cpp's int8 GEMM (docs/PERF.md). Here, as in llama.cpp's Q4 x Q8 kernels, the
+activations are quantized once per matmul to int8 per block of 32 (`act_quant.quantize_spans8`):
+
+    xd[t, b] = max|x_t in b| / 127,   xq = round(x / xd)  in [-127, 127]
+
+and every 32-block of a row is an exact integer dot of its UNSIGNED codes u with xq, corrected by
+the offset:
+
+    y[t, o] = sum_b  ws[o, g(b)] * xd[t, b] * (sum_{j in b} u[o, j] * xq[t, j] - 2^(b-1) * sum_{j in b} xq[t, j])
+
+A span of a row unpacks to two <64 x i8> vectors, "lo" (codes 0..15 of its 4 blocks) and "hi"
+(codes 16..31); the activations are stored in that order (xq8[t, 128 s + 16 c + j] pairs with lo
+code j of block c, + 64 with hi). Two vpdpbusd per row and token give 16 i32 lanes, 4 per block;
+four rows fold (two unpack levels) into lanes (c, r) = block c of row r, which take the offset term,
+ONE convert and ONE multiply-add with ws * xd for 4 rows x 4 blocks (512 codes). The quantizer
+writes xd and the block sums already spread to those 16 lanes (xd16, xs16), so a span costs one
+load each.
+
+Integer exactness: a (row, block) sum is at most 32 * 63 * 127 < 2^18 before the offset term:
+exact in i32 and in the float conversion, on every path. Error bound per output, as the int16
+tiles' with 254 in place of 65534:
+
+    |y[t, o] - (W x_t)[o]| <= sum_b (max_{j in b} |x_t[j]| / 254) * sum_{j in b} |W[o, j]|
+
+SIMD paths (kernels/_jit.py) differ only in the byte dot: AVX512-VNNI vpdpbusd (512-bit), AVX-VNNI
+vpdpbusd (two 256-bit halves), AVX2 / AVX-512BW vpmaddubsw + vpmaddwd (no saturation: |u * xq| * 2 <=
+63 * 127 * 2 < 32767), generic LLVM vector IR. All compute the same integer lanes, so results are
+bit-identical across paths. Used by the forward pass's prefill only (cpu_model.py); decode and the
+batched decode of several sequences keep the int16 arithmetic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from . import _jit, ir, q56
+from ._jit import njit, pnjit
+from .act_quant import act_group, check_contig, check_weight, log2_sub, quantize_spans8
+from .codes import BLOCK_BYTES
+from .dot512 import _chunks_sum, _fold4
+from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x32, I32, I32x8, I32x16, I64, VectorType
+from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _group_slots, _silu
+
+SPAN = 128  # inputs per span (4 blocks of 32)
+LANES = 16  # xd16 / xs16 values per span: 4 blocks x 4 rows
+# Token counts of a register tile: 8 with AVX-512's 32 vector registers (the rows' unpacked codes are
+# reused by twice as many tokens: int5 / int6 unpacking costs about as much as 4 tokens' dots), 4
+# on 16-register paths. A count between them runs as several tiles (`_tile_tokens`).
+TILE_MAX = 8 if _jit.AVX512 else 4
+TILE_SIZES = (8, 4, 2, 1) if TILE_MAX == 8 else (4, 2, 1)
+TOKEN_BLOCK = 64  # tokens per pass over the weights in qmatmul8: 64 x 5 KB of activations at K = 2560
+I16x16 = VectorType(I16, 16)
+I16x4, I16x8 = VectorType(I16, 4), VectorType(I16, 8)
+I32x4, I64x4 = VectorType(I32, 4), VectorType(I64, 4)
+F32x4, F32x8 = VectorType(F32, 4), VectorType(F32, 8)
+
+
+# ---- the byte dot -----------------------------------------------------------------------------------
+
+def _halves(builder, v, n):
+    """The two halves of a vector of n elements."""
+    return (builder.shuffle_vector(v, v, ir.mask(range(n // 2))),
+            builder.shuffle_vector(v, v, ir.mask(range(n // 2, n))))
+
+
+def _join(builder, a, b, n):
+    return builder.shuffle_vector(a, b, ir.mask(range(n)))
+
+
+def _dot8(builder, acc, u, x):
+    """acc + the byte dot of u (<64 x i8>, unsigned) and x (<64 x i8>, signed) as <16 x i32>: lane l
+    adds the 4 products of bytes 4l .. 4l + 3."""
+    if _jit.VNNI512:
+        return ir.call(builder, "llvm.x86.avx512.vpdpbusd.512", I32x16,
+                       [acc, builder.bitcast(u, I32x16), builder.bitcast(x, I32x16)])
+    if _jit.SIMD == "avxvnni":
+        parts = [ir.call(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8,
+                         [a, builder.bitcast(uh, I32x8), builder.bitcast(xh, I32x8)])
+                 for a, uh, xh in zip(_halves(builder, acc, 16), _halves(builder, u, 64), _halves(builder, x, 64))]
+        return _join(builder, parts[0], parts[1], 16)
+    if _jit.SIMD == "avx2" and _jit.AVX512:  # AVX-512BW without VNNI
+        p16 = ir.call(builder, "llvm.x86.avx512.pmaddubs.w.512", I16x32, [u, x])
+        ones = ir.Constant(I16x32, [1] * 32)
+        return builder.add(acc, ir.call(builder, "llvm.x86.avx512.pmaddw.d.512", I32x16, [p16, ones]))
+    if _jit.SIMD == "avx2":
+        ones = ir.Constant(I16x16, [1] * 16)
+        parts = [ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8,
+                         [ir.call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16, [uh, xh]), ones])
+                 for uh, xh in zip(_halves(builder, u, 64), _halves(builder, x, 64))]
+        return builder.add(acc, _join(builder, parts[0], parts[1], 16))
+    prod = builder.mul(builder.zext(u, VectorType(I32, 64)), builder.sext(x, VectorType(I32, 64)))
+    for n in (64, 32):  # adjacent pairs, twice: lane l = bytes 4l .. 4l + 3
+        prod = builder.add(builder.shuffle_vector(prod, prod, ir.mask(range(0, n, 2))),
+                           builder.shuffle_vector(prod, prod, ir.mask(range(1, n, 2))))
+    return builder.add(acc, prod)
+
+
+# ---- one span of a row: unsigned codes ---------------------------------------------------------------
+
+def _concat4(builder, parts, ty16):
+    """Four <16 x T> -> <64 x T>."""
+    a = builder.shuffle_vector(parts[0], parts[1], ir.mask(range(32)))
+    b = builder.shuffle_vector(parts[2], parts[3], ir.mask(range(32)))
+    return builder.shuffle_vector(a, b, ir.mask(range(64)))
+
+
+def _high_bits8(builder, wptr, offs, bits):
+    """The high bits of 4 int5 / int6 blocks (at byte offsets offs) moved to bit 4, as (lo, hi)
+    <64 x i8> in the span order. Block layout in kernels/codes.py: code j's high bits sit in byte
+    j % 4h at bit h (j // 4h). Within a 16-bit word both bytes have the same bit position, so one
+    mask and one per-word shift (left for codes 0..15, right for 16..31) moves them."""
+    h = bits - 4
+    nqh = 4 * h
+    hq = VectorType(I8, nqh)
+    raw = [ir.load_vec(builder, wptr, builder.add(o, ir.c64(16)), hq) for o in offs]
+    pair = [builder.shuffle_vector(raw[0], raw[1], ir.mask(range(2 * nqh))),
+            builder.shuffle_vector(raw[2], raw[3], ir.mask(range(2 * nqh)))]
+    allq = builder.shuffle_vector(pair[0], pair[1], ir.mask(range(4 * nqh)))  # <16h x i8>, block c at c * 4h
+    out = []
+    for first in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
+        spread = builder.shuffle_vector(allq, allq, ir.mask([c * nqh + (first + j) % nqh
+                                                             for c in range(4) for j in range(16)]))
+        t = [(first + j) // nqh for _ in range(4) for j in range(16)]
+        keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
+        field = builder.bitcast(builder.and_(spread, keep), I16x32)
+        shift = [4 - h * ti for ti in t[0::2]]  # per 16-bit word (both bytes alike)
+        if first == 0:
+            moved = builder.shl(field, ir.Constant(I16x32, shift))
+        else:
+            moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
+        out.append(builder.bitcast(moved, I8x64))
+    return out
+
+
+def _span_codes(builder, wptr, offs, bits, contiguous):
+    """Unsigned codes of the 4 blocks at byte offsets offs (i64 values) as (lo, hi) <64 x i8>: lo
+    holds codes 0..15 of block c at bytes 16c .. 16c + 15, hi codes 16..31. `contiguous`: int4
+    blocks back to back (one 64-byte load)."""
+    if bits == 4 and contiguous:
+        nib = ir.load_vec(builder, wptr, offs[0], I8x64)
+    else:
+        nib = _concat4(builder, [ir.load_vec(builder, wptr, o, I8x16) for o in offs], I8x16)
+    lo = builder.and_(nib, ir.Constant(I8x64, [15] * 64))
+    hi = builder.lshr(nib, ir.Constant(I8x64, [4] * 64))
+    if bits in (5, 6):
+        hb_lo, hb_hi = _high_bits8(builder, wptr, offs, bits)
+        lo, hi = builder.or_(lo, hb_lo), builder.or_(hi, hb_hi)
+    elif bits != 4:
+        raise ValueError(f"no int8-activation tile for int{bits} weights")
+    return lo, hi
+
+
+# ---- scales of one span: lanes (c, r) = ws[r, g(4 s + c)] -------------------------------------------
+
+def _span_scales_full(builder, sptr, soffs, span, log2sub, slot):
+    """Store the <16 x float> scales of a whole span into slot: lane 4c + r = row r's scale of the
+    group of block 4 span + c (G = 32: 4 groups, G = 64: 2, G = 128: 1; chosen by log2sub)."""
+    def g32():  # each row: its 4 scales in one 64-bit load, then a transpose
+        v = ir.Constant(I64x4, ir.Undefined)
+        for r, so in enumerate(soffs):
+            p = builder.bitcast(builder.gep(sptr, [builder.add(so, builder.mul(span, ir.c64(4)))]), I64.as_pointer())
+            v = builder.insert_element(v, builder.load(p, align=2), ir.c32(r))
+        f = ir.f16_to_f32(builder, builder.bitcast(v, I16x16))  # lane 4r + c
+        builder.store(builder.shuffle_vector(f, f, ir.mask([4 * r + c for c in range(4) for r in range(4)])), slot)
+
+    def g64():  # each row: 2 scales in one 32-bit load
+        v = ir.Constant(I32x4, ir.Undefined)
+        for r, so in enumerate(soffs):
+            p = builder.bitcast(builder.gep(sptr, [builder.add(so, builder.mul(span, ir.c64(2)))]), I32.as_pointer())
+            v = builder.insert_element(v, builder.load(p, align=2), ir.c32(r))
+        f = ir.f16_to_f32(builder, builder.bitcast(v, I16x8))  # lane 2r + g
+        builder.store(builder.shuffle_vector(f, f, ir.mask([2 * r + c // 2 for c in range(4) for r in range(4)])), slot)
+
+    def g128():  # each row: 1 scale
+        v = ir.Constant(I16x4, ir.Undefined)
+        for r, so in enumerate(soffs):
+            v = builder.insert_element(v, builder.load(builder.gep(sptr, [builder.add(so, span)])), ir.c32(r))
+        f = ir.f16_to_f32(builder, v)
+        builder.store(builder.shuffle_vector(f, f, ir.mask([0, 1, 2, 3] * 4)), slot)
+
+    ir.switch(builder, log2sub, {0: g32, 1: g64, 2: g128})
+
+
+def _span_scales_blocks(builder, sptr, soffs, blocks, log2sub):
+    """<16 x float> scales, lane 4c + r = row r's scale of block blocks[c]'s group (any G)."""
+    v = ir.Constant(I16x16, ir.Undefined)
+    for c, b in enumerate(blocks):
+        g = builder.lshr(b, log2sub)
+        for r, so in enumerate(soffs):
+            v = builder.insert_element(v, builder.load(builder.gep(sptr, [builder.add(so, g)])), ir.c32(4 * c + r))
+    return ir.f16_to_f32(builder, v)
+
+
+# ---- the register tile ------------------------------------------------------------------------------
+
+def tile8(context, builder, sig, args, ntok, bits):
+    """res[4 j + r] = the dot of weight row r with token toks[t0 + j], for 4 rows x ntok tokens.
+
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res)
+      w      packed uint8 weights (kernels/codes.py layouts), row r at byte woff + r * wstride
+             (wstride 0: four copies of one row)
+      s      uint16 fp16 scales, row r's first at soff + r * sstride; block b uses group b >> log2sub
+      xq     int8 [*, 128 NS] activations in the span order; xd float32 / xs int32 [*, 16 NS]: the
+             block scales and block sums of xq, lane 4c + r of a span holding block c's
+      toks   int64 rows of xq / xd / xs; the tile's tokens are toks[t0 .. t0 + ntok)
+    The nblk % 4 blocks of a last, partial span read block nblk - 1 in place of the missing ones
+    (their activations, scales and sums are zero)."""
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res) = args
+    wty, _, _, sty, _, _, xqty, xdty, xsty, tty, _, _, _, rty = sig.args
+    wptr, sptr = ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16)
+    xqptr = ir.data_ptr(context, builder, xqty, xq, I8)
+    xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
+    xsptr = ir.data_ptr(context, builder, xsty, xs, I32)
+    tptr, rptr = ir.data_ptr(context, builder, tty, toks, I64), ir.data_ptr(context, builder, rty, res, F32)
+    bpb = BLOCK_BYTES[bits]
+    nspan = builder.lshr(builder.add(nblk, ir.c64(3)), ir.c64(2))
+    rows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
+    qoffs = [builder.mul(row, builder.mul(nspan, ir.c64(SPAN))) for row in rows]
+    doffs = [builder.mul(row, builder.mul(nspan, ir.c64(LANES))) for row in rows]
+    woffs = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)]
+    soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
+    ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))  # the next tile's rows
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
+    scale_slot = cgutils.alloca_once(builder, F32x16)
+    zero = ir.Constant(I32x16, [0] * 16)
+    offset_shift = ir.Constant(I32x16, [bits - 1] * 16)
+
+    def step(span, full):
+        b0 = builder.mul(span, ir.c64(4))
+        if full:
+            blocks = [builder.add(b0, ir.c64(c)) for c in range(4)]
+            ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(span, ir.c64(16 * bpb))), 16 * bpb)
+            _span_scales_full(builder, sptr, soffs, span, log2sub, scale_slot)
+            ws = builder.load(scale_slot)
+        else:  # missing blocks read the last one (in bounds); their activations are zero
+            last = builder.sub(nblk, ir.c64(1))
+            blocks = [builder.select(builder.icmp_unsigned("<", builder.add(b0, ir.c64(c)), nblk),
+                                     builder.add(b0, ir.c64(c)), last) for c in range(4)]
+            ws = _span_scales_blocks(builder, sptr, soffs, blocks, log2sub)
+        codes = [_span_codes(builder, wptr, [builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks], bits,
+                             full) for wo in woffs]
+        for j in range(ntok):
+            q0 = builder.add(qoffs[j], builder.mul(span, ir.c64(SPAN)))
+            xlo = ir.load_vec(builder, xqptr, q0, I8x64)
+            xhi = ir.load_vec(builder, xqptr, builder.add(q0, ir.c64(64)), I8x64)
+            p = [_dot8(builder, _dot8(builder, zero, lo, xlo), hi, xhi) for lo, hi in codes]
+            d0 = builder.add(doffs[j], builder.mul(span, ir.c64(LANES)))
+            sums = builder.shl(ir.load_vec(builder, xsptr, d0, I32x16, align=4), offset_shift)
+            f = builder.sitofp(builder.sub(_fold4(builder, p), sums), F32x16)
+            scale = builder.fmul(ws, ir.load_vec(builder, xdptr, d0, F32x16, align=4))
+            builder.store(ir.fma(builder, f, scale, builder.load(accs[j])), accs[j])
+
+    with cgutils.for_range(builder, builder.lshr(nblk, ir.c64(2))) as loop:
+        step(loop.index, True)
+    with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
+        step(builder.lshr(nblk, ir.c64(2)), False)
+    for j in range(ntok):
+        dst = builder.bitcast(builder.gep(rptr, [ir.c64(4 * j)]), F32x4.as_pointer())
+        builder.store(_chunks_sum(builder, builder.load(accs[j])), dst, align=4)
+    return context.get_dummy_value()
+
+
+def make_tile8(bits):
+    """The int8-activation register tile intrinsic of 4 weight rows (int4 / int5 / int6) x nt tokens,
+    nt in TILE_SIZES given at run time as the last argument (one unrolled body per size, chosen by a
+    switch); the other arguments are `tile8`'s."""
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res, nt):
+        sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, toks, types.intp,
+                         types.intp, types.intp, res, types.intp)
+
+        def codegen(context, builder, signature, args):
+            body_sig = types.void(*signature.args[:-1])
+            ir.switch(builder, args[-1], {n: (lambda n=n: tile8(context, builder, body_sig, args[:-1], n, bits))
+                                          for n in TILE_SIZES})
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+_tile4, _tile5, _tile6 = make_tile8(4), make_tile8(5), make_tile8(6)
+
+
+@njit(inline="always")
+def _tile_tokens(n):
+    """The tile size for n remaining tokens: the largest of TILE_SIZES not above n."""
+    if n >= TILE_MAX:
+        return TILE_MAX
+    return 4 if n >= 4 else (2 if n >= 2 else 1)
+
+
+@njit(inline="always")
+def _tile(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res):
+    if bits == 4:
+        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+    elif bits == 5:
+        _tile5(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+    else:
+        _tile6(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+
+
+# ---- activations ------------------------------------------------------------------------------------
+
+@njit()
+def _quantize_rows8(x, xq, xd, xs, gs):
+    """Every row of x float32 [T, K] -> xq int8 [T, 128 NS], xd float32 / xs int32 [T, 16 NS]."""
+    nblk = x.shape[1] // 32
+    for t in range(x.shape[0]):
+        quantize_spans8(x[t], xq[t], xd[t], xs[t], gs, 0, nblk)
+
+
+def act_buffers(T: int, K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Zeroed (xq int8 [T, 128 NS], xd float32 [T, 16 NS], xs int32 [T, 16 NS]) for K inputs: the
+    padding of a partial last span stays zero."""
+    ns = -(-K // SPAN)
+    return np.zeros((T, SPAN * ns), np.int8), np.zeros((T, LANES * ns), np.float32), np.zeros((T, LANES * ns), np.int32)
+
+
+def quantize_rows8(x: np.ndarray, gs: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x float32 [T, K] -> (xq, xd, xs) in the span order the tiles take (`act_buffers`); gs is the
+    int4 weight group size (block order in act_quant.py) or 32 for int5 / int6. For tests and tools."""
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or x.shape[1] % 32 or gs not in (32, 64, 128) or x.shape[1] % gs:
+        raise ValueError(f"quantize_rows8: x {x.shape} must be [T, K] with K a multiple of 32 and of gs={gs}")
+    xq, xd, xs = act_buffers(*x.shape)
+    _quantize_rows8(x, xq, xd, xs, gs)
+    return xq, xd, xs
+
+
+# ---- matmul -----------------------------------------------------------------------------------------
+
+@njit(inline="always")
+def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, res, out, one):
+    """out[toks[t], r .. r + 4) (or only row r when `one`: four copies of it) for all ntoks tokens."""
+    wstride, sstride, nrows = (0, 0, 1) if one else (kw, nsg, 4)
+    t0 = 0
+    while t0 < ntoks:
+        nt = _tile_tokens(ntoks - t0)
+        _tile(bits, nt, w, r * kw, wstride, s, r * nsg, sstride, xq, xd, xs, toks, t0, nblk, l2, res)
+        for j in range(nt):
+            for q in range(nrows):
+                out[toks[t0 + j], r + q] = res[4 * j + q]
+        t0 += nt
+
+
+@pnjit()
+def _quantize_rows8_parallel(x, xq, xd, xs, gs):
+    nblk = x.shape[1] // 32
+    for t in prange(x.shape[0]):
+        quantize_spans8(x[t], xq[t], xd[t], xs[t], gs, 0, nblk)
+
+
+@pnjit()
+def _qmatmul8_block(w, s, out, xq, xd, xs, toks, nblk, bits):
+    """out[toks] = X[toks] W^T for one block of tokens: one parallel region over chunks of rows;
+    each row quad passes over all the block's tokens (kept in L2) while its weights stay in L1."""
+    O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
+    T = toks.shape[0]
+    l2 = log2_sub(nblk, nsg)
+    nchunks = (O + CHUNK_ROWS - 1) // CHUNK_ROWS
+    for c in prange(nchunks):
+        res = np.empty(4 * TILE_MAX, np.float32)
+        r, r1 = c * CHUNK_ROWS, min(O, (c + 1) * CHUNK_ROWS)
+        while r + 4 <= r1:
+            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, False)
+            r += 4
+        while r < r1:
+            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, True)
+            r += 1
+
+
+def _check_packed(w: np.ndarray, scales: np.ndarray, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
+    """check_weight for int4 (uint8 [.., O, K/2]) and int5 / int6 (uint8 [.., O, K*b/8]) banks."""
+    if bits == 4:
+        return check_weight(w, scales, k, 4, what, ndim=ndim)
+    if bits not in (5, 6):
+        raise ValueError(f"{what}: the int8-activation kernels take int4, int5 or int6 weights, not int{bits}")
+    if w.ndim != ndim:
+        raise ValueError(f"{what}: int{bits} weights must have {ndim} dimensions, got {w.shape}")
+    return q56.check_weight(w.reshape(-1, w.shape[-1]), scales.reshape(-1, scales.shape[-1]), k, bits, what).reshape(
+        scales.shape)
+
+
+def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
+    """out float32 [T, O] = X W^T with X quantized to int8 per block of 32 (error bound above).
+
+    X float32 [T, K]; w packed uint8 [O, K*b/8] for b = bits in 4, 5, 6; scales fp16 (or its uint16
+    view) [O, K/G]. One parallel region over output rows; overwrites out."""
+    X = np.ascontiguousarray(X, np.float32)
+    if X.ndim != 2:
+        raise ValueError(f"X must be float32 [T, K], got {X.shape}")
+    T, K = X.shape
+    s = _check_packed(w, scales, K, bits, "weight", 2)
+    if out.shape != (T, w.shape[0]) or out.dtype != np.float32:
+        raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
+    check_contig(out=out)
+    if T == 0:
+        return out
+    xq, xd, xs = act_buffers(T, K)
+    _quantize_rows8_parallel(X, xq, xd, xs, act_group(K, s, bits))
+    toks = np.arange(T, dtype=np.int64)
+    for t0 in range(0, T, TOKEN_BLOCK):  # one block of activations at a time in each core's L2
+        _qmatmul8_block(w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32, bits)
+    return out
+
+
+# ---- routed experts -----------------------------------------------------------------------------------
+
+@pnjit()
+def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh, bits):
+    """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
+    hq / hd / hs. One parallel region over (row chunk, expert) items, chunk-major."""
+    inter, kw, nsg = gate.shape[1], gate.shape[2], gs_.shape[2]
+    nblk = x.shape[1] // 32
+    l2 = log2_sub(nblk, nsg)
+    _quantize_rows8(x, xq, xd, xs, gsx)
+    nhit = hit.shape[0]
+    nchunks = (inter + EXPERT_CHUNK - 1) // EXPERT_CHUNK
+    for item in prange(nchunks * nhit):
+        c, e = item // nhit, hit[item % nhit]
+        s0, ns = starts[e], starts[e + 1] - starts[e]
+        gres = np.empty(4 * TILE_MAX, np.float32)
+        ures = np.empty(4 * TILE_MAX, np.float32)
+        r, r1 = c * EXPERT_CHUNK, min(inter, (c + 1) * EXPERT_CHUNK)
+        while r < r1:
+            one = r + 4 > r1
+            nrows = 1 if one else 4
+            wstride, sstride = (0, 0) if one else (kw, nsg)
+            row = e * inter + r
+            t0 = 0
+            while t0 < ns:
+                nt = _tile_tokens(ns - t0)
+                _tile(bits, nt, gate, row * kw, wstride, gs_, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
+                      nblk, l2, gres)
+                _tile(bits, nt, up, row * kw, wstride, us, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
+                      nblk, l2, ures)
+                for j in range(nt):
+                    for q in range(nrows):
+                        h[s0 + t0 + j, r + q] = _silu(gres[4 * j + q]) * ures[4 * j + q]
+                t0 += nt
+            r += nrows
+        b0, b1 = (c * EXPERT_CHUNK) // 32, (r1 + 31) // 32
+        for p in range(s0, s0 + ns):
+            quantize_spans8(h[p], hq[p], hd[p], hs[p], gsh, b0, b1)
+
+
+@pnjit()
+def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, nblk, bits):
+    """out[t] = sum over t's slots in ascending expert id of w * D_e h[slot], starting from 0."""
+    hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
+    l2 = log2_sub(nblk, nsg)
+    T = out.shape[0]
+    nchunks = (hid + DOWN_CHUNK - 1) // DOWN_CHUNK
+    for c in prange(nchunks):
+        res = np.empty(4 * TILE_MAX, np.float32)
+        r0, r1 = c * DOWN_CHUNK, min(hid, (c + 1) * DOWN_CHUNK)
+        for t in range(T):
+            for r in range(r0, r1):
+                out[t, r] = 0.0
+        for e in hit:  # ascending expert id (docs/ERNIE_SPEC.md P13)
+            s0, ns = starts[e], starts[e + 1] - starts[e]
+            r = r0
+            while r < r1:
+                one = r + 4 > r1
+                nrows = 1 if one else 4
+                wstride, sstride = (0, 0) if one else (kw, nsg)
+                row = e * hid + r
+                t0 = 0
+                while t0 < ns:
+                    nt = _tile_tokens(ns - t0)
+                    _tile(bits, nt, down, row * kw, wstride, ds, row * nsg, sstride, hq, hd, hs, slot_ids, s0 + t0,
+                          nblk, l2, res)
+                    for j in range(nt):
+                        p = s0 + t0 + j
+                        for q in range(nrows):
+                            out[slot_tok[p], r + q] += slot_w[p] * res[4 * j + q]
+                    t0 += nt
+                r += nrows
+
+
+def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int = 4) -> np.ndarray:
+    """Routed experts of a batch with int8-quantized activations; overwrites out. Arguments and result
+    as qbatch.qexperts (int4 banks: gate / up [E, I, H/2], down [E, H, I/2] uint8); both x and the
+    SwiGLU output h are quantized to int8 per block of 32 (error bound above, per stage)."""
+    if bits != 4:
+        raise ValueError(f"qexperts8 takes int4 banks, not int{bits}")
+    x = np.ascontiguousarray(x, np.float32)
+    if x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"x and out must be float32 [T, H] (out C-contiguous), got x {x.shape}, "
+                         f"out {out.dtype} {out.shape}")
+    T, H = x.shape
+    gs_ = check_weight(gate, gate_s, H, bits, "gate bank", ndim=3)
+    us = check_weight(up, up_s, H, bits, "up bank", ndim=3)
+    E, inter = gate.shape[0], gate.shape[1]
+    ds = check_weight(down, down_s, inter, bits, "down bank", ndim=3)
+    if up.shape != gate.shape or us.shape != gs_.shape or down.shape[:2] != (E, H):
+        raise ValueError(f"banks disagree: gate {gate.shape} / scales {gs_.shape}, up {up.shape} / "
+                         f"{us.shape}, down {down.shape} (want [E, H, I'] for E={E}, H={H})")
+    idx = np.ascontiguousarray(idx, np.int64)
+    weights = np.ascontiguousarray(weights, np.float32)
+    if idx.ndim != 2 or idx.shape[0] != T or weights.shape != idx.shape:
+        raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={T}")
+    if idx.size and (idx.min() < 0 or idx.max() >= E):
+        raise ValueError(f"expert ids must be in [0, {E}), got {idx.min()}..{idx.max()}")
+    if T == 0 or idx.shape[1] == 0:
+        out[...] = 0.0
+        return out
+    nslot = idx.size
+    slot_ids = np.empty(nslot, np.int64)
+    slot_tok = np.empty(nslot, np.int64)
+    slot_w = np.empty(nslot, np.float32)
+    starts = np.empty(E + 1, np.int64)
+    _group_slots(idx, weights, E, slot_ids, slot_tok, slot_w, starts)
+    hit = np.nonzero(np.diff(starts))[0].astype(np.int64)
+    xq, xd, xs = act_buffers(T, H)
+    h = np.empty((nslot, inter), np.float32)  # [S, I]
+    hq, hd, hs = act_buffers(nslot, inter)
+    gsh = act_group(inter, ds, bits)
+    if EXPERT_CHUNK % SPAN:
+        raise AssertionError("EXPERT_CHUNK must be a multiple of a span")
+    _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs,
+                      act_group(H, gs_, bits), gsh, bits)
+    _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32, bits)
+    return out
