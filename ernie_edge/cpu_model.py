@@ -28,6 +28,10 @@ from .kv_cache import KVCache
 from .reference import RoutingTrace
 
 PREFILL_CHUNK = 512
+# How a prompt's prefill rounds the activations its integer kernels take: "i8" int8 per block of 32
+# (kernels/qbatch8.py, the fast default), "i16" the decode path's int16 below QBATCH_MAX_T tokens and
+# exact float32 above (slower; a KLD of ~1e-5 against the float reference instead of ~1e-3).
+PREFILL_ACTS = ("i8", "i16")
 
 
 @dataclass
@@ -82,8 +86,11 @@ class CpuModel:
     """Fast forward over an EdgeCheckpoint. Same interface as reference.ReferenceModel."""
 
     def __init__(self, ck, use_correction_bias: bool = True, max_context: int | None = None,
-                 kv_dtype: str = "f16"):
+                 kv_dtype: str = "f16", prefill_acts: str = "i8"):
+        if prefill_acts not in PREFILL_ACTS:
+            raise ValueError(f"prefill_acts {prefill_acts!r} is not one of {', '.join(PREFILL_ACTS)}")
         self.ck = ck
+        self.prefill_acts = prefill_acts
         self.config = cfg = ck.config
         self.max_context = max_context
         self.kv_dtype = kv_dtype
@@ -159,18 +166,19 @@ class CpuModel:
         T = len(ids)
         i0 = cache.used
         positions = np.arange(cache.length, cache.length + T, dtype=np.int64)
+        act8 = self.prefill_acts == "i8"
         x = self.embed.rows(ids)  # [T, H]
         h, q, k, v, a, o, y = self._activations(T)
         for li, L in enumerate(self.layers):
             norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
-            L.qkv.matmul(h, q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
+            L.qkv.matmul(h, q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1), act8)
             apply_rope(q, positions, cache.cos, cache.sin, cache.start)
             apply_rope(k, positions, cache.cos, cache.sin, cache.start)
             attention.kv_write(k, v, cache.k[li], cache.v[li], i0)
             attention.attention_prefill(q, cache.k[li], cache.v[li], i0, a)
-            L.o.matmul(a.reshape(T, -1), o)
+            L.o.matmul(a.reshape(T, -1), o, act8)
             norm.add_rmsnorm(x, o, L.post_norm, cfg.rms_norm_eps, h)
-            L.mlp.prefill(h, y, trace)
+            L.mlp.prefill(h, y, trace, act8=act8)
             x += y
         cache.length += T
         norm.rmsnorm(x, self.final_norm, cfg.rms_norm_eps, h)

@@ -4,13 +4,18 @@ The forward pass (cpu_model.py) never asks how a weight is stored: it calls `w.m
 `mlp.decode(h, out)`, `moe.prefill(h, out)`, as mlx-lm's model files call their layers. Which kernel
 runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table.py:
 
-  format   decode (one token)                       prefill (T tokens)
+  format   decode (one token)                       batch of T tokens (`matmul`)
   q4, q8   q8.matvec: int16 activations x codes     T <= QBATCH_MAX_T: qbatch.qmatmul (same scheme)
                                                     else exact fp32: dequantized tiles + sgemm
   q5, q6   q56.matvec (same scheme)                 T <= QBATCH_MAX_T: q56.matmul_small (same scheme)
                                                     else exact fp32: dequantized tiles + sgemm
   f16/f32  BLAS sgemv on a float32 matrix           BLAS sgemm
            (f16 is widened once at load: twice its file size in RAM; f32 stays mapped)
+
+A prompt's prefill passes act8=True: q4, q5 and q6 matrices and q4 expert banks then run
+kernels/qbatch8.py (int8 activations, vpdpbusd: about twice the int16 tiles' speed) at every T;
+q8 and float matrices ignore it. The batched decode of several sequences (decode_batch) keeps the
+int16 arithmetic of the one-token decode.
 
 Fused kernels are picked at load too, when the tensors involved share q4 or q8 (FUSED), or q5 or
 q6: q, k and v in one parallel region (q8.matvec3, q56.matvec3); gate, up and SwiGLU in one (an
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .kernels import moe, norm, q4, q8, q56, qbatch
+from .kernels import moe, norm, q4, q8, q56, qbatch, qbatch8
 from .weights import QTensor
 
 QBATCH_MAX_T = 64  # the integer small-batch matmul beats the exact fp32 one up to here (benchmarks/qbatch.py)
@@ -65,8 +70,10 @@ class QuantLinear:
         """out [O] = W x."""
         return q8.matvec(x, self.data, self.scales, out, s.act, self.bits)
 
-    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out [T, O] = X W^T."""
+    def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
+        """out [T, O] = X W^T (int8 activations for q4 when act8)."""
+        if act8 and self.bits == 4:
+            return qbatch8.qmatmul8(X, self.data, self.scales, out, 4)
         if len(X) <= QBATCH_MAX_T:
             return qbatch.qmatmul(X, self.data, self.scales, out, self.bits)
         return self._exact_matmul(X, self.data, self.scales, out)
@@ -89,7 +96,9 @@ class PackedLinear:
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
         return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits)
 
-    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
+        if act8:
+            return qbatch8.qmatmul8(X, self.data, self.scales, out, self.nbits)
         small = len(X) <= QBATCH_MAX_T
         return (q56.matmul_small if small else q56.matmul_exact)(X, self.data, self.scales, out, self.nbits)
 
@@ -107,7 +116,7 @@ class FloatLinear:
         np.dot(self.w, x, out=out)
         return out
 
-    def matmul(self, X: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         np.dot(X, self.w.T, out=out)
         return out
 
@@ -156,9 +165,9 @@ class QKV:
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
             w.matvec(x, out, s)
 
-    def matmul(self, X, q_out, k_out, v_out) -> None:
+    def matmul(self, X, q_out, k_out, v_out, act8: bool = False) -> None:
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
-            w.matmul(X, out)
+            w.matmul(X, out, act8)
 
 
 class SwiGLU:
@@ -192,18 +201,21 @@ class SwiGLU:
         """out [H] = the MLP of one token x [H]."""
         return self.down.matvec(self.gate_up_silu(x, s), out, s)
 
-    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None) -> np.ndarray:
+    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:
         """out [T, H] = the MLP of T tokens X [T, H]."""
         T = len(X)
-        if T <= QBATCH_MAX_T and self.bits:  # fused as a one-expert bank with weight 1.0 (exact)
+        if act8 and self.bits == 4:  # a one-expert bank, as below
+            return qbatch8.qexperts8(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
+                                     *self.gate.bank(), *self.up.bank(), *self.down.bank(), out)
+        if T <= QBATCH_MAX_T and self.bits and not act8:  # fused as a one-expert bank with weight 1.0 (exact)
             return qbatch.qexperts(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
                                    *self.gate.bank(), *self.up.bank(), *self.down.bank(), out, self.bits)
         g = np.empty((T, self.width), np.float32)
         u = np.empty_like(g)
-        self.gate.matmul(X, g)
-        self.up.matmul(X, u)
+        self.gate.matmul(X, g, act8)
+        self.up.matmul(X, u, act8)
         norm.silu_mul(g, u, g)
-        return self.down.matmul(g, out)
+        return self.down.matmul(g, out, act8)
 
 
 class ExpertBank:
@@ -245,8 +257,11 @@ class ExpertBank:
             out += weights[j] * y
         return out
 
-    def prefill(self, X: np.ndarray, idx: np.ndarray, weights: np.ndarray, out: np.ndarray) -> np.ndarray:
+    def prefill(self, X: np.ndarray, idx: np.ndarray, weights: np.ndarray, out: np.ndarray,
+                act8: bool = False) -> np.ndarray:
         """out [T, H] = each token's weighted routed experts; tokens grouped per expert."""
+        if act8 and self.bits == 4:
+            return qbatch8.qexperts8(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out)
         if self.bits:
             return qbatch.qexperts(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out,
                                    self.bits)
@@ -256,11 +271,11 @@ class ExpertBank:
             gate, up, down = self._per_expert[e]
             g = np.empty((len(rows), self.width), np.float32)
             u = np.empty_like(g)
-            gate.matmul(X[rows], g)
-            up.matmul(X[rows], u)
+            gate.matmul(X[rows], g, act8)
+            up.matmul(X[rows], u, act8)
             norm.silu_mul(g, u, g)
             y = np.empty((len(rows), out.shape[1]), np.float32)
-            down.matmul(g, y)
+            down.matmul(g, y, act8)
             out[rows] += weights[rows, slot][:, None] * y
         return out
 
@@ -320,12 +335,12 @@ class MoE:
         q56.pair_down_weighted((s.he, *ex.arrays(2), ids, weights, ex.bits),  # the shared expert added last
                                (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared)
 
-    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None) -> np.ndarray:
+    def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:
         """out [T, H] = routed experts (grouped by expert) + shared expert of T tokens X [T, H]."""
         idx = np.empty((len(X), self.k), np.int64)
         weights = np.empty((len(X), self.k), np.float32)
         self.route(X, idx, weights, trace)
-        self.experts.prefill(X, idx, weights, out)
+        self.experts.prefill(X, idx, weights, out, act8)
         if self.shared is not None:
-            out += self.shared.prefill(X, np.empty_like(out))
+            out += self.shared.prefill(X, np.empty_like(out), act8=act8)
         return out

@@ -33,7 +33,9 @@ def small_edge(tmp_path_factory, request):
 
 @pytest.fixture(scope="module")
 def pair(small_edge):
-    return ernie_edge.load(small_edge), ernie_edge.load(small_edge, backend="reference")
+    """(fast, reference). The fast model's prompts prefill with int16 activations, so that the decode
+    tests measure the decode kernels alone; test_prefill_matches_reference checks both roundings."""
+    return ernie_edge.load(small_edge, prefill_acts="i16"), ernie_edge.load(small_edge, backend="reference")
 
 
 @pytest.fixture(scope="module")
@@ -47,26 +49,42 @@ def test_backends(pair):
     assert (fast.backend_name, ref.backend_name) == ("cpu", "reference")
 
 
-def test_prefill_matches_reference(pair, sequences):
-    """Prefill is exact fp32 but for the fp16 KV cache and the routed experts' int16 activations:
-    KLD <= 1e-4, top-1 >= 99 %, over the positions routed alike. A position where a near-tie in
-    some layer's router went the other way (docs/ERNIE_SPEC.md P14; at most 2 %, as in
-    test_routing_agrees_with_reference, per layer and position) carries a KLD of up to ~0.05 that says nothing about the
-    kernels, so it is counted but not averaged in: with 288 positions one such flip alone moves
-    the mean by ~2e-4."""
+# Prefill's bars per activation rounding (cpu_model.PREFILL_ACTS): KLD over the positions routed
+# alike, top-1 agreement, the fraction of (layer, position) routed alike. "i16" is exact fp32 but
+# for the fp16 KV cache and the int16 activations of the small-batch tiles (measured: KLD 9e-7 /
+# 3e-6, top-1 1.000 / 0.993, routed alike 0.998 / 0.988 for q4g32-d8 / the default recipe). "i8"
+# rounds every q4 / q5 / q6 matmul's input to int8 per block of 32 (kernels/qbatch8.py; measured:
+# KLD 1.0e-4 / 2.5e-3, top-1 0.986 / 0.951, routed alike 0.984 / 0.899). The random small model's
+# routers are full of near-ties; its recipes' own weight error is KLD 0.06 .. 0.15 against bf16
+# (benchmarks/results/recipe-kld-small.json), so int8 activations add a few per cent to it.
+PREFILL_BARS = {"i16": (1e-4, 0.99, 0.98), "i8": (5e-3, 0.93, 0.85)}
+
+
+@pytest.mark.parametrize("acts", ["i16", "i8"])
+def test_prefill_matches_reference(pair, sequences, acts):
+    """Prefill against the reference: KLD and top-1 within PREFILL_BARS[acts], over the positions
+    routed alike. A position where a near-tie in some layer's router went the other way
+    (docs/ERNIE_SPEC.md P14; at most 2 %, as in test_routing_agrees_with_reference, per layer and
+    position) carries a KLD of up to ~0.05 that says nothing about the kernels, so it is counted but
+    not averaged in: with 288 positions one such flip alone moves the mean by ~2e-4."""
     fast, ref = pair
     kl, agree, rows = [], [], []
-    for ids in sequences:
-        ta, tb = RoutingTrace(), RoutingTrace()
-        a, b = fast.logits(ids, ta), ref.logits(ids, tb)
-        kl.append(kld(b, a))
-        agree.append(a.argmax(-1) == b.argmax(-1))
-        rows.append(np.stack([np.all(ta.layer(k) == tb.layer(k), axis=-1) for k in tb.experts]))  # [layers, T]
+    saved, fast.backend.prefill_acts = fast.backend.prefill_acts, acts
+    try:
+        for ids in sequences:
+            ta, tb = RoutingTrace(), RoutingTrace()
+            a, b = fast.logits(ids, ta), ref.logits(ids, tb)
+            kl.append(kld(b, a))
+            agree.append(a.argmax(-1) == b.argmax(-1))
+            rows.append(np.stack([np.all(ta.layer(k) == tb.layer(k), axis=-1) for k in tb.experts]))  # [layers, T]
+    finally:
+        fast.backend.prefill_acts = saved
     kl, agree, rows = np.concatenate(kl), np.concatenate(agree), np.concatenate(rows, axis=1)
     same = rows.all(axis=0)  # positions routed alike in every layer
-    print(f"\nprefill vs reference: KLD mean {kl.mean():.2e} ({kl[same].mean():.2e} over the {same.sum()} "
-          f"positions routed alike) max {kl.max():.2e}, top-1 {agree.mean():.4f}")
-    assert kl[same].mean() <= 1e-4 and agree.mean() >= 0.99 and rows.mean() >= 0.98
+    print(f"\nprefill ({acts}) vs reference: KLD mean {kl.mean():.2e} ({kl[same].mean():.2e} over the {same.sum()} "
+          f"positions routed alike) max {kl.max():.2e}, top-1 {agree.mean():.4f}, routed alike {rows.mean():.4f}")
+    max_kld, min_top1, min_alike = PREFILL_BARS[acts]
+    assert kl[same].mean() <= max_kld and agree.mean() >= min_top1 and rows.mean() >= min_alike
 
 
 def test_decode_matches_reference(pair, sequences):

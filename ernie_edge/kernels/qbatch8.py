@@ -363,8 +363,8 @@ def _quantize_rows8_parallel(x, xq, xd, xs, gs):
         quantize_spans8(x[t], xq[t], xd[t], xs[t], gs, 0, nblk)
 
 
-@pnjit()
-def _qmatmul8_block(w, s, out, xq, xd, xs, toks, nblk, bits):
+@njit(inline="always")
+def _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, bits):
     """out[toks] = X[toks] W^T for one block of tokens: one parallel region over chunks of rows;
     each row quad passes over all the block's tokens (kept in L2) while its weights stay in L1."""
     O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
@@ -380,6 +380,25 @@ def _qmatmul8_block(w, s, out, xq, xd, xs, toks, nblk, bits):
         while r < r1:
             _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, True)
             r += 1
+
+
+# One kernel per format, each with its bits a constant: only the tile a model's formats use is compiled.
+@pnjit()
+def _qmatmul8_q4(w, s, out, xq, xd, xs, toks, nblk):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 4)
+
+
+@pnjit()
+def _qmatmul8_q5(w, s, out, xq, xd, xs, toks, nblk):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 5)
+
+
+@pnjit()
+def _qmatmul8_q6(w, s, out, xq, xd, xs, toks, nblk):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 6)
+
+
+_QMATMUL8 = {4: _qmatmul8_q4, 5: _qmatmul8_q5, 6: _qmatmul8_q6}
 
 
 def _check_packed(w: np.ndarray, scales: np.ndarray, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
@@ -413,16 +432,16 @@ def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
     _quantize_rows8_parallel(X, xq, xd, xs, act_group(K, s, bits))
     toks = np.arange(T, dtype=np.int64)
     for t0 in range(0, T, TOKEN_BLOCK):  # one block of activations at a time in each core's L2
-        _qmatmul8_block(w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32, bits)
+        _QMATMUL8[bits](w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32)
     return out
 
 
 # ---- routed experts -----------------------------------------------------------------------------------
 
 @pnjit()
-def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh, bits):
+def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
-    hq / hd / hs. One parallel region over (row chunk, expert) items, chunk-major."""
+    hq / hd / hs. One parallel region over (row chunk, expert) items, chunk-major. int4 banks."""
     inter, kw, nsg = gate.shape[1], gate.shape[2], gs_.shape[2]
     nblk = x.shape[1] // 32
     l2 = log2_sub(nblk, nsg)
@@ -443,9 +462,9 @@ def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h
             t0 = 0
             while t0 < ns:
                 nt = _tile_tokens(ns - t0)
-                _tile(bits, nt, gate, row * kw, wstride, gs_, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
+                _tile(4, nt, gate, row * kw, wstride, gs_, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
                       nblk, l2, gres)
-                _tile(bits, nt, up, row * kw, wstride, us, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
+                _tile(4, nt, up, row * kw, wstride, us, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
                       nblk, l2, ures)
                 for j in range(nt):
                     for q in range(nrows):
@@ -458,7 +477,7 @@ def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h
 
 
 @pnjit()
-def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, nblk, bits):
+def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, nblk):
     """out[t] = sum over t's slots in ascending expert id of w * D_e h[slot], starting from 0."""
     hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
     l2 = log2_sub(nblk, nsg)
@@ -481,7 +500,7 @@ def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w
                 t0 = 0
                 while t0 < ns:
                     nt = _tile_tokens(ns - t0)
-                    _tile(bits, nt, down, row * kw, wstride, ds, row * nsg, sstride, hq, hd, hs, slot_ids, s0 + t0,
+                    _tile(4, nt, down, row * kw, wstride, ds, row * nsg, sstride, hq, hd, hs, slot_ids, s0 + t0,
                           nblk, l2, res)
                     for j in range(nt):
                         p = s0 + t0 + j
@@ -532,6 +551,6 @@ def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: 
     if EXPERT_CHUNK % SPAN:
         raise AssertionError("EXPERT_CHUNK must be a multiple of a span")
     _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs,
-                      act_group(H, gs_, bits), gsh, bits)
-    _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32, bits)
+                      act_group(H, gs_, bits), gsh)
+    _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32)
     return out
