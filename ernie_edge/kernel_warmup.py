@@ -7,13 +7,24 @@ one-token decode, a batched decode step), so that no request later stalls on a c
 reports each kernel numba starts compiling. How many kernels a cold warm-up compiled is kept per
 set of weight formats (beside numba's cache), so the next cold warm-up - after an upgrade, say -
 can show a bar with a total. `console_warm_up` draws that bar on a terminal.
+
+numba compiles on the calling thread, one kernel at a time. On a machine with two or more cores a
+cold warm-up therefore starts a helper process (`python -m ernie_edge.kernel_warmup decode ...`) at
+its first compile: the helper compiles the one-token decode path into the shared on-disk cache
+while this process compiles the prefill and batched paths; then this process runs the decode path
+too, which loads what the helper compiled. The helper's compiles are reported as this process's
+(it prints one line per compile). A warm start, where nothing compiles, starts no helper. If the
+helper fails, this process compiles those kernels itself.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -90,10 +101,53 @@ def _save_count(key: str, n: int) -> None:
         pass  # a read-only cache dir only loses the estimate
 
 
+class _DecodeHelper:
+    """The helper process that compiles a model's one-token decode path into numba's cache, and the
+    thread that relays its compile lines to `report`."""
+
+    def __init__(self, model, report: Callable[[str], None]):
+        backend = model.backend
+        cmd = [sys.executable, "-m", "ernie_edge.kernel_warmup", "decode", str(model.path),
+               "--kv-dtype", getattr(backend, "kv_dtype", "f16")]
+        if getattr(backend, "max_context", None):
+            cmd += ["--max-context", str(backend.max_context)]
+        from .kernels import _jit
+        env = dict(os.environ, NUMBA_CACHE_DIR=_jit.CACHE_ROOT, ERNIE_EDGE_SIMD=_jit.SIMD)  # this process's cache
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                     text=True, env=env)
+        self.thread = threading.Thread(target=self._relay, args=(report,), daemon=True)
+        self.thread.start()
+
+    def _relay(self, report) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("compile "):
+                report(line[len("compile "):].strip())
+
+    def wait(self) -> None:
+        self.proc.wait()
+        self.thread.join()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.wait()
+
+
+def _helper_wanted(model) -> bool:
+    """A decode helper pays off where there is a second core to compile on and the model runs on
+    the CPU backend from a folder a child process can load."""
+    return ((os.cpu_count() or 1) >= 2 and model.backend_name == "cpu" and os.environ.get(HELPER_ENV) != "0"
+            and os.name == "posix"  # numba's cache saves are locked there (kernels/_jit.py)
+            and getattr(model, "location", None) is not None and getattr(model.location, "kind", None) == "edge")
+
+
+HELPER_ENV = "ERNIE_EDGE_WARMUP_HELPER"  # "0": compile everything in this process
+
+
 def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> float:
     """Compile (first run) or load (cached) every kernel the model's requests will use, through a
     throwaway pass; returns the seconds it took. progress, when given, is called as each kernel
-    starts compiling."""
+    starts compiling (here or in the decode helper)."""
     from .cpu_weights import QBATCH_MAX_T
     from .kernels import _jit  # noqa: F401 (numba's options and cache dir before any compile)
 
@@ -101,31 +155,66 @@ def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> 
     expected = _read_counts().get(key)
     compiled: list[str] = []
     t0 = time.perf_counter()
-
+    lock = threading.Lock()
+    helper: _DecodeHelper | None = None
     kernel = ""
 
     def on_compile(name: str) -> None:
-        nonlocal kernel
-        compiled.append(name)
-        if name.startswith("ernie_edge."):
-            kernel = name.removeprefix("ernie_edge.kernels.").removeprefix("ernie_edge.")
-        if progress is not None:
-            progress(WarmupProgress(len(compiled), expected, kernel, time.perf_counter() - t0))
+        nonlocal kernel, helper
+        with lock:
+            compiled.append(name)
+            if name.startswith("ernie_edge."):
+                kernel = name.removeprefix("ernie_edge.kernels.").removeprefix("ernie_edge.")
+            if progress is not None:
+                progress(WarmupProgress(len(compiled), expected, kernel, time.perf_counter() - t0))
+            if helper is None and not helper_tried and _helper_wanted(model):
+                start_helper()
+
+    helper_tried = False
+
+    def start_helper() -> None:
+        nonlocal helper, helper_tried
+        helper_tried = True
+        try:
+            helper = _DecodeHelper(model, on_compile)
+        except OSError:
+            helper = None
 
     # a context shorter than QBATCH_MAX_T never takes the long-prompt path: no need to compile it
     context = getattr(model.backend, "max_context", None) or model.config.max_position_embeddings
     long = min(QBATCH_MAX_T + 1, context)
     ids = np.arange(long, dtype=np.int64) % model.config.vocab_size
-    with compile_events(on_compile):
-        a, b = model.new_cache(), model.new_cache()
-        model.prefill(ids[:2], a)  # the small-batch path
-        model.decode(2, a)  # one-token decode
-        model.prefill(ids[:3], b)
-        model.decode_batch([3, 4], [a, b])  # the engine's batched step
-        model.prefill(ids, model.new_cache())  # the long-prompt path
+    try:
+        with compile_events(on_compile):
+            a, b = model.new_cache(), model.new_cache()
+            model.prefill(ids[:2], a)  # the small-batch path (the first compile starts the helper)
+            model.prefill(ids[:3], b)
+            model.decode_batch([3, 4], [a, b])  # the engine's batched step
+            model.prefill(ids, model.new_cache())  # the long-prompt path
+            if helper is not None:
+                helper.wait()  # its kernels are in the cache now (or it failed: compiled below)
+            model.decode(5, a)  # one-token decode
+    finally:
+        if helper is not None:
+            helper.stop()
     if compiled:
         _save_count(key, len(compiled))
     return time.perf_counter() - t0
+
+
+def _decode_main(argv: list[str]) -> int:
+    """The decode helper: load the model, compile its one-token decode path, print a line per compile."""
+    ap = argparse.ArgumentParser(prog="python -m ernie_edge.kernel_warmup")
+    ap.add_argument("part", choices=["decode"])
+    ap.add_argument("model")
+    ap.add_argument("--kv-dtype", default="f16")
+    ap.add_argument("--max-context", type=int)
+    a = ap.parse_args(argv)
+    from .model import load
+    model = load(a.model, backend="cpu", threads=1, prefetch=False, kv_dtype=a.kv_dtype, max_context=a.max_context)
+    with compile_events(lambda name: print(f"compile {name}", flush=True)):
+        model.decode(1, model.new_cache())
+    return 0
 
 
 def console_warm_up(model, stream=sys.stderr) -> float:
@@ -156,3 +245,7 @@ def console_warm_up(model, stream=sys.stderr) -> float:
             bar.close()
     print(f"kernels ready in {seconds:.1f} s", file=stream, flush=True)
     return seconds
+
+
+if __name__ == "__main__":
+    sys.exit(_decode_main(sys.argv[1:]))

@@ -92,7 +92,35 @@ VNNI512 = SIMD == "avxvnni" and AVX512 and bool(_FEATURES.get("avx512vnni"))  # 
 # llvm.prefetch locality of every software prefetch: 2 = prefetcht1, into L2. Into L1 the lines
 # prefetched ahead pushed out the lines being read.
 PREFETCH_LOCALITY = 2
-numba.config.CACHE_DIR = os.path.join(os.environ["NUMBA_CACHE_DIR"], f"{SIMD}-{_kernels_digest()}")
+CACHE_ROOT = os.environ["NUMBA_CACHE_DIR"]  # as this process found it (a helper process is given the same)
+numba.config.CACHE_DIR = os.path.join(CACHE_ROOT, f"{SIMD}-{_kernels_digest()}")
+
+
+def _lock_cache_saves() -> None:
+    """numba names a new cache entry's file from the index it has just read, so two processes saving
+    new entries of one function at the same instant could pick the same file. The warm-up's helper
+    process (kernel_warmup.py) compiles beside this one: each save holds an exclusive lock on its
+    cache folder (POSIX; elsewhere the warm-up runs no helper)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    from numba.core import caching
+
+    save = caching.IndexDataCacheFile.save
+    if getattr(save, "locked", False):
+        return
+
+    def locked_save(self, key, data):
+        with open(os.path.join(self._cache_path, ".save-lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return save(self, key, data)  # closing the file releases the lock
+
+    locked_save.locked = True
+    caching.IndexDataCacheFile.save = locked_save
+
+
+_lock_cache_saves()
 
 
 def njit(**extra):
