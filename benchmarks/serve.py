@@ -9,8 +9,8 @@ history (prefix reuse).
   engine. Counted over the window in which all B streams are decoding (from the last stream's
   first token to the first stream's last token), so joining prefills are outside it.
 - HTTP overhead: the same B-stream runs through the OpenAI API (uvicorn on loopback, streamed SSE,
-  httpx clients) vs engine.submit directly, alternated, best of --reps each; overhead = wall time
-  ratio - 1. On a busy 2-core machine that ratio is noisy (+-20 %), so the CPU time the server's
+  httpx clients in a separate process, as an editor's or an agent's would be) vs engine.submit
+  directly, alternated, best of --reps each; overhead = wall time ratio - 1. On a busy 2-core machine that ratio is noisy (+-20 %), so the CPU time the server's
   thread spends is measured too (Linux: /proc/self/task/TID/stat, which other processes do not
   disturb): per token, and as a fraction of the direct run's wall time. Every core runs a kernel
   thread, so the server's CPU time is what it takes from the engine.
@@ -110,28 +110,63 @@ def run_direct(engine: Engine, ids: list[list[int]], tokens: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, "aggregate_tok_s": window_rate(stamps)}
 
 
-def run_http(server: Server, ids: list[list[int]], tokens: int, engine: Engine) -> dict:
-    """The same B streams through POST /v1/completions (token-id prompts, streamed)."""
-    url = server.url
-    engine.clear_prefix_cache()
-    walls: list[float] = []
-    cpu0 = thread_cpu_s(server.thread.native_id)
-    t0 = time.perf_counter()
+# The HTTP clients run in a process of their own, as an editor or an agent would: in this process
+# their threads would contend with the engine's worker for the GIL, which the HTTP layer does not cost.
+CLIENT = r"""
+import json, sys, threading, time
+import httpx
+url = sys.argv[1]
+print("ready", flush=True)
+for line in sys.stdin:
+    job = json.loads(line)
+    ends = []
 
     def read(prompt):
-        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True, "stream": True}
+        body = {"prompt": prompt, "max_tokens": job["tokens"], "temperature": 0.0, "ignore_eos": True,
+                "stream": True}
         with httpx.Client(timeout=600) as c, c.stream("POST", url + "/v1/completions", json=body) as r:
             for _ in r.iter_lines():
                 pass
-        walls.append(time.perf_counter())
+        ends.append(time.perf_counter())
 
-    readers = [threading.Thread(target=read, args=(p,)) for p in ids]
+    readers = [threading.Thread(target=read, args=(p,)) for p in job["prompts"]]
+    t0 = time.perf_counter()
     for r in readers:
         r.start()
     for r in readers:
         r.join()
+    print(json.dumps({"wall_s": max(ends) - t0}), flush=True)
+"""
+
+
+class Clients:
+    """The process that runs the HTTP streams of `run_http`."""
+
+    def __init__(self, url: str):
+        import subprocess
+        self.proc = subprocess.Popen([sys.executable, "-c", CLIENT, url], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the HTTP client process did not start")
+
+    def run(self, prompts: list[list[int]], tokens: int) -> float:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "tokens": tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())["wall_s"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def run_http(server: Server, clients: Clients, ids: list[list[int]], tokens: int, engine: Engine) -> dict:
+    """The same B streams through POST /v1/completions (token-id prompts, streamed), from the
+    client process."""
+    engine.clear_prefix_cache()
+    cpu0 = thread_cpu_s(server.thread.native_id)
+    wall = clients.run(ids, tokens)
     cpu1 = thread_cpu_s(server.thread.native_id)
-    return {"wall_s": max(walls) - t0, "server_cpu_s": None if cpu0 is None else cpu1 - cpu0}
+    return {"wall_s": wall, "server_cpu_s": None if cpu0 is None else cpu1 - cpu0}
 
 
 def window_rate(stamps: list[list[float]]) -> float:
@@ -195,16 +230,17 @@ def main() -> None:
     load_before = machine_load()
     engine = Engine.load(a.model, settings)
     server = Server(engine)
+    clients = Clients(server.url)
     try:
         run_direct(engine, prompts(engine.model, 1), 4)  # warm-up: kernels, then the HTTP path
-        run_http(server, prompts(engine.model, 1), 4, engine)
+        run_http(server, clients, prompts(engine.model, 1), 4, engine)
         rows = {}
         for b in streams:
             ids = prompts(engine.model, b)
             direct, http = [], []
             for _ in range(a.reps):
                 direct.append(run_direct(engine, ids, a.tokens))
-                http.append(run_http(server, ids, a.tokens, engine))
+                http.append(run_http(server, clients, ids, a.tokens, engine))
             best_direct = min(r["wall_s"] for r in direct)
             best_http = min(r["wall_s"] for r in http)
             rows[b] = {"aggregate_tok_s": round(max(r["aggregate_tok_s"] for r in direct), 3),
@@ -219,6 +255,7 @@ def main() -> None:
             row["speedup_vs_1"] = round(row["aggregate_tok_s"] / one, 3) if one else 0.0
         turn = second_turn(engine, server.url, a.history)
     finally:
+        clients.close()
         server.close()
         engine.close(drain=False)
     result = {"model": str(a.model), "threads": a.threads, "tokens_per_stream": a.tokens,
