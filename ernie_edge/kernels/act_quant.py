@@ -22,21 +22,28 @@ ACT_MAX = 32767  # activations are quantized to [-ACT_MAX, ACT_MAX] (int16 witho
 
 
 @njit(inline="always")
+def _block_scale(x, gs, b, qmax):
+    """Block b of x in the block order for group size gs (module doc): (lo, hi, d, inv) where the
+    block is x[lo : lo + 16] then x[hi : hi + 16], d = max|block| / qmax its scale and inv = qmax /
+    max|block| (float64: qmax / amax overflows float32 when amax is a float32 denormal; 0 for a
+    zero block)."""
+    chunks = gs // 32
+    g, c = b // chunks, b % chunks
+    lo = g * gs + 16 * c
+    hi = lo + gs // 2
+    amax = np.float32(0.0)
+    for j in range(16):
+        amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
+    inv = qmax / np.float64(amax) if amax > 0 else 0.0
+    return lo, hi, amax / np.float32(qmax), inv
+
+
+@njit(inline="always")
 def quantize_blocks(x, xq, xd, xs, gs, b0, b1):
     """Blocks b0..b1 of one row: x float32 [K] -> xq int16 [K], xd float32 [B], xs int32 [B]
     (xs[b] = 8 * sum of the block's xq: the int4 kernels' offset term). Block order in the module doc."""
-    half = gs // 2
-    chunks = gs // 32
     for b in range(b0, b1):
-        g, c = b // chunks, b % chunks
-        lo = g * gs + 16 * c
-        hi = lo + half
-        amax = np.float32(0.0)
-        for j in range(16):
-            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
-        d = amax / np.float32(ACT_MAX)
-        # float64: 32767 / amax overflows float32 when amax is a float32 denormal
-        inv = ACT_MAX / np.float64(amax) if amax > 0 else 0.0
+        lo, hi, d, inv = _block_scale(x, gs, b, ACT_MAX)
         total = 0
         for j in range(16):
             q0 = np.int32(np.rint(np.float64(x[lo + j]) * inv))
@@ -57,17 +64,8 @@ def quantize_spans8(x, xq, xd, xs, gs, b0, b1):
     [128 NS] (block b = 4s + c: its first 16 values at 128s + 16c, its last 16 at 128s + 64 + 16c),
     xd float32 [16 NS] and xs int32 [16 NS] (block c's scale and sum of xq at lanes 16s + 4c .. + 3).
     Block order and rounding as `quantize_blocks`, with ACT8_MAX."""
-    half = gs // 2
-    chunks = gs // 32
     for b in range(b0, b1):
-        g, c = b // chunks, b % chunks
-        lo = g * gs + 16 * c
-        hi = lo + half
-        amax = np.float32(0.0)
-        for j in range(16):
-            amax = max(amax, abs(x[lo + j]), abs(x[hi + j]))
-        d = amax / np.float32(ACT8_MAX)
-        inv = ACT8_MAX / np.float64(amax) if amax > 0 else 0.0
+        lo, hi, d, inv = _block_scale(x, gs, b, ACT8_MAX)
         base = 128 * (b // 4) + 16 * (b % 4)
         total = 0
         for j in range(16):

@@ -365,20 +365,9 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
                 r += nrows
 
 
-def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int) -> np.ndarray:
-    """Routed experts of a batch with int16-quantized activations; overwrites out.
-
-    out[t] = sum over t's k slots, in ascending expert id starting from 0 (docs/ERNIE_SPEC.md P13), of
-    weights[t, j] * D_e(silu(G_e x[t]) * U_e x[t]),  e = idx[t, j].
-    x float32 [T, H]; idx int [T, k] (distinct experts per token); weights float32 [T, k];
-    gate / up banks [E, I, H/2] uint8 (bits=4) or [E, I, H] int8 (bits=8), down bank [E, H, I/2] or
-    [E, H, I], each with fp16 scales [E, rows, K/G]; out float32 [T, H].
-
-    Tokens are grouped by expert, so each hit expert's weights are unpacked once per tile of 4 of
-    its tokens. Two parallel regions: gate/up/silu over (row chunk, expert) items, then down over
-    chunks of hidden rows. Both x and the SwiGLU output h are quantized (error bound in the module
-    doc, applied to each of the two stages).
-    """
+def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int):
+    """The checks of qexperts' (and qbatch8.qexperts8's) arguments: (x float32 contiguous, idx
+    int64, weights float32, (gate, up, down scales as uint16))."""
     x = np.ascontiguousarray(x, np.float32)
     if x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"x and out must be float32 [T, H] (out C-contiguous), got x {x.shape}, "
@@ -397,16 +386,44 @@ def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: i
         raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={T}")
     if idx.size and (idx.min() < 0 or idx.max() >= E):
         raise ValueError(f"expert ids must be in [0, {E}), got {idx.min()}..{idx.max()}")
-    if T == 0 or idx.shape[1] == 0:
-        out[...] = 0.0
-        return out
+    return x, idx, weights, (gs_, us, ds)
+
+
+def group_slots(idx: np.ndarray, weights: np.ndarray, n_experts: int):
+    """The T*k slots sorted by (expert, token): (slot_ids, slot_tok, slot_w, starts [E + 1], hit:
+    the ascending ids of the experts with tokens)."""
     nslot = idx.size
     slot_ids = np.empty(nslot, np.int64)  # [S] identity: the rows of h / hq
     slot_tok = np.empty(nslot, np.int64)  # [S] token of each slot, slots sorted by (expert, token)
     slot_w = np.empty(nslot, np.float32)  # [S] routing weight
-    starts = np.empty(E + 1, np.int64)  # [E + 1]
-    _group_slots(idx, weights, E, slot_ids, slot_tok, slot_w, starts)
-    hit = np.nonzero(np.diff(starts))[0].astype(np.int64)  # ascending expert ids with tokens
+    starts = np.empty(n_experts + 1, np.int64)  # [E + 1]
+    _group_slots(idx, weights, n_experts, slot_ids, slot_tok, slot_w, starts)
+    hit = np.nonzero(np.diff(starts))[0].astype(np.int64)
+    return slot_ids, slot_tok, slot_w, starts, hit
+
+
+def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int) -> np.ndarray:
+    """Routed experts of a batch with int16-quantized activations; overwrites out.
+
+    out[t] = sum over t's k slots, in ascending expert id starting from 0 (docs/ERNIE_SPEC.md P13), of
+    weights[t, j] * D_e(silu(G_e x[t]) * U_e x[t]),  e = idx[t, j].
+    x float32 [T, H]; idx int [T, k] (distinct experts per token); weights float32 [T, k];
+    gate / up banks [E, I, H/2] uint8 (bits=4) or [E, I, H] int8 (bits=8), down bank [E, H, I/2] or
+    [E, H, I], each with fp16 scales [E, rows, K/G]; out float32 [T, H].
+
+    Tokens are grouped by expert, so each hit expert's weights are unpacked once per tile of 4 of
+    its tokens. Two parallel regions: gate/up/silu over (row chunk, expert) items, then down over
+    chunks of hidden rows. Both x and the SwiGLU output h are quantized (error bound in the module
+    doc, applied to each of the two stages).
+    """
+    x, idx, weights, (gs_, us, ds) = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    T, H = x.shape
+    inter = gate.shape[1]
+    if T == 0 or idx.shape[1] == 0:
+        out[...] = 0.0
+        return out
+    nslot = idx.size
+    slot_ids, slot_tok, slot_w, starts, hit = group_slots(idx, weights, gate.shape[0])
     xq = np.empty((T, H), np.int16)  # [T, H]
     xd = np.empty((T, H // 32), np.float32)
     xs = np.empty((T, H // 32), np.int32)  # the quantizer's int4 offset terms (unused here)

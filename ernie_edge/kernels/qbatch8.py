@@ -51,7 +51,7 @@ from .act_quant import act_group, check_contig, check_weight, log2_sub, quantize
 from .codes import BLOCK_BYTES
 from .dot512 import _chunks_sum, _fold4
 from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x32, I32, I32x8, I32x16, I64, VectorType
-from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _group_slots, _silu
+from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _silu, check_experts, group_slots
 
 SPAN = 128  # inputs per span (4 blocks of 32)
 LANES = 16  # xd16 / xs16 values per span: 4 blocks x 4 rows
@@ -438,6 +438,15 @@ def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
 
 # ---- routed experts -----------------------------------------------------------------------------------
 
+@njit(inline="always")
+def _row_tile(r, r1, kw, nsg):
+    """(rows, weight stride, scale stride) of the tile at row r of rows r .. r1: four rows, or the
+    last rows one at a time (a tile of four copies of one row)."""
+    if r + 4 <= r1:
+        return 4, kw, nsg
+    return 1, 0, 0
+
+
 @pnjit()
 def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
@@ -455,9 +464,7 @@ def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h
         ures = np.empty(4 * TILE_MAX, np.float32)
         r, r1 = c * EXPERT_CHUNK, min(inter, (c + 1) * EXPERT_CHUNK)
         while r < r1:
-            one = r + 4 > r1
-            nrows = 1 if one else 4
-            wstride, sstride = (0, 0) if one else (kw, nsg)
+            nrows, wstride, sstride = _row_tile(r, r1, kw, nsg)
             row = e * inter + r
             t0 = 0
             while t0 < ns:
@@ -493,9 +500,7 @@ def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w
             s0, ns = starts[e], starts[e + 1] - starts[e]
             r = r0
             while r < r1:
-                one = r + 4 > r1
-                nrows = 1 if one else 4
-                wstride, sstride = (0, 0) if one else (kw, nsg)
+                nrows, wstride, sstride = _row_tile(r, r1, kw, nsg)
                 row = e * hid + r
                 t0 = 0
                 while t0 < ns:
@@ -516,34 +521,14 @@ def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: 
     SwiGLU output h are quantized to int8 per block of 32 (error bound above, per stage)."""
     if bits != 4:
         raise ValueError(f"qexperts8 takes int4 banks, not int{bits}")
-    x = np.ascontiguousarray(x, np.float32)
-    if x.ndim != 2 or out.shape != x.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"x and out must be float32 [T, H] (out C-contiguous), got x {x.shape}, "
-                         f"out {out.dtype} {out.shape}")
+    x, idx, weights, (gs_, us, ds) = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
     T, H = x.shape
-    gs_ = check_weight(gate, gate_s, H, bits, "gate bank", ndim=3)
-    us = check_weight(up, up_s, H, bits, "up bank", ndim=3)
-    E, inter = gate.shape[0], gate.shape[1]
-    ds = check_weight(down, down_s, inter, bits, "down bank", ndim=3)
-    if up.shape != gate.shape or us.shape != gs_.shape or down.shape[:2] != (E, H):
-        raise ValueError(f"banks disagree: gate {gate.shape} / scales {gs_.shape}, up {up.shape} / "
-                         f"{us.shape}, down {down.shape} (want [E, H, I'] for E={E}, H={H})")
-    idx = np.ascontiguousarray(idx, np.int64)
-    weights = np.ascontiguousarray(weights, np.float32)
-    if idx.ndim != 2 or idx.shape[0] != T or weights.shape != idx.shape:
-        raise ValueError(f"idx {idx.shape} and weights {weights.shape} must be [T, k] for T={T}")
-    if idx.size and (idx.min() < 0 or idx.max() >= E):
-        raise ValueError(f"expert ids must be in [0, {E}), got {idx.min()}..{idx.max()}")
+    inter = gate.shape[1]
     if T == 0 or idx.shape[1] == 0:
         out[...] = 0.0
         return out
     nslot = idx.size
-    slot_ids = np.empty(nslot, np.int64)
-    slot_tok = np.empty(nslot, np.int64)
-    slot_w = np.empty(nslot, np.float32)
-    starts = np.empty(E + 1, np.int64)
-    _group_slots(idx, weights, E, slot_ids, slot_tok, slot_w, starts)
-    hit = np.nonzero(np.diff(starts))[0].astype(np.int64)
+    slot_ids, slot_tok, slot_w, starts, hit = group_slots(idx, weights, gate.shape[0])
     xq, xd, xs = act_buffers(T, H)
     h = np.empty((nslot, inter), np.float32)  # [S, I]
     hq, hd, hs = act_buffers(nslot, inter)
