@@ -6,8 +6,10 @@ ernie_edge/reference.py over the result; the fp32 reference runs over the checkp
 statistics are `ernie-edge eval`'s (ernie_edge/quant/evaluate.py: KL(P_ref || P_q) per position,
 top-1 agreement, perplexity ratio) on `eval_sequences` of the model. What is compared is the
 weights alone: llama.cpp also rounds activations (Q8_K / Q8_0) in its dot products, ernie-edge to
-int16 per block of 32 (KLD ~2e-5, docs/PERF.md); neither is applied here. `folder:PATH` runs a
-converted folder on the CPU backend instead, to check this harness against `ernie-edge eval`.
+int16 per block of 32 in decode and to int8 per block of 32 in prefill (docs/PERF.md); neither is
+applied here. `folder:PATH` runs a converted folder on the CPU backend instead (its prefill, so
+int8 activations included), to check this harness against `ernie-edge eval`; `folder-i16:PATH` the
+same with `prefill_acts="i16"`.
 
 Configurations (repeat --config):
   recipe:NAME              an ernie-edge recipe, e.g. recipe:q4g32-d8 (ernie_edge/formats/recipe.py)
@@ -17,7 +19,8 @@ Configurations (repeat --config):
                            GGUF converter does
   roles:ROLE=Q,ROLE=Q,...  only these roles quantized, the rest fp32 (per-role sensitivity). Q is
                            q{bits}g{group} (ernie-edge) or a GGUF type (Q4_0, Q4_K, Q6_K, Q8_0)
-  folder:PATH              a converted edge folder, run by the CPU backend
+  folder:PATH              a converted edge folder, run by the CPU backend (folder-i16:PATH: with
+                           int16 / exact prefill arithmetic)
 
     python benchmarks/recipe_kld.py benchmarks/work/full-L4 --tokens 512 --config recipe:q4g32-d8 ...
 Results are merged into benchmarks/results/recipe-kld-<model folder name>.json (one entry per config).
@@ -133,7 +136,7 @@ def parse_config(spec: str, cfg):
     if kind == "roles":
         table = dict(item.split("=") for item in arg.split(","))
         return (lambda t: table.get(t.role)), None
-    raise SystemExit(f"--config {spec!r}: expected recipe:, llama:, roles: or folder:")
+    raise SystemExit(f"--config {spec!r}: expected recipe:, llama:, roles:, folder: or folder-i16:")
 
 
 def run(a) -> None:
@@ -148,8 +151,10 @@ def run(a) -> None:
     saved = json.loads(out_path.read_text()) if out_path.is_file() else {"runs": {}}
     for spec in a.config:
         t0 = time.perf_counter()
-        if spec.startswith("folder:"):
-            logits, nbytes = ernie_edge.load(spec[7:]).logits(ids), None
+        if spec.startswith(("folder:", "folder-i16:")):
+            kind_, path = spec.split(":", 1)
+            acts = "i16" if kind_ == "folder-i16" else "i8"
+            logits, nbytes = ernie_edge.load(path, prefill_acts=acts).logits(ids), None
         else:
             assign, nbytes = parse_config(spec, ckpt.config)
             rm = ReferenceModel(Quantized(ckpt, assign, ggml))
