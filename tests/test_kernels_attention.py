@@ -251,6 +251,20 @@ def test_attention_prefill_causal(kv_dtype, start, T):
     assert_rel(out.reshape(T, -1), ref.attention(q, k, v, pos))
 
 
+@pytest.mark.parametrize("start,T", [(0, 70), (300, 9)])
+def test_attention_prefill_fp16_is_decode_per_token(start, T):
+    """fp16 cache: prefill runs decode's kernels per (KV head, token), so each row is what decoding
+    that token gives (bit for bit when decode takes one position range per head; decode's split
+    merge may round differently on more threads)."""
+    nq, nkv, d = 20, 4, 128
+    k, v, kc, vc = fill_cache(start + T, nkv, d, 512, "f16")
+    q = RNG.standard_normal((T, nq, d)).astype(np.float32)
+    out = np.empty_like(q)
+    attention.attention_prefill(q, kc, vc, start, out)
+    for t in range(T):
+        np.testing.assert_allclose(out[t], decode(q[t], kc, vc, start + t + 1, 512), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("kv_dtype", DTYPES)
 def test_attention_prefill_head_dim_80(kv_dtype):
     """A head dim that is not a multiple of 64 (int8 V in chunks of 64 + 16 dims)."""

@@ -1,11 +1,19 @@
-"""Blocked causal GQA attention for prefill (docs/ERNIE_SPEC.md §3.2) over an fp16 or int8 KV cache.
+"""Causal GQA attention for prefill (docs/ERNIE_SPEC.md §3.2) over an fp16 or int8 KV cache.
 
 Legend: T new tokens, Nq query heads, Nkv KV heads, R = Nq / Nkv, D head dim, KT = KV_TILE.
 
-The new tokens' k/v are written to the cache first (kv_write); each work item (a KV head x a block
-of PREFILL_QBLOCK queries) then loads key blocks of PREFILL_KBLOCK positions from the cache as
-float32 (codes times scales, the element offsets of kv_layout.py) and runs an online softmax over
-them in float32, exact up to float rounding for both cache dtypes.
+The new tokens' k/v are written to the cache first (kv_write). Then:
+
+- fp16 cache: each work item (a KV head x one query token) runs decode's blocked online softmax
+  (attention_decode.py: all R query heads scored from one pass over each K tile and accumulated
+  from one pass over each V tile, the LLVM vector IR of attention_ir.py) over the positions that
+  token sees: the same float32 arithmetic as decoding it, 1.6-2x faster than the float tiles below
+  (docs/PERF.md). Items are KV-head-major, so a static split gives each thread the same mix of
+  short and long rows.
+- int8 cache: each work item (a KV head x a block of PREFILL_QBLOCK queries) loads key blocks of
+  PREFILL_KBLOCK positions from the cache as float32 (codes times scales, the element offsets of
+  kv_layout.py) and runs an online softmax over them in float32, exact up to float rounding
+  (decode's int8 path rounds q and the probabilities to 8 bits instead).
 """
 
 from __future__ import annotations
@@ -14,7 +22,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit, pnjit
-from .attention_ir import NEG_INF, exp_nonpos
+from .attention_decode import _pv_heads, _qk_heads, _softmax_step
+from .attention_ir import DECODE_BLOCK, NEG_INF, exp_nonpos
 from .kv_layout import KV_TILE, check_cache, k_code, tile_scale, v_code
 
 PREFILL_QBLOCK = 16  # queries per prefill work item
@@ -129,11 +138,45 @@ def _attention_prefill(q, k_cache, v_cache, p0, out):
                     out[t, g * rep + r, d] = acc[t - t0, r, d] * inv
 
 
+@pnjit()
+def _attention_prefill_rows(qs, k_cache, v_cache, p0, out):
+    """fp16 cache: out[t, heads of g] for every (KV head g, token t) item, by decode's blocked online
+    softmax over positions 0 .. p0 + t (qs: the queries already scaled by D^-0.5)."""
+    T, nq, D = qs.shape
+    nkv, ntc, te = k_cache.shape
+    R = nq // nkv
+    B, KT = DECODE_BLOCK, KV_TILE
+    unused_i8 = np.zeros(1, np.int8)  # decode's int8-query arguments, not read for an fp16 cache
+    unused_f = np.zeros(1, np.float32)
+    unused_i = np.zeros(1, np.int32)
+    for item in prange(nkv * T):
+        g, t = item // T, item % T
+        length = p0 + t + 1
+        sc = np.empty((R, B), np.float32)  # one block's scores, then probabilities
+        acc = np.zeros((R, D), np.float32)  # unnormalised P.V
+        m = np.full(R, NEG_INF, np.float32)
+        l = np.zeros(R, np.float32)
+        for b in range((length + B - 1) // B):
+            n = min(B, length - b * B)
+            tile0 = g * ntc + b * (B // KT)
+            for tt in range((n + KT - 1) // KT):
+                _qk_heads(k_cache, (tile0 + tt) * te, D, qs[t], unused_i8, unused_f, unused_i, g * R, sc, tt * KT,
+                          B, R)
+            _softmax_step(sc, n, m, l, acc)
+            for tt in range((n + KT - 1) // KT):
+                _pv_heads(v_cache, (tile0 + tt) * te, D, min(KT, n - tt * KT), sc, tt * KT, B, acc, R)
+        for r in range(R):
+            inv = np.float32(1.0) / l[r]
+            for d in range(D):
+                out[t, g * R + r, d] = acc[r, d] * inv
+
+
 def attention_prefill(q, k_cache, v_cache, start: int, out) -> np.ndarray:
     """Blocked causal attention: out float32 [T, Nq, D] for queries q [T, Nq, D] at positions
     start .. start+T-1, each attending to cached positions 0 .. its own (k/v of the T new tokens
-    must already be written with kv_write). Online softmax over key blocks of 64; parallel over
-    KV heads x blocks of 16 queries."""
+    must already be written with kv_write). fp16 cache: decode's kernels per (KV head, query) item;
+    int8 cache: online softmax over key blocks of 64, parallel over KV heads x blocks of 16 queries
+    (module doc)."""
     T, nq, d = q.shape
     check_cache(k_cache, v_cache, d)
     nkv, nt, _ = k_cache.shape
@@ -144,5 +187,8 @@ def attention_prefill(q, k_cache, v_cache, start: int, out) -> np.ndarray:
         raise ValueError(f"positions {start}..{start + T - 1} outside a cache of {nt * KV_TILE}")
     if out.shape != q.shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"attention_prefill: out {out.shape} must match q {q.shape} (float32, contiguous)")
-    _attention_prefill(q, k_cache, v_cache, start, out)
+    if k_cache.dtype == np.int8:  # kv_layout's int8 cache
+        _attention_prefill(q, k_cache, v_cache, start, out)
+    else:
+        _attention_prefill_rows(q * np.float32(d ** -0.5), k_cache, v_cache, start, out)
     return out
