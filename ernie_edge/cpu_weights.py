@@ -207,7 +207,7 @@ class SwiGLU:
         if act8 and self.bits == 4:  # a one-expert bank, as below
             return qbatch8.qexperts8(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
                                      *self.gate.bank(), *self.up.bank(), *self.down.bank(), out)
-        if T <= QBATCH_MAX_T and self.bits and not act8:  # fused as a one-expert bank with weight 1.0 (exact)
+        if T <= QBATCH_MAX_T and self.bits:  # fused as a one-expert bank with weight 1.0 (exact)
             return qbatch.qexperts(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
                                    *self.gate.bank(), *self.up.bank(), *self.down.bank(), out, self.bits)
         g = np.empty((T, self.width), np.float32)

@@ -133,6 +133,7 @@ class _DecodeHelper:
         self.wait()
 
 
+
 def _helper_wanted(model) -> bool:
     """A decode helper pays off where there is a second core to compile on and the model runs on
     the CPU backend from a folder a child process can load."""
@@ -157,28 +158,24 @@ def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> 
     t0 = time.perf_counter()
     lock = threading.Lock()
     helper: _DecodeHelper | None = None
+    helper_tried = False  # at the first compile: a cold start
     kernel = ""
 
     def on_compile(name: str) -> None:
-        nonlocal kernel, helper
+        nonlocal kernel, helper, helper_tried
         with lock:
             compiled.append(name)
             if name.startswith("ernie_edge."):
                 kernel = name.removeprefix("ernie_edge.kernels.").removeprefix("ernie_edge.")
             if progress is not None:
                 progress(WarmupProgress(len(compiled), expected, kernel, time.perf_counter() - t0))
-            if helper is None and not helper_tried and _helper_wanted(model):
-                start_helper()
-
-    helper_tried = False
-
-    def start_helper() -> None:
-        nonlocal helper, helper_tried
-        helper_tried = True
-        try:
-            helper = _DecodeHelper(model, on_compile)
-        except OSError:
-            helper = None
+            if not helper_tried:
+                helper_tried = True
+                if _helper_wanted(model):
+                    try:
+                        helper = _DecodeHelper(model, on_compile)
+                    except OSError:
+                        pass  # no helper: this process compiles the decode path too
 
     # a context shorter than QBATCH_MAX_T never takes the long-prompt path: no need to compile it
     context = getattr(model.backend, "max_context", None) or model.config.max_position_embeddings

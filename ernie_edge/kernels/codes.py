@@ -1,5 +1,6 @@
-"""One 32-block of a weight row widened to signed int16 codes, for every packed format: the one
-place in the kernels' LLVM IR that knows the byte layout of a block (ernie_edge/formats/quant.py).
+"""One 32-block of a weight row widened to signed int16 codes (or four blocks as unsigned bytes),
+for every packed format: the one place in the kernels' LLVM IR that knows the byte layout of a
+block (ernie_edge/formats/quant.py).
 
 Legend: b bits per code, h = b - 4 high bits per code (int5 / int6), u = code + 2^(b-1) the
 stored unsigned value.
@@ -11,13 +12,15 @@ A block of 32 codes takes 4b bytes of a row (BLOCK_BYTES):
         at bits h t, t = 0 .. 8/h - 1
   int8  32 signed bytes, the codes themselves
 `block_i16` returns (codes 0..15, codes 16..31) as <16 x i16>, the halves that multiply the
-activations x[32b : 32b + 16] and x[32b + 16 : 32b + 32] (in the quantizer's block order).
+activations x[32b : 32b + 16] and x[32b + 16 : 32b + 32] (in the quantizer's block order);
+`pair_i16` two blocks at once in 512-bit vectors; `span_u8` four blocks as unsigned bytes (the
+int8-activation prefill tiles).
 """
 
 from __future__ import annotations
 
 from . import ir
-from .ir import I8, I8x16, I16, I16x16, I16x32, VectorType
+from .ir import I8, I8x16, I8x64, I16, I16x16, I16x32, VectorType
 
 BLOCK_BYTES = {4: 16, 5: 20, 6: 24, 8: 32}
 
@@ -84,3 +87,56 @@ def pair_i16(builder, wptr, wo, bits):
     second = builder.or_(builder.lshr(nib, ir.Constant(I16x32, [4] * 32)), hb1)
     return builder.sub(first, offset), builder.sub(second, offset)
 
+
+def _concat4(builder, parts):
+    """Four <16 x T> -> <64 x T>."""
+    a = builder.shuffle_vector(parts[0], parts[1], ir.mask(range(32)))
+    b = builder.shuffle_vector(parts[2], parts[3], ir.mask(range(32)))
+    return builder.shuffle_vector(a, b, ir.mask(range(64)))
+
+
+def _high_bits8(builder, wptr, offs, bits):
+    """The high bits of 4 int5 / int6 blocks (at byte offsets offs) moved to bit 4, as (lo, hi)
+    <64 x i8> in kernels/qbatch8.py's span order. Code j's high bits sit in byte
+    j % 4h at bit h (j // 4h). Within a 16-bit word both bytes have the same bit position, so one
+    mask and one per-word shift (left for codes 0..15, right for 16..31) moves them."""
+    h = bits - 4
+    nqh = 4 * h
+    hq = VectorType(I8, nqh)
+    raw = [ir.load_vec(builder, wptr, builder.add(o, ir.c64(16)), hq) for o in offs]
+    pair = [builder.shuffle_vector(raw[0], raw[1], ir.mask(range(2 * nqh))),
+            builder.shuffle_vector(raw[2], raw[3], ir.mask(range(2 * nqh)))]
+    allq = builder.shuffle_vector(pair[0], pair[1], ir.mask(range(4 * nqh)))  # <16h x i8>, block c at c * 4h
+    out = []
+    for first in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
+        spread = builder.shuffle_vector(allq, allq, ir.mask([c * nqh + (first + j) % nqh
+                                                             for c in range(4) for j in range(16)]))
+        t = [(first + j) // nqh for _ in range(4) for j in range(16)]
+        keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
+        field = builder.bitcast(builder.and_(spread, keep), I16x32)
+        shift = [4 - h * ti for ti in t[0::2]]  # per 16-bit word (both bytes alike)
+        if first == 0:
+            moved = builder.shl(field, ir.Constant(I16x32, shift))
+        else:
+            moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
+        out.append(builder.bitcast(moved, I8x64))
+    return out
+
+
+def span_u8(builder, wptr, offs, bits, contiguous):
+    """The UNSIGNED codes u of the 4 int4 / int5 / int6 blocks at byte offsets offs (i64 values) as
+    (lo, hi) <64 x i8> (kernels/qbatch8.py's span): lo holds codes 0..15 of block c at bytes 16c ..
+    16c + 15, hi codes 16..31. `contiguous`: int4
+    blocks back to back (one 64-byte load)."""
+    if bits == 4 and contiguous:
+        nib = ir.load_vec(builder, wptr, offs[0], I8x64)
+    else:
+        nib = _concat4(builder, [ir.load_vec(builder, wptr, o, I8x16) for o in offs])
+    lo = builder.and_(nib, ir.Constant(I8x64, [15] * 64))
+    hi = builder.lshr(nib, ir.Constant(I8x64, [4] * 64))
+    if bits in (5, 6):
+        hb_lo, hb_hi = _high_bits8(builder, wptr, offs, bits)
+        lo, hi = builder.or_(lo, hb_lo), builder.or_(hi, hb_hi)
+    elif bits != 4:
+        raise ValueError(f"no int8-activation tile for int{bits} weights")
+    return lo, hi

@@ -389,6 +389,16 @@ def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bi
     return x, idx, weights, (gs_, us, ds)
 
 
+def experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int):
+    """What qexperts (and qbatch8.qexperts8) start from: (x, (gate, up, down scales), the slots of
+    `group_slots`) after `check_experts`; None, with out zeroed, when there is no token or slot."""
+    x, idx, weights, scales = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    if x.shape[0] == 0 or idx.shape[1] == 0:
+        out[...] = 0.0
+        return None
+    return x, scales, group_slots(idx, weights, gate.shape[0])
+
+
 def group_slots(idx: np.ndarray, weights: np.ndarray, n_experts: int):
     """The T*k slots sorted by (expert, token): (slot_ids, slot_tok, slot_w, starts [E + 1], hit:
     the ascending ids of the experts with tokens)."""
@@ -416,14 +426,12 @@ def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: i
     chunks of hidden rows. Both x and the SwiGLU output h are quantized (error bound in the module
     doc, applied to each of the two stages).
     """
-    x, idx, weights, (gs_, us, ds) = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
-    T, H = x.shape
-    inter = gate.shape[1]
-    if T == 0 or idx.shape[1] == 0:
-        out[...] = 0.0
+    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    if plan is None:
         return out
-    nslot = idx.size
-    slot_ids, slot_tok, slot_w, starts, hit = group_slots(idx, weights, gate.shape[0])
+    x, (gs_, us, ds), (slot_ids, slot_tok, slot_w, starts, hit) = plan
+    T, H = x.shape
+    nslot, inter = slot_ids.size, gate.shape[1]
     xq = np.empty((T, H), np.int16)  # [T, H]
     xd = np.empty((T, H // 32), np.float32)
     xs = np.empty((T, H // 32), np.int32)  # the quantizer's int4 offset terms (unused here)

@@ -48,10 +48,10 @@ from numba.extending import intrinsic
 from . import _jit, ir, q56
 from ._jit import njit, pnjit
 from .act_quant import act_group, check_contig, check_weight, log2_sub, quantize_spans8
-from .codes import BLOCK_BYTES
+from .codes import BLOCK_BYTES, span_u8
 from .dot512 import _chunks_sum, _fold4
-from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x32, I32, I32x8, I32x16, I64, VectorType
-from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _silu, check_experts, group_slots
+from .ir import F32, F32x16, I8, I8x64, I16, I16x16, I16x32, I32, I32x8, I32x16, I64, VectorType
+from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _silu, experts_plan
 
 SPAN = 128  # inputs per span (4 blocks of 32)
 LANES = 16  # xd16 / xs16 values per span: 4 blocks x 4 rows
@@ -61,7 +61,6 @@ LANES = 16  # xd16 / xs16 values per span: 4 blocks x 4 rows
 TILE_MAX = 8 if _jit.AVX512 else 4
 TILE_SIZES = (8, 4, 2, 1) if TILE_MAX == 8 else (4, 2, 1)
 TOKEN_BLOCK = 64  # tokens per pass over the weights in qmatmul8: 64 x 5 KB of activations at K = 2560
-I16x16 = VectorType(I16, 16)
 I16x4, I16x8 = VectorType(I16, 4), VectorType(I16, 8)
 I32x4, I64x4 = VectorType(I32, 4), VectorType(I64, 4)
 F32x4, F32x8 = VectorType(F32, 4), VectorType(F32, 8)
@@ -105,61 +104,6 @@ def _dot8(builder, acc, u, x):
         prod = builder.add(builder.shuffle_vector(prod, prod, ir.mask(range(0, n, 2))),
                            builder.shuffle_vector(prod, prod, ir.mask(range(1, n, 2))))
     return builder.add(acc, prod)
-
-
-# ---- one span of a row: unsigned codes ---------------------------------------------------------------
-
-def _concat4(builder, parts, ty16):
-    """Four <16 x T> -> <64 x T>."""
-    a = builder.shuffle_vector(parts[0], parts[1], ir.mask(range(32)))
-    b = builder.shuffle_vector(parts[2], parts[3], ir.mask(range(32)))
-    return builder.shuffle_vector(a, b, ir.mask(range(64)))
-
-
-def _high_bits8(builder, wptr, offs, bits):
-    """The high bits of 4 int5 / int6 blocks (at byte offsets offs) moved to bit 4, as (lo, hi)
-    <64 x i8> in the span order. Block layout in kernels/codes.py: code j's high bits sit in byte
-    j % 4h at bit h (j // 4h). Within a 16-bit word both bytes have the same bit position, so one
-    mask and one per-word shift (left for codes 0..15, right for 16..31) moves them."""
-    h = bits - 4
-    nqh = 4 * h
-    hq = VectorType(I8, nqh)
-    raw = [ir.load_vec(builder, wptr, builder.add(o, ir.c64(16)), hq) for o in offs]
-    pair = [builder.shuffle_vector(raw[0], raw[1], ir.mask(range(2 * nqh))),
-            builder.shuffle_vector(raw[2], raw[3], ir.mask(range(2 * nqh)))]
-    allq = builder.shuffle_vector(pair[0], pair[1], ir.mask(range(4 * nqh)))  # <16h x i8>, block c at c * 4h
-    out = []
-    for first in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
-        spread = builder.shuffle_vector(allq, allq, ir.mask([c * nqh + (first + j) % nqh
-                                                             for c in range(4) for j in range(16)]))
-        t = [(first + j) // nqh for _ in range(4) for j in range(16)]
-        keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
-        field = builder.bitcast(builder.and_(spread, keep), I16x32)
-        shift = [4 - h * ti for ti in t[0::2]]  # per 16-bit word (both bytes alike)
-        if first == 0:
-            moved = builder.shl(field, ir.Constant(I16x32, shift))
-        else:
-            moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
-        out.append(builder.bitcast(moved, I8x64))
-    return out
-
-
-def _span_codes(builder, wptr, offs, bits, contiguous):
-    """Unsigned codes of the 4 blocks at byte offsets offs (i64 values) as (lo, hi) <64 x i8>: lo
-    holds codes 0..15 of block c at bytes 16c .. 16c + 15, hi codes 16..31. `contiguous`: int4
-    blocks back to back (one 64-byte load)."""
-    if bits == 4 and contiguous:
-        nib = ir.load_vec(builder, wptr, offs[0], I8x64)
-    else:
-        nib = _concat4(builder, [ir.load_vec(builder, wptr, o, I8x16) for o in offs], I8x16)
-    lo = builder.and_(nib, ir.Constant(I8x64, [15] * 64))
-    hi = builder.lshr(nib, ir.Constant(I8x64, [4] * 64))
-    if bits in (5, 6):
-        hb_lo, hb_hi = _high_bits8(builder, wptr, offs, bits)
-        lo, hi = builder.or_(lo, hb_lo), builder.or_(hi, hb_hi)
-    elif bits != 4:
-        raise ValueError(f"no int8-activation tile for int{bits} weights")
-    return lo, hi
 
 
 # ---- scales of one span: lanes (c, r) = ws[r, g(4 s + c)] -------------------------------------------
@@ -249,7 +193,7 @@ def tile8(context, builder, sig, args, ntok, bits):
             blocks = [builder.select(builder.icmp_unsigned("<", builder.add(b0, ir.c64(c)), nblk),
                                      builder.add(b0, ir.c64(c)), last) for c in range(4)]
             ws = _span_scales_blocks(builder, sptr, soffs, blocks, log2sub)
-        codes = [_span_codes(builder, wptr, [builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks], bits,
+        codes = [span_u8(builder, wptr, [builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks], bits,
                              full) for wo in woffs]
         for j in range(ntok):
             q0 = builder.add(qoffs[j], builder.mul(span, ir.c64(SPAN)))
@@ -314,11 +258,12 @@ def _tile(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nb
 
 # ---- activations ------------------------------------------------------------------------------------
 
-@njit()
+@pnjit()
 def _quantize_rows8(x, xq, xd, xs, gs):
-    """Every row of x float32 [T, K] -> xq int8 [T, 128 NS], xd float32 / xs int32 [T, 16 NS]."""
+    """Every row of x float32 [T, K] -> xq int8 [T, 128 NS], xd float32 / xs int32 [T, 16 NS]; rows
+    shared out over the threads."""
     nblk = x.shape[1] // 32
-    for t in range(x.shape[0]):
+    for t in prange(x.shape[0]):
         quantize_spans8(x[t], xq[t], xd[t], xs[t], gs, 0, nblk)
 
 
@@ -343,9 +288,17 @@ def quantize_rows8(x: np.ndarray, gs: int = 32) -> tuple[np.ndarray, np.ndarray,
 # ---- matmul -----------------------------------------------------------------------------------------
 
 @njit(inline="always")
-def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, res, out, one):
-    """out[toks[t], r .. r + 4) (or only row r when `one`: four copies of it) for all ntoks tokens."""
-    wstride, sstride, nrows = (0, 0, 1) if one else (kw, nsg, 4)
+def _row_tile(r, r1, kw, nsg):
+    """(rows, weight stride, scale stride) of the tile at row r of rows r .. r1: four rows, or the
+    last rows one at a time (a tile of four copies of one row)."""
+    if r + 4 <= r1:
+        return 4, kw, nsg
+    return 1, 0, 0
+
+
+@njit(inline="always")
+def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, res, out, nrows, wstride, sstride):
+    """out[toks[t], r .. r + nrows) for all ntoks tokens (the tile of `_row_tile`)."""
     t0 = 0
     while t0 < ntoks:
         nt = _tile_tokens(ntoks - t0)
@@ -354,13 +307,6 @@ def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, 
             for q in range(nrows):
                 out[toks[t0 + j], r + q] = res[4 * j + q]
         t0 += nt
-
-
-@pnjit()
-def _quantize_rows8_parallel(x, xq, xd, xs, gs):
-    nblk = x.shape[1] // 32
-    for t in prange(x.shape[0]):
-        quantize_spans8(x[t], xq[t], xd[t], xs[t], gs, 0, nblk)
 
 
 @njit(inline="always")
@@ -374,12 +320,10 @@ def _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, bits):
     for c in prange(nchunks):
         res = np.empty(4 * TILE_MAX, np.float32)
         r, r1 = c * CHUNK_ROWS, min(O, (c + 1) * CHUNK_ROWS)
-        while r + 4 <= r1:
-            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, False)
-            r += 4
         while r < r1:
-            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, True)
-            r += 1
+            nrows, wstride, sstride = _row_tile(r, r1, kw, nsg)
+            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, nrows, wstride, sstride)
+            r += nrows
 
 
 # One kernel per format, each with its bits a constant: only the tile a model's formats use is compiled.
@@ -401,16 +345,15 @@ def _qmatmul8_q6(w, s, out, xq, xd, xs, toks, nblk):
 _QMATMUL8 = {4: _qmatmul8_q4, 5: _qmatmul8_q5, 6: _qmatmul8_q6}
 
 
-def _check_packed(w: np.ndarray, scales: np.ndarray, k: int, bits: int, what: str, ndim: int) -> np.ndarray:
-    """check_weight for int4 (uint8 [.., O, K/2]) and int5 / int6 (uint8 [.., O, K*b/8]) banks."""
+def _check_matrix(w: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """The weight checks of int4 (kernels/act_quant.py's) or int5 / int6 (q56.py's) matrices [O, K*b/8]."""
     if bits == 4:
-        return check_weight(w, scales, k, 4, what, ndim=ndim)
+        return check_weight(w, scales, k, 4, ndim=2)
     if bits not in (5, 6):
-        raise ValueError(f"{what}: the int8-activation kernels take int4, int5 or int6 weights, not int{bits}")
-    if w.ndim != ndim:
-        raise ValueError(f"{what}: int{bits} weights must have {ndim} dimensions, got {w.shape}")
-    return q56.check_weight(w.reshape(-1, w.shape[-1]), scales.reshape(-1, scales.shape[-1]), k, bits, what).reshape(
-        scales.shape)
+        raise ValueError(f"weight: the int8-activation kernels take int4, int5 or int6 weights, not int{bits}")
+    if w.ndim != 2:
+        raise ValueError(f"weight: int{bits} weights must have 2 dimensions, got {w.shape}")
+    return q56.check_weight(w, scales, k, bits)
 
 
 def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
@@ -422,14 +365,14 @@ def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
     if X.ndim != 2:
         raise ValueError(f"X must be float32 [T, K], got {X.shape}")
     T, K = X.shape
-    s = _check_packed(w, scales, K, bits, "weight", 2)
+    s = _check_matrix(w, scales, K, bits)
     if out.shape != (T, w.shape[0]) or out.dtype != np.float32:
         raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
     check_contig(out=out)
     if T == 0:
         return out
     xq, xd, xs = act_buffers(T, K)
-    _quantize_rows8_parallel(X, xq, xd, xs, act_group(K, s, bits))
+    _quantize_rows8(X, xq, xd, xs, act_group(K, s, bits))
     toks = np.arange(T, dtype=np.int64)
     for t0 in range(0, T, TOKEN_BLOCK):  # one block of activations at a time in each core's L2
         _QMATMUL8[bits](w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32)
@@ -438,23 +381,13 @@ def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
 
 # ---- routed experts -----------------------------------------------------------------------------------
 
-@njit(inline="always")
-def _row_tile(r, r1, kw, nsg):
-    """(rows, weight stride, scale stride) of the tile at row r of rows r .. r1: four rows, or the
-    last rows one at a time (a tile of four copies of one row)."""
-    if r + 4 <= r1:
-        return 4, kw, nsg
-    return 1, 0, 0
-
-
 @pnjit()
-def _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh):
+def _experts_gate_up8(xq, xd, xs, nblk, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
-    hq / hd / hs. One parallel region over (row chunk, expert) items, chunk-major. int4 banks."""
+    hq / hd / hs; x is given quantized (xq / xd / xs, nblk blocks). One parallel region over (row
+    chunk, expert) items, chunk-major. int4 banks."""
     inter, kw, nsg = gate.shape[1], gate.shape[2], gs_.shape[2]
-    nblk = x.shape[1] // 32
     l2 = log2_sub(nblk, nsg)
-    _quantize_rows8(x, xq, xd, xs, gsx)
     nhit = hit.shape[0]
     nchunks = (inter + EXPERT_CHUNK - 1) // EXPERT_CHUNK
     for item in prange(nchunks * nhit):
@@ -521,21 +454,19 @@ def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: 
     SwiGLU output h are quantized to int8 per block of 32 (error bound above, per stage)."""
     if bits != 4:
         raise ValueError(f"qexperts8 takes int4 banks, not int{bits}")
-    x, idx, weights, (gs_, us, ds) = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
-    T, H = x.shape
-    inter = gate.shape[1]
-    if T == 0 or idx.shape[1] == 0:
-        out[...] = 0.0
+    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    if plan is None:
         return out
-    nslot = idx.size
-    slot_ids, slot_tok, slot_w, starts, hit = group_slots(idx, weights, gate.shape[0])
+    x, (gs_, us, ds), (slot_ids, slot_tok, slot_w, starts, hit) = plan
+    T, H = x.shape
+    nslot, inter = slot_ids.size, gate.shape[1]
     xq, xd, xs = act_buffers(T, H)
     h = np.empty((nslot, inter), np.float32)  # [S, I]
     hq, hd, hs = act_buffers(nslot, inter)
     gsh = act_group(inter, ds, bits)
     if EXPERT_CHUNK % SPAN:
         raise AssertionError("EXPERT_CHUNK must be a multiple of a span")
-    _experts_gate_up8(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs,
-                      act_group(H, gs_, bits), gsh)
+    _quantize_rows8(x, xq, xd, xs, act_group(H, gs_, bits))
+    _experts_gate_up8(xq, xd, xs, H // 32, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh)
     _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32)
     return out
