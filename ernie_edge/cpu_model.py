@@ -29,8 +29,10 @@ from .reference import RoutingTrace
 
 PREFILL_CHUNK = 512
 # How a prompt's prefill rounds the activations its integer kernels take: "i8" int8 per block of 32
-# (kernels/qbatch8.py, the fast default), "i16" the decode path's int16 below QBATCH_MAX_T tokens and
-# exact float32 above (slower; a KLD of ~1e-5 against the float reference instead of ~1e-3).
+# (kernels/qbatch8.py, the fast default), "i16" int16 below QBATCH_MAX_T tokens and exact float32
+# above (slower; a KLD of ~1e-5 against the float reference instead of ~1e-3). decode_acts takes the
+# same two: "i8" the int8 row dots of kernels/dot8.py in the decode kernels (the default; a token's
+# row has the same bits in decode, decode_batch and prefill), "i16" the int16 ones.
 PREFILL_ACTS = ("i8", "i16")
 
 
@@ -65,7 +67,7 @@ def _load_layer(ck, cfg: ErnieConfig, i: int, use_bias: bool) -> Layer:
 class DecodeBuffers:
     """Every activation buffer one decode step needs, allocated once per model."""
 
-    def __init__(self, cfg: ErnieConfig):
+    def __init__(self, cfg: ErnieConfig, act8: bool = False):
         H = cfg.hidden_size
         widest = max(H, cfg.q_dim, cfg.intermediate_size, cfg.moe_intermediate_size,
                      cfg.shared_intermediate_size or 1)
@@ -79,16 +81,17 @@ class DecodeBuffers:
         self.y = np.zeros(H, np.float32)
         self.pos = np.zeros(1, np.int64)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
-        self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size)
+        self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size, act8)
 
 
 class CpuModel:
     """Fast forward over an EdgeCheckpoint. Same interface as reference.ReferenceModel."""
 
     def __init__(self, ck, use_correction_bias: bool = True, max_context: int | None = None,
-                 kv_dtype: str = "f16", prefill_acts: str = "i8"):
-        if prefill_acts not in PREFILL_ACTS:
-            raise ValueError(f"prefill_acts {prefill_acts!r} is not one of {', '.join(PREFILL_ACTS)}")
+                 kv_dtype: str = "f16", prefill_acts: str = "i8", decode_acts: str = "i8"):
+        for name, acts in (("prefill_acts", prefill_acts), ("decode_acts", decode_acts)):
+            if acts not in PREFILL_ACTS:
+                raise ValueError(f"{name} {acts!r} is not one of {', '.join(PREFILL_ACTS)}")
         self.ck = ck
         self.prefill_acts = prefill_acts
         self.config = cfg = ck.config
@@ -99,7 +102,18 @@ class CpuModel:
         self.final_norm = np.ascontiguousarray(ck.dense("model.norm.weight"), np.float32)
         self.layers = [_load_layer(ck, cfg, i, use_correction_bias) for i in range(cfg.num_hidden_layers)]
         self.buf = DecodeBuffers(cfg)
+        self.decode_acts = decode_acts
         self.attn_scratch: attention.DecodeScratch | None = None
+
+    @property
+    def decode_acts(self) -> str:
+        return "i8" if self.buf.scratch.act8 else "i16"
+
+    @decode_acts.setter
+    def decode_acts(self, acts: str) -> None:
+        if acts not in PREFILL_ACTS:
+            raise ValueError(f"decode_acts {acts!r} is not one of {', '.join(PREFILL_ACTS)}")
+        self.buf.scratch.act8 = acts == "i8"
 
     def new_cache(self, start_position: int = 0) -> KVCache:
         return KVCache(self.config, start=start_position, max_context=self.max_context, kv_dtype=self.kv_dtype)
@@ -194,23 +208,24 @@ class CpuModel:
         for cache in caches:
             cache.reserve(1)
         attn_scratch = self._decode_scratch(max(c.capacity for c in caches))
+        act8 = self.buf.scratch.act8
         x = self.embed.rows(ids)  # [B, H]
         h, q, k, v, a, o, y = self._activations(B)
         for li, L in enumerate(self.layers):
             norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
-            L.qkv.matmul(h, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1))
+            L.qkv.matmul(h, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), act8)
             for j, c in enumerate(caches):  # attention: each sequence over its own cache
                 pos = np.array([c.length], np.int64)
                 apply_rope(q[j:j + 1], pos, c.cos, c.sin, c.start)
                 apply_rope(k[j:j + 1], pos, c.cos, c.sin, c.start)
                 attention.kv_write(k[j:j + 1], v[j:j + 1], c.k[li], c.v[li], c.used)
                 attention.attention_decode(q[j], c.k[li], c.v[li], c.used + 1, a[j], attn_scratch)
-            L.o.matmul(a.reshape(B, -1), o)
+            L.o.matmul(a.reshape(B, -1), o, act8)
             norm.add_rmsnorm(x, o, L.post_norm, cfg.rms_norm_eps, h)
-            L.mlp.prefill(h, y)
+            L.mlp.prefill(h, y, act8=act8)
             x += y
         for c in caches:
             c.length += 1
         norm.rmsnorm(x, self.final_norm, cfg.rms_norm_eps, h)
         out = np.empty((B, cfg.vocab_size), np.float32)
-        return self.lm_head.matmul(h, out)
+        return self.lm_head.matmul(h, out, act8)

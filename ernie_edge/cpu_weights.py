@@ -12,10 +12,13 @@ runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table
   f16/f32  BLAS sgemv on a float32 matrix           BLAS sgemm
            (f16 is widened once at load: twice its file size in RAM; f32 stays mapped)
 
-A prompt's prefill passes act8=True: q4, q5 and q6 matrices and q4 expert banks then run
-kernels/qbatch8.py (int8 activations, vpdpbusd: about twice the int16 tiles' speed) at every T;
-q8 and float matrices ignore it. The batched decode of several sequences (decode_batch) keeps the
-int16 arithmetic of the one-token decode.
+int8 activations (`act8`, kernels/dot8.py): a prompt's prefill passes act8=True (prefill_acts "i8",
+the default), and so do the one-token decode (Scratch.act8) and the batched decode with decode_acts
+"i8" (the default): q4, q5 and q6 matrices and q4 expert banks then take their input rounded to int8
+per block of 32 and dotted by vpdpbusd, in the prefill tiles (kernels/qbatch8.py) at every T and in
+the decode kernels above (their row dots dispatch on the activations' type); q8 and float matrices
+ignore it. A token's row comes out bit for bit the same from the one-token decode, the batched
+decode and the prefill tiles (for the formats that take act8).
 
 Fused kernels are picked at load too, when the tensors involved share q4 or q8 (FUSED), or q5 or
 q6: q, k and v in one parallel region (q8.matvec3, q56.matvec3); gate, up and SwiGLU in one (an
@@ -41,8 +44,9 @@ FUSED = ("q4", "q8")  # the formats the fused multi-matrix kernels of q8.py / qb
 class Scratch:
     """The buffers the decode kernels of one layer's weights need, allocated once per model."""
 
-    def __init__(self, widest: int, k: int, n_experts: int, expert_width: int):
+    def __init__(self, widest: int, k: int, n_experts: int, expert_width: int, act8: bool = False):
         k = max(k, 1)
+        self.act8 = act8  # q4 / q5 / q6 decode kernels take int8 activations (module doc)
         self.act = q8.ActScratch(-(-widest // 32) * 32, rows=k)  # x quantized to int16 (+ work claims)
         self.act_shared = q8.ActScratch(-(-widest // 32) * 32)  # the shared expert's, beside the routed ones
         self.g = np.zeros(widest, np.float32)  # gate (then SwiGLU) output of an MLP
@@ -68,7 +72,7 @@ class QuantLinear:
 
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
         """out [O] = W x."""
-        return q8.matvec(x, self.data, self.scales, out, s.act, self.bits)
+        return q8.matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         """out [T, O] = X W^T (int8 activations for q4 when act8)."""
@@ -94,7 +98,7 @@ class PackedLinear:
         self.data, self.scales = t.data, t.scales
 
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
-        return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits)
+        return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         if act8:
@@ -158,9 +162,9 @@ class QKV:
         if self.bits or self.packed:  # one parallel region for the three
             mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
             if self.bits:
-                q8.matvec3(x, mats, s.act, self.bits)
+                q8.matvec3(x, mats, s.act, self.bits, s.act8)
             else:
-                q56.matvec3(x, mats, s.act, self.packed)
+                q56.matvec3(x, mats, s.act, self.packed, s.act8)
             return
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
             w.matvec(x, out, s)
@@ -186,10 +190,10 @@ class SwiGLU:
         g = s.g[:self.width]
         if self.gate_up_bits:  # gate, up and silu in one parallel region: the MLP as a one-expert bank
             q8.experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
-                                    self.gate_up_bits)
+                                    self.gate_up_bits, s.act8)
         elif self.gate_up_packed:
             q56.gate_up_silu(x, self.gate.data, self.gate.scales, self.up.data, self.up.scales, g, s.act,
-                             self.gate_up_packed)
+                             self.gate_up_packed, s.act8)
         else:
             u = s.u[:self.width]
             self.gate.matvec(x, g, s)
@@ -237,7 +241,8 @@ class ExpertBank:
     def gate_up_silu(self, x: np.ndarray, ids: np.ndarray, out_h: np.ndarray, s: Scratch) -> np.ndarray:
         """out_h [k, I] = silu(G_e x) * U_e x for each chosen expert e = ids[j]."""
         if self.bits:
-            return q8.experts_gate_up_silu(x, *self.arrays(0), *self.arrays(1), ids, out_h, s.act, self.bits)
+            return q8.experts_gate_up_silu(x, *self.arrays(0), *self.arrays(1), ids, out_h, s.act, self.bits,
+                                           s.act8)
         u = s.u[:self.width]
         for j, e in enumerate(ids):
             gate, up, _ = self._per_expert[e]
@@ -249,7 +254,7 @@ class ExpertBank:
     def down_weighted(self, h, ids, weights, out, s: Scratch) -> np.ndarray:
         """out [H] = sum_j weights[j] * D_e h[j], in ascending expert id (docs/ERNIE_SPEC.md P13)."""
         if self.bits:
-            return q8.experts_down_weighted(h, *self.arrays(2), ids, weights, out, s.act, self.bits)
+            return q8.experts_down_weighted(h, *self.arrays(2), ids, weights, out, s.act, self.bits, s.act8)
         out[:] = 0.0
         y = np.empty_like(out)
         for j in np.argsort(ids, kind="stable"):
@@ -321,19 +326,19 @@ class MoE:
         g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
         q8.experts_pair_gate_up_silu(
             x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
-            (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits), s.act, s.act_shared)
+            (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits), s.act, s.act_shared, s.act8)
         q8.experts_pair_down_weighted(  # the shared expert's output is still added last
             (s.he, *ex.arrays(2), ids, weights, ex.bits),
-            (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared)
+            (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8)
 
     def _decode_paired_packed(self, x, ids, weights, out, s: Scratch) -> None:
         sh, ex = self.shared, self.experts
         g = s.g[:sh.width]
         q56.pair_gate_up_silu(x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
                               (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed),
-                              s.act, s.act_shared)
+                              s.act, s.act_shared, s.act8)
         q56.pair_down_weighted((s.he, *ex.arrays(2), ids, weights, ex.bits),  # the shared expert added last
-                               (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared)
+                               (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8)
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:
         """out [T, H] = routed experts (grouped by expert) + shared expert of T tokens X [T, H]."""

@@ -64,13 +64,15 @@ def compile_events(callback: Callable[[str], None]):
 
 
 def formats_key(model) -> str:
-    """The kernel set a model needs: its backend, weight formats and KV cache type."""
+    """The kernel set a model needs: its backend, weight formats, KV cache type and activation roundings."""
     manifest = getattr(getattr(model, "weights", None), "manifest", None)
     tensors = getattr(manifest, "tensors", None) or {}
     quants = sorted({getattr(t, "quant", None) or (t.get("quant") if isinstance(t, dict) else None) or "?"
                      for t in (tensors.values() if isinstance(tensors, dict) else tensors)})
     kv = getattr(model.backend, "kv_dtype", "f16")
-    return f"{model.backend_name}:{','.join(quants)}:kv-{kv}"
+    acts = [getattr(model.backend, name, None) for name in ("prefill_acts", "decode_acts")]
+    acts_key = ":acts-" + "-".join(acts) if None not in acts else ""
+    return f"{model.backend_name}:{','.join(quants)}:kv-{kv}{acts_key}"
 
 
 def _counts_path() -> Path | None:
@@ -108,7 +110,7 @@ class _DecodeHelper:
     def __init__(self, model, report: Callable[[str], None]):
         backend = model.backend
         cmd = [sys.executable, "-m", "ernie_edge.kernel_warmup", "decode", str(model.path),
-               "--kv-dtype", getattr(backend, "kv_dtype", "f16")]
+               "--kv-dtype", getattr(backend, "kv_dtype", "f16"), "--decode-acts", getattr(backend, "decode_acts", "i8")]
         if getattr(backend, "max_context", None):
             cmd += ["--max-context", str(backend.max_context)]
         from .kernels import _jit
@@ -206,9 +208,11 @@ def _decode_main(argv: list[str]) -> int:
     ap.add_argument("model")
     ap.add_argument("--kv-dtype", default="f16")
     ap.add_argument("--max-context", type=int)
+    ap.add_argument("--decode-acts", default="i8")
     a = ap.parse_args(argv)
     from .model import load
-    model = load(a.model, backend="cpu", threads=1, prefetch=False, kv_dtype=a.kv_dtype, max_context=a.max_context)
+    model = load(a.model, backend="cpu", threads=1, prefetch=False, kv_dtype=a.kv_dtype, max_context=a.max_context,
+                 decode_acts=a.decode_acts)
     with compile_events(lambda name: print(f"compile {name}", flush=True)):
         model.decode(1, model.new_cache())
     return 0

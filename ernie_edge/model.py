@@ -127,13 +127,13 @@ class Model:
 
 BACKENDS = ("auto", "cpu", "reference")
 KV_DTYPES = ("f16", "i8")  # kernels/attention.py's cache formats (not imported here: no numba for the reference)
-PREFILL_ACTS = ("i8", "i16")  # cpu_model.PREFILL_ACTS
+PREFILL_ACTS = ("i8", "i16")  # cpu_model.PREFILL_ACTS (the rounding choices of decode_acts too)
 
 
 def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias: bool = True,
          threads: int | None = None, max_context: int | None = None, prefetch: bool = True,
          kv_dtype: str = "f16", device: str = "cpu", gpu_experts: str | int | None = None,
-         prefill_acts: str = "i8", log=None) -> Model:
+         prefill_acts: str = "i8", decode_acts: str = "i8", log=None) -> Model:
     """Load a model from a converted edge folder, an HF checkpoint folder, or an HF repo id in the
     local cache. Validates everything it maps; raises ErnieEdgeError with the file and reason.
 
@@ -146,7 +146,10 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
     some accuracy (KLD vs f16 in benchmarks/results/attention.json), so opt-in. prefill_acts: how
     the cpu backend's prefill rounds activations: "i8" (default: int8 per block of 32, the fast
     kernels/qbatch8.py) or "i16" (int16 and exact float32: about half the prompt speed, closer to
-    the float model; cpu_model.PREFILL_ACTS).
+    the float model; cpu_model.PREFILL_ACTS). decode_acts: the same choice for the cpu backend's
+    decode (one token, and the engine's batched step): "i8" (default: int8 per block of 32,
+    kernels/dot8.py, ~20 % faster matvecs; each token's row the same bits as the prefill tiles give it)
+    or "i16" (int16: KLD ~2e-5 against the float model instead of ~1e-3).
     device: "cpu" (default), "cuda" (an NVIDIA GPU through numba.cuda) or "auto" (the GPU when there
     is a usable one). gpu_experts: with a GPU, the MoE layers whose routed experts go on it: "all",
     "none", N (the first N), or None (as many as fit in free GPU memory). The placement and its
@@ -173,8 +176,9 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
         weights = EdgeCheckpoint(location.path)
     if kv_dtype not in KV_DTYPES:
         raise ErnieEdgeError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_DTYPES)}")
-    if prefill_acts not in PREFILL_ACTS:
-        raise ErnieEdgeError(f"prefill_acts {prefill_acts!r} is not one of {', '.join(PREFILL_ACTS)}")
+    for name, acts in (("prefill_acts", prefill_acts), ("decode_acts", decode_acts)):
+        if acts not in PREFILL_ACTS:
+            raise ErnieEdgeError(f"{name} {acts!r} is not one of {', '.join(PREFILL_ACTS)}")
     plan = _plan(weights, device, gpu_experts, max_context, log) if location.kind == "edge" and device != "cpu" else None
     if plan is not None and plan.device == "cuda":
         if kv_dtype != "f16":
@@ -192,7 +196,7 @@ def load(path: str | os.PathLike, *, backend: str = "auto", use_correction_bias:
         if threads:
             set_threads(threads)
         impl = CpuModel(weights, use_correction_bias=use_correction_bias, max_context=max_context,
-                        kv_dtype=kv_dtype, prefill_acts=prefill_acts)
+                        kv_dtype=kv_dtype, prefill_acts=prefill_acts, decode_acts=decode_acts)
         if prefetch:
             weights.prefetch()
     else:

@@ -44,7 +44,7 @@ def kld(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 
 def test_cuda_model_logits_and_decode_match_the_cpu_backend(small_edge, monkeypatch):
     monkeypatch.setattr(cuda_kv_cache, "GROW_CHUNK", 4)  # the cache grows (and copies) during the test
-    cpu = ernie_edge.load(small_edge, prefill_acts="i16")  # the exact prefill the GPU computes
+    cpu = ernie_edge.load(small_edge, prefill_acts="i16", decode_acts="i16")  # the arithmetic the GPU computes
     gpu = ernie_edge.load(small_edge, device="cuda", log=lambda text: None)
     assert gpu.backend_name == "cuda" and gpu.placement.gpu_expert_layers == (1, 2)
     ids = [5, 17, 100, 2, 99]
@@ -71,7 +71,7 @@ def test_cuda_model_logits_and_decode_match_the_cpu_backend(small_edge, monkeypa
 
 def test_cuda_model_with_routed_experts_on_the_cpu(small_edge):
     """--gpu-experts 1: layer 1's routed experts on the GPU, layer 2's on the CPU kernels."""
-    cpu = ernie_edge.load(small_edge, prefill_acts="i16")  # the exact prefill the GPU computes
+    cpu = ernie_edge.load(small_edge, prefill_acts="i16", decode_acts="i16")  # the arithmetic the GPU computes
     shown = []
     gpu = ernie_edge.load(small_edge, device="cuda", gpu_experts=1, log=shown.append)
     assert gpu.placement.gpu_expert_layers == (1,) and gpu.placement.cpu_expert_layers == (2,)

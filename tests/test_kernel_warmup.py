@@ -103,9 +103,10 @@ def test_warm_up_runs_every_path_and_reports_progress(edge_dir, tmp_path, monkey
 def test_formats_key_names_the_weight_formats(edge_dir):
     model = ernie_edge.load(edge_dir)
     key = formats_key(model)
-    backend, formats, kv = key.split(":")
-    assert backend == "cpu" and kv == "kv-f16"
+    backend, formats, kv, acts = key.split(":")
+    assert backend == "cpu" and kv == "kv-f16" and acts == "acts-i8-i8"
     assert set(formats.split(",")) <= {"q4", "q5", "q6", "q8", "f16", "f32"} and formats
+    assert formats_key(ernie_edge.load(edge_dir, decode_acts="i16")).endswith(":acts-i8-i16")
 
 
 def test_console_warm_up_prints_ready_line(edge_dir):

@@ -210,13 +210,16 @@ import numpy as np
 from ernie_edge.kernels import _jit
 for name, value in {patch}.items():
     setattr(_jit, name, value)
-from ernie_edge.kernels import qbatch8
+from ernie_edge.kernels import q8, q56, qbatch8
 data = np.load(sys.argv[1])
 outs = {{}}
+act = q8.ActScratch(data["x"].shape[1])
 for bits in (4, 5, 6):
     w, s, x = data[f"w{{bits}}"], data[f"s{{bits}}"], data["x"]
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     outs[f"y{{bits}}"] = qbatch8.qmatmul8(x, w, s, out, bits)
+    one = np.empty(w.shape[0], np.float32)  # the one-token decode matvec with int8 activations
+    outs[f"d{{bits}}"] = (q8.matvec if bits == 4 else q56.matvec)(x[0], w, s, one, act, bits, act8=True)
 np.savez(sys.argv[2], **outs)
 print(_jit.SIMD, _jit.AVX512, _jit.VNNI512, qbatch8.TILE_MAX)
 """
@@ -241,7 +244,9 @@ def _path_variants():
 def test_simd_paths_give_the_same_bits(tmp_path):
     """Each SIMD path's byte dot (512-bit vpdpbusd, 256-bit vpdpbusd, vpmaddubsw + vpmaddwd in 512
     or 256 bits, generic IR), in a child process with its own numba cache, gives this process's
-    results bit for bit: the integer lanes and the float epilogue are the same on every path."""
+    results bit for bit: the integer lanes and the float epilogue are the same on every path. The
+    one-token decode matvec with int8 activations (kernels/dot8.py's row dots) too, in its row quads
+    (its O % 4 tail rows may differ in the last bit, test_kernels_dot8.py)."""
     variants = _path_variants()
     if not variants:
         pytest.skip("this CPU runs no other SIMD path")
@@ -262,3 +267,5 @@ def test_simd_paths_give_the_same_bits(tmp_path):
         got = np.load(tmp_path / f"{label}.npz")
         for bits in (4, 5, 6):
             np.testing.assert_array_equal(got[f"y{bits}"], want[bits], err_msg=f"{label} ({res.stdout.strip()}) int{bits}")
+            np.testing.assert_array_equal(got[f"d{bits}"][:8], want[bits][0, :8], err_msg=f"{label} decode int{bits}")
+            np.testing.assert_allclose(got[f"d{bits}"][8:], want[bits][0, 8:], rtol=1e-6)  # tail rows: last bit

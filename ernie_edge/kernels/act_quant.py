@@ -1,5 +1,6 @@
-"""The int16 activation quantizer of the integer kernels (decode matvecs in q8.py, small-batch
-prefill matmuls in qbatch.py), and the checks of the quantized weights they are dotted with.
+"""The activation quantizers of the integer kernels, int16 (decode matvecs in q8.py / q56.py,
+small-batch matmuls in qbatch.py) and int8 (kernels/dot8.py: prefill, and decode with
+`decode_acts="i8"`), and the checks of the quantized weights they are dotted with.
 
 Legend: K input features, B = K/32 activation blocks, G weight group size (32, 64 or 128).
 
@@ -14,6 +15,8 @@ pass 32) that is simply x[32b : 32b + 32]. The weight layouts are ernie_edge/for
 from __future__ import annotations
 
 import numpy as np
+from numba import types
+from numba.extending import overload
 
 from ._jit import njit
 
@@ -80,10 +83,38 @@ def quantize_spans8(x, xq, xd, xs, gs, b0, b1):
             xs[lane + r] = total
 
 
+@njit(inline="always")
+def quantize_row8(x, xq, xd, xs, gs):
+    """A whole row by `quantize_spans8`, and the missing blocks of a partial last span zeroed (a
+    reused buffer may hold another row's values there; the tiles read them as zero)."""
+    nblk = x.shape[0] // 32
+    quantize_spans8(x, xq, xd, xs, gs, 0, nblk)
+    for b in range(nblk, 4 * ((nblk + 3) // 4)):
+        base, lane = 128 * (b // 4) + 16 * (b % 4), 16 * (b // 4) + 4 * (b % 4)
+        for j in range(16):
+            xq[base + j] = 0
+            xq[base + 64 + j] = 0
+        for r in range(4):
+            xd[lane + r] = 0.0
+            xs[lane + r] = 0
+
+
+def _quantize_row(x, xq, xd, xs, gs):
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_quantize_row, inline="always")
+def _quantize_row_impl(x, xq, xd, xs, gs):
+    if xq.dtype == types.int8:
+        return lambda x, xq, xd, xs, gs: quantize_row8(x, xq, xd, xs, gs)
+    return lambda x, xq, xd, xs, gs: quantize_blocks(x, xq, xd, xs, gs, 0, x.shape[0] // 32)
+
+
 @njit()
 def quantize_act(x, xq, xd, xs, gs):
-    """A whole row: x float32 [K] -> xq int16 [K], xd float32 [K/32], xs int32 [K/32]."""
-    quantize_blocks(x, xq, xd, xs, gs, 0, x.shape[0] // 32)
+    """A whole row x float32 [K], by the type of xq: int16 xq [K] -> `quantize_blocks` (xd float32 /
+    xs int32 [K/32]); int8 xq [128 NS] -> `quantize_row8` (xd float32 / xs int32 [16 NS])."""
+    _quantize_row(x, xq, xd, xs, gs)
 
 
 @njit()

@@ -19,7 +19,8 @@ the block's codes are rebuilt as int16 vectors (low nibbles OR the high bits mov
 decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units, and the fused kernels
 reuse q8.py's routed-expert quads, so a layer takes as few parallel regions as with q4 / q8 only;
 each fused result equals the separate calls' (bit for bit but for the last sum of `pair_down_weighted`,
-which fastmath may reassociate).
+which fastmath may reassociate). With `act8`, x is quantized to int8 and the row dots are
+kernels/dot8.py's (`_dot4` picks by the activations' type).
 
 Prefill: `matmul_small` is the decode arithmetic for small batches in kernels/qbatch.py's register
 tiles (4 rows x up to 4 tokens: each block read once and widened once per tile); `matmul_exact` is
@@ -34,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 from numba import prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-from . import ir
+from . import dot8, ir
 from ._jit import get_threads, njit, pnjit
 from . import q8
 from .codes import block_i16
@@ -104,18 +105,47 @@ q5_dot1, q5_dot4 = _make_rows_dot(1, 5), _make_rows_dot(4, 5)
 q6_dot1, q6_dot4 = _make_rows_dot(1, 6), _make_rows_dot(4, 6)
 
 
-@njit(inline="always")
-def _dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, nb, l2):
-    if bits == 5:
-        return q5_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-    return q6_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+def _dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    """Rows r .. r + 3 of an int5 / int6 matrix (bits 5 or 6) dotted with one token's activations:
+    int16 (this module's dots; xs unused) or int8 (kernels/dot8.py's, by the type of xq)."""
+    raise NotImplementedError("only callable from numba-compiled code")
 
 
-@njit(inline="always")
-def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, nb, l2):
-    if bits == 5:
-        return q5_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-    return q6_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    """One row, as `_dot4`."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_dot4, inline="always")
+def _dot4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    if xq.dtype == types.int8:
+        def dot4_i8(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+            if bits == 5:
+                return dot8.q5_row4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+            return dot8.q6_row4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+        return dot4_i8
+
+    def dot4_i16(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+        if bits == 5:
+            return q5_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+        return q6_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+    return dot4_i16
+
+
+@overload(_dot1, inline="always")
+def _dot1_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    if xq.dtype == types.int8:
+        def dot1_i8(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+            if bits == 5:
+                return dot8.q5_row1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+            return dot8.q6_row1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+        return dot1_i8
+
+    def dot1_i16(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+        if bits == 5:
+            return q5_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+        return q6_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
+    return dot1_i16
 
 
 # ---- decode -----------------------------------------------------------------------------------------
@@ -134,11 +164,11 @@ def _matvec(x, w, s, out, xq, xd, xs, bits, claims, nt):
         while u >= 0:
             for p in range(u * uq, min(nq, (u + 1) * uq)):
                 r = 4 * p
-                a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+                a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
                 out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     for r in range(4 * nq, out.shape[0]):
-        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
 
 
 def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight") -> np.ndarray:
@@ -157,14 +187,15 @@ def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "w
     return s
 
 
-def matvec(x, w, scales, out, act: ActScratch, bits: int) -> np.ndarray:
+def matvec(x, w, scales, out, act: ActScratch, bits: int, act8: bool = False) -> np.ndarray:
     """out float32 [O] = W x; x float32 [K]; w packed int5 / int6 [O, K*b/8]; act = ActScratch(K) or
-    larger. Decode path: x quantized to int16 per block of 32 (the error bound of kernels/q8.py)."""
+    larger. Decode path: x quantized to int16 per block of 32 (the error bound of kernels/q8.py), or
+    to int8 with act8 (kernels/dot8.py)."""
     k = x.shape[0]
     s = check_weight(w, scales, k, bits)
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
-    xq, xd, xs = act.views(k)
+    xq, xd, xs = act.views(k, int8=act8)
     _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
     return out
 
@@ -172,17 +203,17 @@ def matvec(x, w, scales, out, act: ActScratch, bits: int) -> np.ndarray:
 # ---- fused decode kernels: fewer parallel regions per token (as kernels/q8.py's) ------------------
 
 @njit(inline="always")
-def _rows4(bits, w, s, out, r, xq, xd, nb, l2):
+def _rows4(bits, w, s, out, r, xq, xd, xs, nb, l2):
     kw, nsg = w.shape[1], s.shape[1]
-    a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+    a, b, c, d = _dot4(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
     out[r], out[r + 1], out[r + 2], out[r + 3] = a, b, c, d
 
 
 @njit()
-def _rows_tail(bits, w, s, out, xq, xd, nb, l2):
+def _rows_tail(bits, w, s, out, xq, xd, xs, nb, l2):
     kw, nsg = w.shape[1], s.shape[1]
     for r in range(4 * (out.shape[0] // 4), out.shape[0]):
-        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, nb, l2)
+        out[r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq, xd, xs, nb, l2)
 
 
 @pnjit()
@@ -199,30 +230,30 @@ def _matvec3(x, w0, s0, o0, w1, s1, o1, w2, s2, o2, xq, xd, xs, bits, claims, nt
         while u >= 0:
             for p in range(u * uq, min(nq, (u + 1) * uq)):
                 if p < n0:
-                    _rows4(bits, w0, s0, o0, 4 * p, xq, xd, nb, l0)
+                    _rows4(bits, w0, s0, o0, 4 * p, xq, xd, xs, nb, l0)
                 elif p < n0 + n1:
-                    _rows4(bits, w1, s1, o1, 4 * (p - n0), xq, xd, nb, l1)
+                    _rows4(bits, w1, s1, o1, 4 * (p - n0), xq, xd, xs, nb, l1)
                 else:
-                    _rows4(bits, w2, s2, o2, 4 * (p - n0 - n1), xq, xd, nb, l2)
+                    _rows4(bits, w2, s2, o2, 4 * (p - n0 - n1), xq, xd, xs, nb, l2)
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
-    _rows_tail(bits, w0, s0, o0, xq, xd, nb, l0)
-    _rows_tail(bits, w1, s1, o1, xq, xd, nb, l1)
-    _rows_tail(bits, w2, s2, o2, xq, xd, nb, l2)
+    _rows_tail(bits, w0, s0, o0, xq, xd, xs, nb, l0)
+    _rows_tail(bits, w1, s1, o1, xq, xd, xs, nb, l1)
+    _rows_tail(bits, w2, s2, o2, xq, xd, xs, nb, l2)
 
 
 @njit(inline="always")
-def _gate_up_rows(bits, wg, sg, wu, su, out, r, xq, xd, nb, lg, lu):
+def _gate_up_rows(bits, wg, sg, wu, su, out, r, xq, xd, xs, nb, lg, lu):
     """out[r .. r+3] = silu(G x) * (U x) for rows r .. r+3 (r + 4 <= rows) or the single row r."""
     kw, ng, nu = wg.shape[1], sg.shape[1], su.shape[1]
     if r + 4 <= out.shape[0]:
-        g0, g1, g2, g3 = _dot4(bits, wg, r * kw, kw, sg, r * ng, ng, xq, xd, nb, lg)
-        u0, u1, u2, u3 = _dot4(bits, wu, r * kw, kw, su, r * nu, nu, xq, xd, nb, lu)
+        g0, g1, g2, g3 = _dot4(bits, wg, r * kw, kw, sg, r * ng, ng, xq, xd, xs, nb, lg)
+        u0, u1, u2, u3 = _dot4(bits, wu, r * kw, kw, su, r * nu, nu, xq, xd, xs, nb, lu)
         out[r], out[r + 1] = _silu_mul(g0, u0), _silu_mul(g1, u1)
         out[r + 2], out[r + 3] = _silu_mul(g2, u2), _silu_mul(g3, u3)
     else:
         for q in range(r, out.shape[0]):
-            g = _dot1(bits, wg, q * kw, kw, sg, q * ng, ng, xq, xd, nb, lg)
-            out[q] = _silu_mul(g, _dot1(bits, wu, q * kw, kw, su, q * nu, nu, xq, xd, nb, lu))
+            g = _dot1(bits, wg, q * kw, kw, sg, q * ng, ng, xq, xd, xs, nb, lg)
+            out[q] = _silu_mul(g, _dot1(bits, wu, q * kw, kw, su, q * nu, nu, xq, xd, xs, nb, lu))
 
 
 @pnjit()
@@ -237,7 +268,7 @@ def _gate_up_silu(x, wg, sg, wu, su, out, xq, xd, xs, bits, claims, nt):
         u, k, pos = _next_unit(claims, t, nt, n, 0, t * n // nt)
         while u >= 0:
             for p in range(u * uq, min(nq, (u + 1) * uq)):
-                _gate_up_rows(bits, wg, sg, wu, su, out, 4 * p, xq, xd, nb, lg, lu)
+                _gate_up_rows(bits, wg, sg, wu, su, out, 4 * p, xq, xd, xs, nb, lg, lu)
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
 
 
@@ -261,7 +292,7 @@ def _pair_gate_up(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
                 if p < ta:
                     _gate_up_quad(wga, sga, wua, sua, idsa, outa, p, nqa, xqa, xda, xsa, nb, l2a)
                 else:
-                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * (p - ta), xqb, xdb, nb, lgb, lub)
+                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * (p - ta), xqb, xdb, xsb, nb, lgb, lub)
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
 
@@ -283,15 +314,15 @@ def _pair_down(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa, hb, wdb, sdb, hqb, hd
             for p in range(u * uq, min(nq, (u + 1) * uq)):
                 r = 4 * p
                 a0, a1, a2, a3 = _down_sum4(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a)
-                b0, b1, b2, b3 = _dot4(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, nbb, l2b)
+                b0, b1, b2, b3 = _dot4(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, hsb, nbb, l2b)
                 out[r], out[r + 1], out[r + 2], out[r + 3] = a0 + b0, a1 + b1, a2 + b2, a3 + b3
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
     for r in range(4 * nq, hid):
-        b = _dot1(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, nbb, l2b)
+        b = _dot1(bits, wdb, r * kwb, kwb, sdb, r * nsb, nsb, hqb, hdb, hsb, nbb, l2b)
         out[r] = _down_sum1(wda, sda, idsa, wa, r, hqa, hda, hsa, nba, l2a) + b
 
 
-def matvec3(x, mats, act: ActScratch, bits: int):
+def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
     """Three matvecs of one x in ONE parallel region (q, k and v): mats is three (w, scales, out)
     as `matvec` takes them (the same bits; group sizes may differ). Returns the three outs."""
     if len(mats) != 3:
@@ -303,7 +334,7 @@ def matvec3(x, mats, act: ActScratch, bits: int):
         if out.shape != (w.shape[0],) or out.dtype != np.float32:
             raise ValueError(f"out {i} must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
         args += [w, s, out]
-    xq, xd, xs = act.views(k)
+    xq, xd, xs = act.views(k, int8=act8)
     _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
     return tuple(args[2::3])
 
@@ -316,16 +347,16 @@ def _check_gate_up(x, wg, sg, wu, su, out, bits: int):
     return sg, su
 
 
-def gate_up_silu(x, wg, sg, wu, su, out, act: ActScratch, bits: int) -> np.ndarray:
+def gate_up_silu(x, wg, sg, wu, su, out, act: ActScratch, bits: int, act8: bool = False) -> np.ndarray:
     """out float32 [S] = silu(G x) * (U x) for int5 / int6 G, U [S, K*b/8], one parallel region."""
     sg, su = _check_gate_up(x, wg, sg, wu, su, out, bits)
-    xq, xd, xs = act.views(x.shape[0])
+    xq, xd, xs = act.views(x.shape[0], int8=act8)
     _gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, out, xq[0], xd[0], xs[0], bits,
                   act.claims, get_threads())
     return out
 
 
-def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch):
+def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
     """Gate, up and SwiGLU of a MoE layer's routed experts and its q5 / q6 shared expert in ONE
     parallel region. routed: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits 4 or 8) as
     q8.experts_gate_up_silu takes them; shared: (gate, gate_scales, up, up_scales, out, bits 5 or 6)
@@ -335,15 +366,15 @@ def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch):
     wgb, sgb, wub, sub, out_b, bits = shared
     sgb, sub = _check_gate_up(x, wgb, sgb, wub, sub, out_b, bits)
     k = x.shape[0]
-    xqa, xda, xsa = act_a.views(k)
-    xqb, xdb, xsb = act_b.views(k)
+    xqa, xda, xsa = act_a.views(k, int8=q8.int8_acts(act8, abits))
+    xqb, xdb, xsb = act_b.views(k, int8=act8)
     _pair_gate_up(np.ascontiguousarray(x, np.float32), wga, sga, wua, sua, ids, out_h, xqa[0], xda[0], xsa[0],
                   act_group(k, sga, abits), wgb, sgb, wub, sub, out_b, xqb[0], xdb[0], xsb[0], bits,
                   act_a.claims, get_threads())
     return out_h, out_b
 
 
-def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch) -> np.ndarray:
+def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:
     """out [H] = the routed experts' weighted down projections + the q5 / q6 shared expert's,
     added last, in ONE parallel region. routed: (h, down, down_scales, expert_ids, weights, bits 4
     or 8) as q8.experts_down_weighted; shared: (h [S], down [H, S*b/8], down_scales, bits 5 or 6)."""
@@ -354,8 +385,8 @@ def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch
     sdb = check_weight(wdb, sdb, hb.shape[0], bits, "shared down")
     if wdb.shape[0] != out.shape[0]:
         raise ValueError(f"shared down {wdb.shape} does not give out {out.shape}")
-    hqa, hda, hsa = act_a.views(ha.shape[1], ha.shape[0])
-    hqb, hdb, hsb = act_b.views(hb.shape[0])
+    hqa, hda, hsa = act_a.views(ha.shape[1], ha.shape[0], int8=q8.int8_acts(act8, abits))
+    hqb, hdb, hsb = act_b.views(hb.shape[0], int8=act8)
     _pair_down(ha, wda, sda, ids, wts, hqa, hda, hsa, act_group(ha.shape[1], sda, abits), hb, wdb, sdb,
                hqb[0], hdb[0], hsb[0], out, bits, act_a.claims, get_threads())
     return out
@@ -398,7 +429,7 @@ def _matmul_small(x, w, s, out, xq, xd, xs, toks, bits):
                         out[t0 + j, r + q] = res[4 * j + q]
     for r in range(4 * nq, O):
         for t in range(T):
-            out[t, r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], nb, l2)
+            out[t, r] = _dot1(bits, w, r * kw, kw, s, r * nsg, nsg, xq[t], xd[t], xs[t], nb, l2)
 
 
 def _dequant_row_ir(context, builder, sig, args, bits):

@@ -20,6 +20,11 @@ tests/test_kernels_q8.py):
 float32 rounding: 1/258 of the int8 (Q8_0) bound, at the same speed (the matvecs are memory-bound).
 The rounding still makes results jump by up to ~d_b * |W| when an input moves by an ulp.
 
+With `act8` (the CPU backend's default decode, cpu_weights.py) int4 weights take x quantized to
+int8 instead (`ActScratch.views(.., int8=True)`): the row dots (`simd.rows_dot4`) are then
+kernels/dot8.py's, by the buffer's type, with its bound (254 in place of 65534) and the bits of the
+prefill tiles. int8 weights keep int16 activations.
+
 Decode kernels are one parallel region each; their rows are shared out in work units that a thread
 takes from its own share first, then from the end of the other's (`_next_unit`), and the MoE layer
 runs its routed experts and its shared expert together (`experts_pair_*`: two regions, not four).
@@ -47,8 +52,11 @@ MAX_UNITS = 1 << 13  # work-unit claim flags per ActScratch (see `_next_unit`; b
 class ActScratch:
     """Preallocated quantized-activation buffers for up to `rows` vectors of length up to `k`.
 
-    xq int16 [rows, k], xd float32 [rows, k/32] (block scales), xs int32 [rows, k/32] (int4 offset
-    term 8 * sum(xq) per block). Allocate once per shape; kernels overwrite them.
+    int16 (`views`): xq int16 [rows, k], xd float32 [rows, k/32] (block scales), xs int32
+    [rows, k/32] (int4 offset term 8 * sum(xq) per block). int8 (`views(.., int8=True)`, the
+    int8-activation decode of kernels/dot8.py): xq int8 [rows, 128 NS] in the span order, xd float32
+    / xs int32 [rows, 16 NS] spread to the lanes, NS = ceil(k / 128). Allocate once per shape;
+    kernels overwrite them.
     """
 
     def __init__(self, k: int, rows: int = 1):
@@ -58,17 +66,29 @@ class ActScratch:
         self.xq = np.zeros((rows, k), np.int16)
         self.xd = np.zeros((rows, k // ACT_BLOCK), np.float32)
         self.xs = np.zeros((rows, k // ACT_BLOCK), np.int32)
+        ns = -(-k // 128)
+        self.xq8 = np.zeros((rows, 128 * ns), np.int8)
+        self.xd8 = np.zeros((rows, 16 * ns), np.float32)
+        self.xs8 = np.zeros((rows, 16 * ns), np.int32)
         self.claims = np.zeros(MAX_UNITS, np.int64)  # the decode kernels' work-unit claims (`_next_unit`)
 
-    def views(self, k: int, rows: int = 1):
-        """(xq [rows, k], xd [rows, k/32], xs [rows, k/32]) C-contiguous views for a k-long input."""
+    def views(self, k: int, rows: int = 1, int8: bool = False):
+        """(xq, xd, xs) C-contiguous views [rows, ..] for a k-long input: int16 as in the class doc,
+        or the int8 span buffers when `int8`."""
         if k > self.k or rows > self.rows or k % ACT_BLOCK:
             raise ValueError(f"ActScratch({self.k}, rows={self.rows}) too small for {rows} x {k}")
-        nb = k // ACT_BLOCK
-        xq = self.xq.reshape(-1)[: rows * k].reshape(rows, k)
-        xd = self.xd.reshape(-1)[: rows * nb].reshape(rows, nb)
-        xs = self.xs.reshape(-1)[: rows * nb].reshape(rows, nb)
-        return xq, xd, xs
+        if int8:
+            ns = -(-k // 128)
+            bufs, widths = (self.xq8, self.xd8, self.xs8), (128 * ns, 16 * ns, 16 * ns)
+        else:
+            bufs, widths = (self.xq, self.xd, self.xs), (k, k // ACT_BLOCK, k // ACT_BLOCK)
+        return tuple(b.reshape(-1)[: rows * n].reshape(rows, n) for b, n in zip(bufs, widths))
+
+
+def int8_acts(act8: bool, bits: int) -> bool:
+    """Whether a weight of `bits` takes int8 activations (kernels/dot8.py) when the caller asks for
+    them (`act8`): int4 / int5 / int6 do; int8 weights keep int16 activations."""
+    return act8 and bits in (4, 5, 6)
 
 
 @njit(inline="always")
@@ -226,13 +246,14 @@ def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims,
 
 @pnjit()
 def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
-                           wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, claims, nt):
+                           wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, quantize_b, claims, nt):
     """`_experts_gate_up_silu` of two banks a and b (e.g. the routed experts and the shared expert,
-    int4 and int8) on the same x in ONE parallel region: one stream of work units for both."""
+    int4 and int8) on the same x in ONE parallel region: one stream of work units for both.
+    quantize_b False: b's buffers are a's (x quantized the same way for both)."""
     nb = x.shape[0] // 32
     l2a, l2b = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[2])
     quantize_act(x, xqa, xda, xsa, gsa)
-    if gsb != gsa:  # else the wrapper passes bank a's buffers for b too: the same quantized x
+    if quantize_b:
         quantize_act(x, xqb, xdb, xsb, gsb)
     nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
     ta = idsa.shape[0] * nqa
@@ -348,24 +369,25 @@ def _experts2_down_weighted(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa,
 
 # ---- wrappers (bits 4: packed int4 [.., O, K/2] uint8; bits 8: int8 codes [.., O, K]) --------
 
-def matvec(x, w, s, out, act: ActScratch, bits: int) -> np.ndarray:
+def matvec(x, w, s, out, act: ActScratch, bits: int, act8: bool = False) -> np.ndarray:
     """out float32 [O] = W x; x float32 [K]; w packed uint8 [O, K/2] (bits=4) or int8 codes [O, K]
     (bits=8), scales fp16 [O, K/G].
 
     Decode path: x is quantized to int16 per block of 32 into `act` (ActScratch(K) or larger), so
-    the result carries the activation error bound in the module doc. One parallel region.
+    the result carries the activation error bound in the module doc; with act8 and int4 weights to
+    int8 (kernels/dot8.py's arithmetic and bound). One parallel region.
     """
     k = x.shape[0]
     s = check_weight(w, s, k, bits, ndim=2)
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
-    xq, xd, xs = act.views(k)
+    xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
     _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits), act.claims,
             get_threads())
     return out
 
 
-def matvec3(x, mats, act: ActScratch, bits: int):
+def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
     """Three matvecs of one x in ONE parallel region (q, k and v projections): mats is three
     (w, scales, out) as `matvec` takes them, with the same input length and group size. Returns
     the three outs."""
@@ -380,7 +402,7 @@ def matvec3(x, mats, act: ActScratch, bits: int):
         args += [w, s, out]
     if len({a.shape[-1] for a in args[1::3]}) != 1:
         raise ValueError("matvec3: the three weights must share one group size")
-    xq, xd, xs = act.views(k)
+    xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
     _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits),
              act.claims, get_threads())
     return tuple(args[2::3])
@@ -410,31 +432,33 @@ def _check_down(h, wd, sd, ids, weights, out, bits: int, what: str = ""):
     return sd, ids, np.ascontiguousarray(h, np.float32), np.ascontiguousarray(weights, np.float32)
 
 
-def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int) -> np.ndarray:
+def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int,
+                         act8: bool = False) -> np.ndarray:
     """out_h float32 [k, I] = silu(G_e x) * (U_e x), e = ids[j], for all k slots in ONE parallel
     region. Banks: packed uint8 [E, I, K/2] (bits=4) or int8 [E, I, K] (bits=8), scales fp16
     [E, I, K/G]; x float32 [K]; act = ActScratch(K) or larger."""
     sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits)
     k = x.shape[0]
-    xq, xd, xs = act.views(k)
+    xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
     _experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0],
                           act_group(k, sg, bits), act.claims, get_threads())
     return out_h
 
 
-def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int) -> np.ndarray:
+def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int,
+                          act8: bool = False) -> np.ndarray:
     """out float32 [H] = sum_j weights[j] * D_e h[j], e = ids[j], summed in ascending expert id
     (docs/ERNIE_SPEC.md P13) starting from 0; overwrites out. h float32 [k, I]; bank uint8
     [E, H, I/2] (bits=4) or int8 [E, H, I] (bits=8), scales fp16 [E, H, I/G]; weights float32 [k];
     act = ActScratch(I, rows=k) or larger."""
     sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits)
-    hq, hd, hs = act.views(h.shape[1], h.shape[0])
+    hq, hd, hs = act.views(h.shape[1], h.shape[0], int8=int8_acts(act8, bits))
     _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, act_group(h.shape[1], sd, bits),
                            act.claims, get_threads())
     return out
 
 
-def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
+def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
     """Gate, up and SwiGLU of two expert banks on the same x in ONE parallel region.
 
     a, b: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits) each, as
@@ -446,16 +470,17 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch):
     args = []
     for (wg, sg, wu, su, ids, out_h, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits, what)
-        gs = act_group(k, sg, bits)
-        if args and gs == args[-1]:
+        gs, int8 = act_group(k, sg, bits), int8_acts(act8, bits)
+        quantize_b = not args or (gs, int8) != (args[-1], args[-4].dtype == np.int8)
+        if not quantize_b:
             act = act_a  # both banks take x quantized the same way: quantize it once
-        xq, xd, xs = act.views(k)
+        xq, xd, xs = act.views(k, int8=int8)
         args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], gs]
-    _experts2_gate_up_silu(x, *args, act_a.claims, get_threads())
+    _experts2_gate_up_silu(x, *args, quantize_b, act_a.claims, get_threads())
     return a[5], b[5]
 
 
-def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch) -> np.ndarray:
+def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:
     """out [H] = (weighted down projection of bank a) + (that of bank b), in ONE parallel region.
 
     a, b: (h, down, down_scales, expert_ids, weights, bits) each, as `experts_down_weighted`
@@ -463,7 +488,7 @@ def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch) 
     args = []
     for (h, wd, sd, ids, weights, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits, what)
-        hq, hd, hs = act.views(h.shape[1], h.shape[0])
+        hq, hd, hs = act.views(h.shape[1], h.shape[0], int8=int8_acts(act8, bits))
         args += [h, wd, sd, ids, weights, hq, hd, hs, act_group(h.shape[1], sd, bits)]
     if a[1].shape[1] != b[1].shape[1]:
         raise ValueError(f"bank a's output size {a[1].shape[1]} differs from bank b's {b[1].shape[1]}")

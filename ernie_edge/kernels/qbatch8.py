@@ -1,150 +1,43 @@
-"""Prefill matmuls with int8 activations: byte dot products (vpdpbusd) of unsigned weight codes and
-signed 8-bit activations, one float epilogue per 32-block for four rows at once.
+"""Prefill matmuls with int8 activations (and the batched decode's, with `decode_acts="i8"`): byte dot
+products (vpdpbusd) of unsigned weight codes and signed 8-bit activations, one float epilogue per
+32-block for four rows at once (kernels/dot8.py has the arithmetic, its exactness and error bound).
 
 Legend: T tokens, K input features, O output features, G weight group size, B = K/32 activation
-blocks, a span = 4 blocks = 128 inputs, NS = ceil(B / 4) spans, b bits per code (4, 5, 6), u =
-code + 2^(b-1) the stored unsigned code, c a block of a span (0..3), r a row of a register tile.
+blocks, a span = 4 blocks = 128 inputs, NS = ceil(B / 4) spans, b bits per code (4, 5, 6), r a row
+of a register tile.
 
 Why: the int16 tiles of kernels/qbatch.py do 32 multiply-adds per 512-bit vpdpwssd and pay a float
 epilogue (fold, convert, scale) for every two blocks and token: prefill stays compute-bound at about
 half of llama.cpp's int8 GEMM (docs/PERF.md). Here, as in llama.cpp's Q4 x Q8 kernels, the
-activations are quantized once per matmul to int8 per block of 32 (`act_quant.quantize_spans8`):
+activations are quantized once per matmul to int8 per block of 32 (`act_quant.quantize_spans8`),
+and a register tile of 4 weight rows x up to 8 tokens (`tile8`: dot8.accumulate) unpacks each
+span of the rows once for all its tokens.
 
-    xd[t, b] = max|x_t in b| / 127,   xq = round(x / xd)  in [-127, 127]
-
-and every 32-block of a row is an exact integer dot of its UNSIGNED codes u with xq, corrected by
-the offset:
-
-    y[t, o] = sum_b  ws[o, g(b)] * xd[t, b] * (sum_{j in b} u[o, j] * xq[t, j] - 2^(b-1) * sum_{j in b} xq[t, j])
-
-A span of a row unpacks to two <64 x i8> vectors, "lo" (codes 0..15 of its 4 blocks) and "hi"
-(codes 16..31); the activations are stored in that order (xq8[t, 128 s + 16 c + j] pairs with lo
-code j of block c, + 64 with hi). Two vpdpbusd per row and token give 16 i32 lanes, 4 per block;
-four rows fold (two unpack levels) into lanes (c, r) = block c of row r, which take the offset term,
-ONE convert and ONE multiply-add with ws * xd for 4 rows x 4 blocks (512 codes). The quantizer
-writes xd and the block sums already spread to those 16 lanes (xd16, xs16), so a span costs one
-load each.
-
-Integer exactness: a (row, block) sum is at most 32 * 63 * 127 < 2^18 before the offset term:
-exact in i32 and in the float conversion, on every path. Error bound per output, as the int16
-tiles' with 254 in place of 65534:
-
-    |y[t, o] - (W x_t)[o]| <= sum_b (max_{j in b} |x_t[j]| / 254) * sum_{j in b} |W[o, j]|
-
-SIMD paths (kernels/_jit.py) differ only in the byte dot: AVX512-VNNI vpdpbusd (512-bit), AVX-VNNI
-vpdpbusd (two 256-bit halves), AVX2 / AVX-512BW vpmaddubsw + vpmaddwd (no saturation: |u * xq| * 2 <=
-63 * 127 * 2 < 32767), generic LLVM vector IR. All compute the same integer lanes, so results are
-bit-identical across paths. Used by the forward pass's prefill only (cpu_model.py); decode and the
-batched decode of several sequences keep the int16 arithmetic.
+A token's result does not depend on the tile it ran in: the one-token decode (dot8's row dots in
+the decode kernels of q8.py / q56.py) gives each row bit for bit what these tiles give it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
 from . import _jit, ir, q56
 from ._jit import njit, pnjit
 from .act_quant import act_group, check_contig, check_weight, log2_sub, quantize_spans8
-from .codes import BLOCK_BYTES, span_u8
-from .dot512 import _chunks_sum, _fold4
-from .ir import F32, F32x16, I8, I8x64, I16, I16x16, I16x32, I32, I32x8, I32x16, I64, VectorType
+from .dot512 import _chunks_sum
+from .dot8 import LANES, SPAN, accumulate
+from .ir import F32, I8, I16, I32, I64, VectorType
 from .qbatch import CHUNK_ROWS, DOWN_CHUNK, EXPERT_CHUNK, _silu, experts_plan
 
-SPAN = 128  # inputs per span (4 blocks of 32)
-LANES = 16  # xd16 / xs16 values per span: 4 blocks x 4 rows
 # Token counts of a register tile: 8 with AVX-512's 32 vector registers (the rows' unpacked codes are
 # reused by twice as many tokens: int5 / int6 unpacking costs about as much as 4 tokens' dots), 4
 # on 16-register paths. A count between them runs as several tiles (`_tile_tokens`).
 TILE_MAX = 8 if _jit.AVX512 else 4
 TILE_SIZES = (8, 4, 2, 1) if TILE_MAX == 8 else (4, 2, 1)
 TOKEN_BLOCK = 64  # tokens per pass over the weights in qmatmul8: 64 x 5 KB of activations at K = 2560
-I16x4, I16x8 = VectorType(I16, 4), VectorType(I16, 8)
-I32x4, I64x4 = VectorType(I32, 4), VectorType(I64, 4)
-F32x4, F32x8 = VectorType(F32, 4), VectorType(F32, 8)
-
-
-# ---- the byte dot -----------------------------------------------------------------------------------
-
-def _halves(builder, v, n):
-    """The two halves of a vector of n elements."""
-    return (builder.shuffle_vector(v, v, ir.mask(range(n // 2))),
-            builder.shuffle_vector(v, v, ir.mask(range(n // 2, n))))
-
-
-def _join(builder, a, b, n):
-    return builder.shuffle_vector(a, b, ir.mask(range(n)))
-
-
-def _dot8(builder, acc, u, x):
-    """acc + the byte dot of u (<64 x i8>, unsigned) and x (<64 x i8>, signed) as <16 x i32>: lane l
-    adds the 4 products of bytes 4l .. 4l + 3."""
-    if _jit.VNNI512:
-        return ir.call(builder, "llvm.x86.avx512.vpdpbusd.512", I32x16,
-                       [acc, builder.bitcast(u, I32x16), builder.bitcast(x, I32x16)])
-    if _jit.SIMD == "avxvnni":
-        parts = [ir.call(builder, "llvm.x86.avx512.vpdpbusd.256", I32x8,
-                         [a, builder.bitcast(uh, I32x8), builder.bitcast(xh, I32x8)])
-                 for a, uh, xh in zip(_halves(builder, acc, 16), _halves(builder, u, 64), _halves(builder, x, 64))]
-        return _join(builder, parts[0], parts[1], 16)
-    if _jit.SIMD == "avx2" and _jit.AVX512:  # AVX-512BW without VNNI
-        p16 = ir.call(builder, "llvm.x86.avx512.pmaddubs.w.512", I16x32, [u, x])
-        ones = ir.Constant(I16x32, [1] * 32)
-        return builder.add(acc, ir.call(builder, "llvm.x86.avx512.pmaddw.d.512", I32x16, [p16, ones]))
-    if _jit.SIMD == "avx2":
-        ones = ir.Constant(I16x16, [1] * 16)
-        parts = [ir.call(builder, "llvm.x86.avx2.pmadd.wd", I32x8,
-                         [ir.call(builder, "llvm.x86.avx2.pmadd.ub.sw", I16x16, [uh, xh]), ones])
-                 for uh, xh in zip(_halves(builder, u, 64), _halves(builder, x, 64))]
-        return builder.add(acc, _join(builder, parts[0], parts[1], 16))
-    prod = builder.mul(builder.zext(u, VectorType(I32, 64)), builder.sext(x, VectorType(I32, 64)))
-    for n in (64, 32):  # adjacent pairs, twice: lane l = bytes 4l .. 4l + 3
-        prod = builder.add(builder.shuffle_vector(prod, prod, ir.mask(range(0, n, 2))),
-                           builder.shuffle_vector(prod, prod, ir.mask(range(1, n, 2))))
-    return builder.add(acc, prod)
-
-
-# ---- scales of one span: lanes (c, r) = ws[r, g(4 s + c)] -------------------------------------------
-
-def _span_scales_full(builder, sptr, soffs, span, log2sub, slot):
-    """Store the <16 x float> scales of a whole span into slot: lane 4c + r = row r's scale of the
-    group of block 4 span + c (G = 32: 4 groups, G = 64: 2, G = 128: 1; chosen by log2sub)."""
-    def g32():  # each row: its 4 scales in one 64-bit load, then a transpose
-        v = ir.Constant(I64x4, ir.Undefined)
-        for r, so in enumerate(soffs):
-            p = builder.bitcast(builder.gep(sptr, [builder.add(so, builder.mul(span, ir.c64(4)))]), I64.as_pointer())
-            v = builder.insert_element(v, builder.load(p, align=2), ir.c32(r))
-        f = ir.f16_to_f32(builder, builder.bitcast(v, I16x16))  # lane 4r + c
-        builder.store(builder.shuffle_vector(f, f, ir.mask([4 * r + c for c in range(4) for r in range(4)])), slot)
-
-    def g64():  # each row: 2 scales in one 32-bit load
-        v = ir.Constant(I32x4, ir.Undefined)
-        for r, so in enumerate(soffs):
-            p = builder.bitcast(builder.gep(sptr, [builder.add(so, builder.mul(span, ir.c64(2)))]), I32.as_pointer())
-            v = builder.insert_element(v, builder.load(p, align=2), ir.c32(r))
-        f = ir.f16_to_f32(builder, builder.bitcast(v, I16x8))  # lane 2r + g
-        builder.store(builder.shuffle_vector(f, f, ir.mask([2 * r + c // 2 for c in range(4) for r in range(4)])), slot)
-
-    def g128():  # each row: 1 scale
-        v = ir.Constant(I16x4, ir.Undefined)
-        for r, so in enumerate(soffs):
-            v = builder.insert_element(v, builder.load(builder.gep(sptr, [builder.add(so, span)])), ir.c32(r))
-        f = ir.f16_to_f32(builder, v)
-        builder.store(builder.shuffle_vector(f, f, ir.mask([0, 1, 2, 3] * 4)), slot)
-
-    ir.switch(builder, log2sub, {0: g32, 1: g64, 2: g128})
-
-
-def _span_scales_blocks(builder, sptr, soffs, blocks, log2sub):
-    """<16 x float> scales, lane 4c + r = row r's scale of block blocks[c]'s group (any G)."""
-    v = ir.Constant(I16x16, ir.Undefined)
-    for c, b in enumerate(blocks):
-        g = builder.lshr(b, log2sub)
-        for r, so in enumerate(soffs):
-            v = builder.insert_element(v, builder.load(builder.gep(sptr, [builder.add(so, g)])), ir.c32(4 * c + r))
-    return ir.f16_to_f32(builder, v)
+F32x4 = VectorType(F32, 4)
 
 
 # ---- the register tile ------------------------------------------------------------------------------
@@ -153,66 +46,23 @@ def tile8(context, builder, sig, args, ntok, bits):
     """res[4 j + r] = the dot of weight row r with token toks[t0 + j], for 4 rows x ntok tokens.
 
     args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res)
-      w      packed uint8 weights (kernels/codes.py layouts), row r at byte woff + r * wstride
-             (wstride 0: four copies of one row)
-      s      uint16 fp16 scales, row r's first at soff + r * sstride; block b uses group b >> log2sub
+      w, s   as dot8.accumulate takes them (row r at woff + r * wstride, scales at soff + r * sstride)
       xq     int8 [*, 128 NS] activations in the span order; xd float32 / xs int32 [*, 16 NS]: the
              block scales and block sums of xq, lane 4c + r of a span holding block c's
-      toks   int64 rows of xq / xd / xs; the tile's tokens are toks[t0 .. t0 + ntok)
-    The nblk % 4 blocks of a last, partial span read block nblk - 1 in place of the missing ones
-    (their activations, scales and sums are zero)."""
+      toks   int64 rows of xq / xd / xs; the tile's tokens are toks[t0 .. t0 + ntok)"""
     (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res) = args
     wty, _, _, sty, _, _, xqty, xdty, xsty, tty, _, _, _, rty = sig.args
-    wptr, sptr = ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16)
-    xqptr = ir.data_ptr(context, builder, xqty, xq, I8)
-    xdptr = ir.data_ptr(context, builder, xdty, xd, F32)
-    xsptr = ir.data_ptr(context, builder, xsty, xs, I32)
     tptr, rptr = ir.data_ptr(context, builder, tty, toks, I64), ir.data_ptr(context, builder, rty, res, F32)
-    bpb = BLOCK_BYTES[bits]
     nspan = builder.lshr(builder.add(nblk, ir.c64(3)), ir.c64(2))
     rows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
-    qoffs = [builder.mul(row, builder.mul(nspan, ir.c64(SPAN))) for row in rows]
-    doffs = [builder.mul(row, builder.mul(nspan, ir.c64(LANES))) for row in rows]
-    woffs = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)]
-    soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
-    ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))  # the next tile's rows
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
-    scale_slot = cgutils.alloca_once(builder, F32x16)
-    zero = ir.Constant(I32x16, [0] * 16)
-    offset_shift = ir.Constant(I32x16, [bits - 1] * 16)
-
-    def step(span, full):
-        b0 = builder.mul(span, ir.c64(4))
-        if full:
-            blocks = [builder.add(b0, ir.c64(c)) for c in range(4)]
-            ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(span, ir.c64(16 * bpb))), 16 * bpb)
-            _span_scales_full(builder, sptr, soffs, span, log2sub, scale_slot)
-            ws = builder.load(scale_slot)
-        else:  # missing blocks read the last one (in bounds); their activations are zero
-            last = builder.sub(nblk, ir.c64(1))
-            blocks = [builder.select(builder.icmp_unsigned("<", builder.add(b0, ir.c64(c)), nblk),
-                                     builder.add(b0, ir.c64(c)), last) for c in range(4)]
-            ws = _span_scales_blocks(builder, sptr, soffs, blocks, log2sub)
-        codes = [span_u8(builder, wptr, [builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks], bits,
-                             full) for wo in woffs]
-        for j in range(ntok):
-            q0 = builder.add(qoffs[j], builder.mul(span, ir.c64(SPAN)))
-            xlo = ir.load_vec(builder, xqptr, q0, I8x64)
-            xhi = ir.load_vec(builder, xqptr, builder.add(q0, ir.c64(64)), I8x64)
-            p = [_dot8(builder, _dot8(builder, zero, lo, xlo), hi, xhi) for lo, hi in codes]
-            d0 = builder.add(doffs[j], builder.mul(span, ir.c64(LANES)))
-            sums = builder.shl(ir.load_vec(builder, xsptr, d0, I32x16, align=4), offset_shift)
-            f = builder.sitofp(builder.sub(_fold4(builder, p), sums), F32x16)
-            scale = builder.fmul(ws, ir.load_vec(builder, xdptr, d0, F32x16, align=4))
-            builder.store(ir.fma(builder, f, scale, builder.load(accs[j])), accs[j])
-
-    with cgutils.for_range(builder, builder.lshr(nblk, ir.c64(2))) as loop:
-        step(loop.index, True)
-    with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
-        step(builder.lshr(nblk, ir.c64(2)), False)
-    for j in range(ntok):
+    accs = accumulate(builder, ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16),
+                      ir.data_ptr(context, builder, xqty, xq, I8), ir.data_ptr(context, builder, xdty, xd, F32),
+                      ir.data_ptr(context, builder, xsty, xs, I32), woff, wstride, soff, sstride,
+                      [builder.mul(row, builder.mul(nspan, ir.c64(SPAN))) for row in rows],
+                      [builder.mul(row, builder.mul(nspan, ir.c64(LANES))) for row in rows], nblk, log2sub, bits)
+    for j, acc in enumerate(accs):
         dst = builder.bitcast(builder.gep(rptr, [ir.c64(4 * j)]), F32x4.as_pointer())
-        builder.store(_chunks_sum(builder, builder.load(accs[j])), dst, align=4)
+        builder.store(_chunks_sum(builder, acc), dst, align=4)
     return context.get_dummy_value()
 
 

@@ -9,6 +9,9 @@ the activation rounding error is 1/258 of int8's). Each row result is
 
     sum_b  ws[b >> log2(G/32)] * xd[b] * sum_j code[b, j] * xq[b, j]
 
+(int8 activations, the CPU backend's default decode for int4 weights, go to kernels/dot8.py's row
+dots instead: `rows_dot4` / `rows_dot1` pick by the activations' type.)
+
 For int4 the stored nibble is code + 8, so the kernel forms sum_j nibble * xq - xs[b] in
 integers, with xs[b] = 8 * sum_j xq[b, j] precomputed per activation block.
 
@@ -33,7 +36,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from . import _jit, ir
+from . import _jit, dot8, ir
 from .ir import F32, F32x8, F32x16, I8, I8x16, I8x32, I16, I16x16, I32, I32x8, I32x16, I64
 
 
@@ -156,7 +159,8 @@ q8_dot4 = _make_rows_dot(4, unpack=False)
 
 
 def rows_dot4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
-    """Four consecutive rows' quantized dots; picks q4 (w uint8) or q8 (w int8) at compile time."""
+    """Four consecutive rows' quantized dots; picks q4 (w uint8) or q8 (w int8) at compile time, and
+    kernels/dot8.py's int4 row dot when the activations are int8 (xq int8 in the span order)."""
     raise NotImplementedError("rows_dot4 is only callable from numba-compiled code")
 
 
@@ -167,14 +171,20 @@ def rows_dot1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
 
 @overload(rows_dot4, inline="always")
 def _rows_dot4_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
-    dot = q4_dot4 if w.dtype == types.uint8 else q8_dot4
+    if xq.dtype == types.int8:  # int8 activations (act_quant.quantize_row8): int4 weights only
+        dot = dot8.q4_row4
+    else:
+        dot = q4_dot4 if w.dtype == types.uint8 else q8_dot4
     return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub: dot(
         w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
 
 
 @overload(rows_dot1, inline="always")
 def _rows_dot1_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
-    dot = q4_dot1 if w.dtype == types.uint8 else q8_dot1
+    if xq.dtype == types.int8:
+        dot = dot8.q4_row1
+    else:
+        dot = q4_dot1 if w.dtype == types.uint8 else q8_dot1
     return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub: dot(
         w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
 
