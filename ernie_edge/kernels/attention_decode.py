@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import prange
+from numba.extending import overload
 
 from . import _jit
 from ._jit import njit, pnjit
@@ -26,77 +27,80 @@ from .kv_layout import KV_TILE, check_cache, is_i8
 MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
 
 
-@njit(inline="always")
-def _head_chunks(R):
-    """(number, size) of the register tiles that cover R heads (at most MAX_HEADS each)."""
+def _head_plan(R: int) -> tuple[int, int, int]:
+    """(chunks, size, last): R heads in register tiles of at most MAX_HEADS, all `size` heads but the
+    last, which has `last`."""
     nch = (R + MAX_HEADS - 1) // MAX_HEADS
-    return nch, (R + nch - 1) // nch
+    size = (R + nch - 1) // nch
+    return nch, size, R - (nch - 1) * size
 
 
-@njit(inline="always")
-def _qk_heads(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, R):
-    """Scores of heads h0 .. h0+R-1 against one K tile into s[soff + r*sstride + j]."""
-    nch, size = _head_chunks(R)
-    for c in range(nch):
-        r0 = c * size
-        nr = min(size, R - r0)
-        h, so = h0 + r0, soff + r0 * sstride
-        if nr == 1:
-            qk1(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
-        elif nr == 2:
-            qk2(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
-        elif nr == 3:
-            qk3(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
-        elif nr == 4:
-            qk4(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
-        elif nr == 5:
-            qk5(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
-        else:
-            qk6(kc, toff, D, q, qi, qsc, qsum, h, s, so, sstride)
+# The head loops take the head count as the TYPE of `heads`, a tuple of R zeros (`head_tuple`), so
+# that a kernel compiles the one or two register tiles its R needs, not all MAX_HEADS of them (half
+# the compile time of the attention kernels). R = Nq / Nkv, 5 for ERNIE-4.5-21B-A3B.
+QK = (None, qk1, qk2, qk3, qk4, qk5, qk6)
+PV = (None, pv1, pv2, pv3, pv4, pv5, pv6)
+PVI = (None, pvi1, pvi2, pvi3, pvi4, pvi5, pvi6)
 
 
-@njit(inline="always")
-def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, R):
-    """acc[r, :] += p[r, poff : poff+n] . V tile rows 0..n-1 for R heads (acc [R, D])."""
-    nch, size = _head_chunks(R)
-    for c in range(nch):
-        r0 = c * size
-        nr = min(size, R - r0)
-        po, ao = r0 * pstride + poff, r0 * D
-        if nr == 1:
-            pv1(vc, toff, D, n, p, po, pstride, acc, ao)
-        elif nr == 2:
-            pv2(vc, toff, D, n, p, po, pstride, acc, ao)
-        elif nr == 3:
-            pv3(vc, toff, D, n, p, po, pstride, acc, ao)
-        elif nr == 4:
-            pv4(vc, toff, D, n, p, po, pstride, acc, ao)
-        elif nr == 5:
-            pv5(vc, toff, D, n, p, po, pstride, acc, ao)
-        else:
-            pv6(vc, toff, D, n, p, po, pstride, acc, ao)
+def head_tuple(R: int) -> tuple:
+    """The `heads` argument of the attention kernels for R query heads per KV head."""
+    return (0,) * R
 
 
-@njit(inline="always")
-def _pv_heads_int(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, R):
-    """Integer P.V of one int8 V tile (tile t of the block) for R heads (acc [R, D])."""
-    nch, size = _head_chunks(R)
-    for c in range(nch):
-        r0 = c * size
-        nr = min(size, R - r0)
-        po, qo, ao = r0 * pstride + poff, r0 * qstride + t, r0 * D
-        if nr == 1:
-            pvi1(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
-        elif nr == 2:
-            pvi2(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
-        elif nr == 3:
-            pvi3(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
-        elif nr == 4:
-            pvi4(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
-        elif nr == 5:
-            pvi5(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
-        else:
-            pvi6(vc, toff, D, n, pq, po, pstride, psc, qo, qstride, acc, ao)
+def _qk_heads(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, heads):
+    """Scores of heads h0 .. h0 + R - 1 (R = len(heads)) against one K tile into s[soff + r*sstride + j]."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+def _pv_heads(vc, toff, D, n, p, poff, pstride, acc, heads):
+    """acc[r, :] += p[r, poff : poff+n] . V tile rows 0..n-1 for R = len(heads) heads (acc [R, D])."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+def _pv_heads_int(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, heads):
+    """Integer P.V of one int8 V tile (tile t of the block) for R = len(heads) heads (acc [R, D])."""
+    raise NotImplementedError("only callable from numba-compiled code")
+
+
+@overload(_qk_heads, inline="always")
+def _qk_heads_impl(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, heads):
+    nch, size, last = _head_plan(len(heads))
+    full, tail = QK[size], QK[last]
+
+    def impl(kc, toff, D, q, qi, qsc, qsum, h0, s, soff, sstride, heads):
+        for c in range(nch - 1):
+            full(kc, toff, D, q, qi, qsc, qsum, h0 + c * size, s, soff + c * size * sstride, sstride)
+        r0 = (nch - 1) * size
+        tail(kc, toff, D, q, qi, qsc, qsum, h0 + r0, s, soff + r0 * sstride, sstride)
+    return impl
+
+
+@overload(_pv_heads, inline="always")
+def _pv_heads_impl(vc, toff, D, n, p, poff, pstride, acc, heads):
+    nch, size, last = _head_plan(len(heads))
+    full, tail = PV[size], PV[last]
+
+    def impl(vc, toff, D, n, p, poff, pstride, acc, heads):
+        for c in range(nch - 1):
+            full(vc, toff, D, n, p, c * size * pstride + poff, pstride, acc, c * size * D)
+        r0 = (nch - 1) * size
+        tail(vc, toff, D, n, p, r0 * pstride + poff, pstride, acc, r0 * D)
+    return impl
+
+
+@overload(_pv_heads_int, inline="always")
+def _pv_heads_int_impl(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, heads):
+    nch, size, last = _head_plan(len(heads))
+    full, tail = PVI[size], PVI[last]
+
+    def impl(vc, toff, D, n, pq, poff, pstride, psc, t, qstride, acc, heads):
+        for c in range(nch - 1):
+            r0 = c * size
+            full(vc, toff, D, n, pq, r0 * pstride + poff, pstride, psc, r0 * qstride + t, qstride, acc, r0 * D)
+        r0 = (nch - 1) * size
+        tail(vc, toff, D, n, pq, r0 * pstride + poff, pstride, psc, r0 * qstride + t, qstride, acc, r0 * D)
+    return impl
 
 
 @njit(inline="always")
@@ -135,7 +139,7 @@ def _softmax_step(sc, n, m, l, acc):
 
 @pnjit()
 def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart, lpart, apart, spart,
-                      pqpart, pscpart, out):
+                      pqpart, pscpart, out, heads):
     nq, D = qs.shape
     if is_i8(k_cache):
         _quantize_q(qs, qi.reshape(nq, D), qsc, qsum)
@@ -160,16 +164,16 @@ def _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, length, nsplit, mpart
             n = min(B, length - b * B)
             tile0 = g * ntc + b * (B // KT)
             for t in range((n + KT - 1) // KT):
-                _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, R)
+                _qk_heads(k_cache, (tile0 + t) * te, D, qs, qi, qsc, qsum, g * R, sc, t * KT, B, heads)
             _softmax_step(sc, n, m, l, acc)
             if is_i8(v_cache):
                 _quantize_probs(v_cache, tile0 * te, te, D, sc, n, pq, psc)
                 for t in range((n + KT - 1) // KT):
                     _pv_heads_int(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), pq, t * KT, B, psc, t,
-                                  B // KT, acc, R)
+                                  B // KT, acc, heads)
             else:
                 for t in range((n + KT - 1) // KT):
-                    _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, R)
+                    _pv_heads(v_cache, (tile0 + t) * te, D, min(KT, n - t * KT), sc, t * KT, B, acc, heads)
     _combine_splits(mpart, lpart, apart, nsplit, out)
 
 
@@ -259,5 +263,5 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
     np.multiply(q, np.float32(d ** -0.5), out=scratch.qs)
     _attention_decode(scratch.qs, scratch.qi, scratch.qsc, scratch.qsum, k_cache, v_cache, length,
                       decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, scratch.pq,
-                      scratch.psc, out)
+                      scratch.psc, out, head_tuple(nq // nkv))
     return out

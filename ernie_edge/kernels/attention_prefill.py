@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import njit, pnjit
-from .attention_decode import _pv_heads, _qk_heads, _softmax_step
+from .attention_decode import _pv_heads, _qk_heads, _softmax_step, head_tuple
 from .attention_ir import DECODE_BLOCK, NEG_INF, exp_nonpos
 from .kv_layout import KV_TILE, check_cache, k_code, tile_scale, v_code
 
@@ -139,7 +139,7 @@ def _attention_prefill(q, k_cache, v_cache, p0, out):
 
 
 @pnjit()
-def _attention_prefill_rows(qs, k_cache, v_cache, p0, out):
+def _attention_prefill_rows(qs, k_cache, v_cache, p0, out, heads):
     """fp16 cache: out[t, heads of g] for every (KV head g, token t) item, by decode's blocked online
     softmax over positions 0 .. p0 + t (qs: the queries already scaled by D^-0.5)."""
     T, nq, D = qs.shape
@@ -161,10 +161,10 @@ def _attention_prefill_rows(qs, k_cache, v_cache, p0, out):
             tile0 = g * ntc + b * (B // KT)
             for tt in range((n + KT - 1) // KT):
                 _qk_heads(k_cache, (tile0 + tt) * te, D, qs[t], unused_i8, unused_f, unused_i, g * R, sc, tt * KT,
-                          B, R)
+                          B, heads)
             _softmax_step(sc, n, m, l, acc)
             for tt in range((n + KT - 1) // KT):
-                _pv_heads(v_cache, (tile0 + tt) * te, D, min(KT, n - tt * KT), sc, tt * KT, B, acc, R)
+                _pv_heads(v_cache, (tile0 + tt) * te, D, min(KT, n - tt * KT), sc, tt * KT, B, acc, heads)
         for r in range(R):
             inv = np.float32(1.0) / l[r]
             for d in range(D):
@@ -190,5 +190,5 @@ def attention_prefill(q, k_cache, v_cache, start: int, out) -> np.ndarray:
     if k_cache.dtype == np.int8:  # kv_layout's int8 cache
         _attention_prefill(q, k_cache, v_cache, start, out)
     else:
-        _attention_prefill_rows(q * np.float32(d ** -0.5), k_cache, v_cache, start, out)
+        _attention_prefill_rows(q * np.float32(d ** -0.5), k_cache, v_cache, start, out, head_tuple(nq // nkv))
     return out
