@@ -116,6 +116,8 @@ def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
     raise NotImplementedError("only callable from numba-compiled code")
 
 
+# Two overloads written out, not one factory's closure: numba keeps inlined overload bodies by their
+# code object, and one factory's two closures (4 rows, 1 row) got each other's body.
 @overload(_dot4, inline="always")
 def _dot4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
     if xq.dtype == types.int8:
