@@ -67,7 +67,7 @@ def _load_layer(ck, cfg: ErnieConfig, i: int, use_bias: bool) -> Layer:
 class DecodeBuffers:
     """Every activation buffer one decode step needs, allocated once per model."""
 
-    def __init__(self, cfg: ErnieConfig, act8: bool = False):
+    def __init__(self, cfg: ErnieConfig):
         H = cfg.hidden_size
         widest = max(H, cfg.q_dim, cfg.intermediate_size, cfg.moe_intermediate_size,
                      cfg.shared_intermediate_size or 1)
@@ -81,7 +81,7 @@ class DecodeBuffers:
         self.y = np.zeros(H, np.float32)
         self.pos = np.zeros(1, np.int64)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
-        self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size, act8)
+        self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size)
 
 
 class CpuModel:
@@ -89,9 +89,8 @@ class CpuModel:
 
     def __init__(self, ck, use_correction_bias: bool = True, max_context: int | None = None,
                  kv_dtype: str = "f16", prefill_acts: str = "i8", decode_acts: str = "i8"):
-        for name, acts in (("prefill_acts", prefill_acts), ("decode_acts", decode_acts)):
-            if acts not in PREFILL_ACTS:
-                raise ValueError(f"{name} {acts!r} is not one of {', '.join(PREFILL_ACTS)}")
+        if prefill_acts not in PREFILL_ACTS:
+            raise ValueError(f"prefill_acts {prefill_acts!r} is not one of {', '.join(PREFILL_ACTS)}")
         self.ck = ck
         self.prefill_acts = prefill_acts
         self.config = cfg = ck.config
@@ -102,7 +101,7 @@ class CpuModel:
         self.final_norm = np.ascontiguousarray(ck.dense("model.norm.weight"), np.float32)
         self.layers = [_load_layer(ck, cfg, i, use_correction_bias) for i in range(cfg.num_hidden_layers)]
         self.buf = DecodeBuffers(cfg)
-        self.decode_acts = decode_acts
+        self.decode_acts = decode_acts  # checked by the setter
         self.attn_scratch: attention.DecodeScratch | None = None
 
     @property

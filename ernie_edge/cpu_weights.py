@@ -44,9 +44,9 @@ FUSED = ("q4", "q8")  # the formats the fused multi-matrix kernels of q8.py / qb
 class Scratch:
     """The buffers the decode kernels of one layer's weights need, allocated once per model."""
 
-    def __init__(self, widest: int, k: int, n_experts: int, expert_width: int, act8: bool = False):
+    def __init__(self, widest: int, k: int, n_experts: int, expert_width: int):
         k = max(k, 1)
-        self.act8 = act8  # q4 / q5 / q6 decode kernels take int8 activations (module doc)
+        self.act8 = False  # q4 / q5 / q6 decode kernels take int8 activations (module doc; CpuModel.decode_acts)
         self.act = q8.ActScratch(-(-widest // 32) * 32, rows=k)  # x quantized to int16 (+ work claims)
         self.act_shared = q8.ActScratch(-(-widest // 32) * 32)  # the shared expert's, beside the routed ones
         self.g = np.zeros(widest, np.float32)  # gate (then SwiGLU) output of an MLP

@@ -40,9 +40,9 @@ bit-identical across paths.
 
 from __future__ import annotations
 
-from numba import types
+from functools import partial
+
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from . import _jit, ir
 from .codes import BLOCK_BYTES, span_u8
@@ -209,23 +209,9 @@ def _row_dot(context, builder, sig, args, nrows, bits):
     return [builder.extract_element(rows, ir.c32(r)) for r in range(nrows)]
 
 
-def _make_row_dot(nrows, bits):
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
-        ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
-        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            vals = _row_dot(context, builder, signature, args, nrows, bits)
-            return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
-
-        return sig, codegen
-
-    return intrinsic(typer)
-
-
 # (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) of one token: row1 -> float32,
 # row4 -> the 4-tuple of rows r .. r + 3; the int8-activation twins of simd.q4_dot1 / q4_dot4 and
 # q56's q5 / q6 row dots.
-q4_row1, q4_row4 = _make_row_dot(1, 4), _make_row_dot(4, 4)
-q5_row1, q5_row4 = _make_row_dot(1, 5), _make_row_dot(4, 5)
-q6_row1, q6_row4 = _make_row_dot(1, 6), _make_row_dot(4, 6)
+q4_row1, q4_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=4)) for n in (1, 4))
+q5_row1, q5_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=5)) for n in (1, 4))
+q6_row1, q6_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=6)) for n in (1, 4))

@@ -1,6 +1,7 @@
 """The llvmlite toolkit of the kernels' intrinsics, written once: types, constants, pointers into
 numba arrays, vector loads, splats, horizontal reductions, fp16 -> f32, intrinsic calls and
-software prefetch. simd.py, qbatch.py, kv_layout.py and attention_ir.py build their LLVM IR with it.
+software prefetch, the row dots' intrinsic signature. simd.py, q56.py, dot8.py, qbatch.py,
+kv_layout.py and attention_ir.py build their LLVM IR with it.
 
 The llvmlite.ir classes the kernels use are re-exported here, so that a kernel module needs one
 namespace (`from . import ir`: `ir.Constant`, `ir.VectorType`, `ir.splat`, ...).
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from llvmlite.ir import (Constant, FloatType, FunctionType, HalfType, IntType, Undefined,  # noqa: F401
                          VectorType, VoidType)
+from numba import types
 from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import _jit
 
@@ -146,3 +149,21 @@ def prefetch_lines(builder, ptr, offset, nbytes):
     """Prefetch one cache line per 64 bytes of ptr[offset : offset + nbytes] (ptr an i8*)."""
     for line in range(0, nbytes, 64):
         prefetch(builder, builder.gep(ptr, [builder.add(offset, c64(line))]))
+
+
+def row_dot_intrinsic(nrows, body):
+    """A numba intrinsic with the quantized row dots' signature (kernels/simd.py, q56.py, dot8.py):
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) -> float32 for one row, or the
+    tuple of nrows float32 of rows r .. r + nrows - 1. body(context, builder, sig, args) returns the
+    nrows values."""
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+        ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
+        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp)
+
+        def codegen(context, builder, signature, args):
+            vals = body(context, builder, signature, args)
+            return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
+
+        return sig, codegen
+
+    return intrinsic(typer)

@@ -32,6 +32,8 @@ All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors v
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numba import prange, types
 from numba.core import cgutils
@@ -54,10 +56,11 @@ BITS = (5, 6)
 def _rows_dot(context, builder, sig, args, nrows, bits):
     """sum_b ws[o, b >> log2sub] * xd[b] * sum_j code[o, b, j] * xq[b, j] for nrows rows.
 
-    args: (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub) as kernels/simd.py's
-    row dots (w uint8, woff / wstride in bytes; s the uint16 scales)."""
-    (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub) = args
-    wty, _, _, sty, _, _, xqty, xdty, _, _ = sig.args
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) as kernels/simd.py's
+    row dots (w uint8, woff / wstride in bytes; s the uint16 scales; xs not read: the codes are
+    made signed here)."""
+    (w, woff, wstride, s, soff, sstride, xq, xd, _, nblk, log2sub) = args
+    wty, _, _, sty, _, _, xqty, xdty, _, _, _ = sig.args
     wptr = ir.data_ptr(context, builder, wty, w, I8)
     sptr = ir.data_ptr(context, builder, sty, s, I16)
     xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
@@ -86,23 +89,9 @@ def _rows_dot(context, builder, sig, args, nrows, bits):
     return [ir.hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
 
 
-def _make_rows_dot(nrows, bits):
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub):
-        ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
-        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            vals = _rows_dot(context, builder, signature, args, nrows, bits)
-            return vals[0] if nrows == 1 else context.make_tuple(builder, signature.return_type, vals)
-
-        return sig, codegen
-
-    return intrinsic(typer)
-
-
-# (w, woff, wstride, s, soff, sstride, xq, xd, nblk, log2sub): dot1 -> float32, dot4 -> rows r..r+3
-q5_dot1, q5_dot4 = _make_rows_dot(1, 5), _make_rows_dot(4, 5)
-q6_dot1, q6_dot4 = _make_rows_dot(1, 6), _make_rows_dot(4, 6)
+# (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub): dot1 -> float32, dot4 -> rows r..r+3
+q5_dot1, q5_dot4 = (ir.row_dot_intrinsic(n, partial(_rows_dot, nrows=n, bits=5)) for n in (1, 4))
+q6_dot1, q6_dot4 = (ir.row_dot_intrinsic(n, partial(_rows_dot, nrows=n, bits=6)) for n in (1, 4))
 
 
 def _dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
@@ -116,38 +105,26 @@ def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-# Two overloads written out, not one factory's closure: numba keeps inlined overload bodies by their
-# code object, and one factory's two closures (4 rows, 1 row) got each other's body.
 @overload(_dot4, inline="always")
 def _dot4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-    if xq.dtype == types.int8:
-        def dot4_i8(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-            if bits == 5:
-                return dot8.q5_row4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-            return dot8.q6_row4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-        return dot4_i8
+    q5, q6 = (dot8.q5_row4, dot8.q6_row4) if xq.dtype == types.int8 else (q5_dot4, q6_dot4)
 
-    def dot4_i16(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    def dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
         if bits == 5:
-            return q5_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-        return q6_dot4(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-    return dot4_i16
+            return q5(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+        return q6(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+    return dot4
 
 
 @overload(_dot1, inline="always")
 def _dot1_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-    if xq.dtype == types.int8:
-        def dot1_i8(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-            if bits == 5:
-                return dot8.q5_row1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-            return dot8.q6_row1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-        return dot1_i8
+    q5, q6 = (dot8.q5_row1, dot8.q6_row1) if xq.dtype == types.int8 else (q5_dot1, q6_dot1)
 
-    def dot1_i16(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    def dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
         if bits == 5:
-            return q5_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-        return q6_dot1(w, woff, wstride, s, soff, sstride, xq, xd, nb, l2)
-    return dot1_i16
+            return q5(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+        return q6(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
+    return dot1
 
 
 # ---- decode -----------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def _next_unit(claims, t, nt, n, k, pos):
 @pnjit()
 def _matvec(x, w, s, out, xq, xd, xs, gs, claims, nt):
     """out [O] = W x, one parallel region of nt threads; rows in work units (`_next_unit`)."""
-    K, O, kw, nsg = x.shape[0], w.shape[0], w.shape[1], s.shape[1]
+    K, O, nsg = x.shape[0], w.shape[0], s.shape[1]
     nb = K // 32
     l2 = log2_sub(nb, nsg)
     quantize_act(x, xq, xd, xs, gs)
@@ -467,13 +467,14 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act
     calls. Returns (out_h of a, out_h of b)."""
     k = x.shape[0]
     x = np.ascontiguousarray(x, np.float32)
-    args = []
+    args, rounding = [], None
     for (wg, sg, wu, su, ids, out_h, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits, what)
         gs, int8 = act_group(k, sg, bits), int8_acts(act8, bits)
-        quantize_b = not args or (gs, int8) != (args[-1], args[-4].dtype == np.int8)
+        quantize_b = (gs, int8) != rounding  # (bank a's is always quantized)
         if not quantize_b:
             act = act_a  # both banks take x quantized the same way: quantize it once
+        rounding = gs, int8
         xq, xd, xs = act.views(k, int8=int8)
         args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], gs]
     _experts2_gate_up_silu(x, *args, quantize_b, act_a.claims, get_threads())

@@ -32,6 +32,8 @@ rows, so that one core overlaps memory latency with the arithmetic instead of wa
 
 from __future__ import annotations
 
+from functools import partial
+
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
@@ -134,28 +136,12 @@ def _rows_dot(context, builder, sig, args, nrows, unpack):
     return [ir.hsum8(builder, builder.load(accs[r])) for r in range(nrows)]
 
 
-def _make_rows_dot(nrows, unpack):
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
-        ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
-        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp)
-
-        def codegen(context, builder, signature, args):
-            vals = _rows_dot(context, builder, signature, args, nrows, unpack)
-            if nrows == 1:
-                return vals[0]
-            return context.make_tuple(builder, signature.return_type, vals)
-
-        return sig, codegen
-
-    return intrinsic(typer)
-
-
 # q4: w is packed uint8 [.., O, K/2]; q8: w is int8 codes [.., O, K]. Both: s is the uint16 view of
 # the fp16 scales [.., O, K/G]. dot1 returns a float32, dot4 a 4-tuple for rows r..r+3.
-q4_dot1 = _make_rows_dot(1, unpack=True)
-q4_dot4 = _make_rows_dot(4, unpack=True)
-q8_dot1 = _make_rows_dot(1, unpack=False)
-q8_dot4 = _make_rows_dot(4, unpack=False)
+q4_dot1 = ir.row_dot_intrinsic(1, partial(_rows_dot, nrows=1, unpack=True))
+q4_dot4 = ir.row_dot_intrinsic(4, partial(_rows_dot, nrows=4, unpack=True))
+q8_dot1 = ir.row_dot_intrinsic(1, partial(_rows_dot, nrows=1, unpack=False))
+q8_dot4 = ir.row_dot_intrinsic(4, partial(_rows_dot, nrows=4, unpack=False))
 
 
 def rows_dot4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
