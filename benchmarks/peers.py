@@ -128,6 +128,9 @@ def summarize(rounds: list[dict], pairs: list[str], depth: int, recipes: dict[st
         out[p]["weights_bytes_per_token"] = rounds[0][p]["edge"]["weights_bytes_per_token"]
         out[p]["bandwidth_fraction"] = [r[p]["edge"]["bandwidth_fraction"] for r in rounds]
         out[p]["read_bandwidth_gbs"] = [r[p]["edge"]["read_bandwidth_gbs"] for r in rounds]
+        # against a plain read of decode's own bytes through the model's mapping (ernie_edge/bench.py)
+        out[p]["weights_bandwidth_fraction"] = [r[p]["edge"].get("weights_bandwidth_fraction") for r in rounds]
+        out[p]["weights_read_gbs"] = [r[p]["edge"].get("weights_read_gbs") for r in rounds]
         # share of all CPUs that other processes used during each timed run (quiet_run.py's record)
         out[p]["foreign_cpu"] = [r[p][side].get("quiet_run", {}).get("foreign_cpu_frac") for r in rounds
                                  for side in ("edge", "llama")]

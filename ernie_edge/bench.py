@@ -3,6 +3,8 @@
 Figures (keys of --json): prefill_tok_s, decode_tok_s, ttft_s, load_s, jit_s, peak_rss_bytes,
 anon_rss_bytes, file_rss_bytes, weights_bytes_per_token, read_bandwidth_gbs, bandwidth_fraction
 (= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus);
+weights_read_gbs and weights_bandwidth_fraction, the same against a plain read of the bytes decode
+reads, through the model's own mapping (`token_read_gbs`; CPU only, else null);
 also decode_ms_p50 / decode_ms_p90, the median and 90th percentile of the decode steps' times (on
 a shared machine the median is the steadier figure for comparing code versions). jit_s is the
 CPU backend's warm-up (ernie_edge/kernel_warmup.py): every kernel compiled on a first run (numba's
@@ -80,6 +82,68 @@ def memory_status() -> dict:
         info = psutil.Process().memory_info()
         out = {"RssAnon": info.rss, "RssFile": 0, "VmHWM": info.rss}
     return out
+
+
+@pnjit()
+def _read_pieces(pieces, nt):
+    # pieces: uint64 arrays of whole 512-byte blocks; thread t reads the t-th share of every piece, in
+    # order, into 64 independent integer sums (random bytes as floats could be denormals, which are
+    # slow to add; 32-bit lanes read ~30 % slower here than 64-bit ones).
+    parts = np.zeros((nt, 64), np.uint64)
+    for t in prange(nt):
+        acc = np.zeros(64, np.uint64)
+        for p in range(len(pieces)):
+            a = pieces[p]
+            n = a.shape[0] // 64
+            for i in range(t * n // nt, (t + 1) * n // nt):
+                for j in range(64):
+                    acc[j] += a[64 * i + j]
+        parts[t] = acc
+    return parts.sum()
+
+
+def _whole_blocks(a: np.ndarray) -> np.ndarray:
+    """The bytes of a C-contiguous array as uint64, cut to whole 512-byte blocks."""
+    b = a.reshape(-1).view(np.uint8)
+    return b[: b.size // 512 * 512].view(np.uint64)
+
+
+def _token_pieces(model, rng) -> list[np.ndarray]:
+    """The weights one decode step reads (as `weights_bytes_per_token` counts them, less the one
+    embedding row): every dense tensor, then k experts per MoE layer drawn at random."""
+    ck, cfg = model.weights, model.config
+    pieces = []
+    for name in ck.manifest.tensors:
+        if name.startswith("model."):
+            q = ck.qtensor(name)
+            pieces += [_whole_blocks(a) for a in (q.data, q.scales) if a is not None]
+    for layer in cfg.moe_layers:
+        for e in rng.choice(cfg.moe_num_experts, cfg.moe_k, replace=False):
+            for proj in ("gate", "up", "down"):
+                q = ck.expert_bank(layer, proj)
+                pieces += [_whole_blocks(a[e]) for a in (q.data, q.scales) if a is not None]
+    return pieces
+
+
+def token_read_gbs(model, tokens: int = 16, seed: int = 0) -> float | None:
+    """The read ceiling of the model's own weight pages: GB/s at which a plain read loop (one parallel
+    region, the kernels' thread count) reads what `tokens` decode steps read, k random experts per MoE
+    layer each, over the same memory mapping. On a virtual machine, memory far apart can read at very
+    different speeds (nested page walks; docs/PERF.md, "The read ceiling"): the 1 GiB probe of a fresh
+    array is the bus's best case, this is the ceiling for the bytes decode actually reads. None when
+    the model has no whole 512-byte block to read."""
+    from numba.typed import List
+    rng = np.random.default_rng(seed)
+    nt = get_threads()
+    steps = [List(_token_pieces(model, rng)) for _ in range(tokens + 1)]
+    _read_pieces(steps[0], nt)  # compile, and a first touch
+    nbytes = sum(p.nbytes for step in steps[1:] for p in step)
+    if nbytes == 0:
+        return None
+    t = time.perf_counter()
+    for step in steps[1:]:
+        _read_pieces(step, nt)
+    return nbytes / (time.perf_counter() - t) / 1e9
 
 
 def weights_bytes_per_token(model) -> int:
@@ -168,10 +232,11 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     decode_s = time.perf_counter() - t
     mem = memory_status()
 
-    print("read bandwidth probe ...", file=log, flush=True)
+    print("read bandwidth probes ...", file=log, flush=True)
     bw = read_bandwidth_gbs(s.probe_bytes)
     wbytes = weights_bytes_per_token(model)
     decode_tok_s = s.gen_tokens / decode_s
+    token_bw = token_read_gbs(model, seed=s.seed) if model.backend_name == "cpu" else None
     return {
         "model": str(model.path), "backend": model.backend_name, "threads": get_threads(),
         "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens,
@@ -183,6 +248,8 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
         "file_rss_bytes": mem.get("RssFile"), "kv_dtype": s.kv_dtype, "kv_cache_bytes": cache.nbytes(),
         "weights_bytes_per_token": wbytes, "read_bandwidth_gbs": bw,
         "bandwidth_fraction": decode_tok_s * wbytes / (bw * 1e9),
+        "weights_read_gbs": token_bw,
+        "weights_bandwidth_fraction": None if token_bw is None else decode_tok_s * wbytes / (token_bw * 1e9),
         "device": model.backend_name, "placement": _placement(model),
     }
 
@@ -213,4 +280,6 @@ def format_bench(r: dict) -> str:
         f"file-backed {r['file_rss_bytes'] / gb:.2f} GB; KV cache {r['kv_cache_bytes'] / gb:.3f} GB ({r['kv_dtype']})",
         f"weights/token    {r['weights_bytes_per_token'] / gb:.3f} GB",
         f"read bandwidth   {r['read_bandwidth_gbs']:.1f} GB/s -> bandwidth fraction {r['bandwidth_fraction']:.2f}",
+        *([f"weights read     {r['weights_read_gbs']:.1f} GB/s (a plain read of decode's bytes, same pages) -> "
+           f"fraction {r['weights_bandwidth_fraction']:.2f}"] if r.get("weights_read_gbs") else []),
     ])

@@ -9,10 +9,12 @@ import pytest
 
 import ernie_edge
 
-from ernie_edge.bench import BenchSettings, _read_sum, run_bench, weights_bytes_per_token
+from ernie_edge.bench import (BenchSettings, _read_pieces, _read_sum, _token_pieces, run_bench,
+                               weights_bytes_per_token)
 
 KEYS = {"prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "jit_s", "peak_rss_bytes", "anon_rss_bytes",
-        "file_rss_bytes", "weights_bytes_per_token", "read_bandwidth_gbs", "bandwidth_fraction"}
+        "file_rss_bytes", "weights_bytes_per_token", "read_bandwidth_gbs", "bandwidth_fraction",
+        "weights_read_gbs", "weights_bandwidth_fraction"}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,33 @@ def test_bench_reports_the_contract_keys(tiny_edge):
     assert r["decode_ms_p50"] * r["gen_tokens"] <= 1e3 * r["gen_tokens"] / r["decode_tok_s"] * 1.5
     assert r["bandwidth_fraction"] == pytest.approx(
         r["decode_tok_s"] * r["weights_bytes_per_token"] / (r["read_bandwidth_gbs"] * 1e9))
+    assert r["weights_read_gbs"] > 0
+    assert r["weights_bandwidth_fraction"] == pytest.approx(
+        r["decode_tok_s"] * r["weights_bytes_per_token"] / (r["weights_read_gbs"] * 1e9))
+
+
+def test_pieces_probe_reads_every_block_of_every_piece():
+    from numba.typed import List
+    rng = np.random.default_rng(0)
+    pieces = [rng.integers(0, 2**63, n * 64, dtype=np.uint64) for n in (1, 3, 0, 17)]
+    want = int(sum(int(p.sum(dtype=np.uint64)) for p in pieces) % 2**64)
+    for nt in (1, 2, 3):
+        assert int(_read_pieces(List(pieces), nt)) == want
+
+
+def test_token_pieces_are_the_bytes_one_decode_step_reads(tiny_edge):
+    model = ernie_edge.load(tiny_edge)
+    cfg, ck = model.config, model.weights
+    rng = np.random.default_rng(1)
+    pieces = _token_pieces(model, rng)
+    got = sum(p.nbytes for p in pieces)
+    per_token = weights_bytes_per_token(model)
+    embed = ck.qtensor("model.embed_tokens.weight")
+    # each piece is a tensor's (or one expert's) bytes cut to whole 512-byte blocks
+    assert per_token - embed.nbytes // cfg.vocab_size - 512 * len(pieces) <= got <= per_token
+    gate = ck.expert_bank(cfg.moe_layers[0], "gate").data  # [E, I, ...]
+    experts = {e for p in pieces for e in range(cfg.moe_num_experts) if np.shares_memory(p, gate[e])}
+    assert gate[0].nbytes >= 512 and len(experts) == cfg.moe_k  # k distinct experts of that bank
 
 
 def test_weights_per_token_counts_k_experts_not_all(tiny_edge):
