@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, int64
+from numba import cuda, float32
 
 from .device import MAX_THREADS, ROWS, THREADS, WARP, block_total, blocks, device_jit, dmax, jit, warp_total
 from .quant_matvec import row_dot
