@@ -123,3 +123,24 @@ def edge_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("warm")
     src = synthetic.write_checkpoint(root / "src", "tiny", layers=2)
     return convert(ConvertSettings(source=str(src), dest=root / "edge", progress=False))
+
+
+def test_decode_share_runs_what_the_helper_reaches_late(edge_dir):
+    """The main process's share of the decode path (the dense MLP's gate / up and the one-token
+    router) runs on the model's own buffers; the helper's layer order puts the dense layers last
+    and keeps every layer."""
+    from ernie_edge.cpu_weights import SwiGLU
+    model = ernie_edge.load(edge_dir)
+    layers = model.backend.layers
+    s = model.backend.buf.scratch
+    s.idx[:] = -1
+    s.g[:] = np.nan
+    kernel_warmup._decode_share(model)
+    dense = [L for L in layers if isinstance(L.mlp, SwiGLU)]
+    assert dense, "the test model has a dense layer 0"
+    assert np.isfinite(s.g[:dense[0].mlp.width]).all()  # gate / up / SwiGLU of x = 0 ran
+    assert ((s.idx >= 0) & (s.idx < model.config.moe_num_experts)).all()  # the router chose experts
+    order = kernel_warmup._dense_layers_last(layers)
+    assert sorted(map(id, order)) == sorted(map(id, layers))
+    kinds = [isinstance(L.mlp, SwiGLU) for L in order]
+    assert kinds == sorted(kinds)  # MoE layers first, dense ones last

@@ -285,7 +285,8 @@ def _group_slots(idx, weights, n_experts, slot_ids, slot_tok, slot_w, starts):
             counts[idx[t, j] + 1] += 1
     for e in range(n_experts):
         counts[e + 1] += counts[e]
-    starts[:] = counts
+    for e in range(n_experts + 1):  # not starts[:] = counts: its shape check compiles ~2 s of error formatting
+        starts[e] = counts[e]
     for t in range(T):
         for j in range(k):
             e = idx[t, j]
