@@ -98,10 +98,17 @@ class Guard:
         return None
 
     async def _read_body(self, scope, headers, receive, send) -> bytes | None:
-        """The whole request body, or None after answering 413 / 400 (or a disconnect)."""
+        """The whole request body, or None after answering 413 / 400 (or a disconnect).
+
+        A body over the limit is answered 413 after the rest of it has been read and dropped, up
+        to DRAIN_FACTOR times the limit: a client still sending when the server closes the
+        connection gets a reset instead of the answer (TCP drops the unread bytes and the response
+        with them). A larger declared length is answered at once."""
         limit = self.settings.max_body_bytes
         declared = _header(headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            if declared.isdigit() and int(declared) <= DRAIN_FACTOR * limit:
+                await _drain(receive, DRAIN_FACTOR * limit)
             await _send_error(send, 413, f"the request body is larger than {limit} bytes",
                               "invalid_request_error", "body_too_large")
             return None
@@ -113,6 +120,8 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_FACTOR * limit - size)
                 await _send_error(send, 413, f"the request body is larger than {limit} bytes",
                                   "invalid_request_error", "body_too_large")
                 return None
@@ -124,6 +133,21 @@ class Guard:
                                          "levels", "invalid_request_error", "json_too_deep")
             return None
         return body
+
+
+DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to this many times the limit before the 413
+
+
+async def _drain(receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most `budget` more bytes (or until the client
+    goes away)."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 def _header(headers, name: bytes) -> str | None:
