@@ -221,7 +221,7 @@ for bits in (4, 5, 6):
     one = np.empty(w.shape[0], np.float32)  # the one-token decode matvec with int8 activations
     outs[f"d{{bits}}"] = (q8.matvec if bits == 4 else q56.matvec)(x[0], w, s, one, act, bits, act8=True)
 np.savez(sys.argv[2], **outs)
-print(_jit.SIMD, _jit.AVX512, _jit.VNNI512, _jit.VBMI, qbatch8.TILE_MAX)
+print(_jit.SIMD, _jit.AVX512, _jit.VNNI512, qbatch8.TILE_MAX)
 """
 
 
@@ -236,8 +236,6 @@ def _path_variants():
         out.append(("avx512bw", "avx2", {"AVX512": True, "VNNI512": False}))
     if "avx2" in host and (_jit.SIMD, _jit.AVX512) != ("avx2", False):
         out.append(("avx2", "avx2", {"AVX512": False, "VNNI512": False}))
-    if _jit.VBMI:  # this process unpacks int5 / int6 spans with vpermt2b; the same path without it
-        out.append(("no-vbmi", _jit.SIMD, {"VBMI": False}))
     if _jit.SIMD != "generic":
         out.append(("generic", "generic", {}))
     return out
@@ -245,8 +243,8 @@ def _path_variants():
 
 def test_simd_paths_give_the_same_bits(tmp_path):
     """Each SIMD path's byte dot (512-bit vpdpbusd, 256-bit vpdpbusd, vpmaddubsw + vpmaddwd in 512
-    or 256 bits, generic IR) and int5 / int6 unpacking (with or without AVX512-VBMI's two-register
-    byte permutes), in a child process with its own numba cache, gives this process's
+    or 256 bits, generic IR) and int5 / int6 unpacking (two-register permutes with AVX-512, loads and
+    inserts without), in a child process with its own numba cache, gives this process's
     results bit for bit: the integer lanes and the float epilogue are the same on every path. The
     one-token decode matvec with int8 activations (kernels/dot8.py's row dots) too, in its row quads
     (its O % 4 tail rows may differ in the last bit, test_kernels_dot8.py)."""
