@@ -4,7 +4,8 @@ Figures (keys of --json): prefill_tok_s, decode_tok_s, ttft_s, load_s, jit_s, pe
 anon_rss_bytes, file_rss_bytes, weights_bytes_per_token, read_bandwidth_gbs, bandwidth_fraction
 (= decode_tok_s x weights_bytes_per_token / read bandwidth: how close decode runs to the memory bus);
 weights_read_gbs and weights_bandwidth_fraction, the same against a plain read of the bytes decode
-reads, through the model's own mapping (`token_read_gbs`; CPU only, else null);
+reads, through the model's own mapping (`token_read_gbs`; null but on the CPU with the whole model in
+memory);
 also decode_ms_p50 / decode_ms_p90, the median and 90th percentile of the decode steps' times (on
 a shared machine the median is the steadier figure for comparing code versions). jit_s is the
 CPU backend's warm-up (ernie_edge/kernel_warmup.py): every kernel compiled on a first run (numba's
@@ -236,7 +237,11 @@ def run_bench(s: BenchSettings, log=sys.stderr) -> dict:
     bw = read_bandwidth_gbs(s.probe_bytes)
     wbytes = weights_bytes_per_token(model)
     decode_tok_s = s.gen_tokens / decode_s
-    token_bw = token_read_gbs(model, seed=s.seed) if model.backend_name == "cpu" else None
+    # Only over pages in memory: of a model larger than RAM it would time the disk (and read
+    # gigabytes from it).
+    files = getattr(model.weights, "files", {})
+    resident = bool(files) and (mem.get("RssFile") or 0) >= 0.9 * sum(f.file_size for f in files.values())
+    token_bw = token_read_gbs(model, seed=s.seed) if model.backend_name == "cpu" and resident else None
     return {
         "model": str(model.path), "backend": model.backend_name, "threads": get_threads(),
         "prompt_tokens": s.prompt_tokens, "gen_tokens": s.gen_tokens,
