@@ -126,25 +126,30 @@ def _token_pieces(model, rng) -> list[np.ndarray]:
     return pieces
 
 
-def token_read_gbs(model, tokens: int = 16, seed: int = 0) -> float | None:
+def token_read_gbs(model, tokens: int = 8, passes: int = 3, seed: int = 0) -> float | None:
     """The read ceiling of the model's own weight pages: GB/s at which a plain read loop (one parallel
     region, the kernels' thread count) reads what `tokens` decode steps read, k random experts per MoE
-    layer each, over the same memory mapping. On a virtual machine, memory far apart can read at very
-    different speeds (nested page walks; docs/PERF.md, "The read ceiling"): the 1 GiB probe of a fresh
+    layer each, over the same memory mapping; the best of `passes` such passes (other experts each
+    time), as the fresh-array probe takes its best. On a virtual machine, memory far apart can read
+    at very different speeds (docs/PERF.md, "Measuring on a shared VM"): the 1 GiB probe of a fresh
     array is the bus's best case, this is the ceiling for the bytes decode actually reads. None when
     the model has no whole 512-byte block to read."""
     from numba.typed import List
     rng = np.random.default_rng(seed)
     nt = get_threads()
-    steps = [List(_token_pieces(model, rng)) for _ in range(tokens + 1)]
-    _read_pieces(steps[0], nt)  # compile, and a first touch
-    nbytes = sum(p.nbytes for step in steps[1:] for p in step)
-    if nbytes == 0:
-        return None
-    t = time.perf_counter()
-    for step in steps[1:]:
-        _read_pieces(step, nt)
-    return nbytes / (time.perf_counter() - t) / 1e9
+    _read_pieces(List(_token_pieces(model, rng)), nt)  # compile, and a first touch
+    best = None
+    for _ in range(passes):
+        steps = [List(_token_pieces(model, rng)) for _ in range(tokens)]
+        nbytes = sum(p.nbytes for step in steps for p in step)
+        if nbytes == 0:
+            return None
+        t = time.perf_counter()
+        for step in steps:
+            _read_pieces(step, nt)
+        gbs = nbytes / (time.perf_counter() - t) / 1e9
+        best = gbs if best is None else max(best, gbs)
+    return best
 
 
 def weights_bytes_per_token(model) -> int:
