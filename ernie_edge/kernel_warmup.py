@@ -218,8 +218,8 @@ def _decode_share(model) -> None:
     from .cpu_weights import SwiGLU
     backend = model.backend
     layers, buf = getattr(backend, "layers", []), getattr(backend, "buf", None)
-    if buf is None:
-        return
+    if model.backend_name != "cpu" or buf is None:
+        return  # the CPU backend's layers only
     x, s = np.zeros(model.config.hidden_size, np.float32), buf.scratch
     dense = [L for L in layers if isinstance(L.mlp, SwiGLU)]
     if dense:
