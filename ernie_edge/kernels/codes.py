@@ -106,20 +106,12 @@ def _span_u8_512(builder, wptr, off, bits):
                                                             for p in positions]))
 
     nib = gather([c * bpb + j for c in range(4) for j in range(16)])
-    out = []
-    for half in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block, as `_high_bits8`
+    high = []
+    for half in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
         spread = gather([c * bpb + 16 + (half + j) % nqh for c in range(4) for j in range(16)])
-        t = [(half + j) // nqh for _ in range(4) for j in range(16)]
-        keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
-        field = builder.bitcast(builder.and_(spread, keep), I16x32)
-        shift = [4 - h * ti for ti in t[0::2]]
-        if half == 0:
-            moved = builder.shl(field, ir.Constant(I16x32, shift))
-        else:
-            moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
-        out.append(builder.bitcast(moved, I8x64))
-    lo = builder.or_(builder.and_(nib, ir.Constant(I8x64, [15] * 64)), out[0])
-    hi = builder.or_(builder.lshr(nib, ir.Constant(I8x64, [4] * 64)), out[1])
+        high.append(_high_at_bit4(builder, spread, half, bits))
+    lo = builder.or_(builder.and_(nib, ir.Constant(I8x64, [15] * 64)), high[0])
+    hi = builder.or_(builder.lshr(nib, ir.Constant(I8x64, [4] * 64)), high[1])
     return lo, hi
 
 
@@ -132,9 +124,8 @@ def _concat4(builder, parts):
 
 def _high_bits8(builder, wptr, offs, bits):
     """The high bits of 4 int5 / int6 blocks (at byte offsets offs) moved to bit 4, as (lo, hi)
-    <64 x i8> in kernels/qbatch8.py's span order. Code j's high bits sit in byte
-    j % 4h at bit h (j // 4h). Within a 16-bit word both bytes have the same bit position, so one
-    mask and one per-word shift (left for codes 0..15, right for 16..31) moves them."""
+    <64 x i8> in kernels/qbatch8.py's span order. Code j's high bits sit in byte j % 4h of its
+    block's high-bit bytes, at bit h (j // 4h)."""
     h = bits - 4
     nqh = 4 * h
     hq = VectorType(I8, nqh)
@@ -143,19 +134,27 @@ def _high_bits8(builder, wptr, offs, bits):
             builder.shuffle_vector(raw[2], raw[3], ir.mask(range(2 * nqh)))]
     allq = builder.shuffle_vector(pair[0], pair[1], ir.mask(range(4 * nqh)))  # <16h x i8>, block c at c * 4h
     out = []
-    for first in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
-        spread = builder.shuffle_vector(allq, allq, ir.mask([c * nqh + (first + j) % nqh
-                                                             for c in range(4) for j in range(16)]))
-        t = [(first + j) // nqh for _ in range(4) for j in range(16)]
-        keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
-        field = builder.bitcast(builder.and_(spread, keep), I16x32)
-        shift = [4 - h * ti for ti in t[0::2]]  # per 16-bit word (both bytes alike)
-        if first == 0:
-            moved = builder.shl(field, ir.Constant(I16x32, shift))
-        else:
-            moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
-        out.append(builder.bitcast(moved, I8x64))
+    for half in (0, 16):  # codes 0..15 (lo) and 16..31 (hi) of each block
+        lanes = [c * nqh + (half + j) % nqh for c in range(4) for j in range(16)]
+        out.append(_high_at_bit4(builder, builder.shuffle_vector(allq, allq, ir.mask(lanes)), half, bits))
     return out
+
+
+def _high_at_bit4(builder, spread, half, bits):
+    """<64 x i8> lane 16c + j = the high bits of code half + j of block c, moved to bit 4, from
+    `spread`, whose lane 16c + j holds the byte with them (at bit h ((half + j) // 4h)). Within a
+    16-bit word both bytes have the same bit position, so one mask and one per-word shift (left for
+    codes 0..15, right for 16..31) moves them."""
+    h = bits - 4
+    t = [(half + j) // (4 * h) for _ in range(4) for j in range(16)]
+    keep = ir.Constant(I8x64, [((1 << h) - 1) << (h * ti) for ti in t])
+    field = builder.bitcast(builder.and_(spread, keep), I16x32)
+    shift = [4 - h * ti for ti in t[0::2]]  # per 16-bit word (both bytes alike)
+    if half == 0:
+        moved = builder.shl(field, ir.Constant(I16x32, shift))
+    else:
+        moved = builder.lshr(field, ir.Constant(I16x32, [-v for v in shift]))
+    return builder.bitcast(moved, I8x64)
 
 
 def span_u8(builder, wptr, offs, bits, contiguous):
