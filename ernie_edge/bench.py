@@ -109,21 +109,35 @@ def _whole_blocks(a: np.ndarray) -> np.ndarray:
     return b[: b.size // 512 * 512].view(np.uint64)
 
 
-def _token_pieces(model, rng) -> list[np.ndarray]:
-    """The weights one decode step reads (as `weights_bytes_per_token` counts them, less the one
-    embedding row): every dense tensor, then k experts per MoE layer drawn at random."""
+def _dense_qtensors(model):
+    """Every dense (non-expert) stored tensor, by HF name: the ones decode reads whole each token."""
+    ck = model.weights
+    for name in ck.manifest.tensors:
+        if name.startswith("model."):  # routed-expert banks are layers.LL.experts.*
+            yield name, ck.qtensor(name)
+
+
+def _dense_pieces(model) -> list[np.ndarray]:
+    """The dense tensors' bytes (data and scales) in whole blocks."""
+    return [_whole_blocks(a) for _, q in _dense_qtensors(model) for a in (q.data, q.scales) if a is not None]
+
+
+def _expert_pieces(model, rng) -> list[np.ndarray]:
+    """k experts per MoE layer drawn at random: their gate, up and down bytes in whole blocks."""
     ck, cfg = model.weights, model.config
     pieces = []
-    for name in ck.manifest.tensors:
-        if name.startswith("model."):
-            q = ck.qtensor(name)
-            pieces += [_whole_blocks(a) for a in (q.data, q.scales) if a is not None]
     for layer in cfg.moe_layers:
+        banks = [ck.expert_bank(layer, proj) for proj in ("gate", "up", "down")]
         for e in rng.choice(cfg.moe_num_experts, cfg.moe_k, replace=False):
-            for proj in ("gate", "up", "down"):
-                q = ck.expert_bank(layer, proj)
-                pieces += [_whole_blocks(a[e]) for a in (q.data, q.scales) if a is not None]
+            pieces += [_whole_blocks(a[e]) for q in banks for a in (q.data, q.scales) if a is not None]
     return pieces
+
+
+def _token_pieces(model, rng, dense: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """The weights one decode step reads (as `weights_bytes_per_token` counts them, less the one
+    embedding row): every dense tensor (`dense`, when already listed), then k random experts per
+    MoE layer."""
+    return (_dense_pieces(model) if dense is None else dense) + _expert_pieces(model, rng)
 
 
 def token_read_gbs(model, tokens: int = 8, passes: int = 3, seed: int = 0) -> float | None:
@@ -137,10 +151,11 @@ def token_read_gbs(model, tokens: int = 8, passes: int = 3, seed: int = 0) -> fl
     from numba.typed import List
     rng = np.random.default_rng(seed)
     nt = get_threads()
-    _read_pieces(List(_token_pieces(model, rng)), nt)  # compile, and a first touch
+    dense = _dense_pieces(model)  # the same every token
+    _read_pieces(List(_token_pieces(model, rng, dense)), nt)  # compile, and a first touch
     best = None
     for _ in range(passes):
-        steps = [List(_token_pieces(model, rng)) for _ in range(tokens)]
+        steps = [List(_token_pieces(model, rng, dense)) for _ in range(tokens)]
         nbytes = sum(p.nbytes for step in steps for p in step)
         if nbytes == 0:
             return None
@@ -157,10 +172,7 @@ def weights_bytes_per_token(model) -> int:
     and k routed experts per MoE layer."""
     ck, cfg = model.weights, model.config
     total = 0
-    for name in ck.manifest.tensors:
-        if not name.startswith("model."):
-            continue  # routed-expert banks (layers.LL.experts.*), counted below
-        q = ck.qtensor(name)
+    for name, q in _dense_qtensors(model):  # the routed-expert banks are counted below
         if name == "model.embed_tokens.weight":
             total += q.nbytes + q.nbytes // cfg.vocab_size  # LM head matvec + one embedding row
         else:

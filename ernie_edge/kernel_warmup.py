@@ -202,11 +202,17 @@ def warm_up(model, progress: Callable[[WarmupProgress], None] | None = None) -> 
     return time.perf_counter() - t0
 
 
-def _dense_layers_last(layers: list) -> list:
-    """The layers with the MoE ones first and the dense ones (a plain MLP: ERNIE's layer 0) last."""
+def _moe_and_dense(layers: list) -> tuple[list, list]:
+    """The CPU backend's layers split into (MoE layers, dense ones: a plain MLP, ERNIE's layer 0)."""
     from .cpu_weights import SwiGLU
-    return ([L for L in layers if not isinstance(L.mlp, SwiGLU)]
-            + [L for L in layers if isinstance(L.mlp, SwiGLU)])
+    return ([L for L in layers if not isinstance(L.mlp, SwiGLU)],
+            [L for L in layers if isinstance(L.mlp, SwiGLU)])
+
+
+def _dense_layers_last(layers: list) -> list:
+    """The layers with the MoE ones first and the dense ones last."""
+    moe, dense = _moe_and_dense(layers)
+    return moe + dense
 
 
 def _decode_share(model) -> None:
@@ -215,16 +221,14 @@ def _decode_share(model) -> None:
     one-token form, by running each once. The helper - the longer half of a cold warm-up - runs the
     dense layers last, and gets to its first router after the attention kernels: by then both are in
     numba's cache. Balances the two processes (4-layer default recipe, 2 cores: ~29 -> ~25 s)."""
-    from .cpu_weights import SwiGLU
     backend = model.backend
-    layers, buf = getattr(backend, "layers", []), getattr(backend, "buf", None)
+    buf = getattr(backend, "buf", None)
     if model.backend_name != "cpu" or buf is None:
         return  # the CPU backend's layers only
     x, s = np.zeros(model.config.hidden_size, np.float32), buf.scratch
-    dense = [L for L in layers if isinstance(L.mlp, SwiGLU)]
+    moe, dense = _moe_and_dense(backend.layers)
     if dense:
         dense[0].mlp.gate_up_silu(x, s)
-    moe = [L for L in layers if not isinstance(L.mlp, SwiGLU)]
     if moe:
         moe[0].mlp.route(x, s.idx, s.w, work=s.route_work)
 

@@ -107,10 +107,8 @@ class Guard:
         limit = self.settings.max_body_bytes
         declared = _header(headers, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            if declared.isdigit() and int(declared) <= DRAIN_FACTOR * limit:
-                await _drain(receive, DRAIN_FACTOR * limit)
-            await _send_error(send, 413, f"the request body is larger than {limit} bytes",
-                              "invalid_request_error", "body_too_large")
+            drainable = declared.isdigit() and int(declared) <= DRAIN_FACTOR * limit
+            await _refuse_too_large(receive, send, limit, DRAIN_FACTOR * limit if drainable else 0)
             return None
         parts, size, more = [], 0, True
         while more:
@@ -120,10 +118,8 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                if message.get("more_body", False):
-                    await _drain(receive, DRAIN_FACTOR * limit - size)
-                await _send_error(send, 413, f"the request body is larger than {limit} bytes",
-                                  "invalid_request_error", "body_too_large")
+                more = message.get("more_body", False)
+                await _refuse_too_large(receive, send, limit, DRAIN_FACTOR * limit - size if more else 0)
                 return None
             parts.append(chunk)
             more = message.get("more_body", False)
@@ -136,6 +132,13 @@ class Guard:
 
 
 DRAIN_FACTOR = 4  # an oversized body is read (and dropped) up to this many times the limit before the 413
+
+
+async def _refuse_too_large(receive, send, limit: int, drain: int) -> None:
+    """Answer 413 after reading and dropping at most `drain` more bytes of the body (`_drain`)."""
+    await _drain(receive, drain)
+    await _send_error(send, 413, f"the request body is larger than {limit} bytes", "invalid_request_error",
+                      "body_too_large")
 
 
 async def _drain(receive, budget: int) -> None:
