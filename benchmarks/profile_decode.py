@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 
 import ernie_edge
-from ernie_edge import cpu_model, weights
+from functools import partial
+
+from ernie_edge import cpu_model, cpu_weights, weights
 from ernie_edge.kernels import attention, moe, norm, q8, q56
 from _machine import machine_load  # noqa: E402
 
@@ -37,7 +39,19 @@ def timed(name, fn):
     return wrapper
 
 
-def instrument() -> None:
+def _timed_call(call):
+    """A bound decode call (cpu_model.DecodePlan) timed under its kernel's name; a block's calls in
+    order (cpu_weights.in_order) each under their own."""
+    if isinstance(call, partial) and call.func is cpu_weights._run_in_order:
+        return cpu_weights.in_order(*(_timed_call(c) for c in call.args[0]))
+    fn = call.func if isinstance(call, partial) else call
+    name = getattr(fn, "__name__", type(fn).__name__)
+    module = getattr(fn, "__module__", "") or ""
+    label = f"q56.{name}" if module.endswith("q56") else name
+    return timed(label, call)
+
+
+def instrument(model) -> None:
     for mod, names in ((q8, ["matvec", "matvec3", "experts_gate_up_silu", "experts_down_weighted",
                              "experts_pair_gate_up_silu", "experts_pair_down_weighted"]),
                        (q56, ["matvec", "matvec3", "gate_up_silu", "pair_gate_up_silu", "pair_down_weighted"]),
@@ -48,6 +62,13 @@ def instrument() -> None:
             setattr(mod, n, timed(label, getattr(mod, n)))
     cpu_model.apply_rope = timed("apply_rope", cpu_model.apply_rope)
     weights.QTensor.rows = timed("embed_rows", weights.QTensor.rows)
+    # decode's weight kernels are bound once (DecodePlan): time those calls in place
+    backend = model.backend
+    if isinstance(backend, cpu_model.CpuModel):
+        plan = backend._decode_plan()
+        for calls in (plan.qkv, plan.o, plan.mlp):
+            calls[:] = [_timed_call(c) for c in calls]
+        plan.lm_head = _timed_call(plan.lm_head)
 
 
 def fill_cache(model, cache, context: int, rng, headroom: int) -> None:
@@ -86,7 +107,7 @@ def main() -> None:
         model.decode(1, cache)  # compile
         fill_cache(model, cache, ctx, rng, headroom=a.tokens)
         caches[ctx] = (cache, cache.length)
-    instrument()
+    instrument(model)
     speeds: dict[int, list[float]] = {ctx: [] for ctx in a.context}
     kernel_s: dict[int, dict[str, float]] = {ctx: defaultdict(float) for ctx in a.context}  # summed over rounds
     total_s: dict[int, float] = defaultdict(float)

@@ -4,12 +4,16 @@ kernels (cpu_weights.py, chosen from the format table at load). The numpy refere
 (reference.py) is the specification it is tested against.
 
 Three entry points, one layer loop each:
-- decode: one token on preallocated scratch buffers (nothing is allocated per token);
+- decode: one token on preallocated scratch buffers (nothing is allocated per token), its weight
+  kernels bound to them once (DecodePlan);
 - prefill: chunks of PREFILL_CHUNK tokens of one sequence (dense weights as one matmul, routed
   experts grouped by expert so each is read once per chunk);
 - decode_batch: one new token of each of B sequences, each with its own KV cache (the dense weights
   and each routed expert read once for all B; attention per sequence over its own cache). A row's
   result does not depend on which other sequences share the step.
+
+Each layer ends with the residual add fused into the next layer's input norm (or the final norm):
+`add_rmsnorm(x, mlp_out, next_norm)`, in all three loops, so a token's row has the same bits in each.
 
 Dimension letters: T tokens, B sequences, H hidden, V vocab, Nq/Nkv heads, D head dim.
 """
@@ -23,6 +27,7 @@ import numpy as np
 from .config import ErnieConfig
 from .cpu_weights import MoE, QKV, ExpertBank, Scratch, SwiGLU, linear
 from .kernels import attention, norm
+from .kernels._jit import get_threads
 from .kernels.rope import apply_rope
 from .kv_cache import KVCache
 from .reference import RoutingTrace
@@ -81,7 +86,24 @@ class DecodeBuffers:
         self.y = np.zeros(H, np.float32)
         self.pos = np.zeros(1, np.int64)
         self.logits = np.zeros(cfg.vocab_size, np.float32)
+        self.head_in = np.zeros(H, np.float32)  # the LM head's input (a copy of the hidden state asked for)
         self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size)
+
+
+class DecodePlan:
+    """Each layer's weight kernels bound to the decode buffers (cpu_weights' `bind_*`): checked once
+    here, then called every token with no argument checks, views or wrappers in between (with cold
+    caches after a layer's weight stream, those cost ~0.1-0.4 ms per MoE layer, docs/PERF.md). Built
+    for one activation rounding (`act8`) and thread count: `key`."""
+
+    def __init__(self, model: "CpuModel"):
+        b, s = model.buf, model.buf.scratch
+        self.key = (s.act8, get_threads())
+        q, k, v = b.q.reshape(-1), b.k.reshape(-1), b.v.reshape(-1)
+        self.qkv = [L.qkv.bind_matvec(b.h, q, k, v, s) for L in model.layers]
+        self.o = [L.o.bind_matvec(b.attn.reshape(-1), b.o, s) for L in model.layers]
+        self.mlp = [L.mlp.bind_decode(b.h, b.y, s) for L in model.layers]
+        self.lm_head = model.lm_head.bind_matvec(b.head_in, b.logits, s)
 
 
 class CpuModel:
@@ -103,6 +125,9 @@ class CpuModel:
         self.buf = DecodeBuffers(cfg)
         self.decode_acts = decode_acts  # checked by the setter
         self.attn_scratch: attention.DecodeScratch | None = None
+        self._plan: DecodePlan | None = None
+        # the norm after each layer's residual add: the next layer's input norm, the final norm last
+        self.next_norms = [L.in_norm for L in self.layers[1:]] + [self.final_norm]
 
     @property
     def decode_acts(self) -> str:
@@ -129,7 +154,8 @@ class CpuModel:
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """Tied LM head: [T, H] -> [T, V]."""
         if len(hidden) == 1:
-            self.lm_head.matvec(np.ascontiguousarray(hidden[0]), self.buf.logits, self.buf.scratch)
+            self.buf.head_in[:] = hidden[0]
+            self._decode_plan().lm_head()
             return self.buf.logits[None, :].copy()
         out = np.empty((len(hidden), self.config.vocab_size), np.float32)
         return self.lm_head.matmul(np.ascontiguousarray(hidden, np.float32), out)
@@ -142,25 +168,34 @@ class CpuModel:
 
     # ---- one token ----------------------------------------------------------------------------
 
+    def _decode_plan(self) -> DecodePlan:
+        s = self.buf.scratch
+        if self._plan is None or self._plan.key != (s.act8, get_threads()):
+            self._plan = DecodePlan(self)
+        return self._plan
+
     def _decode(self, token: int, cache: KVCache, trace: RoutingTrace | None) -> np.ndarray:
         cfg, b, s = self.config, self.buf, self.buf.scratch
+        plan = self._decode_plan()
         i_cache = cache.used  # cache slot of this token
         b.pos[0] = cache.length
         attn_scratch = self._decode_scratch(cache.capacity)
         b.x[:] = self.embed.rows(np.array([token]))[0]
+        norm.rmsnorm(b.x, self.layers[0].in_norm, cfg.rms_norm_eps, b.h)
         for li, L in enumerate(self.layers):
-            norm.rmsnorm(b.x, L.in_norm, cfg.rms_norm_eps, b.h)
-            L.qkv.matvec(b.h, b.q.reshape(-1), b.k.reshape(-1), b.v.reshape(-1), s)
+            plan.qkv[li]()  # b.h -> b.q, b.k, b.v
             apply_rope(b.q, b.pos, cache.cos, cache.sin, cache.start)
             apply_rope(b.k, b.pos, cache.cos, cache.sin, cache.start)
             attention.kv_write(b.k, b.v, cache.k[li], cache.v[li], i_cache)
             attention.attention_decode(b.q[0], cache.k[li], cache.v[li], i_cache + 1, b.attn, attn_scratch)
-            L.o.matvec(b.attn.reshape(-1), b.o, s)
+            plan.o[li]()  # b.attn -> b.o
             norm.add_rmsnorm(b.x, b.o, L.post_norm, cfg.rms_norm_eps, b.h)
-            L.mlp.decode(b.h, b.y, s, trace)
-            b.x += b.y
+            if trace is None:
+                plan.mlp[li]()  # b.h -> b.y
+            else:
+                L.mlp.decode(b.h, b.y, s, trace)
+            norm.add_rmsnorm(b.x, b.y, self.next_norms[li], cfg.rms_norm_eps, b.h)
         cache.length += 1
-        norm.rmsnorm(b.x, self.final_norm, cfg.rms_norm_eps, b.h)
         return b.h
 
     # ---- a chunk of tokens of one sequence ------------------------------------------------------
@@ -182,8 +217,8 @@ class CpuModel:
         act8 = self.prefill_acts == "i8"
         x = self.embed.rows(ids)  # [T, H]
         h, q, k, v, a, o, y = self._activations(T)
+        norm.rmsnorm(x, self.layers[0].in_norm, cfg.rms_norm_eps, h)
         for li, L in enumerate(self.layers):
-            norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
             L.qkv.matmul(h, q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1), act8)
             apply_rope(q, positions, cache.cos, cache.sin, cache.start)
             apply_rope(k, positions, cache.cos, cache.sin, cache.start)
@@ -192,9 +227,8 @@ class CpuModel:
             L.o.matmul(a.reshape(T, -1), o, act8)
             norm.add_rmsnorm(x, o, L.post_norm, cfg.rms_norm_eps, h)
             L.mlp.prefill(h, y, trace, act8=act8)
-            x += y
+            norm.add_rmsnorm(x, y, self.next_norms[li], cfg.rms_norm_eps, h)
         cache.length += T
-        norm.rmsnorm(x, self.final_norm, cfg.rms_norm_eps, h)
         return h
 
     # ---- one token of each of B sequences --------------------------------------------------------
@@ -210,8 +244,8 @@ class CpuModel:
         act8 = self.buf.scratch.act8
         x = self.embed.rows(ids)  # [B, H]
         h, q, k, v, a, o, y = self._activations(B)
+        norm.rmsnorm(x, self.layers[0].in_norm, cfg.rms_norm_eps, h)
         for li, L in enumerate(self.layers):
-            norm.rmsnorm(x, L.in_norm, cfg.rms_norm_eps, h)
             L.qkv.matmul(h, q.reshape(B, -1), k.reshape(B, -1), v.reshape(B, -1), act8)
             for j, c in enumerate(caches):  # attention: each sequence over its own cache
                 pos = np.array([c.length], np.int64)
@@ -222,9 +256,8 @@ class CpuModel:
             L.o.matmul(a.reshape(B, -1), o, act8)
             norm.add_rmsnorm(x, o, L.post_norm, cfg.rms_norm_eps, h)
             L.mlp.prefill(h, y, act8=act8)
-            x += y
+            norm.add_rmsnorm(x, y, self.next_norms[li], cfg.rms_norm_eps, h)
         for c in caches:
             c.length += 1
-        norm.rmsnorm(x, self.final_norm, cfg.rms_norm_eps, h)
         out = np.empty((B, cfg.vocab_size), np.float32)
         return self.lm_head.matmul(h, out, act8)

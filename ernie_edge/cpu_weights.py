@@ -26,11 +26,17 @@ MLP is a one-expert bank; q56.gate_up_silu); a MoE layer's routed experts (q4 / 
 expert in two regions instead of four or five (q8.experts_pair_*, or q56.pair_* for a q5 / q6
 shared expert). A new backend (CUDA) binds its own classes to the same rows.
 
+Decode binds: `bind_matvec` / `bind_decode` return the decode kernel call on fixed buffers
+(kernels' `bind_*`: checked once, then called every token by cpu_model.DecodePlan); the methods
+above stay the checked one-shot form, and a weight without a bound kernel binds that.
+
 Legend: T tokens, H hidden, K input features, O output features, E experts, k routed slots per
 token, I expert width.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import numpy as np
 
@@ -39,6 +45,16 @@ from .weights import QTensor
 
 QBATCH_MAX_T = 64  # the integer small-batch matmul beats the exact fp32 one up to here (benchmarks/qbatch.py)
 FUSED = ("q4", "q8")  # the formats the fused multi-matrix kernels of q8.py / qbatch.py take
+
+
+def _run_in_order(calls) -> None:
+    for call in calls:
+        call()
+
+
+def in_order(*calls):
+    """One call that makes `calls` in order (a block's bound kernels)."""
+    return partial(_run_in_order, calls)
 
 
 class Scratch:
@@ -74,6 +90,9 @@ class QuantLinear:
         """out [O] = W x."""
         return q8.matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8)
 
+    def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
+        return q8.bind_matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8)
+
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         """out [T, O] = X W^T (int8 activations for q4 when act8)."""
         if act8 and self.bits == 4:
@@ -100,6 +119,9 @@ class PackedLinear:
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
         return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
 
+    def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
+        return q56.bind_matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
+
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         if act8:
             return qbatch8.qmatmul8(X, self.data, self.scales, out, self.nbits)
@@ -119,6 +141,9 @@ class FloatLinear:
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
         np.dot(self.w, x, out=out)
         return out
+
+    def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
+        return partial(self.matvec, x, out, s)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         np.dot(X, self.w.T, out=out)
@@ -169,6 +194,14 @@ class QKV:
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
             w.matvec(x, out, s)
 
+    def bind_matvec(self, x, q_out, k_out, v_out, s: Scratch):
+        mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
+        if self.bits:
+            return q8.bind_matvec3(x, mats, s.act, self.bits, s.act8)
+        if self.packed:
+            return q56.bind_matvec3(x, mats, s.act, self.packed, s.act8)
+        return in_order(*(w.bind_matvec(x, out, s) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))))
+
     def matmul(self, X, q_out, k_out, v_out, act8: bool = False) -> None:
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
             w.matmul(X, out, act8)
@@ -204,6 +237,21 @@ class SwiGLU:
     def decode(self, x: np.ndarray, out: np.ndarray, s: Scratch, trace=None) -> np.ndarray:
         """out [H] = the MLP of one token x [H]."""
         return self.down.matvec(self.gate_up_silu(x, s), out, s)
+
+    def bind_gate_up_silu(self, x: np.ndarray, s: Scratch):
+        """`gate_up_silu` as a bound call (into s.g[:width])."""
+        g = s.g[:self.width]
+        if self.gate_up_bits:
+            return q8.bind_experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
+                                                self.gate_up_bits, s.act8)
+        if self.gate_up_packed:
+            return q56.bind_gate_up_silu(x, self.gate.data, self.gate.scales, self.up.data, self.up.scales, g, s.act,
+                                         self.gate_up_packed, s.act8)
+        return partial(self.gate_up_silu, x, s)
+
+    def bind_decode(self, x: np.ndarray, out: np.ndarray, s: Scratch):
+        """`decode` as a bound call."""
+        return in_order(self.bind_gate_up_silu(x, s), self.down.bind_matvec(s.g[:self.width], out, s))
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:
         """out [T, H] = the MLP of T tokens X [T, H]."""
@@ -305,14 +353,13 @@ class MoE:
 
     def decode(self, x: np.ndarray, out: np.ndarray, s: Scratch, trace=None) -> np.ndarray:
         """out [H] = routed experts + shared expert of one token x [H]."""
+        x = np.ascontiguousarray(x, np.float32)
         self.route(x, s.idx, s.w, trace, work=s.route_work)
+        paired = self._bind_paired(x, out, s)
+        if paired is not None:
+            paired()
+            return out
         ids, weights = s.idx[0], s.w[0]
-        if self.paired:
-            self._decode_paired(x, ids, weights, out, s)
-            return out
-        if self.paired_packed:
-            self._decode_paired_packed(x, ids, weights, out, s)
-            return out
         self.experts.gate_up_silu(x, ids, s.he, s)
         self.experts.down_weighted(s.he, ids, weights, out, s)
         if self.shared is not None:  # added last (docs/ERNIE_SPEC.md P6, P13)
@@ -321,24 +368,37 @@ class MoE:
             out += self.shared.decode(x, s.shared_out, s)
         return out
 
-    def _decode_paired(self, x, ids, weights, out, s: Scratch) -> None:
-        sh, ex = self.shared, self.experts
-        g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
-        q8.experts_pair_gate_up_silu(
-            x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
-            (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits), s.act, s.act_shared, s.act8)
-        q8.experts_pair_down_weighted(  # the shared expert's output is still added last
-            (s.he, *ex.arrays(2), ids, weights, ex.bits),
-            (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8)
+    def bind_decode(self, x: np.ndarray, out: np.ndarray, s: Scratch):
+        """`decode` (without a trace) as a bound call: the router, then the paired expert kernels."""
+        paired = self._bind_paired(x, out, s)
+        if paired is None:
+            return partial(self.decode, x, out, s)
+        return in_order(moe.bind_route(x, self.router, self.bias, self.k, s.idx, s.w, self.norm_min, s.route_work),
+                        paired)
 
-    def _decode_paired_packed(self, x, ids, weights, out, s: Scratch) -> None:
+    def _bind_paired(self, x, out, s: Scratch):
+        """The routed experts (s.idx, s.w) with the shared expert, in two parallel regions (gate, up
+        and SwiGLU; the down projections, the shared one added last), as one bound call; None when
+        they do not pair: a q4 / q8 shared expert by kernels/q8.py, a q5 / q6 one by kernels/q56.py."""
+        ids, weights = s.idx[0], s.w[0]
         sh, ex = self.shared, self.experts
-        g = s.g[:sh.width]
-        q56.pair_gate_up_silu(x, (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits),
-                              (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed),
-                              s.act, s.act_shared, s.act8)
-        q56.pair_down_weighted((s.he, *ex.arrays(2), ids, weights, ex.bits),  # the shared expert added last
-                               (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8)
+        routed_gate_up = (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits)
+        routed_down = (s.he, *ex.arrays(2), ids, weights, ex.bits)
+        if self.paired:
+            g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
+            return in_order(
+                q8.bind_experts_pair_gate_up_silu(x, routed_gate_up, (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g,
+                                                                      sh.bits), s.act, s.act_shared, s.act8),
+                q8.bind_experts_pair_down_weighted(routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out,
+                                                   s.act, s.act_shared, s.act8))
+        if self.paired_packed:
+            g = s.g[:sh.width]
+            return in_order(
+                q56.bind_pair_gate_up_silu(x, routed_gate_up, (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales,
+                                                               g, sh.packed), s.act, s.act_shared, s.act8),
+                q56.bind_pair_down_weighted(routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act,
+                                            s.act_shared, s.act8))
+        return None
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:
         """out [T, H] = routed experts (grouped by expert) + shared expert of T tokens X [T, H]."""

@@ -150,6 +150,15 @@ def check_contig(**arrays: np.ndarray) -> None:
             raise ValueError(f"{name} must be C-contiguous (shape {a.shape}, strides {a.strides})")
 
 
+def live(a: np.ndarray, dtype, name: str) -> np.ndarray:
+    """`a` itself, checked to be C-contiguous `dtype`. A bound kernel call (the decode kernels'
+    `bind_*`) reads the caller's arrays again on every call, so it must never hold a converted copy."""
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array (it is bound, not copied), "
+                         f"got {a.dtype} {a.shape}")
+    return a
+
+
 def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight",
                  ndim: int | None = None) -> np.ndarray:
     """Check that w [.., O, K*bits/8] (uint8 packed int4 or int8 codes; `ndim` dimensions when given)

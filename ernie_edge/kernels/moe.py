@@ -10,10 +10,13 @@ by expert, `qexperts`), each adding a token's expert outputs in ascending expert
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numba import prange
 
 from ._jit import njit, pnjit
+from .act_quant import live
 
 
 @njit(inline="always")
@@ -66,6 +69,12 @@ def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, have_logits):
             w[t, slot] = w[t, slot] / denom
 
 
+def _route1(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p):
+    """One token: the router logits in a parallel region, then the softmax and top-k."""
+    _router_logits_1(x, wg, logits)
+    _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, True)
+
+
 def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12, work=None):
     """Router in float32: logits = x wg^T, p = softmax over all E, slots = top-k of p + bias (bias
     only selects), weights = p[slots] / max(sum, norm_min). x float32 [T, H] or [H]; wg float32
@@ -73,23 +82,27 @@ def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12, work=Non
     w_out float32 [T, k]; returns them. work: optional float32 [3, E] scratch (decode passes one,
     so that nothing is allocated per token)."""
     x2 = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    if work is None:
+        work = np.zeros((3, wg.shape[0]), np.float32)
+    bind_route(x2, wg, bias, k, idx_out, w_out, norm_min, work)()
+    return idx_out, w_out
+
+
+def bind_route(x, wg, bias, k: int, idx_out, w_out, norm_min: float, work):
+    """`route` as a call to repeat (decode, every token): x float32 [T, H] or [H], idx_out, w_out and
+    work are bound, not copied (`act_quant.live`)."""
+    x2 = live(x, np.float32, "x").reshape(-1, x.shape[-1])
     T, H = x2.shape
     E = wg.shape[0]
     if wg.dtype != np.float32 or wg.shape != (E, H) or not wg.flags.c_contiguous:
         raise ValueError(f"router weight must be C-contiguous float32 [E, {H}], got {wg.dtype} {wg.shape}")
     if not 1 <= k <= E or idx_out.shape != (T, k) or w_out.shape != (T, k):
         raise ValueError(f"route: k={k}, idx_out {idx_out.shape}, w_out {w_out.shape} for T={T}, E={E}")
-    if idx_out.dtype != np.int64 or w_out.dtype != np.float32:
-        raise ValueError("idx_out must be int64 and w_out float32")
-    if work is None:
-        work = np.zeros((3, E), np.float32)
-    elif work.shape != (3, E) or work.dtype != np.float32 or not work.flags.c_contiguous:
+    idx_out, w_out = live(idx_out, np.int64, "idx_out"), live(w_out, np.float32, "w_out")
+    if work.shape != (3, E) or work.dtype != np.float32 or not work.flags.c_contiguous:
         raise ValueError(f"route: work must be C-contiguous float32 [3, {E}], got {work.dtype} {work.shape}")
     logits, p, no_bias = work
     use_bias = bias is not None
     b = np.ascontiguousarray(bias, np.float32) if use_bias else no_bias  # no_bias: never read
-    if T == 1:
-        _router_logits_1(x2, wg, logits)
-    _route(x2, wg, b, use_bias, k, np.float32(norm_min), idx_out.reshape(T, k), w_out.reshape(T, k),
-           logits, p, T == 1)
-    return idx_out, w_out
+    args = (x2, wg, b, use_bias, k, np.float32(norm_min), idx_out, w_out, logits, p)
+    return partial(_route1, *args) if T == 1 else partial(_route, *args, False)

@@ -19,7 +19,8 @@ the block's codes are rebuilt as int16 vectors (low nibbles OR the high bits mov
 decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units, and the fused kernels
 reuse q8.py's routed-expert quads, so a layer takes as few parallel regions as with q4 / q8 only;
 each fused result equals the separate calls' (bit for bit but for the last sum of `pair_down_weighted`,
-which fastmath may reassociate). With `act8`, x is quantized to int8 and the row dots are
+which fastmath may reassociate). As in q8.py, each decode wrapper has a `bind_*` twin: the checked
+kernel call on bound buffers, which decode repeats every token. With `act8`, x is quantized to int8 and the row dots are
 kernels/dot8.py's (`_dot4` picks by the activations' type).
 
 Prefill: `matmul_small` is the decode arithmetic for small batches in kernels/qbatch.py's register
@@ -43,7 +44,7 @@ from . import dot8, ir
 from ._jit import get_threads, njit, pnjit
 from . import q8
 from .codes import block_i16
-from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, log2_sub, quantize_act
+from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, live, log2_sub, quantize_act
 from .q8 import (ActScratch, _down_sum1, _down_sum4, _gate_up_quad, _gate_up_tail, _next_unit, _quantize_slots,
                  _silu_mul, _units, tiled_matmul)
 from .qbatch import CHUNK_ROWS, TILE_TOKENS, _quantize_rows, make_tile
@@ -170,13 +171,19 @@ def matvec(x, w, scales, out, act: ActScratch, bits: int, act8: bool = False) ->
     """out float32 [O] = W x; x float32 [K]; w packed int5 / int6 [O, K*b/8]; act = ActScratch(K) or
     larger. Decode path: x quantized to int16 per block of 32 (the error bound of kernels/q8.py), or
     to int8 with act8 (kernels/dot8.py)."""
+    bind_matvec(np.ascontiguousarray(x, np.float32), w, scales, out, act, bits, act8)()
+    return out
+
+
+def bind_matvec(x, w, scales, out, act: ActScratch, bits: int, act8: bool = False):
+    """`matvec` as a call to repeat: x float32 [K] and out are bound, not copied."""
     k = x.shape[0]
     s = check_weight(w, scales, k, bits)
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
     xq, xd, xs = act.views(k, int8=act8)
-    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
-    return out
+    return partial(_matvec, live(x, np.float32, "x"), w, s, out, xq[0], xd[0], xs[0], bits, act.claims,
+                   get_threads())
 
 
 # ---- fused decode kernels: fewer parallel regions per token (as kernels/q8.py's) ------------------
@@ -304,6 +311,12 @@ def _pair_down(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa, hb, wdb, sdb, hqb, hd
 def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
     """Three matvecs of one x in ONE parallel region (q, k and v): mats is three (w, scales, out)
     as `matvec` takes them (the same bits; group sizes may differ). Returns the three outs."""
+    bind_matvec3(np.ascontiguousarray(x, np.float32), mats, act, bits, act8)()
+    return tuple(out for _, _, out in mats)
+
+
+def bind_matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
+    """`matvec3` as a call to repeat: x float32 [K] and the outs are bound, not copied."""
     if len(mats) != 3:
         raise ValueError(f"matvec3 takes exactly three (weight, scales, out) triples, got {len(mats)}")
     k = x.shape[0]
@@ -314,8 +327,7 @@ def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
             raise ValueError(f"out {i} must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
         args += [w, s, out]
     xq, xd, xs = act.views(k, int8=act8)
-    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
-    return tuple(args[2::3])
+    return partial(_matvec3, live(x, np.float32, "x"), *args, xq[0], xd[0], xs[0], bits, act.claims, get_threads())
 
 
 def _check_gate_up(x, wg, sg, wu, su, out, bits: int):
@@ -328,11 +340,16 @@ def _check_gate_up(x, wg, sg, wu, su, out, bits: int):
 
 def gate_up_silu(x, wg, sg, wu, su, out, act: ActScratch, bits: int, act8: bool = False) -> np.ndarray:
     """out float32 [S] = silu(G x) * (U x) for int5 / int6 G, U [S, K*b/8], one parallel region."""
+    bind_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, out, act, bits, act8)()
+    return out
+
+
+def bind_gate_up_silu(x, wg, sg, wu, su, out, act: ActScratch, bits: int, act8: bool = False):
+    """`gate_up_silu` as a call to repeat: x and out are bound, not copied."""
     sg, su = _check_gate_up(x, wg, sg, wu, su, out, bits)
     xq, xd, xs = act.views(x.shape[0], int8=act8)
-    _gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, out, xq[0], xd[0], xs[0], bits,
-                  act.claims, get_threads())
-    return out
+    return partial(_gate_up_silu, live(x, np.float32, "x"), wg, sg, wu, su, out, xq[0], xd[0], xs[0], bits,
+                   act.claims, get_threads())
 
 
 def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
@@ -340,6 +357,14 @@ def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, a
     parallel region. routed: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits 4 or 8) as
     q8.experts_gate_up_silu takes them; shared: (gate, gate_scales, up, up_scales, out, bits 5 or 6)
     as `gate_up_silu`. Bit-identical to the two separate calls."""
+    routed = (*routed[:4], q8._check_ids(routed[4], routed[0].shape[0]), *routed[5:])
+    bind_pair_gate_up_silu(np.ascontiguousarray(x, np.float32), routed, shared, act_a, act_b, act8)()
+    return routed[5], shared[4]
+
+
+def bind_pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
+    """`pair_gate_up_silu` as a call to repeat: x, the expert ids and both outs are bound."""
+    x = live(x, np.float32, "x")
     wga, sga, wua, sua, ids, out_h, abits = routed
     sga, sua, ids = q8._check_gate_up(x, wga, sga, wua, sua, ids, out_h, abits, "routed: ")
     wgb, sgb, wub, sub, out_b, bits = shared
@@ -347,10 +372,8 @@ def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, a
     k = x.shape[0]
     xqa, xda, xsa = act_a.views(k, int8=q8.int8_acts(act8, abits))
     xqb, xdb, xsb = act_b.views(k, int8=act8)
-    _pair_gate_up(np.ascontiguousarray(x, np.float32), wga, sga, wua, sua, ids, out_h, xqa[0], xda[0], xsa[0],
-                  act_group(k, sga, abits), wgb, sgb, wub, sub, out_b, xqb[0], xdb[0], xsb[0], bits,
-                  act_a.claims, get_threads())
-    return out_h, out_b
+    return partial(_pair_gate_up, x, wga, sga, wua, sua, ids, out_h, xqa[0], xda[0], xsa[0], act_group(k, sga, abits),
+                   wgb, sgb, wub, sub, out_b, xqb[0], xdb[0], xsb[0], bits, act_a.claims, get_threads())
 
 
 def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:
@@ -358,17 +381,26 @@ def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch
     added last, in ONE parallel region. routed: (h, down, down_scales, expert_ids, weights, bits 4
     or 8) as q8.experts_down_weighted; shared: (h [S], down [H, S*b/8], down_scales, bits 5 or 6)."""
     ha, wda, sda, ids, wts, abits = routed
+    routed = (np.ascontiguousarray(ha, np.float32), wda, sda, q8._check_ids(ids, wda.shape[0]),
+              np.ascontiguousarray(wts, np.float32), abits)
+    bind_pair_down_weighted(routed, (np.ascontiguousarray(shared[0], np.float32), *shared[1:]), out, act_a, act_b,
+                            act8)()
+    return out
+
+
+def bind_pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
+    """`pair_down_weighted` as a call to repeat: both h, the ids, the weights and out are bound."""
+    ha, wda, sda, ids, wts, abits = routed
     sda, ids, ha, wts = q8._check_down(ha, wda, sda, ids, wts, out, abits, "routed: ")
     hb, wdb, sdb, bits = shared
-    hb = np.ascontiguousarray(hb, np.float32)
+    hb = live(hb, np.float32, "shared h")
     sdb = check_weight(wdb, sdb, hb.shape[0], bits, "shared down")
     if wdb.shape[0] != out.shape[0]:
         raise ValueError(f"shared down {wdb.shape} does not give out {out.shape}")
     hqa, hda, hsa = act_a.views(ha.shape[1], ha.shape[0], int8=q8.int8_acts(act8, abits))
     hqb, hdb, hsb = act_b.views(hb.shape[0], int8=act8)
-    _pair_down(ha, wda, sda, ids, wts, hqa, hda, hsa, act_group(ha.shape[1], sda, abits), hb, wdb, sdb,
-               hqb[0], hdb[0], hsb[0], out, bits, act_a.claims, get_threads())
-    return out
+    return partial(_pair_down, ha, wda, sda, ids, wts, hqa, hda, hsa, act_group(ha.shape[1], sda, abits), hb, wdb,
+                   sdb, hqb[0], hdb[0], hsb[0], out, bits, act_a.claims, get_threads())
 
 
 # ---- prefill ----------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ prefill tiles. int8 weights keep int16 activations.
 Decode kernels are one parallel region each; their rows are shared out in work units that a thread
 takes from its own share first, then from the end of the other's (`_next_unit`), and the MoE layer
 runs its routed experts and its shared expert together (`experts_pair_*`: two regions, not four).
+Each decode wrapper has a `bind_*` twin that checks its arguments once and returns the kernel call
+on them (a `functools.partial`): decode calls it every token on the same buffers, without the
+checks and views the wrapper would redo (cpu_model.DecodePlan). A bound call reads the arrays it was
+given, so it takes them as they are (`act_quant.live`) and never a converted copy.
 
 Prefill (`*_matmul`) is exact float32: weight rows are dequantized into a small fp32 tile that
 stays in cache and multiplied with all T tokens by BLAS sgemm (numpy).
@@ -37,12 +41,14 @@ All weight, scale and scratch arrays must be C-contiguous (mmapped safetensors v
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numba import prange
 
 from . import simd
 from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
-from .act_quant import ACT_BLOCK, act_group, check_contig, check_weight, log2_sub, quantize_act
+from .act_quant import ACT_BLOCK, act_group, check_contig, check_weight, live, log2_sub, quantize_act
 
 # ---- quantized-activation scratch ---------------------------------------------------------------
 
@@ -377,20 +383,31 @@ def matvec(x, w, s, out, act: ActScratch, bits: int, act8: bool = False) -> np.n
     the result carries the activation error bound in the module doc; with act8 and int4 weights to
     int8 (kernels/dot8.py's arithmetic and bound). One parallel region.
     """
+    bind_matvec(np.ascontiguousarray(x, np.float32), w, s, out, act, bits, act8)()
+    return out
+
+
+def bind_matvec(x, w, s, out, act: ActScratch, bits: int, act8: bool = False):
+    """`matvec` as a call to repeat: x float32 [K] and out are bound, not copied."""
     k = x.shape[0]
     s = check_weight(w, s, k, bits, ndim=2)
     if out.shape != (w.shape[0],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{w.shape[0]}], got {out.dtype} {out.shape}")
     xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
-    _matvec(np.ascontiguousarray(x, np.float32), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits), act.claims,
-            get_threads())
-    return out
+    return partial(_matvec, live(x, np.float32, "x"), w, s, out, xq[0], xd[0], xs[0], act_group(k, s, bits),
+                   act.claims, get_threads())
 
 
 def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
     """Three matvecs of one x in ONE parallel region (q, k and v projections): mats is three
     (w, scales, out) as `matvec` takes them, with the same input length and group size. Returns
     the three outs."""
+    bind_matvec3(np.ascontiguousarray(x, np.float32), mats, act, bits, act8)()
+    return tuple(out for _, _, out in mats)
+
+
+def bind_matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
+    """`matvec3` as a call to repeat: x float32 [K] and the outs are bound, not copied."""
     k = x.shape[0]
     if len(mats) != 3:
         raise ValueError(f"matvec3 takes exactly three (weight, scales, out) triples, got {len(mats)}")
@@ -403,9 +420,8 @@ def matvec3(x, mats, act: ActScratch, bits: int, act8: bool = False):
     if len({a.shape[-1] for a in args[1::3]}) != 1:
         raise ValueError("matvec3: the three weights must share one group size")
     xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
-    _matvec3(np.ascontiguousarray(x, np.float32), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits),
-             act.claims, get_threads())
-    return tuple(args[2::3])
+    return partial(_matvec3, live(x, np.float32, "x"), *args, xq[0], xd[0], xs[0], act_group(k, args[1], bits),
+                   act.claims, get_threads())
 
 
 def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
@@ -414,7 +430,7 @@ def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
     su = check_weight(wu, su, k, bits, f"{what}up bank", ndim=3)
     if wg.shape != wu.shape or wg.ndim != 3:
         raise ValueError(f"{what}gate bank {wg.shape} and up bank {wu.shape} must both be [E, I, K']")
-    ids = _check_ids(ids, wg.shape[0])
+    ids = _ids_buffer(ids, what)
     if out_h.shape != (ids.shape[0], wg.shape[1]) or out_h.dtype != np.float32:
         raise ValueError(f"{what}out_h must be float32 [{ids.shape[0]}, {wg.shape[1]}], got {out_h.dtype} {out_h.shape}")
     check_contig(out_h=out_h)
@@ -424,12 +440,12 @@ def _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits: int, what: str = ""):
 def _check_down(h, wd, sd, ids, weights, out, bits: int, what: str = ""):
     nslot, inter = h.shape
     sd = check_weight(wd, sd, inter, bits, f"{what}down bank", ndim=3)
-    ids = _check_ids(ids, wd.shape[0])
+    ids = _ids_buffer(ids, what)
     if ids.shape[0] != nslot or weights.shape != (nslot,):
         raise ValueError(f"{what}h {h.shape}, expert_ids {ids.shape} and weights {weights.shape} disagree")
     if out.shape != (wd.shape[1],) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 [{wd.shape[1]}], got {out.dtype} {out.shape}")
-    return sd, ids, np.ascontiguousarray(h, np.float32), np.ascontiguousarray(weights, np.float32)
+    return sd, ids, live(h, np.float32, f"{what}h"), live(weights, np.float32, f"{what}weights")
 
 
 def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int,
@@ -437,12 +453,18 @@ def experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: i
     """out_h float32 [k, I] = silu(G_e x) * (U_e x), e = ids[j], for all k slots in ONE parallel
     region. Banks: packed uint8 [E, I, K/2] (bits=4) or int8 [E, I, K] (bits=8), scales fp16
     [E, I, K/G]; x float32 [K]; act = ActScratch(K) or larger."""
+    bind_experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, _check_ids(ids, wg.shape[0]),
+                              out_h, act, bits, act8)()
+    return out_h
+
+
+def bind_experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, act: ActScratch, bits: int, act8: bool = False):
+    """`experts_gate_up_silu` as a call to repeat: x, ids (int64, read at each call) and out_h are bound."""
     sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits)
     k = x.shape[0]
     xq, xd, xs = act.views(k, int8=int8_acts(act8, bits))
-    _experts_gate_up_silu(np.ascontiguousarray(x, np.float32), wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0],
-                          act_group(k, sg, bits), act.claims, get_threads())
-    return out_h
+    return partial(_experts_gate_up_silu, live(x, np.float32, "x"), wg, sg, wu, su, ids, out_h, xq[0], xd[0],
+                   xs[0], act_group(k, sg, bits), act.claims, get_threads())
 
 
 def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int,
@@ -451,11 +473,17 @@ def experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: i
     (docs/ERNIE_SPEC.md P13) starting from 0; overwrites out. h float32 [k, I]; bank uint8
     [E, H, I/2] (bits=4) or int8 [E, H, I] (bits=8), scales fp16 [E, H, I/G]; weights float32 [k];
     act = ActScratch(I, rows=k) or larger."""
+    bind_experts_down_weighted(np.ascontiguousarray(h, np.float32), wd, sd, _check_ids(ids, wd.shape[0]),
+                               np.ascontiguousarray(weights, np.float32), out, act, bits, act8)()
+    return out
+
+
+def bind_experts_down_weighted(h, wd, sd, ids, weights, out, act: ActScratch, bits: int, act8: bool = False):
+    """`experts_down_weighted` as a call to repeat: h, ids, weights and out are bound, not copied."""
     sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits)
     hq, hd, hs = act.views(h.shape[1], h.shape[0], int8=int8_acts(act8, bits))
-    _experts_down_weighted(h, wd, sd, ids, weights, out, hq, hd, hs, act_group(h.shape[1], sd, bits),
-                           act.claims, get_threads())
-    return out
+    return partial(_experts_down_weighted, h, wd, sd, ids, weights, out, hq, hd, hs, act_group(h.shape[1], sd, bits),
+                   act.claims, get_threads())
 
 
 def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
@@ -465,8 +493,15 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act
     `experts_gate_up_silu` takes them (bits 4 or 8; the banks may differ: routed int4 experts
     and an int8 shared expert as a one-expert bank). Results are bit-identical to two separate
     calls. Returns (out_h of a, out_h of b)."""
+    a, b = ((*bank[:4], _check_ids(bank[4], bank[0].shape[0]), *bank[5:]) for bank in (a, b))
+    bind_experts_pair_gate_up_silu(np.ascontiguousarray(x, np.float32), a, b, act_a, act_b, act8)()
+    return a[5], b[5]
+
+
+def bind_experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
+    """`experts_pair_gate_up_silu` as a call to repeat: x, the ids and the outs are bound."""
     k = x.shape[0]
-    x = np.ascontiguousarray(x, np.float32)
+    x = live(x, np.float32, "x")
     args, rounding = [], None
     for (wg, sg, wu, su, ids, out_h, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sg, su, ids = _check_gate_up(x, wg, sg, wu, su, ids, out_h, bits, what)
@@ -477,8 +512,7 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act
         rounding = gs, int8
         xq, xd, xs = act.views(k, int8=int8)
         args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], gs]
-    _experts2_gate_up_silu(x, *args, quantize_b, act_a.claims, get_threads())
-    return a[5], b[5]
+    return partial(_experts2_gate_up_silu, x, *args, quantize_b, act_a.claims, get_threads())
 
 
 def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:
@@ -486,6 +520,14 @@ def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, 
 
     a, b: (h, down, down_scales, expert_ids, weights, bits) each, as `experts_down_weighted`
     takes them. Bit-identical to computing each sum on its own and adding b's to a's."""
+    a, b = ((np.ascontiguousarray(h, np.float32), wd, sd, _check_ids(ids, wd.shape[0]),
+             np.ascontiguousarray(weights, np.float32), bits) for h, wd, sd, ids, weights, bits in (a, b))
+    bind_experts_pair_down_weighted(a, b, out, act_a, act_b, act8)()
+    return out
+
+
+def bind_experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False):
+    """`experts_pair_down_weighted` as a call to repeat: each bank's h, ids and weights, and out, are bound."""
     args = []
     for (h, wd, sd, ids, weights, bits), act, what in ((a, act_a, "bank a: "), (b, act_b, "bank b: ")):
         sd, ids, h, weights = _check_down(h, wd, sd, ids, weights, out, bits, what)
@@ -493,14 +535,23 @@ def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, 
         args += [h, wd, sd, ids, weights, hq, hd, hs, act_group(h.shape[1], sd, bits)]
     if a[1].shape[1] != b[1].shape[1]:
         raise ValueError(f"bank a's output size {a[1].shape[1]} differs from bank b's {b[1].shape[1]}")
-    _experts2_down_weighted(*args, out, act_a.claims, get_threads())
-    return out
+    return partial(_experts2_down_weighted, *args, out, act_a.claims, get_threads())
 
 
 def _check_ids(ids, n_experts: int) -> np.ndarray:
+    """The expert ids of a one-shot call, as int64, each checked to be in [0, n_experts)."""
     ids = np.ascontiguousarray(ids, np.int64)
     if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= n_experts:
         raise ValueError(f"expert_ids {ids} must be a non-empty 1-D array of ids in [0, {n_experts})")
+    return ids
+
+
+def _ids_buffer(ids, what: str = "") -> np.ndarray:
+    """The ids buffer of a bound call: read at each call (the router writes it), so only its type and
+    shape are checked here; the one-shot wrappers check the values (`_check_ids`)."""
+    ids = live(ids, np.int64, f"{what}expert_ids")
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"{what}expert_ids must be a non-empty 1-D array, got shape {ids.shape}")
     return ids
 
 
