@@ -66,9 +66,9 @@ def instrument(model) -> None:
     backend = model.backend
     if isinstance(backend, cpu_model.CpuModel):
         plan = backend._decode_plan()
-        for calls in (plan.qkv, plan.o, plan.mlp):
+        for calls in (plan.qkv, plan.o, plan.mlp, plan.post_norm, plan.next_norm):
             calls[:] = [_timed_call(c) for c in calls]
-        plan.lm_head = _timed_call(plan.lm_head)
+        plan.lm_head, plan.in_norm = _timed_call(plan.lm_head), _timed_call(plan.in_norm)
 
 
 def fill_cache(model, cache, context: int, rng, headroom: int) -> None:

@@ -99,6 +99,10 @@ class DecodePlan:
     def __init__(self, model: "CpuModel"):
         b, s = model.buf, model.buf.scratch
         self.key = (s.act8, get_threads())
+        eps = model.config.rms_norm_eps
+        self.in_norm = norm.bind_rmsnorm(b.x, model.layers[0].in_norm, eps, b.h)  # before layer 0
+        self.post_norm = [norm.bind_add_rmsnorm(b.x, b.o, L.post_norm, eps, b.h) for L in model.layers]
+        self.next_norm = [norm.bind_add_rmsnorm(b.x, b.y, w, eps, b.h) for w in model.next_norms]
         q, k, v = b.q.reshape(-1), b.k.reshape(-1), b.v.reshape(-1)
         self.qkv = [L.qkv.bind_matvec(b.h, q, k, v, s) for L in model.layers]
         self.o = [L.o.bind_matvec(b.attn.reshape(-1), b.o, s) for L in model.layers]
@@ -175,13 +179,13 @@ class CpuModel:
         return self._plan
 
     def _decode(self, token: int, cache: KVCache, trace: RoutingTrace | None) -> np.ndarray:
-        cfg, b, s = self.config, self.buf, self.buf.scratch
+        b, s = self.buf, self.buf.scratch
         plan = self._decode_plan()
         i_cache = cache.used  # cache slot of this token
         b.pos[0] = cache.length
         attn_scratch = self._decode_scratch(cache.capacity)
         b.x[:] = self.embed.rows(np.array([token]))[0]
-        norm.rmsnorm(b.x, self.layers[0].in_norm, cfg.rms_norm_eps, b.h)
+        plan.in_norm()  # b.x -> b.h
         for li, L in enumerate(self.layers):
             plan.qkv[li]()  # b.h -> b.q, b.k, b.v
             apply_rope(b.q, b.pos, cache.cos, cache.sin, cache.start)
@@ -189,12 +193,12 @@ class CpuModel:
             attention.kv_write(b.k, b.v, cache.k[li], cache.v[li], i_cache)
             attention.attention_decode(b.q[0], cache.k[li], cache.v[li], i_cache + 1, b.attn, attn_scratch)
             plan.o[li]()  # b.attn -> b.o
-            norm.add_rmsnorm(b.x, b.o, L.post_norm, cfg.rms_norm_eps, b.h)
+            plan.post_norm[li]()  # b.x += b.o; b.h = the post-attention norm of b.x
             if trace is None:
                 plan.mlp[li]()  # b.h -> b.y
             else:
                 L.mlp.decode(b.h, b.y, s, trace)
-            norm.add_rmsnorm(b.x, b.y, self.next_norms[li], cfg.rms_norm_eps, b.h)
+            plan.next_norm[li]()  # b.x += b.y; b.h = the next layer's input norm (the final norm last)
         cache.length += 1
         return b.h
 

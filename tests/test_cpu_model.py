@@ -292,6 +292,24 @@ def test_int8_decode_rows_are_the_batched_rows(pair, decode_acts):
             np.testing.assert_array_equal(single, rows)
 
 
+@pytest.mark.parametrize("decode_acts", ["i16", "i8"], indirect=True)
+def test_bound_decode_is_the_checked_decode(pair, decode_acts):
+    """Decode without a trace runs the kernels bound once (cpu_model.DecodePlan); with a trace, every
+    MoE layer goes through the checked one-shot wrappers. The two give the same bits, token after
+    token (the bound calls read the buffers' new contents each time), and the plan follows a change
+    of decode_acts."""
+    fast, _ = pair
+    prompt = np.random.default_rng(7).integers(0, fast.config.vocab_size, 9)
+    bound, checked = fast.new_cache(), fast.new_cache()
+    fast.prefill(prompt, bound)
+    fast.prefill(prompt, checked)
+    for tok in (5, 17, 3, 40):
+        a = fast.decode(tok, bound)
+        b = fast.decode(tok, checked, RoutingTrace())
+        np.testing.assert_array_equal(a, b)
+    assert fast.backend._decode_plan().key[0] == (decode_acts == "i8")
+
+
 def test_decode_batch_checks_its_arguments(pair):
     fast, _ = pair
     c = fast.new_cache()

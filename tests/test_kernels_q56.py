@@ -146,6 +146,23 @@ def test_rejects_bad_arguments():
         q56.dequant_rows(packed, scales, 4, np.empty((3, 64), np.float32), 6)
 
 
+def test_bound_matvec_reads_its_buffers_each_call():
+    """bind_matvec checks once and binds x and out themselves: each call reads x's current contents
+    (decode rewrites the buffer every token). It refuses an x it would have to convert, since a copy
+    would be bound in its place."""
+    codes, packed, scales = random_qn(8, 64, 32, 5)
+    x, out, act = np.zeros(64, np.float32), np.empty(8, np.float32), ActScratch(64)
+    call = q56.bind_matvec(x, packed, scales, out, act, 5, act8=True)
+    for _ in range(3):
+        x[:] = RNG.standard_normal(64)
+        call()
+        want = q56.matvec(x.copy(), packed, scales, np.empty(8, np.float32), ActScratch(64), 5, act8=True)
+        np.testing.assert_array_equal(out, want)
+    for bad in (x.astype(np.float64), np.zeros(128, np.float32)[::2]):
+        with pytest.raises(ValueError, match="bound, not copied"):
+            q56.bind_matvec(bad, packed, scales, out, act, 5)
+
+
 # ---- the other SIMD paths ---------------------------------------------------------------------
 
 PATH_CHECK = """

@@ -6,9 +6,12 @@ Legend: T tokens, H hidden size, I intermediate size.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ._jit import njit
+from .act_quant import live
 
 
 @njit()
@@ -52,20 +55,30 @@ def _rows(a: np.ndarray, name: str) -> np.ndarray:
 
 def rmsnorm(x, w, eps: float, out) -> np.ndarray:
     """out [T, H] = w * (x / sqrt(mean(x^2) + eps)), float32; x [T, H] or [H], w [H]. out may be x."""
+    bind_rmsnorm(x, np.ascontiguousarray(w, np.float32), eps, out)()
+    return out
+
+
+def bind_rmsnorm(x, w, eps: float, out):
+    """`rmsnorm` as a call to repeat (decode): x, w and out are bound, not copied."""
     x2, o2 = _rows(x, "x"), _rows(out, "out")
     if o2.shape != x2.shape or w.shape != (x2.shape[1],):
         raise ValueError(f"rmsnorm shapes: x {x.shape}, w {w.shape}, out {out.shape}")
-    _rmsnorm(x2, np.ascontiguousarray(w, np.float32), np.float32(eps), o2)
-    return out
+    return partial(_rmsnorm, x2, live(w, np.float32, "norm weight"), np.float32(eps), o2)
 
 
 def add_rmsnorm(h, delta, w, eps: float, out) -> np.ndarray:
     """Residual add fused with the next norm: h += delta (in place), then out = rmsnorm(h, w, eps)."""
+    bind_add_rmsnorm(h, delta, np.ascontiguousarray(w, np.float32), eps, out)()
+    return out
+
+
+def bind_add_rmsnorm(h, delta, w, eps: float, out):
+    """`add_rmsnorm` as a call to repeat (decode): h, delta, w and out are bound, not copied."""
     h2, d2, o2 = _rows(h, "h"), _rows(delta, "delta"), _rows(out, "out")
     if d2.shape != h2.shape or o2.shape != h2.shape or w.shape != (h2.shape[1],):
         raise ValueError(f"add_rmsnorm shapes: h {h.shape}, delta {delta.shape}, w {w.shape}, out {out.shape}")
-    _add_rmsnorm(h2, d2, np.ascontiguousarray(w, np.float32), np.float32(eps), o2)
-    return out
+    return partial(_add_rmsnorm, h2, d2, live(w, np.float32, "norm weight"), np.float32(eps), o2)
 
 
 def silu_mul(g, u, out) -> np.ndarray:
