@@ -90,6 +90,11 @@ class DecodeBuffers:
         self.scratch = Scratch(widest, cfg.moe_k, cfg.moe_num_experts, cfg.moe_intermediate_size)
 
 
+def _plan_key(s: Scratch) -> tuple[bool, int]:
+    """What a DecodePlan is built for: the activation rounding and the kernels' thread count."""
+    return s.act8, get_threads()
+
+
 class DecodePlan:
     """Each layer's weight kernels bound to the decode buffers (cpu_weights' `bind_*`): checked once
     here, then called every token with no argument checks, views or wrappers in between (with cold
@@ -98,7 +103,7 @@ class DecodePlan:
 
     def __init__(self, model: "CpuModel"):
         b, s = model.buf, model.buf.scratch
-        self.key = (s.act8, get_threads())
+        self.key = _plan_key(s)
         eps = model.config.rms_norm_eps
         self.in_norm = norm.bind_rmsnorm(b.x, model.layers[0].in_norm, eps, b.h)  # before layer 0
         self.post_norm = [norm.bind_add_rmsnorm(b.x, b.o, L.post_norm, eps, b.h) for L in model.layers]
@@ -173,8 +178,7 @@ class CpuModel:
     # ---- one token ----------------------------------------------------------------------------
 
     def _decode_plan(self) -> DecodePlan:
-        s = self.buf.scratch
-        if self._plan is None or self._plan.key != (s.act8, get_threads()):
+        if self._plan is None or self._plan.key != _plan_key(self.buf.scratch):
             self._plan = DecodePlan(self)
         return self._plan
 

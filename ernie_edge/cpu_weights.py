@@ -1,7 +1,8 @@
 """Weights that carry their CPU kernels: the CPU backend's binding of the format table.
 
-The forward pass (cpu_model.py) never asks how a weight is stored: it calls `w.matvec(x, out)`,
-`mlp.decode(h, out)`, `moe.prefill(h, out)`, as mlx-lm's model files call their layers. Which kernel
+The forward pass (cpu_model.py) never asks how a weight is stored: it calls `w.matmul(X, out)`,
+`mlp.prefill(h, out)`, and binds `w.bind_matvec(x, out)`, `mlp.bind_decode(h, out)` for decode, as
+mlx-lm's model files call their layers. Which kernel
 runs is chosen once, at load, from each tensor's row of ernie_edge/formats/table.py:
 
   format   decode (one token)                       batch of T tokens (`matmul`)
@@ -183,24 +184,16 @@ class QKV:
         self.bits = shared_bits(self.q, self.k, self.v)
         self.packed = packed_bits(self.q, self.k, self.v)
 
-    def matvec(self, x, q_out, k_out, v_out, s: Scratch) -> None:
-        if self.bits or self.packed:  # one parallel region for the three
-            mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
-            if self.bits:
-                q8.matvec3(x, mats, s.act, self.bits, s.act8)
-            else:
-                q56.matvec3(x, mats, s.act, self.packed, s.act8)
-            return
-        for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):
-            w.matvec(x, out, s)
-
     def bind_matvec(self, x, q_out, k_out, v_out, s: Scratch):
-        mats = [(w.data, w.scales, out) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))]
+        """The decode matvecs of one token as a bound call: one parallel region for the three when
+        they share a format."""
+        pairs = ((self.q, q_out), (self.k, k_out), (self.v, v_out))
+        mats = [(w.data, w.scales, out) for w, out in pairs]
         if self.bits:
             return q8.bind_matvec3(x, mats, s.act, self.bits, s.act8)
         if self.packed:
             return q56.bind_matvec3(x, mats, s.act, self.packed, s.act8)
-        return in_order(*(w.bind_matvec(x, out, s) for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out))))
+        return in_order(*(w.bind_matvec(x, out, s) for w, out in pairs))
 
     def matmul(self, X, q_out, k_out, v_out, act8: bool = False) -> None:
         for w, out in ((self.q, q_out), (self.k, k_out), (self.v, v_out)):

@@ -20,8 +20,8 @@ decode matvec's (kernels/q8.py). Rows are shared out in q8.py's work units, and 
 reuse q8.py's routed-expert quads, so a layer takes as few parallel regions as with q4 / q8 only;
 each fused result equals the separate calls' (bit for bit but for the last sum of `pair_down_weighted`,
 which fastmath may reassociate). As in q8.py, each decode wrapper has a `bind_*` twin: the checked
-kernel call on bound buffers, which decode repeats every token. With `act8`, x is quantized to int8 and the row dots are
-kernels/dot8.py's (`_dot4` picks by the activations' type).
+kernel call on bound buffers, which decode repeats every token. With `act8`, x is quantized to int8
+and the row dots are kernels/dot8.py's (`_dot4` picks by the activations' type).
 
 Prefill: `matmul_small` is the decode arithmetic for small batches in kernels/qbatch.py's register
 tiles (4 rows x up to 4 tokens: each block read once and widened once per tile); `matmul_exact` is
@@ -357,7 +357,7 @@ def pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScratch, a
     parallel region. routed: (gate, gate_scales, up, up_scales, expert_ids, out_h, bits 4 or 8) as
     q8.experts_gate_up_silu takes them; shared: (gate, gate_scales, up, up_scales, out, bits 5 or 6)
     as `gate_up_silu`. Bit-identical to the two separate calls."""
-    routed = (*routed[:4], q8._check_ids(routed[4], routed[0].shape[0]), *routed[5:])
+    routed = q8.checked_gate_up_bank(routed)
     bind_pair_gate_up_silu(np.ascontiguousarray(x, np.float32), routed, shared, act_a, act_b, act8)()
     return routed[5], shared[4]
 
@@ -380,11 +380,8 @@ def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch
     """out [H] = the routed experts' weighted down projections + the q5 / q6 shared expert's,
     added last, in ONE parallel region. routed: (h, down, down_scales, expert_ids, weights, bits 4
     or 8) as q8.experts_down_weighted; shared: (h [S], down [H, S*b/8], down_scales, bits 5 or 6)."""
-    ha, wda, sda, ids, wts, abits = routed
-    routed = (np.ascontiguousarray(ha, np.float32), wda, sda, q8._check_ids(ids, wda.shape[0]),
-              np.ascontiguousarray(wts, np.float32), abits)
-    bind_pair_down_weighted(routed, (np.ascontiguousarray(shared[0], np.float32), *shared[1:]), out, act_a, act_b,
-                            act8)()
+    bind_pair_down_weighted(q8.checked_down_bank(routed), (np.ascontiguousarray(shared[0], np.float32), *shared[1:]),
+                            out, act_a, act_b, act8)()
     return out
 
 

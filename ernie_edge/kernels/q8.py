@@ -493,7 +493,7 @@ def experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch, act
     `experts_gate_up_silu` takes them (bits 4 or 8; the banks may differ: routed int4 experts
     and an int8 shared expert as a one-expert bank). Results are bit-identical to two separate
     calls. Returns (out_h of a, out_h of b)."""
-    a, b = ((*bank[:4], _check_ids(bank[4], bank[0].shape[0]), *bank[5:]) for bank in (a, b))
+    a, b = checked_gate_up_bank(a), checked_gate_up_bank(b)
     bind_experts_pair_gate_up_silu(np.ascontiguousarray(x, np.float32), a, b, act_a, act_b, act8)()
     return a[5], b[5]
 
@@ -520,9 +520,7 @@ def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, 
 
     a, b: (h, down, down_scales, expert_ids, weights, bits) each, as `experts_down_weighted`
     takes them. Bit-identical to computing each sum on its own and adding b's to a's."""
-    a, b = ((np.ascontiguousarray(h, np.float32), wd, sd, _check_ids(ids, wd.shape[0]),
-             np.ascontiguousarray(weights, np.float32), bits) for h, wd, sd, ids, weights, bits in (a, b))
-    bind_experts_pair_down_weighted(a, b, out, act_a, act_b, act8)()
+    bind_experts_pair_down_weighted(checked_down_bank(a), checked_down_bank(b), out, act_a, act_b, act8)()
     return out
 
 
@@ -544,6 +542,20 @@ def _check_ids(ids, n_experts: int) -> np.ndarray:
     if ids.ndim != 1 or ids.size == 0 or ids.min() < 0 or ids.max() >= n_experts:
         raise ValueError(f"expert_ids {ids} must be a non-empty 1-D array of ids in [0, {n_experts})")
     return ids
+
+
+def checked_gate_up_bank(bank):
+    """A one-shot call's (gate, gate_scales, up, up_scales, expert_ids, out_h, bits) with its ids
+    checked (`_check_ids`), ready to bind."""
+    return (*bank[:4], _check_ids(bank[4], bank[0].shape[0]), *bank[5:])
+
+
+def checked_down_bank(bank):
+    """A one-shot call's (h, down, down_scales, expert_ids, weights, bits) with h and weights as
+    float32 and its ids checked, ready to bind."""
+    h, wd, sd, ids, weights, bits = bank
+    return (np.ascontiguousarray(h, np.float32), wd, sd, _check_ids(ids, wd.shape[0]),
+            np.ascontiguousarray(weights, np.float32), bits)
 
 
 def _ids_buffer(ids, what: str = "") -> np.ndarray:
