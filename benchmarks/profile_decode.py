@@ -69,6 +69,11 @@ def instrument(model) -> None:
         for calls in (plan.qkv, plan.o, plan.mlp, plan.post_norm, plan.next_norm):
             calls[:] = [_timed_call(c) for c in calls]
         plan.lm_head, plan.in_norm = _timed_call(plan.lm_head), _timed_call(plan.in_norm)
+        bound_steps = cpu_model.CpuModel._attention_steps  # RoPE, kv_write and attention, one call a layer
+
+        def steps(self, cache):
+            return [timed("decode_step (rope, kv_write, attention)", s) for s in bound_steps(self, cache)]
+        cpu_model.CpuModel._attention_steps = steps
 
 
 def fill_cache(model, cache, context: int, rng, headroom: int) -> None:

@@ -95,6 +95,19 @@ def _plan_key(s: Scratch) -> tuple[bool, int]:
     return s.act8, get_threads()
 
 
+@dataclass
+class BoundAttention:
+    """A cache's decode attention steps (CpuModel._attention_steps) and what they were bound to."""
+    model: "CpuModel"
+    threads: int
+    scratch: attention.DecodeScratch
+    cos: np.ndarray
+    start: int
+    k: list
+    v: list
+    steps: list
+
+
 class DecodePlan:
     """Each layer's weight kernels bound to the decode buffers (cpu_weights' `bind_*`): checked once
     here, then called every token with no argument checks, views or wrappers in between (with cold
@@ -182,20 +195,35 @@ class CpuModel:
             self._plan = DecodePlan(self)
         return self._plan
 
+    def _attention_steps(self, cache: KVCache) -> list:
+        """Each layer's decode attention as one bound call over this cache's arrays
+        (attention.bind_decode_step), kept on the cache (`cache.bound`, so that it goes with the
+        cache) and bound again when the cache grows (new arrays), the scratch or the thread count
+        changes, or another model decodes with it."""
+        scratch = self._decode_scratch(cache.capacity)
+        got = cache.bound
+        if not (isinstance(got, BoundAttention) and got.model is self and got.threads == get_threads()
+                and got.scratch is scratch and got.cos is cache.cos and got.start == cache.start
+                and all(a is c for a, c in zip(got.k, cache.k)) and all(a is c for a, c in zip(got.v, cache.v))):
+            b = self.buf
+            steps = attention.bind_decode_step(b.q, b.k, b.v, b.pos, cache.cos, cache.sin, cache.start, cache.k,
+                                               cache.v, b.attn, scratch)
+            got = cache.bound = BoundAttention(self, get_threads(), scratch, cache.cos, cache.start, list(cache.k),
+                                               list(cache.v), steps)
+        return got.steps
+
     def _decode(self, token: int, cache: KVCache, trace: RoutingTrace | None) -> np.ndarray:
         b, s = self.buf, self.buf.scratch
         plan = self._decode_plan()
         i_cache = cache.used  # cache slot of this token
         b.pos[0] = cache.length
-        attn_scratch = self._decode_scratch(cache.capacity)
         b.x[:] = self.embed.rows(np.array([token]))[0]
         plan.in_norm()  # b.x -> b.h
+        steps = self._attention_steps(cache)
+        attention.check_step(i_cache, cache.length, cache.k[0], cache.cos, cache.start)
         for li, L in enumerate(self.layers):
             plan.qkv[li]()  # b.h -> b.q, b.k, b.v
-            apply_rope(b.q, b.pos, cache.cos, cache.sin, cache.start)
-            apply_rope(b.k, b.pos, cache.cos, cache.sin, cache.start)
-            attention.kv_write(b.k, b.v, cache.k[li], cache.v[li], i_cache)
-            attention.attention_decode(b.q[0], cache.k[li], cache.v[li], i_cache + 1, b.attn, attn_scratch)
+            steps[li](i_cache)  # RoPE of b.q and b.k, b.k and b.v into the cache, attention -> b.attn
             plan.o[li]()  # b.attn -> b.o
             plan.post_norm[li]()  # b.x += b.o; b.h = the post-attention norm of b.x
             if trace is None:

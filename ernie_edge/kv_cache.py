@@ -62,6 +62,7 @@ class KVCache:
         self.k: list[np.ndarray] = []
         self.v: list[np.ndarray] = []
         self.cos = self.sin = np.zeros((0, cfg.dim_head // 2), np.float32)
+        self.bound = None  # a backend's calls bound to these arrays (cpu_model.CpuModel._attention_steps)
 
     @property
     def used(self) -> int:

@@ -175,6 +175,27 @@ def test_kv_cache_grows_in_chunks(pair):
     assert cache.capacity == 2 * GROW_CHUNK and cache.k[0].reshape(-1)[:4].tolist() == [7] * 4
 
 
+def test_decode_follows_the_cache_when_it_grows(pair, monkeypatch):
+    """Decode's attention calls are bound to a cache's arrays (cpu_model.BoundAttention, kept on the
+    cache): when decode grows the cache (new, larger arrays) they are bound again, so the tokens
+    after the growth give the bits of a cache that never grew; decoding another cache in between
+    binds that one and back."""
+    from ernie_edge import kv_cache
+    fast, _ = pair
+    monkeypatch.setattr(kv_cache, "GROW_CHUNK", 256)
+    prompt = np.random.default_rng(8).integers(0, fast.config.vocab_size, 253)
+    grows, roomy, other = fast.new_cache(), fast.new_cache(), fast.new_cache()
+    roomy.reserve(1024)
+    for c in (grows, roomy, other):
+        fast.prefill(prompt[: 20 if c is other else None], c)
+    assert grows.capacity == 256
+    for tok in (4, 9, 2, 7, 5):  # positions 253 .. 257: the cache grows at 256
+        a = fast.decode(tok, grows)
+        fast.decode(tok, other)
+        np.testing.assert_array_equal(a, fast.decode(tok, roomy))
+    assert grows.capacity == 512 and grows.bound.k[0] is grows.k[0]
+
+
 def test_kv_budget_refused_before_allocation(pair):
     cfg = pair[0].config
     need = kv_bytes(cfg, 131072)

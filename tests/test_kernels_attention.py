@@ -128,6 +128,35 @@ def test_kv_write_round_trip_across_tiles(kv_dtype):
         attention.kv_write(k[:10], v[:10], kc, vc, 3 * attention.KV_BLOCK - 5)
 
 
+# float32 values whose fp16 rounding is delicate: signed zeros, fp16 subnormals and the smallest
+# ones, ties to even (1 + 2^-11 rounds down, 1 + 3 * 2^-11 up), the largest finite fp16 and the
+# halfway point above it (65520 overflows to inf), float32 subnormals, infinities.
+F16_EDGES = np.array([0.0, -0.0, 1e-8, 2.9802322e-08, 2.9802326e-08, 5.9604645e-08, 8.9406967e-08, 6.0975552e-05,
+                      6.1035156e-05, 1.00048828125, 1.00146484375, 2049.0, 2051.0, 65504.0, 65519.996, 65520.0,
+                      -65520.0, 1e6, np.inf, -np.inf, 1e-40, -3e-6], np.float32)
+
+
+def f16_cases(rng) -> np.ndarray:
+    """F16_EDGES, then random float32 bit patterns (every exponent; NaNs left out), as [T, 2, 16]."""
+    bits = rng.integers(0, 2 ** 32, 4000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([F16_EDGES, bits[~np.isnan(bits)]])
+    return x[: len(x) // 32 * 32].reshape(-1, 2, 16)
+
+
+def test_kv_write_f16_rounds_as_numpy():
+    """The fp16 cache holds exactly numpy's astype(float16) bits: round to nearest even, subnormals,
+    overflow to inf (ir.f32_to_f16; the generic path's bit manipulation is checked in
+    test_simd_paths_agree)."""
+    x = f16_cases(np.random.default_rng(11))
+    kc, vc = attention.new_kv_cache(2, len(x), 16, "f16")
+    attention.kv_write(x, -x, kc, vc, 0)
+    k, v = attention.kv_read(kc, vc, 0, len(x))
+    with np.errstate(over="ignore"):
+        want = x.astype(np.float16)
+    np.testing.assert_array_equal(k.astype(np.float16).view(np.uint16), want.view(np.uint16))
+    np.testing.assert_array_equal(v.astype(np.float16).view(np.uint16), (-want).view(np.uint16))
+
+
 def test_int8_cache_zero_row_and_bytes():
     kc, vc = attention.new_kv_cache(1, 32, 16, "i8")
     attention.kv_write(np.zeros((1, 1, 16), np.float32), np.ones((1, 1, 16), np.float32), kc, vc, 0)
@@ -239,6 +268,57 @@ def test_attention_decode_large_scores_are_stable(kv_dtype):
 # ---- prefill -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kv_dtype", DTYPES)
+def test_decode_step_is_rope_write_and_attention(kv_dtype):
+    """A bound decode step (bind_decode_step) does in one call what decode did in four: apply_rope of
+    q and k, kv_write of k and v at the slot, attention_decode over slots 0 .. slot; same bits in
+    the output and in the cache, token after token, for each layer's own cache, with a RoPE table
+    that starts past 0 and slots that cross tiles."""
+    from ernie_edge.kernels.rope import apply_rope, rope_tables
+    nq, nkv, d, start, layers = 10, 2, 32, 7, 2
+    rng = np.random.default_rng(21)
+    cos, sin = rope_tables(96, d, 10000.0, start=start)
+    caches = [attention.new_kv_cache(nkv, 96, d, kv_dtype) for _ in range(layers)]
+    twins = [(k.copy(), v.copy()) for k, v in caches]
+    q, k, v = (np.zeros((1, n, d), np.float32) for n in (nq, nkv, nkv))
+    pos, out = np.zeros(1, np.int64), np.zeros((nq, d), np.float32)
+    scratch = attention.DecodeScratch(nq, d, 256)
+    steps = attention.bind_decode_step(q, k, v, pos, cos, sin, start, [c[0] for c in caches],
+                                       [c[1] for c in caches], out, scratch)
+    assert len(steps) == layers
+    for slot in (0, 1, 30, 31, 32, 33, 70):
+        pos[0] = start + slot
+        for li in range(layers):
+            for a in (q, k, v):
+                a[:] = rng.standard_normal(a.shape).astype(np.float32)
+            q2, k2, v2 = q.copy(), k.copy(), v.copy()
+            attention.check_step(slot, int(pos[0]), caches[li][0], cos, start)
+            steps[li](slot)
+            apply_rope(q2, pos, cos, sin, start)
+            apply_rope(k2, pos, cos, sin, start)
+            attention.kv_write(k2, v2, *twins[li], slot)
+            want = np.empty_like(out)
+            attention.attention_decode(q2[0], *twins[li], slot + 1, want, attention.DecodeScratch(nq, d, 256))
+            np.testing.assert_array_equal(out, want)
+            np.testing.assert_array_equal(q, q2)
+            np.testing.assert_array_equal(caches[li][0], twins[li][0])
+            np.testing.assert_array_equal(caches[li][1], twins[li][1])
+    with pytest.raises(ValueError, match="cache slot 256"):
+        attention.check_step(256, start, caches[0][0], cos, start)
+    with pytest.raises(ValueError, match="position 6 outside the rope table"):
+        attention.check_step(0, start - 1, caches[0][0], cos, start)
+    other = attention.new_kv_cache(nkv, 512, d, kv_dtype)
+    with pytest.raises(ValueError, match="differs from layer 0"):
+        attention.bind_decode_step(q, k, v, pos, cos, sin, start, [caches[0][0], other[0]], [caches[0][1], other[1]],
+                                   out, scratch)
+    with pytest.raises(ValueError, match="k must be"):
+        attention.bind_decode_step(q, k[:, :1].copy(), v, pos, cos, sin, start, [caches[0][0]], [caches[0][1]], out,
+                                   scratch)
+    with pytest.raises(ValueError, match="scratch for 8 positions"):
+        attention.bind_decode_step(q, k, v, pos, cos, sin, start, [caches[0][0]], [caches[0][1]], out,
+                                   attention.DecodeScratch(nq, d, 8))
+
+
+@pytest.mark.parametrize("kv_dtype", DTYPES)
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 17), (100, 33), (5, 70), (250, 20)])
 def test_attention_prefill_causal(kv_dtype, start, T):
     nq, nkv, d = 20, 4, 128
@@ -318,6 +398,11 @@ attention.kv_write(ones, ones, kc, vc, 0)
 out = np.empty((10, 48), np.float32)
 attention.attention_decode(ones[0, :1].repeat(10, 0), kc, vc, 299, out, attention.DecodeScratch(10, 48, 300))
 np.save(f"{dir}/{_jit.SIMD}-flat.npy", out)
+# fp16 rounding of the cache write (ir.f32_to_f16: fptrunc on x86, bit manipulation on generic)
+x = np.load(f"{dir}/f16-cases.npy")
+kc, vc = attention.new_kv_cache(2, len(x), 16, "f16")
+attention.kv_write(x, x, kc, vc, 0)
+np.save(f"{dir}/{_jit.SIMD}-f16bits.npy", attention.kv_read(kc, vc, 0, len(x))[0].astype(np.float16).view(np.uint16))
 """
 
 
@@ -340,6 +425,8 @@ def test_simd_paths_agree(tmp_path):
     also where int8 P.V's products are at their largest. The other paths compile in subprocesses
     (~15 s each); CI's CPU has VNNI, so this is where its AVX2 and generic code runs at all."""
     script = _OTHER_PATH.replace("{dir}", str(tmp_path))
+    cases = f16_cases(np.random.default_rng(12))
+    np.save(tmp_path / "f16-cases.npy", cases)
     paths = {p for p in ("generic", "avx2", _jit.SIMD) if p in _jit._host_paths()}
     for path in sorted(paths - {_jit.SIMD}):
         env = dict(os.environ, ERNIE_EDGE_SIMD=path, NUMBA_CACHE_DIR=str(tmp_path / f"cache-{path}"))
@@ -355,6 +442,12 @@ def test_simd_paths_agree(tmp_path):
     assert len(flat) == len(paths)
     for x in flat:  # softmax of equal scores over rows of ones: exactly 1 up to the uint8 rounding
         np.testing.assert_allclose(x, 1.0, rtol=1e-5)
+    bits = [v for name, v in outs.items() if name.endswith("f16bits")]
+    assert len(bits) == len(paths)
+    with np.errstate(over="ignore"):
+        want = cases.astype(np.float16).view(np.uint16)
+    for x in bits:
+        np.testing.assert_array_equal(x, want)
 
 
 # ---- the model's cache object ------------------------------------------------------------------

@@ -14,6 +14,8 @@ scales) are rounded to uint8 (attention_ir.py's module doc).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 from numba import prange
 from numba.extending import overload
@@ -22,7 +24,8 @@ from . import _jit
 from ._jit import njit, pnjit
 from .attention_ir import (DECODE_BLOCK, MAX_HEADS, NEG_INF, exp_nonpos, pv1, pv2, pv3, pv4, pv5, pv6, pvi1, pvi2,
                            pvi3, pvi4, pvi5, pvi6, qk1, qk2, qk3, qk4, qk5, qk6, quantize_tile, vmax)
-from .kv_layout import KV_TILE, check_cache, is_i8
+from .kv_layout import KV_TILE, _kv_write, check_cache, is_i8
+from .rope import _apply_rope, check_rope
 
 MAX_SPLIT = 16  # most position ranges one KV head is split into (decode work items per head)
 
@@ -236,11 +239,15 @@ class DecodeScratch:
         self.psc = np.zeros((MAX_SPLIT, n_heads, DECODE_BLOCK // KV_TILE), np.float32)
 
 
-def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
-    """Position ranges per KV head: enough work items for every thread, each >= 1 block."""
-    threads = _jit.get_threads() if threads is None else threads
+@njit(inline="always")
+def _splits(n_kv_heads, length, threads):
     nblk = -(-length // DECODE_BLOCK)
     return max(1, min(nblk, MAX_SPLIT, -(-threads // n_kv_heads)))
+
+
+def decode_splits(n_kv_heads: int, length: int, threads: int | None = None) -> int:
+    """Position ranges per KV head: enough work items for every thread, each >= 1 block."""
+    return _splits(n_kv_heads, length, _jit.get_threads() if threads is None else threads)
 
 
 def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScratch) -> np.ndarray:
@@ -265,3 +272,58 @@ def attention_decode(q, k_cache, v_cache, length: int, out, scratch: DecodeScrat
                       decode_splits(nkv, length), scratch.m, scratch.l, scratch.acc, scratch.scores, scratch.pq,
                       scratch.psc, out, head_tuple(nq // nkv))
     return out
+
+
+# ---- one decode step of a layer: RoPE, the cache write and attention in one call -----------------
+
+@njit()
+def _decode_step(q, k, v, pos, cos, sin, table_start, k_cache, v_cache, scale, nt, qs, qi, qsc, qsum, m, l, acc,
+                 scores, pq, psc, out, heads, slot):
+    _apply_rope(q, pos, cos, sin, table_start)
+    _apply_rope(k, pos, cos, sin, table_start)
+    nkv, ntc, _ = k_cache.shape
+    _kv_write(k, v, k_cache.reshape(-1), v_cache.reshape(-1), ntc, slot)
+    nq, D = qs.shape
+    for h in range(nq):
+        for d in range(D):
+            qs[h, d] = q[0, h, d] * scale
+    _attention_decode(qs, qi, qsc, qsum, k_cache, v_cache, slot + 1, _splits(nkv, slot + 1, nt), m, l, acc, scores,
+                      pq, psc, out, heads)
+
+
+def bind_decode_step(q, k, v, pos, cos, sin, table_start: int, k_caches, v_caches, out, scratch: DecodeScratch):
+    """One token's attention in each layer as one call per layer: returns a list of step(slot), one
+    per (k_cache, v_cache) pair, each doing in one compiled call what decode did in four:
+    apply_rope of q and k [1, N, D] at position pos[0] (rope.apply_rope's tables cos, sin from
+    table_start), kv_write of k and v at cache slot `slot`, then attention_decode over slots
+    0 .. slot into out [Nq, D]. Everything bound is checked here, once (every layer's cache); the
+    slot, and pos[0] (read at each call), must stay inside the cache and the tables: the caller
+    checks them once per token (`check_step`)."""
+    nq, d = out.shape
+    for i, (kc, vc) in enumerate(zip(k_caches, v_caches)):
+        if check_cache(kc, vc, d) != d or kc.shape != k_caches[0].shape or kc.dtype != k_caches[0].dtype:
+            raise ValueError(f"layer {i}'s cache {kc.shape} {kc.dtype} differs from layer 0's {k_caches[0].shape}")
+    nkv, ntc, _ = k_caches[0].shape
+    for name, a, heads in (("q", q, nq), ("k", k, nkv), ("v", v, nkv)):
+        if a.shape != (1, heads, d) or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"decode step: {name} must be C-contiguous float32 [1, {heads}, {d}], got {a.dtype} {a.shape}")
+    check_rope(q, pos, cos, sin)
+    check_rope(k, pos, cos, sin)
+    if out.dtype != np.float32 or not out.flags.c_contiguous or nq % nkv or scratch.acc.shape[1:] != (nq, d):
+        raise ValueError(f"decode step: out {out.dtype} {out.shape} / scratch do not fit {nkv} KV heads of dim {d}")
+    if scratch.max_len < ntc * KV_TILE:
+        raise ValueError(f"decode step: scratch for {scratch.max_len} positions, cache of {ntc * KV_TILE}")
+    s = scratch
+    bound = (q, k, v, pos, cos, sin, table_start)
+    work = (np.float32(d ** -0.5), _jit.get_threads(), s.qs, s.qi, s.qsc, s.qsum, s.m, s.l, s.acc, s.scores, s.pq,
+            s.psc, out, head_tuple(nq // nkv))
+    return [partial(_decode_step, *bound, kc, vc, *work) for kc, vc in zip(k_caches, v_caches)]
+
+
+def check_step(slot: int, position: int, k_cache, cos, table_start: int) -> None:
+    """The per-token arguments of bound decode steps: cache slot `slot` inside the cache (and so
+    inside the scratch `bind_decode_step` checked), RoPE position inside the tables."""
+    if not 0 <= slot < k_cache.shape[1] * KV_TILE:
+        raise ValueError(f"cache slot {slot} outside a cache of {k_cache.shape[1] * KV_TILE} positions")
+    if not table_start <= position < table_start + cos.shape[0]:
+        raise ValueError(f"position {position} outside the rope table [{table_start}, {table_start + cos.shape[0]})")

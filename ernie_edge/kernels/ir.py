@@ -115,6 +115,29 @@ def f16_to_f32(builder, h):
     return builder.bitcast(builder.or_(builder.bitcast(f, i32), sign), f32)
 
 
+def f32_to_f16(builder, f):
+    """float -> IEEE half bits (i16), rounded to nearest even as numpy's astype(float16) does
+    (overflow to inf, subnormal halves exact, NaN to a quiet NaN).
+
+    x86 paths: LLVM's fptrunc (vcvtps2ph). Generic path: bit manipulation, so no compiler-rt helper
+    is needed: normal halves round the dropped 13 mantissa bits to nearest even by adding 0xfff plus
+    the kept lowest bit; halves below 2^-14 come from adding 0.5 to |f|, which lines the mantissa up
+    with the half's subnormal step so that the float add itself rounds to nearest even."""
+    if _jit.F16C:
+        return builder.bitcast(builder.fptrunc(f, HalfType()), I16)
+    u = builder.bitcast(f, I32)
+    sign = builder.and_(builder.lshr(u, c32(16)), c32(0x8000))
+    a = builder.and_(u, c32(0x7FFFFFFF))
+    lsb = builder.and_(builder.lshr(a, c32(13)), c32(1))
+    normal = builder.lshr(builder.sub(builder.add(a, builder.add(c32(0xFFF), lsb)), c32(0x38000000)), c32(13))
+    half = Constant(F32, 0.5)
+    small = builder.sub(builder.bitcast(builder.fadd(builder.bitcast(a, F32), half), I32), c32(0x3F000000))
+    r = builder.select(builder.icmp_unsigned("<", a, c32(0x38800000)), small, normal)  # |f| < 2^-14
+    r = builder.select(builder.icmp_unsigned(">=", a, c32(0x477FF000)), c32(0x7C00), r)  # rounds past 65504
+    r = builder.select(builder.icmp_unsigned(">", a, c32(0x7F800000)), c32(0x7E00), r)  # NaN
+    return builder.trunc(builder.or_(r, sign), I16)
+
+
 def switch(builder, value, cases):
     """Emit cases[k]() for the code path where the integer `value` equals k (a dict of
     callables that build IR); any other value does nothing. Continues after the switch."""

@@ -111,25 +111,15 @@ def kv_write(k, v, k_cache, v_cache, start: int) -> None:
         raise ValueError(f"kv_write shapes: k {k.shape}, v {v.shape}, cache {k_cache.shape}")
     if start < 0 or start + T > nt * KV_TILE:
         raise ValueError(f"positions {start}..{start + T - 1} do not fit a cache of {nt * KV_TILE} positions")
-    if k_cache.dtype == np.int8:
-        _kv_write_i8(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32),
-                     k_cache.reshape(-1), v_cache.reshape(-1), nt, start)
-        return
-    kc, _ = split_views(k_cache, d, is_k=True)
-    vc, _ = split_views(v_cache, d, is_k=False)
-    t = 0
-    while t < T:
-        tile, off = divmod(start + t, KV_TILE)
-        n = min(KV_TILE - off, T - t)
-        kc[:, tile, :, off:off + n] = k[t:t + n].transpose(1, 2, 0)  # [Nkv, D, n]
-        vc[:, tile, off:off + n] = v[t:t + n].transpose(1, 0, 2)  # [Nkv, n, D]
-        t += n
+    _kv_write(np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32), k_cache.reshape(-1),
+              v_cache.reshape(-1), nt, start)
 
 
 @njit()
-def _kv_write_i8(k, v, kflat, vflat, ntc, start):
-    """Quantize k, v [T, Nkv, D] (symmetric int8, one scale per position and head) into the flat
-    int8 caches: K codes at _kpos, V codes at _vpos, scales after the D*KT codes of each tile."""
+def _kv_write(k, v, kflat, vflat, ntc, start):
+    """Store k, v [T, Nkv, D] into the flat caches at positions start..: fp16 bits (rounded to nearest
+    even, as numpy's astype), or int8 codes with one scale per position and head (symmetric), the
+    scales after the D*KT codes of each tile. Elements go where `_kpos` / `_vpos` say."""
     T, nkv, D = k.shape
     te = kflat.shape[0] // (nkv * ntc)
     for t in range(T):
@@ -137,15 +127,20 @@ def _kv_write_i8(k, v, kflat, vflat, ntc, start):
         for g in range(nkv):
             toff = (g * ntc + tile) * te
             for x, flat, is_k in ((k[t, g], kflat, True), (v[t, g], vflat, False)):
-                amax = np.float32(0.0)
-                for d in range(D):
-                    amax = max(amax, abs(x[d]))
-                scale = amax / np.float32(127.0)
-                inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
-                for d in range(D):
-                    off = _kpos(flat, d, j) if is_k else _vpos(flat, d, j, D)
-                    flat[toff + off] = np.int8(np.rint(x[d] * inv))
-                _store_f32(flat, toff + D * KV_TILE + 4 * j, scale)
+                if is_i8(flat):
+                    amax = np.float32(0.0)
+                    for d in range(D):
+                        amax = max(amax, abs(x[d]))
+                    scale = amax / np.float32(127.0)
+                    inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+                    for d in range(D):
+                        off = _kpos(flat, d, j) if is_k else _vpos(flat, d, j, D)
+                        flat[toff + off] = np.int8(np.rint(x[d] * inv))
+                    _store_f32(flat, toff + D * KV_TILE + 4 * j, scale)
+                else:
+                    for d in range(D):
+                        off = _kpos(flat, d, j) if is_k else _vpos(flat, d, j, D)
+                        flat[toff + off] = _f16_bits(x[d])
 
 
 def kv_read(k_cache, v_cache, start: int, n: int):
@@ -246,6 +241,17 @@ def _store_f32(typingctx, arr, byte_off, x):
         p = ir.data_ptr(context, builder, signature.args[0], args[0], I8, args[1])
         builder.store(args[2], builder.bitcast(p, F32.as_pointer()), align=1)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _f16_bits(typingctx, x):
+    """float32 x as IEEE half bits (uint16), rounded to nearest even (ir.f32_to_f16)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return ir.f32_to_f16(builder, args[0])
 
     return sig, codegen
 

@@ -42,13 +42,20 @@ def _apply_rope(x, positions, cos, sin, table_start):
                 x[t, n, 2 * i + 1] = x1 * c + x0 * s
 
 
-def apply_rope(x, positions, cos, sin, table_start: int = 0) -> np.ndarray:
-    """Rotate x float32 [T, N, D] IN PLACE; positions int [T]; cos/sin from rope_tables(start=table_start)."""
-    positions = np.ascontiguousarray(positions, np.int64)
+def check_rope(x, positions, cos, sin) -> None:
+    """The shapes and types `_apply_rope` needs (positions int64 [T], as apply_rope makes them)."""
     if x.dtype != np.float32 or x.ndim != 3 or not x.flags.c_contiguous or x.shape[2] % 2:
         raise ValueError(f"x must be C-contiguous float32 [T, N, D] with even D, got {x.dtype} {x.shape}")
     if positions.shape != (x.shape[0],) or cos.shape != sin.shape or cos.shape[1] != x.shape[2] // 2:
         raise ValueError(f"rope shapes: x {x.shape}, positions {positions.shape}, cos {cos.shape}")
+    if positions.dtype != np.int64 or cos.dtype != np.float32 or sin.dtype != np.float32:
+        raise ValueError(f"rope types: positions {positions.dtype} (int64), cos {cos.dtype}, sin {sin.dtype} (float32)")
+
+
+def apply_rope(x, positions, cos, sin, table_start: int = 0) -> np.ndarray:
+    """Rotate x float32 [T, N, D] IN PLACE; positions int [T]; cos/sin from rope_tables(start=table_start)."""
+    positions = np.ascontiguousarray(positions, np.int64)
+    check_rope(x, positions, cos, sin)
     if positions.size and (positions.min() < table_start or positions.max() >= table_start + cos.shape[0]):
         raise ValueError(f"positions {positions.min()}..{positions.max()} outside the rope table "
                          f"[{table_start}, {table_start + cos.shape[0]})")
