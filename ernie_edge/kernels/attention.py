@@ -14,5 +14,6 @@ from .attention_decode import DecodeScratch, attention_decode, bind_decode_step,
 from .attention_prefill import attention_prefill
 from .kv_layout import KV_BLOCK, KV_DTYPES, KV_TILE, cache_dtype, kv_read, kv_write, new_kv_cache, tile_elems
 
-__all__ = ["DecodeScratch", "attention_decode", "bind_decode_step", "check_step", "attention_prefill", "KV_BLOCK", "KV_DTYPES", "KV_TILE",
+__all__ = ["DecodeScratch", "attention_decode", "bind_decode_step", "check_step",
+           "attention_prefill", "KV_BLOCK", "KV_DTYPES", "KV_TILE",
            "cache_dtype", "kv_read", "kv_write", "new_kv_cache", "tile_elems"]

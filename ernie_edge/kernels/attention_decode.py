@@ -301,12 +301,14 @@ def bind_decode_step(q, k, v, pos, cos, sin, table_start: int, k_caches, v_cache
     checks them once per token (`check_step`)."""
     nq, d = out.shape
     for i, (kc, vc) in enumerate(zip(k_caches, v_caches)):
-        if check_cache(kc, vc, d) != d or kc.shape != k_caches[0].shape or kc.dtype != k_caches[0].dtype:
+        check_cache(kc, vc, d)
+        if kc.shape != k_caches[0].shape or kc.dtype != k_caches[0].dtype:
             raise ValueError(f"layer {i}'s cache {kc.shape} {kc.dtype} differs from layer 0's {k_caches[0].shape}")
     nkv, ntc, _ = k_caches[0].shape
     for name, a, heads in (("q", q, nq), ("k", k, nkv), ("v", v, nkv)):
         if a.shape != (1, heads, d) or a.dtype != np.float32 or not a.flags.c_contiguous:
-            raise ValueError(f"decode step: {name} must be C-contiguous float32 [1, {heads}, {d}], got {a.dtype} {a.shape}")
+            raise ValueError(f"decode step: {name} must be C-contiguous float32 [1, {heads}, {d}], "
+                             f"got {a.dtype} {a.shape}")
     check_rope(q, pos, cos, sin)
     check_rope(k, pos, cos, sin)
     if out.dtype != np.float32 or not out.flags.c_contiguous or nq % nkv or scratch.acc.shape[1:] != (nq, d):
