@@ -313,6 +313,27 @@ def test_int8_decode_rows_are_the_batched_rows(pair, decode_acts):
             np.testing.assert_array_equal(single, rows)
 
 
+@pytest.mark.parametrize("decode_acts", ["i8"], indirect=True)
+def test_decode_after_a_start_offset_is_the_batched_step(pair, decode_acts):
+    """A cache that starts past position 0 (new_cache(start_position)): decode's bound attention
+    step (RoPE tables from that position, slots from 0) gives a token the row decode_batch, which
+    makes the four calls one by one, gives it: bit for bit where every matrix takes int8
+    activations, as in the test above."""
+    fast, _ = pair
+    prompt = np.random.default_rng(6).integers(0, fast.config.vocab_size, 11)
+    alone = fast.new_cache(start_position=300)
+    fast.prefill(prompt, alone)
+    together = [alone.clone()]
+    for tok in (4, 13, 6):
+        row = fast.decode_batch([tok], together)
+        single = fast.decode(tok, alone)[None]
+        if "q8" in {tensor.quant for tensor in fast.weights.manifest.tensors.values()}:
+            assert kld(row, single).max() < 1e-3
+        else:
+            np.testing.assert_array_equal(single, row)
+    assert alone.length == 300 + 11 + 3 and alone.used == 14
+
+
 @pytest.mark.parametrize("decode_acts", ["i16", "i8"], indirect=True)
 def test_bound_decode_is_the_checked_decode(pair, decode_acts):
     """Decode without a trace runs the kernels bound once (cpu_model.DecodePlan); with a trace, every
