@@ -362,35 +362,45 @@ class MoE:
         return out
 
     def bind_decode(self, x: np.ndarray, out: np.ndarray, s: Scratch):
-        """`decode` (without a trace) as a bound call: the router, then the paired expert kernels."""
-        paired = self._bind_paired(x, out, s)
+        """`decode` (without a trace) as a bound call: the paired expert kernels, the router in the
+        first one's parallel region (kernels/moe.py, "routing inside the experts' gate/up region")."""
+        route = moe.router_args(x, self.router, self.bias, self.k, s.idx, s.w, self.norm_min, s.route_work)
+        paired = self._bind_paired(x, out, s, route)
         if paired is None:
             return partial(self.decode, x, out, s)
-        return in_order(moe.bind_route(x, self.router, self.bias, self.k, s.idx, s.w, self.norm_min, s.route_work),
-                        paired)
+        return paired
 
-    def _bind_paired(self, x, out, s: Scratch):
+    def _bind_paired(self, x, out, s: Scratch, route: tuple | None = None):
         """The routed experts (s.idx, s.w) with the shared expert, in two parallel regions (gate, up
         and SwiGLU; the down projections, the shared one added last), as one bound call; None when
-        they do not pair: a q4 / q8 shared expert by kernels/q8.py, a q5 / q6 one by kernels/q56.py."""
+        they do not pair: a q4 / q8 shared expert by kernels/q8.py, a q5 / q6 one by kernels/q56.py.
+        route: moe.router_args of x, to route x in the first region (s.idx, s.w are then its
+        output); None: s.idx and s.w hold the routing already."""
         ids, weights = s.idx[0], s.w[0]
         sh, ex = self.shared, self.experts
-        routed_gate_up = (*ex.arrays(0), *ex.arrays(1), ids, s.he, ex.bits)
+        gate_up_weights = (*ex.arrays(0), *ex.arrays(1))
+        routed_gate_up = (*gate_up_weights, ids, s.he, ex.bits)
         routed_down = (s.he, *ex.arrays(2), ids, weights, ex.bits)
         if self.paired:
             g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
-            return in_order(
-                q8.bind_experts_pair_gate_up_silu(x, routed_gate_up, (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g,
-                                                                      sh.bits), s.act, s.act_shared, s.act8),
-                q8.bind_experts_pair_down_weighted(routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out,
-                                                   s.act, s.act_shared, s.act8))
+            shared = (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits)
+            if route is None:
+                gate_up = q8.bind_experts_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
+            else:
+                gate_up = q8.bind_routed_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared,
+                                                                   s.act, s.act_shared, s.act8)
+            return in_order(gate_up, q8.bind_experts_pair_down_weighted(
+                routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8))
         if self.paired_packed:
             g = s.g[:sh.width]
-            return in_order(
-                q56.bind_pair_gate_up_silu(x, routed_gate_up, (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales,
-                                                               g, sh.packed), s.act, s.act_shared, s.act8),
-                q56.bind_pair_down_weighted(routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act,
-                                            s.act_shared, s.act8))
+            shared = (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed)
+            if route is None:
+                gate_up = q56.bind_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
+            else:
+                gate_up = q56.bind_routed_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared, s.act,
+                                                            s.act_shared, s.act8)
+            return in_order(gate_up, q56.bind_pair_down_weighted(
+                routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8))
         return None
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:

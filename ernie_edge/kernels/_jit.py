@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import platform
 
 import platformdirs
 
@@ -92,6 +93,7 @@ VNNI512 = SIMD == "avxvnni" and AVX512 and bool(_FEATURES.get("avx512vnni"))  # 
 # llvm.prefetch locality of every software prefetch: 2 = prefetcht1, into L2. Into L1 the lines
 # prefetched ahead pushed out the lines being read.
 PREFETCH_LOCALITY = 2
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")  # has `pause` (simd.spin_pause)
 CACHE_ROOT = os.environ["NUMBA_CACHE_DIR"]  # as this process found it (a helper process is given the same)
 numba.config.CACHE_DIR = os.path.join(CACHE_ROOT, f"{SIMD}-{_kernels_digest()}")
 

@@ -260,3 +260,64 @@ def fetch_add(typingctx, counter, index, value):
         return builder.atomic_rmw("add", ptr, val, "monotonic")
 
     return sig, codegen
+
+
+# ---- phases inside one parallel region (kernels/moe.py's routed gate/up region) ------------------
+# A kernel that runs two dependent phases in one region hands results from one thread to another
+# through a counter: the writer's fetch_add_sync releases what it wrote before, the reader's
+# load_acquire of the value it waits for sees all of it.
+
+@intrinsic
+def fetch_add_sync(typingctx, counter, index, value):
+    """`fetch_add` that also orders this thread's earlier writes before it and its later reads
+    after it (acq_rel): the thread that sees the count complete sees everything counted."""
+    sig = types.int64(counter, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr, idx, val = args
+        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
+        return builder.atomic_rmw("add", ptr, val, "acq_rel")
+
+    return sig, codegen
+
+
+@intrinsic
+def load_acquire(typingctx, counter, index):
+    """int64 counter[index], read atomically; later reads see what was written before the store or
+    fetch_add_sync that wrote it (acquire)."""
+    sig = types.int64(counter, types.intp)
+
+    def codegen(context, builder, signature, args):
+        arr, idx = args
+        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_release(typingctx, counter, index, value):
+    """counter[index] = value, atomically, after every earlier write of this thread (release)."""
+    sig = types.void(counter, types.intp, types.int64)
+
+    def codegen(context, builder, signature, args):
+        arr, idx, val = args
+        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
+        builder.store_atomic(val, ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """One spin-wait step: x86 `pause` (frees the core's pipeline for its sibling and saves power),
+    nothing elsewhere (the wait loop's atomic load keeps it a wait)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _jit.IS_X86:
+            ir.call(builder, "llvm.x86.sse2.pause", ir.VoidType(), [])
+        return context.get_dummy_value()
+
+    return sig, codegen
