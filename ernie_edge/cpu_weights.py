@@ -348,9 +348,10 @@ class MoE:
         """out [H] = routed experts + shared expert of one token x [H]."""
         x = np.ascontiguousarray(x, np.float32)
         self.route(x, s.idx, s.w, trace, work=s.route_work)
-        paired = self._bind_paired(x, out, s)
+        paired = self.bind_paired(x, out, s)
         if paired is not None:
-            paired()
+            for call in paired:
+                call()
             return out
         ids, weights = s.idx[0], s.w[0]
         self.experts.gate_up_silu(x, ids, s.he, s)
@@ -365,14 +366,14 @@ class MoE:
         """`decode` (without a trace) as a bound call: the paired expert kernels, the router in the
         first one's parallel region (kernels/moe.py, "routing inside the experts' gate/up region")."""
         route = moe.router_args(x, self.router, self.bias, self.k, s.idx, s.w, self.norm_min, s.route_work)
-        paired = self._bind_paired(x, out, s, route)
+        paired = self.bind_paired(x, out, s, route)
         if paired is None:
             return partial(self.decode, x, out, s)
-        return paired
+        return in_order(*paired)
 
-    def _bind_paired(self, x, out, s: Scratch, route: tuple | None = None):
-        """The routed experts (s.idx, s.w) with the shared expert, in two parallel regions (gate, up
-        and SwiGLU; the down projections, the shared one added last), as one bound call; None when
+    def bind_paired(self, x, out, s: Scratch, route: tuple | None = None):
+        """The routed experts (s.idx, s.w) with the shared expert, in two parallel regions, as two
+        bound calls (gate, up and SwiGLU; the down projections, the shared one added last); None when
         they do not pair: a q4 / q8 shared expert by kernels/q8.py, a q5 / q6 one by kernels/q56.py.
         route: moe.router_args of x, to route x in the first region (s.idx, s.w are then its
         output); None: s.idx and s.w hold the routing already."""
@@ -389,8 +390,8 @@ class MoE:
             else:
                 gate_up = q8.bind_routed_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared,
                                                                    s.act, s.act_shared, s.act8)
-            return in_order(gate_up, q8.bind_experts_pair_down_weighted(
-                routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8))
+            return gate_up, q8.bind_experts_pair_down_weighted(
+                routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8)
         if self.paired_packed:
             g = s.g[:sh.width]
             shared = (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed)
@@ -399,8 +400,8 @@ class MoE:
             else:
                 gate_up = q56.bind_routed_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared, s.act,
                                                             s.act_shared, s.act8)
-            return in_order(gate_up, q56.bind_pair_down_weighted(
-                routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8))
+            return gate_up, q56.bind_pair_down_weighted(
+                routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8)
         return None
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:

@@ -37,37 +37,49 @@ def _router_logits_1(x, wg, logits):
         logits[e] = _logit(x, 0, wg, e)
 
 
+@njit(fastmath=False)
+def _select(logits, p, bias, use_bias, k, norm_min, idx, w, t):
+    """Token t's experts from its router logits [E]: p = softmax(logits), idx[t] = top-k of p + bias
+    (bias only selects; ties go to the lower index), w[t] = p[idx[t]] / max(sum, norm_min); logits
+    is overwritten. Without fast-math: its bits are the same wherever it is compiled or inlined (the
+    decode router runs it inside the experts' region, the batch router here)."""
+    E = logits.shape[0]
+    mx = logits.max()
+    tot = np.float32(0.0)
+    for e in range(E):
+        p[e] = np.exp(logits[e] - mx)
+        tot += p[e]
+    for e in range(E):
+        p[e] = p[e] / tot
+    # top-k of p + bias by repeated argmax; ties go to the lower index (stable sort order)
+    for e in range(E):
+        logits[e] = p[e] + bias[e] if use_bias else p[e]
+    wsum = np.float32(0.0)
+    for slot in range(k):
+        best = 0
+        for e in range(1, E):
+            if logits[e] > logits[best]:
+                best = e
+        idx[t, slot] = best
+        logits[best] = -np.inf
+        w[t, slot] = p[best]
+        wsum += p[best]
+    denom = max(wsum, norm_min)
+    for slot in range(k):
+        w[t, slot] = w[t, slot] / denom
+
+
 @njit()
 def _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, have_logits):
-    T, H = x.shape
+    """Route the T tokens of x [T, H]: each token's logits (unless have_logits: token 0's are in
+    logits already), then `_select`."""
+    T = x.shape[0]
     E = wg.shape[0]
     for t in range(T):
         if not have_logits:
             for e in range(E):
                 logits[e] = _logit(x, t, wg, e)
-        mx = logits.max()
-        tot = np.float32(0.0)
-        for e in range(E):
-            p[e] = np.exp(logits[e] - mx)
-            tot += p[e]
-        for e in range(E):
-            p[e] = p[e] / tot
-        # top-k of p + bias by repeated argmax; ties go to the lower index (stable sort order)
-        for e in range(E):
-            logits[e] = p[e] + bias[e] if use_bias else p[e]
-        wsum = np.float32(0.0)
-        for slot in range(k):
-            best = 0
-            for e in range(1, E):
-                if logits[e] > logits[best]:
-                    best = e
-            idx[t, slot] = best
-            logits[best] = -np.inf
-            w[t, slot] = p[best]
-            wsum += p[best]
-        denom = max(wsum, norm_min)
-        for slot in range(k):
-            w[t, slot] = w[t, slot] / denom
+        _select(logits, p, bias, use_bias, k, norm_min, idx, w, t)
 
 
 def _route1(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p):
@@ -134,7 +146,7 @@ def bind_route(x, wg, bias, k: int, idx_out, w_out, norm_min: float, work):
 #      depend on the routing: one thread computes the router while the other streams the shared
 #      expert, so the router's short read no longer stands alone between two regions;
 #   2. the routed experts' rows, once selected.
-# The thread that finishes the last router unit selects the experts (`_route`, as the separate call
+# The thread that finishes the last router unit selects the experts (`_select`, as the separate call
 # does) and publishes them; a thread out of phase-1 units waits for that. It waits only on a unit
 # some running thread has claimed, so the region cannot deadlock, however many of its threads run
 # at once (one thread alone does every unit).
@@ -158,16 +170,16 @@ def routed_phases(claims, n_experts, shared_quads, uq_min):
     return c1, n1, uq, c2
 
 
-@njit(inline="always")
+@njit()
 def router_unit(u, x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, claims):
     """Phase-1 unit u (< the router's unit count): router logits of experts u*ROUTER_ROWS .. for
     token 0 of x [1, H], as `_router_logits_1` computes them. The thread that finishes the last
-    router unit then selects the experts (`_route`) and publishes them (claims[1])."""
+    router unit then selects the experts (`_select`) and publishes them (claims[1])."""
     E = wg.shape[0]
     for e in range(u * ROUTER_ROWS, min(E, (u + 1) * ROUTER_ROWS)):
         logits[e] = _logit(x, 0, wg, e)
     if simd.fetch_add_sync(claims, 0, 1) == (E + ROUTER_ROWS - 1) // ROUTER_ROWS - 1:
-        _route(x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, True)
+        _select(logits, p, bias, use_bias, k, norm_min, idx, w, 0)
         simd.store_release(claims, 1, 1)
 
 

@@ -302,20 +302,21 @@ def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p
     c1, n1, uq1, c2 = moe.routed_phases(claims, wr.shape[0], nsh, q8.UNIT_QUADS)
     uq2, n2 = q8._units(ta, c2)
     for t in prange(nt):
-        u, k, pos = _next_unit(c1, t, nt, n1, 0, t * n1 // nt)
-        while u >= 0:
-            if u < nr:
-                moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
-            else:
-                for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
-                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
-            u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
-        moe.wait_routed(claims)
-        u, k, pos = _next_unit(c2, t, nt, n2, 0, t * n2 // nt)
-        while u >= 0:
-            for q in range(u * uq2, min(ta, (u + 1) * uq2)):
-                _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
-            u, k, pos = _next_unit(c2, t, nt, n2, k, pos)
+        for phase in range(2):
+            c, n = (c1, n1) if phase == 0 else (c2, n2)
+            if phase == 1:
+                moe.wait_routed(claims)
+            u, k, pos = _next_unit(c, t, nt, n, 0, t * n // nt)
+            while u >= 0:
+                if phase == 1:
+                    for q in range(u * uq2, min(ta, (u + 1) * uq2)):
+                        _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
+                elif u < nr:
+                    moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
+                else:
+                    for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
+                        _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
+                u, k, pos = _next_unit(c, t, nt, n, k, pos)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
 
 
