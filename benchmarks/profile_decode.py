@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import ernie_edge
-from ernie_edge import cpu_model, cpu_weights, weights
+from ernie_edge import cpu_model, cpu_weights
 from ernie_edge.kernels import attention
 from _machine import machine_load  # noqa: E402
 
@@ -53,11 +53,11 @@ def _timed_call(call):
 def instrument(model) -> None:
     """Time decode's calls where decode makes them: the bound calls of the DecodePlan and of the
     attention steps (decode calls no module-level kernel wrapper, so timing those too would count a
-    checked fallback twice), and the embedding row."""
-    weights.QTensor.rows = timed("embed_rows", weights.QTensor.rows)
+    checked fallback twice), and the embedding row (bound too)."""
     backend = model.backend
     if isinstance(backend, cpu_model.CpuModel):
         plan = backend._decode_plan()
+        plan.embed_row = timed("embed_row", plan.embed_row)
         for calls in (plan.qkv, plan.o, plan.mlp, plan.post_norm, plan.next_norm):
             calls[:] = [_timed_call(c) for c in calls]
         plan.lm_head, plan.in_norm = _timed_call(plan.lm_head), _timed_call(plan.in_norm)

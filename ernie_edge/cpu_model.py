@@ -126,6 +126,7 @@ class DecodePlan:
         self.o = [L.o.bind_matvec(b.attn.reshape(-1), b.o, s) for L in model.layers]
         self.mlp = [L.mlp.bind_decode(b.h, b.y, s) for L in model.layers]
         self.lm_head = model.lm_head.bind_matvec(b.head_in, b.logits, s)
+        self.embed_row = model.lm_head.bind_row(b.x)  # the token's embedding (the same tied matrix)
 
 
 class CpuModel:
@@ -217,7 +218,7 @@ class CpuModel:
         plan = self._decode_plan()
         i_cache = cache.used  # cache slot of this token
         b.pos[0] = cache.length
-        b.x[:] = self.embed.rows(np.array([token]))[0]
+        plan.embed_row(token)  # -> b.x
         plan.in_norm()  # b.x -> b.h
         steps = self._attention_steps(cache)
         attention.check_step(i_cache, cache.length, cache.k[0], cache.cos, cache.start)

@@ -42,6 +42,7 @@ from functools import partial
 import numpy as np
 
 from .kernels import moe, norm, q4, q8, q56, qbatch, qbatch8
+from .kernels.act_quant import check_weight
 from .weights import QTensor
 
 QBATCH_MAX_T = 64  # the integer small-batch matmul beats the exact fp32 one up to here (benchmarks/qbatch.py)
@@ -102,6 +103,12 @@ class QuantLinear:
             return qbatch.qmatmul(X, self.data, self.scales, out, self.bits)
         return self._exact_matmul(X, self.data, self.scales, out)
 
+    def bind_row(self, out: np.ndarray):
+        """`row(i)`: out float32 [K] = row i of W, dequantized (exact, as QTensor.rows: decode's
+        embedding lookup, compiled instead of numpy's unpacking)."""
+        s = check_weight(self.data, self.scales, self.shape[1], self.bits, ndim=2)
+        return _RowCall(q4.DEQUANT_ROWS[self.bits], self.data, s, self.shape[1], out)
+
     def bank(self):
         """(data, scales) as a one-expert bank [1, O, ...], for the fused expert kernels."""
         return self.data[None], self.scales[None]
@@ -122,6 +129,11 @@ class PackedLinear:
 
     def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
         return q56.bind_matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
+
+    def bind_row(self, out: np.ndarray):
+        """`row(i)`: out float32 [K] = row i of W, dequantized (exact, as QTensor.rows)."""
+        s = q56.check_weight(self.data, self.scales, self.shape[1], self.nbits)
+        return _RowCall(q56.DEQUANT_ROWS[self.nbits], self.data, s, self.shape[1], out)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         if act8:
@@ -146,9 +158,33 @@ class FloatLinear:
     def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
         return partial(self.matvec, x, out, s)
 
+    def bind_row(self, out: np.ndarray):
+        """`row(i)`: out [K] = row i of W."""
+        return _RowCall(_float_rows, self.w, None, self.shape[1], out)
+
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         np.dot(X, self.w.T, out=out)
         return out
+
+
+def _float_rows(w: np.ndarray, scales: None, r0: int, tile: np.ndarray) -> None:
+    tile[:] = w[r0:r0 + len(tile)]
+
+
+class _RowCall:
+    """A bound row lookup: row(i) writes row i of a quantized matrix into `out` through a compiled
+    dequantizer `fn(data, scales, r0, tile)` (or a float copy); i is checked (the kernels do not
+    bounds-check)."""
+
+    def __init__(self, fn, data: np.ndarray, scales: np.ndarray | None, k: int, out: np.ndarray):
+        if out.dtype != np.float32 or out.shape != (k,) or not out.flags.c_contiguous:
+            raise ValueError(f"row out must be C-contiguous float32 [{k}], got {out.dtype} {out.shape}")
+        self.fn, self.data, self.scales, self.tile, self.rows = fn, data, scales, out[None], data.shape[0]
+
+    def __call__(self, i: int) -> None:
+        if not 0 <= i < self.rows:
+            raise IndexError(f"row {i} is outside the matrix's {self.rows} rows")
+        self.fn(self.data, self.scales, i, self.tile)
 
 
 CPU_KERNELS = {"q4": QuantLinear, "q5": PackedLinear, "q6": PackedLinear, "q8": QuantLinear,

@@ -360,3 +360,37 @@ def test_decode_batch_checks_its_arguments(pair):
     with pytest.raises(ErnieEdgeError, match="outside the vocabulary"):
         fast.decode_batch([fast.config.vocab_size], [c])
     assert c.length == 0
+
+
+def test_bound_embedding_row_is_the_stored_row(pair):
+    """Decode's compiled embedding lookup (cpu_model.DecodePlan.embed_row) writes exactly the
+    dequantized row QTensor.rows gives (the format spec), and refuses a row outside the vocabulary."""
+    fast, _ = pair
+    backend = fast.backend
+    plan, out = backend._decode_plan(), backend.buf.x
+    vocab = backend.embed.shape[0]
+    for token in (0, 1, 977 % vocab, vocab - 1):
+        plan.embed_row(token)
+        np.testing.assert_array_equal(out, backend.embed.rows(np.array([token]))[0])
+    with pytest.raises(IndexError, match="outside"):
+        plan.embed_row(vocab)
+
+
+@pytest.mark.parametrize("quant, group", [("q4", 32), ("q8", 64), ("q5", 32), ("q6", 128), ("f16", 0), ("f32", 0)])
+def test_bind_row_is_the_format_spec(quant, group):
+    """Every CPU weight format's bound row lookup gives QTensor.rows' bits (the format spec)."""
+    from ernie_edge.cpu_weights import linear
+    from ernie_edge.formats.table import get_format
+    from ernie_edge.weights import QTensor
+    w = np.random.default_rng(len(quant) + group).standard_normal((37, 256)).astype(np.float32)
+    data, scales = get_format(quant).quantize(w, group or None)
+    t = QTensor(quant, data, scales, group, w.shape)
+    out = np.zeros(256, np.float32)
+    row = linear(t).bind_row(out)
+    for i in (0, 5, 36):
+        row(i)
+        np.testing.assert_array_equal(out, t.rows(np.array([i]))[0])
+    with pytest.raises(IndexError, match="outside"):
+        row(37)
+    with pytest.raises(ValueError, match=r"float32 \[256\]"):
+        linear(t).bind_row(np.zeros(255, np.float32))

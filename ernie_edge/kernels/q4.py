@@ -29,6 +29,11 @@ def _q4_dequant_rows(packed, s, r0, tile):
         simd.q4_dequant_row(packed, (r0 + i) * kw, s, (r0 + i) * nsg, K // nsg, tile, i * K, K)
 
 
+# The serial row dequantizers of int4 / int8 codes, (data, scales as uint16, r0, tile) -> tile, exact
+# (decode's embedding lookup, cpu_weights.QuantLinear.bind_row).
+DEQUANT_ROWS = {4: _q4_dequant_rows, 8: q8._q8_dequant_rows}
+
+
 def q4_dequant_rows(packed, scales, r0: int, tile) -> np.ndarray:
     """tile float32 [n, K] = rows r0 .. r0+n-1 of the int4 matrix, dequantized (= formats.dequantize_q4)."""
     s = check_weight(packed, scales, tile.shape[1], 4, ndim=2)

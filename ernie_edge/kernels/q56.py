@@ -547,7 +547,7 @@ def _dequant_rows6(w, s, r0, tile):
     _dequant_rows_body(w, s, r0, tile, 6)
 
 
-_DEQUANT_ROWS = {5: _dequant_rows5, 6: _dequant_rows6}
+DEQUANT_ROWS = {5: _dequant_rows5, 6: _dequant_rows6}  # serial (w, scales, r0, tile) -> tile, exact
 
 
 def dequant_rows(w, scales, r0: int, tile, bits: int) -> np.ndarray:
@@ -556,7 +556,7 @@ def dequant_rows(w, scales, r0: int, tile, bits: int) -> np.ndarray:
     if not 0 <= r0 <= w.shape[0] - tile.shape[0]:
         raise ValueError(f"rows {r0}..{r0 + tile.shape[0]} out of range for {w.shape[0]} rows")
     check_contig(tile=tile)
-    _DEQUANT_ROWS[bits](w, s, r0, tile)
+    DEQUANT_ROWS[bits](w, s, r0, tile)
     return tile
 
 
@@ -589,4 +589,4 @@ def matmul_small(X, w, scales, out, bits: int) -> np.ndarray:
 def matmul_exact(X, w, scales, out, bits: int) -> np.ndarray:
     """out float32 [T, O] = X W^T, exact float32: dequantized row tiles + sgemm (q8.tiled_matmul)."""
     s = _check_matmul(X, w, scales, out, bits)
-    return tiled_matmul(np.ascontiguousarray(X), w, s, out, _DEQUANT_ROWS[bits])
+    return tiled_matmul(np.ascontiguousarray(X), w, s, out, DEQUANT_ROWS[bits])
