@@ -258,15 +258,21 @@ def _gate_up_silu(x, wg, sg, wu, su, out, xq, xd, xs, bits, claims, nt):
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
 
 
+@njit(inline="always")
+def _quantize_pair(x, sga, xqa, xda, xsa, gsa, sgb, sub, xqb, xdb, xsb):
+    """x quantized for routed bank a and q5 / q6 shared expert b: (blocks, a's, b's gate and up log2_sub)."""
+    nb = x.shape[0] // 32
+    quantize_act(x, xqa, xda, xsa, gsa)
+    quantize_act(x, xqb, xdb, xsb, 32)
+    return nb, log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[1]), log2_sub(nb, sub.shape[1])
+
+
 @pnjit()
 def _pair_gate_up(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
                   wgb, sgb, wub, sub, outb, xqb, xdb, xsb, bits, claims, nt):
     """Routed experts a (q4 / q8 bank, kernels/q8.py's quads) and a q5 / q6 shared expert b:
     gate, up and SwiGLU of both in ONE parallel region, bit-identical to separate calls."""
-    nb = x.shape[0] // 32
-    quantize_act(x, xqa, xda, xsa, gsa)
-    quantize_act(x, xqb, xdb, xsb, 32)
-    l2a, lgb, lub = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[1]), log2_sub(nb, sub.shape[1])
+    nb, l2a, lgb, lub = _quantize_pair(x, sga, xqa, xda, xsa, gsa, sgb, sub, xqb, xdb, xsb)
     nqa = wga.shape[1] // 4
     ta = idsa.shape[0] * nqa
     total = ta + (outb.shape[0] + 3) // 4
@@ -291,10 +297,7 @@ def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p
     region (kernels/moe.py, "routing inside the experts' gate/up region"): phase 1 the router's
     and the shared expert b's rows, phase 2 the routed experts a's. idsa is idx[0]. Bit-identical
     to moe's route and then `_pair_gate_up`."""
-    nb = x.shape[0] // 32
-    quantize_act(x, xqa, xda, xsa, gsa)
-    quantize_act(x, xqb, xdb, xsb, 32)
-    l2a, lgb, lub = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[1]), log2_sub(nb, sub.shape[1])
+    nb, l2a, lgb, lub = _quantize_pair(x, sga, xqa, xda, xsa, gsa, sgb, sub, xqb, xdb, xsb)
     nqa = wga.shape[1] // 4
     ta = idsa.shape[0] * nqa
     nsh = (outb.shape[0] + 3) // 4
@@ -302,21 +305,20 @@ def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p
     c1, n1, uq1, c2 = moe.routed_phases(claims, wr.shape[0], nsh, q8.UNIT_QUADS)
     uq2, n2 = q8._units(ta, c2)
     for t in prange(nt):
-        for phase in range(2):
-            c, n = (c1, n1) if phase == 0 else (c2, n2)
-            if phase == 1:
-                moe.wait_routed(claims)
-            u, k, pos = _next_unit(c, t, nt, n, 0, t * n // nt)
-            while u >= 0:
-                if phase == 1:
-                    for q in range(u * uq2, min(ta, (u + 1) * uq2)):
-                        _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
-                elif u < nr:
-                    moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
-                else:
-                    for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
-                        _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
-                u, k, pos = _next_unit(c, t, nt, n, k, pos)
+        u, k, pos = _next_unit(c1, t, nt, n1, 0, t * n1 // nt)
+        while u >= 0:
+            if u < nr:
+                moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
+            else:
+                for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
+                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
+            u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
+        moe.wait_routed(claims)
+        u, k, pos = _next_unit(c2, t, nt, n2, 0, t * n2 // nt)
+        while u >= 0:
+            for q in range(u * uq2, min(ta, (u + 1) * uq2)):
+                _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
+            u, k, pos = _next_unit(c2, t, nt, n2, k, pos)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
 
 

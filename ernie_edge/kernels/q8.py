@@ -250,17 +250,23 @@ def _experts_gate_up_silu(x, wg, sg, wu, su, ids, out_h, xq, xd, xs, gs, claims,
     _gate_up_tail(wg, sg, wu, su, ids, out_h, xq, xd, xs, nb, l2)
 
 
+@njit(inline="always")
+def _quantize_two(x, sga, xqa, xda, xsa, gsa, sgb, xqb, xdb, xsb, gsb, quantize_b):
+    """x quantized for two banks a and b (for b only when quantize_b): (blocks, a's and b's log2_sub)."""
+    nb = x.shape[0] // 32
+    quantize_act(x, xqa, xda, xsa, gsa)
+    if quantize_b:
+        quantize_act(x, xqb, xdb, xsb, gsb)
+    return nb, log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[2])
+
+
 @pnjit()
 def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
                            wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, quantize_b, claims, nt):
     """`_experts_gate_up_silu` of two banks a and b (e.g. the routed experts and the shared expert,
     int4 and int8) on the same x in ONE parallel region: one stream of work units for both.
     quantize_b False: b's buffers are a's (x quantized the same way for both)."""
-    nb = x.shape[0] // 32
-    l2a, l2b = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[2])
-    quantize_act(x, xqa, xda, xsa, gsa)
-    if quantize_b:
-        quantize_act(x, xqb, xdb, xsb, gsb)
+    nb, l2a, l2b = _quantize_two(x, sga, xqa, xda, xsa, gsa, sgb, xqb, xdb, xsb, gsb, quantize_b)
     nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
     ta = idsa.shape[0] * nqa
     total = ta + idsb.shape[0] * nqb
@@ -283,14 +289,8 @@ def _routed_experts2_gate_up_silu(xr, wr, bias, use_bias, kr, norm_min, idx, w, 
                                   x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
                                   wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, quantize_b, claims, nt):
     """moe's router of token x, then `_experts2_gate_up_silu` with the experts it selects for bank
-    a (idsa is idx[0]), in ONE parallel region (kernels/moe.py, "routing inside the experts'
-    gate/up region"): phase 1 the router's and bank b's rows (the shared expert), phase 2 bank a's.
-    Bit-identical to moe's route and then `_experts2_gate_up_silu`."""
-    nb = x.shape[0] // 32
-    l2a, l2b = log2_sub(nb, sga.shape[2]), log2_sub(nb, sgb.shape[2])
-    quantize_act(x, xqa, xda, xsa, gsa)
-    if quantize_b:
-        quantize_act(x, xqb, xdb, xsb, gsb)
+    a (idsa is idx[0]), bit-identical, in ONE parallel region (kernels/moe.py's two phases)."""
+    nb, l2a, l2b = _quantize_two(x, sga, xqa, xda, xsa, gsa, sgb, xqb, xdb, xsb, gsb, quantize_b)
     nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
     ta, tb = idsa.shape[0] * nqa, idsb.shape[0] * nqb
     nr = (wr.shape[0] + moe.ROUTER_ROWS - 1) // moe.ROUTER_ROWS

@@ -248,18 +248,26 @@ def f32_from_bits(typingctx, bits):
     return sig, codegen
 
 
-@intrinsic
-def fetch_add(typingctx, counter, index, value):
-    """Atomically add `value` to int64 counter[index]; returns the old value (lock xadd). The
-    decode kernels claim their work units with it (kernels/q8.py `_next_unit`)."""
-    sig = types.int64(counter, types.intp, types.int64)
+def _counter(context, builder, signature, args):
+    """Pointer to int64 counter[index], the first two arguments of the counter intrinsics."""
+    return builder.gep(ir.data_ptr(context, builder, signature.args[0], args[0], I64), [args[1]])
 
-    def codegen(context, builder, signature, args):
-        arr, idx, val = args
-        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
-        return builder.atomic_rmw("add", ptr, val, "monotonic")
 
-    return sig, codegen
+def _make_fetch_add(ordering: str):
+    def typer(typingctx, counter, index, value):
+        sig = types.int64(counter, types.intp, types.int64)
+
+        def codegen(context, builder, signature, args):
+            return builder.atomic_rmw("add", _counter(context, builder, signature, args), args[2], ordering)
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+# fetch_add(counter, index, value): atomically add value to int64 counter[index]; returns the old
+# value (lock xadd). The decode kernels claim their work units with it (kernels/q8.py `_next_unit`).
+fetch_add = _make_fetch_add("monotonic")
 
 
 # ---- phases inside one parallel region (kernels/moe.py's routed gate/up region) ------------------
@@ -267,18 +275,9 @@ def fetch_add(typingctx, counter, index, value):
 # through a counter: the writer's fetch_add_sync releases what it wrote before, the reader's
 # load_acquire of the value it waits for sees all of it.
 
-@intrinsic
-def fetch_add_sync(typingctx, counter, index, value):
-    """`fetch_add` that also orders this thread's earlier writes before it and its later reads
-    after it (acq_rel): the thread that sees the count complete sees everything counted."""
-    sig = types.int64(counter, types.intp, types.int64)
-
-    def codegen(context, builder, signature, args):
-        arr, idx, val = args
-        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
-        return builder.atomic_rmw("add", ptr, val, "acq_rel")
-
-    return sig, codegen
+# fetch_add_sync: `fetch_add` that also orders this thread's earlier writes before it and its later
+# reads after it (acq_rel): the thread that sees the count complete sees everything counted.
+fetch_add_sync = _make_fetch_add("acq_rel")
 
 
 @intrinsic
@@ -288,9 +287,7 @@ def load_acquire(typingctx, counter, index):
     sig = types.int64(counter, types.intp)
 
     def codegen(context, builder, signature, args):
-        arr, idx = args
-        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
-        return builder.load_atomic(ptr, "acquire", 8)
+        return builder.load_atomic(_counter(context, builder, signature, args), "acquire", 8)
 
     return sig, codegen
 
@@ -301,9 +298,7 @@ def store_release(typingctx, counter, index, value):
     sig = types.void(counter, types.intp, types.int64)
 
     def codegen(context, builder, signature, args):
-        arr, idx, val = args
-        ptr = builder.gep(ir.data_ptr(context, builder, signature.args[0], arr, I64), [idx])
-        builder.store_atomic(val, ptr, "release", 8)
+        builder.store_atomic(args[2], _counter(context, builder, signature, args), "release", 8)
         return context.get_dummy_value()
 
     return sig, codegen
