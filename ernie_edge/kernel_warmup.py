@@ -217,12 +217,12 @@ def _dense_layers_last(layers: list) -> list:
 
 def _decode_share(model) -> None:
     """Compile here the part of the one-token decode path that the decode helper reaches late: the
-    dense layers' MLP gate / up kernel (ERNIE's layer 0: a kernel of its own), the router's compiled
-    selection and the MoE layers' paired down projection, by running each once. The helper - the
-    longer half of a cold warm-up - runs the dense layers last, and gets to the router and the down
-    projection after the attention kernels and the routed gate / up region: by then they are in
-    numba's cache. Balances the two processes (4-layer default recipe, 2 cores, Intel Xeon
-    2026-12-08: the helper ended 7.7 s after this process's share; ~32 -> ~28 s)."""
+    dense layers' MLP gate / up kernel (ERNIE's layer 0: a kernel of its own) and the MoE layers'
+    paired down projection, by running each once. The helper - the longer half of a cold warm-up -
+    runs the dense layers last, and gets to the down projection after the attention kernels and the
+    routed gate / up region: by then both are in numba's cache. Balances the two processes (4-layer
+    default recipe, 2 cores, Intel Xeon 2026-12-08: the helper had ended 7.7 s after this process's
+    share; ~32 -> ~28 s). The router needs nothing here: decode routes inside the gate / up region."""
     backend = model.backend
     buf = getattr(backend, "buf", None)
     if model.backend_name != "cpu" or buf is None:
@@ -232,11 +232,9 @@ def _decode_share(model) -> None:
     if dense:
         dense[0].mlp.gate_up_silu(x, s)
     if moe:
-        mlp = moe[0].mlp
-        mlp.route(x, s.idx, s.w, work=s.route_work)
-        paired = mlp.bind_paired(x, np.zeros_like(x), s)
+        paired = moe[0].mlp.bind_paired(x, np.zeros_like(x), s)
         if paired is not None:
-            paired[1]()  # the down projections (of the experts just routed)
+            paired[1]()  # the down projections (of the experts in s.idx: any valid ids do)
 
 
 def _decode_main(argv: list[str]) -> int:
