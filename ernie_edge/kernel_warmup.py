@@ -232,9 +232,11 @@ def _decode_share(model) -> None:
     if dense:
         dense[0].mlp.gate_up_silu(x, s)
     if moe:
-        paired = moe[0].mlp.bind_paired(x, np.zeros_like(x), s)
+        paired = moe[0].mlp.bind_paired(x, buf.y, s)
         if paired is not None:
-            paired[1]()  # the down projections (of the experts in s.idx: any valid ids do)
+            s.idx[:] = 0  # any experts do: the down projections (into buf.y) only need compiling
+            s.he[:] = 0.0
+            paired[1]()
 
 
 def _decode_main(argv: list[str]) -> int:

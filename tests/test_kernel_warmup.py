@@ -130,20 +130,22 @@ def edge_dir(tmp_path_factory):
 
 
 def test_decode_share_runs_what_the_helper_reaches_late(edge_dir):
-    """The main process's share of the decode path (the dense MLP's gate / up and the one-token
-    router) runs on the model's own buffers; the helper's layer order puts the dense layers last
-    and keeps every layer."""
+    """The main process's share of the decode path (the dense MLP's gate / up and the MoE layers'
+    paired down projection) runs on the model's own buffers; the helper's layer order puts the
+    dense layers last and keeps every layer."""
     from ernie_edge.cpu_weights import SwiGLU
     model = ernie_edge.load(edge_dir)
     layers = model.backend.layers
     s = model.backend.buf.scratch
-    s.idx[:] = -1
+    s.idx[:] = -1  # not experts: the share must set its own
     s.g[:] = np.nan
+    model.backend.buf.y[:] = np.nan
     kernel_warmup._decode_share(model)
     dense = [L for L in layers if isinstance(L.mlp, SwiGLU)]
     assert dense, "the test model has a dense layer 0"
     assert np.isfinite(s.g[:dense[0].mlp.width]).all()  # gate / up / SwiGLU of x = 0 ran
-    assert ((s.idx >= 0) & (s.idx < model.config.moe_num_experts)).all()  # the router chose experts
+    assert ((s.idx >= 0) & (s.idx < model.config.moe_num_experts)).all()
+    assert np.isfinite(model.backend.buf.y).all()  # the paired down projection ran
     order = kernel_warmup._dense_layers_last(layers)
     assert sorted(map(id, order)) == sorted(map(id, layers))
     kinds = [isinstance(L.mlp, SwiGLU) for L in order]
