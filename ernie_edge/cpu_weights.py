@@ -41,7 +41,7 @@ from functools import partial
 
 import numpy as np
 
-from .kernels import moe, norm, q4, q8, q56, qbatch, qbatch8
+from .kernels import moe, norm, q4, q8, q56, qbatch, qbatch8, routed
 from .kernels.act_quant import check_weight
 from .weights import QTensor
 
@@ -400,7 +400,7 @@ class MoE:
 
     def bind_decode(self, x: np.ndarray, out: np.ndarray, s: Scratch):
         """`decode` (without a trace) as a bound call: the paired expert kernels, the router in the
-        first one's parallel region (kernels/moe.py, "routing inside the experts' gate/up region")."""
+        first one's parallel region (kernels/routed.py)."""
         route = moe.router_args(x, self.router, self.bias, self.k, s.idx, s.w, self.norm_min, s.route_work)
         paired = self.bind_paired(x, out, s, route)
         if paired is None:
@@ -424,8 +424,8 @@ class MoE:
             if route is None:
                 gate_up = q8.bind_experts_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
             else:
-                gate_up = q8.bind_routed_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared,
-                                                                   s.act, s.act_shared, s.act8)
+                gate_up = routed.bind_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared,
+                                                                s.act, s.act_shared, s.act8)
             return gate_up, q8.bind_experts_pair_down_weighted(
                 routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8)
         if self.paired_packed:
@@ -434,8 +434,8 @@ class MoE:
             if route is None:
                 gate_up = q56.bind_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
             else:
-                gate_up = q56.bind_routed_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared, s.act,
-                                                            s.act_shared, s.act8)
+                gate_up = routed.bind_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared, s.act,
+                                                        s.act_shared, s.act8)
             return gate_up, q56.bind_pair_down_weighted(
                 routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8)
         return None

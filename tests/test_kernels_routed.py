@@ -1,4 +1,4 @@
-"""The routed gate/up regions (kernels/moe.py, "routing inside the experts' gate/up region"): the
+"""The routed gate/up regions (kernels/routed.py): the
 router of one token and the gate, up and SwiGLU of its experts and of the shared expert in one
 parallel region, kernels/q8.py's (q4 / q8 shared expert) and q56.py's (q5 / q6 shared expert).
 Each must give exactly what the router followed by the paired kernel gives, call after call,
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ernie_edge.formats.quant import quantize_q4
-from ernie_edge.kernels import moe, q8, q56
+from ernie_edge.kernels import moe, q8, q56, routed
 from ernie_edge.kernels.q8 import ActScratch
 
 from test_kernels_q56 import random_qn
@@ -41,7 +41,7 @@ class _Calls:
     kernel (`separate`), each with its own buffers."""
 
     def __init__(self, E: int, shared_bits: int, use_bias: bool, act8: bool, rng):
-        routed, router, bias, shared = _weights(E, shared_bits, rng)
+        bank, router, bias, shared = _weights(E, shared_bits, rng)
         self.x = np.zeros(H, np.float32)
         self.bufs = []
         for _ in range(2):
@@ -55,20 +55,19 @@ class _Calls:
         route = moe.router_args(self.x, router, b, K, idx, w, 1e-12, work)
         if shared_bits == 8:
             sh = (*shared[:2], *shared[2:], np.zeros(1, np.int64), g, 8)
-            self.fused = q8.bind_routed_experts_pair_gate_up_silu(route, self.x, (*routed, he, 4), sh, act_a, act_b,
-                                                                  act8)
+            self.fused = routed.bind_experts_pair_gate_up_silu(route, self.x, (*bank, he, 4), sh, act_a, act_b, act8)
         else:
-            self.fused = q56.bind_routed_pair_gate_up_silu(route, self.x, (*routed, he, 4), (*shared, g, shared_bits),
-                                                           act_a, act_b, act8)
+            self.fused = routed.bind_pair_gate_up_silu(route, self.x, (*bank, he, 4), (*shared, g, shared_bits), act_a,
+                                                       act_b, act8)
         idx, w, he, g, act_a, act_b, work = self.bufs[1]
 
         def separate():
             moe.route(self.x, router, b, K, idx, w, 1e-12, work)
             if shared_bits == 8:
-                q8.experts_pair_gate_up_silu(self.x, (*routed, idx[0], he, 4),
+                q8.experts_pair_gate_up_silu(self.x, (*bank, idx[0], he, 4),
                                              (*shared, np.zeros(1, np.int64), g, 8), act_a, act_b, act8)
             else:
-                q56.pair_gate_up_silu(self.x, (*routed, idx[0], he, 4), (*shared, g, shared_bits), act_a, act_b,
+                q56.pair_gate_up_silu(self.x, (*bank, idx[0], he, 4), (*shared, g, shared_bits), act_a, act_b,
                                       act8)
         self.separate = separate
 
@@ -118,16 +117,16 @@ def test_routed_region_finishes_on_fewer_threads(shared_bits):
 def test_routed_region_routes_its_own_token():
     """The router's arguments must be of the same single token the experts read."""
     rng = np.random.default_rng(5)
-    routed, router, bias, shared = _weights(64, 5, rng)
+    bank, router, bias, shared = _weights(64, 5, rng)
     x, other = np.zeros(H, np.float32), np.zeros(H, np.float32)
     idx, w, he, g = np.zeros((1, K), np.int64), np.zeros((1, K), np.float32), np.zeros((K, INTER), np.float32), \
         np.zeros(SHARED, np.float32)
     act_a, act_b, work = ActScratch(H, rows=K), ActScratch(H), np.zeros((3, 64), np.float32)
     route = moe.router_args(other, router, bias, K, idx, w, 1e-12, work)
     with pytest.raises(ValueError, match="same x"):
-        q56.bind_routed_pair_gate_up_silu(route, x, (*routed, he, 4), (*shared, g, 5), act_a, act_b)
+        routed.bind_pair_gate_up_silu(route, x, (*bank, he, 4), (*shared, g, 5), act_a, act_b)
     two = np.zeros((2, H), np.float32)
     route = moe.router_args(two, router, bias, K, np.zeros((2, K), np.int64), np.zeros((2, K), np.float32), 1e-12,
                             work)
     with pytest.raises(ValueError, match="one token"):
-        q56.bind_routed_pair_gate_up_silu(route, two[0], (*routed, he, 4), (*shared, g, 5), act_a, act_b)
+        routed.bind_pair_gate_up_silu(route, two[0], (*bank, he, 4), (*shared, g, 5), act_a, act_b)

@@ -105,7 +105,7 @@ def route(x, wg, bias, k: int, idx_out, w_out, norm_min: float = 1e-12, work=Non
 
 def router_args(x, wg, bias, k: int, idx_out, w_out, norm_min: float, work) -> tuple:
     """The checked arguments of the compiled router (`_route1` / `_route`, and the routed gate/up
-    regions of kernels/q8.py and q56.py): (x [T, H], wg, bias, use_bias, k, norm_min, idx_out,
+    regions of kernels/routed.py): (x [T, H], wg, bias, use_bias, k, norm_min, idx_out,
     w_out, logits, p). x, idx_out, w_out and work are bound, not copied (`act_quant.live`)."""
     x2 = live(x, np.float32, "x").reshape(-1, x.shape[-1])
     T, H = x2.shape
@@ -139,52 +139,33 @@ def bind_route(x, wg, bias, k: int, idx_out, w_out, norm_min: float, work):
     return partial(_route1, *args) if args[0].shape[0] == 1 else partial(_route, *args, False)
 
 
-# ---- routing inside the experts' gate/up region (decode) ----------------------------------------
-# kernels/q8.py and q56.py run a token's router in the same parallel region as the gate and up
-# projections of its experts, in two phases over the work-unit claims of q8's schedule:
-#   1. the router's rows (ROUTER_ROWS experts a unit) and the shared expert's rows, which do not
-#      depend on the routing: one thread computes the router while the other streams the shared
-#      expert, so the router's short read no longer stands alone between two regions;
-#   2. the routed experts' rows, once selected.
-# The thread that finishes the last router unit selects the experts (`_select`, as the separate call
-# does) and publishes them; a thread out of phase-1 units waits for that. It waits only on a unit
-# some running thread has claimed, so the region cannot deadlock, however many of its threads run
-# at once (one thread alone does every unit).
+# ---- the router's part of decode's routed gate/up regions (kernels/routed.py) ----------------------
 
-ROUTER_ROWS = 8  # router rows (experts) per work unit of phase 1
-SYNC = 2  # claims[0]: router units done; claims[1]: 1 once the experts are selected
+ROUTER_ROWS = 8  # router rows (experts) per work unit of a routed region's first phase
 
 
 @njit(inline="always")
-def routed_phases(claims, n_experts, shared_quads, uq_min):
-    """Split the claim flags for the two phases (above) and clear them: (claims of phase 1, its unit
-    count, quads per shared-expert unit, claims of phase 2). Phase 1's units are the router's
-    units, then the shared expert's (at least uq_min groups of 4 rows a unit)."""
-    claims[:SYNC] = 0
-    half = (claims.shape[0] - SYNC) // 2
-    c1, c2 = claims[SYNC:SYNC + half], claims[SYNC + half:]
-    nr = (n_experts + ROUTER_ROWS - 1) // ROUTER_ROWS
-    uq = max(uq_min, -(-shared_quads // (half - nr)))
-    n1 = nr + -(-shared_quads // uq)
-    c1[:n1] = 0
-    return c1, n1, uq, c2
+def router_units(n_experts):
+    """Work units of the router's rows in a routed region."""
+    return (n_experts + ROUTER_ROWS - 1) // ROUTER_ROWS
 
 
 @njit()
 def router_unit(u, x, wg, bias, use_bias, k, norm_min, idx, w, logits, p, claims):
-    """Phase-1 unit u (< the router's unit count): router logits of experts u*ROUTER_ROWS .. for
-    token 0 of x [1, H], as `_router_logits_1` computes them. The thread that finishes the last
-    router unit then selects the experts (`_select`) and publishes them (claims[1])."""
+    """Router unit u (< router_units(E)) of a routed region: router logits of experts
+    u*ROUTER_ROWS .. for token 0 of x [1, H], as `_router_logits_1` computes them. claims[0] counts
+    the finished units; the thread that finishes the last one selects the experts (`_select`) and
+    publishes them (claims[1] = 1)."""
     E = wg.shape[0]
     for e in range(u * ROUTER_ROWS, min(E, (u + 1) * ROUTER_ROWS)):
         logits[e] = _logit(x, 0, wg, e)
-    if simd.fetch_add_sync(claims, 0, 1) == (E + ROUTER_ROWS - 1) // ROUTER_ROWS - 1:
+    if simd.fetch_add_sync(claims, 0, 1) == router_units(E) - 1:
         _select(logits, p, bias, use_bias, k, norm_min, idx, w, 0)
         simd.store_release(claims, 1, 1)
 
 
 @njit(inline="always")
 def wait_routed(claims):
-    """Wait until the experts are selected (phase 2 may start)."""
+    """Wait until `router_unit` has published the experts (claims[1])."""
     while simd.load_acquire(claims, 1) == 0:
         simd.spin_pause()

@@ -42,7 +42,7 @@ from numba.extending import intrinsic, overload
 
 from . import dot8, ir
 from ._jit import get_threads, njit, pnjit
-from . import moe, q8
+from . import q8
 from .codes import block_i16
 from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, live, log2_sub, quantize_act
 from .q8 import (ActScratch, _down_sum1, _down_sum4, _gate_up_quad, _gate_up_tail, _next_unit, _quantize_slots,
@@ -290,39 +290,6 @@ def _pair_gate_up(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
 
 
 @pnjit()
-def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p,
-                         x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
-                         wgb, sgb, wub, sub, outb, xqb, xdb, xsb, bits, claims, nt):
-    """moe's router of token x, then `_pair_gate_up` with the experts it selects, in ONE parallel
-    region (kernels/moe.py, "routing inside the experts' gate/up region"): phase 1 the router's
-    and the shared expert b's rows, phase 2 the routed experts a's. idsa is idx[0]. Bit-identical
-    to moe's route and then `_pair_gate_up`."""
-    nb, l2a, lgb, lub = _quantize_pair(x, sga, xqa, xda, xsa, gsa, sgb, sub, xqb, xdb, xsb)
-    nqa = wga.shape[1] // 4
-    ta = idsa.shape[0] * nqa
-    nsh = (outb.shape[0] + 3) // 4
-    nr = (wr.shape[0] + moe.ROUTER_ROWS - 1) // moe.ROUTER_ROWS
-    c1, n1, uq1, c2 = moe.routed_phases(claims, wr.shape[0], nsh, q8.UNIT_QUADS)
-    uq2, n2 = q8._units(ta, c2)
-    for t in prange(nt):
-        u, k, pos = _next_unit(c1, t, nt, n1, 0, t * n1 // nt)
-        while u >= 0:
-            if u < nr:
-                moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
-            else:
-                for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
-                    _gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
-            u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
-        moe.wait_routed(claims)
-        u, k, pos = _next_unit(c2, t, nt, n2, 0, t * n2 // nt)
-        while u >= 0:
-            for q in range(u * uq2, min(ta, (u + 1) * uq2)):
-                _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
-            u, k, pos = _next_unit(c2, t, nt, n2, k, pos)
-    _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
-
-
-@pnjit()
 def _pair_down(ha, wda, sda, idsa, wa, hqa, hda, hsa, gsa, hb, wdb, sdb, hqb, hdb, hsb, out, bits, claims, nt):
     """out [H] = routed experts' weighted down projections (q4 / q8, ascending expert id) + the
     q5 / q6 shared expert's down projection, added last: one parallel region."""
@@ -413,17 +380,6 @@ def bind_pair_gate_up_silu(x, routed, shared, act_a: ActScratch, act_b: ActScrat
     xqb, xdb, xsb = act_b.views(k, int8=act8)
     return partial(_pair_gate_up, x, wga, sga, wua, sua, ids, out_h, xqa[0], xda[0], xsa[0], act_group(k, sga, abits),
                    wgb, sgb, wub, sub, out_b, xqb[0], xdb[0], xsb[0], bits, act_a.claims, get_threads())
-
-
-def bind_routed_pair_gate_up_silu(route: tuple, x, routed, shared, act_a: ActScratch, act_b: ActScratch,
-                                   act8: bool = False):
-    """The router of one token x, then `pair_gate_up_silu` with the experts it selects, in ONE
-    parallel region, as a call to repeat. route: moe.router_args of x (its idx_out [1, k] holds
-    the selected experts); routed: (gate, gate_scales, up, up_scales, out_h, bits) without ids;
-    shared as in `pair_gate_up_silu`. Bit-identical to moe.route, then `pair_gate_up_silu`."""
-    routed = (*routed[:4], moe.routed_ids(route, x), *routed[4:])
-    call = bind_pair_gate_up_silu(x, routed, shared, act_a, act_b, act8)
-    return partial(_routed_pair_gate_up, *route, *call.args)
 
 
 def pair_down_weighted(routed, shared, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:

@@ -46,7 +46,7 @@ from functools import partial
 import numpy as np
 from numba import prange
 
-from . import moe, simd
+from . import simd
 from ._jit import get_threads, njit, pnjit, single_threaded_blas, worker_pool
 from .act_quant import ACT_BLOCK, act_group, check_contig, check_weight, live, log2_sub, quantize_act
 
@@ -280,37 +280,6 @@ def _experts2_gate_up_silu(x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa
                 else:
                     _gate_up_quad(wgb, sgb, wub, sub, idsb, outb, p - ta, nqb, xqb, xdb, xsb, nb, l2b)
             u, k, pos = _next_unit(claims, t, nt, n, k, pos)
-    _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
-    _gate_up_tail(wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, nb, l2b)
-
-
-@pnjit()
-def _routed_experts2_gate_up_silu(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p,
-                                  x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
-                                  wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, quantize_b, claims, nt):
-    """moe's router of token x, then `_experts2_gate_up_silu` with the experts it selects for bank
-    a (idsa is idx[0]), bit-identical, in ONE parallel region (kernels/moe.py's two phases)."""
-    nb, l2a, l2b = _quantize_two(x, sga, xqa, xda, xsa, gsa, sgb, xqb, xdb, xsb, gsb, quantize_b)
-    nqa, nqb = wga.shape[1] // 4, wgb.shape[1] // 4
-    ta, tb = idsa.shape[0] * nqa, idsb.shape[0] * nqb
-    nr = (wr.shape[0] + moe.ROUTER_ROWS - 1) // moe.ROUTER_ROWS
-    c1, n1, uq1, c2 = moe.routed_phases(claims, wr.shape[0], tb, UNIT_QUADS)
-    uq2, n2 = _units(ta, c2)
-    for t in prange(nt):
-        u, k, pos = _next_unit(c1, t, nt, n1, 0, t * n1 // nt)
-        while u >= 0:
-            if u < nr:
-                moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
-            else:
-                for q in range((u - nr) * uq1, min(tb, (u - nr + 1) * uq1)):
-                    _gate_up_quad(wgb, sgb, wub, sub, idsb, outb, q, nqb, xqb, xdb, xsb, nb, l2b)
-            u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
-        moe.wait_routed(claims)
-        u, k, pos = _next_unit(c2, t, nt, n2, 0, t * n2 // nt)
-        while u >= 0:
-            for q in range(u * uq2, min(ta, (u + 1) * uq2)):
-                _gate_up_quad(wga, sga, wua, sua, idsa, outa, q, nqa, xqa, xda, xsa, nb, l2a)
-            u, k, pos = _next_unit(c2, t, nt, n2, k, pos)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
     _gate_up_tail(wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, nb, l2b)
 
@@ -550,17 +519,6 @@ def bind_experts_pair_gate_up_silu(x, a, b, act_a: ActScratch, act_b: ActScratch
         xq, xd, xs = act.views(k, int8=int8)
         args += [wg, sg, wu, su, ids, out_h, xq[0], xd[0], xs[0], gs]
     return partial(_experts2_gate_up_silu, x, *args, quantize_b, act_a.claims, get_threads())
-
-
-def bind_routed_experts_pair_gate_up_silu(route: tuple, x, a, b, act_a: ActScratch, act_b: ActScratch,
-                                           act8: bool = False):
-    """The router of one token x, then `experts_pair_gate_up_silu` with the experts it selects for
-    bank a, in ONE parallel region, as a call to repeat. route: moe.router_args of x (its idx_out
-    [1, k] gets the experts); a: (gate, gate_scales, up, up_scales, out_h, bits) without ids; b: as
-    in `experts_pair_gate_up_silu`. Bit-identical to moe.route, then `experts_pair_gate_up_silu`."""
-    a = (*a[:4], moe.routed_ids(route, x), *a[4:])
-    call = bind_experts_pair_gate_up_silu(x, a, b, act_a, act_b, act8)
-    return partial(_routed_experts2_gate_up_silu, *route, *call.args)
 
 
 def experts_pair_down_weighted(a, b, out, act_a: ActScratch, act_b: ActScratch, act8: bool = False) -> np.ndarray:
