@@ -118,8 +118,14 @@ def _dense_qtensors(model):
 
 
 def _dense_pieces(model) -> list[np.ndarray]:
-    """The dense tensors' bytes (data and scales) in whole blocks."""
-    return [_whole_blocks(a) for _, q in _dense_qtensors(model) for a in (q.data, q.scales) if a is not None]
+    """The dense tensors' bytes (data and scales) in whole blocks, where decode reads them: the LM
+    head's rows from its tiled copy when the CPU backend made one (cpu_weights.TiledHead)."""
+    tiles = getattr(getattr(model.backend, "lm_head", None), "tiles", None)
+    pieces = []
+    for name, q in _dense_qtensors(model):
+        data = tiles if name == "model.embed_tokens.weight" and tiles is not None else q.data
+        pieces += [_whole_blocks(a) for a in (data, q.scales) if a is not None]
+    return pieces
 
 
 def _expert_pieces(model, rng) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import ErnieConfig
-from .cpu_weights import MoE, QKV, ExpertBank, Scratch, SwiGLU, linear
+from .cpu_weights import MoE, QKV, ExpertBank, Scratch, SwiGLU, head, linear
 from .kernels import attention, norm
 from .kernels._jit import get_threads
 from .kernels.rope import apply_rope
@@ -142,7 +142,7 @@ class CpuModel:
         self.max_context = max_context
         self.kv_dtype = kv_dtype
         self.embed = ck.qtensor("model.embed_tokens.weight")  # [V, H] rows looked up per token
-        self.lm_head = linear(self.embed)  # the same tensor: tied word embeddings
+        self.lm_head = head(self.embed)  # the same tensor: tied word embeddings
         self.final_norm = np.ascontiguousarray(ck.dense("model.norm.weight"), np.float32)
         self.layers = [_load_layer(ck, cfg, i, use_correction_bias) for i in range(cfg.num_hidden_layers)]
         self.buf = DecodeBuffers(cfg)

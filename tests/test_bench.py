@@ -9,7 +9,7 @@ import pytest
 
 import ernie_edge
 
-from ernie_edge.bench import (BenchSettings, _read_pieces, _read_sum, _token_pieces, run_bench,
+from ernie_edge.bench import (BenchSettings, _dense_pieces, _read_pieces, _read_sum, _token_pieces, run_bench,
                                weights_bytes_per_token)
 
 KEYS = {"prefill_tok_s", "decode_tok_s", "ttft_s", "load_s", "jit_s", "peak_rss_bytes", "anon_rss_bytes",
@@ -65,6 +65,17 @@ def test_token_pieces_are_the_bytes_one_decode_step_reads(tiny_edge):
     gate = ck.expert_bank(cfg.moe_layers[0], "gate").data  # [E, I, ...]
     experts = {e for p in pieces for e in range(cfg.moe_num_experts) if np.shares_memory(p, gate[e])}
     assert gate[0].nbytes >= 512 and len(experts) == cfg.moe_k  # k distinct experts of that bank
+
+
+def test_token_pieces_read_the_heads_tiled_copy(tiny_edge):
+    """Where decode reads the LM head from a copy in 4-row tiles (cpu_weights.TiledHead), the read
+    ceiling reads that copy, not the mapped matrix."""
+    model = ernie_edge.load(tiny_edge)
+    embed = model.weights.qtensor("model.embed_tokens.weight")
+    model.backend.lm_head.tiles = tiles = np.ones_like(embed.data)  # stands for it: tiny's rows have no tiles
+    pieces = _dense_pieces(model)
+    assert any(np.shares_memory(p, tiles) for p in pieces)
+    assert not any(np.shares_memory(p, embed.data) for p in pieces)
 
 
 def test_weights_per_token_counts_k_experts_not_all(tiny_edge):

@@ -352,6 +352,25 @@ def test_bound_decode_is_the_checked_decode(pair, decode_acts):
     assert fast.backend._decode_plan().key[0] == (decode_acts == "i8")
 
 
+@pytest.mark.parametrize("decode_acts", ["i16", "i8"], indirect=True)
+def test_tiled_head_is_the_mapped_head(pair, decode_acts):
+    """A q5 / q6 LM head decodes through its copy in 4-row tiles (cpu_weights.TiledHead) with the
+    bits the mapped matrix's matvec gives; a head in another format is that format's weight object."""
+    from ernie_edge.cpu_weights import PackedLinear, TiledHead
+    fast, _ = pair
+    backend = fast.backend
+    head, b, s = backend.lm_head, backend.buf, backend.buf.scratch
+    assert isinstance(head, TiledHead) == (backend.embed.quant in ("q5", "q6"))
+    plan = backend._decode_plan()
+    for seed in (1, 2):
+        b.head_in[:] = np.random.default_rng(seed).standard_normal(b.head_in.shape)
+        plan.lm_head()
+        want = np.empty_like(b.logits)
+        (PackedLinear if isinstance(head, TiledHead) else type(head)).matvec(head, b.head_in, want, s)
+        np.testing.assert_array_equal(b.logits, want)
+    assert not isinstance(head, TiledHead) or head.tiles is not None
+
+
 def test_decode_batch_checks_its_arguments(pair):
     fast, _ = pair
     c = fast.new_cache()

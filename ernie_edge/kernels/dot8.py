@@ -139,7 +139,7 @@ def _span_scales_blocks(builder, sptr, soffs, blocks, log2sub):
 # ---- 4 rows x n tokens ---------------------------------------------------------------------------------
 
 def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, sstride, qoffs, doffs, nblk,
-               log2sub, bits):
+               log2sub, bits, tiled=False):
     """The <16 x float> accumulators (lanes (c, r), module doc) of 4 weight rows x len(qoffs) tokens.
 
     wptr     packed uint8 weights (kernels/codes.py layouts), row r at byte woff + r * wstride
@@ -148,10 +148,15 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
     xqptr    int8 activations in the span order, token j's at qoffs[j]; xdptr float32 / xsptr int32:
              the block scales and block sums spread to the lanes, token j's at doffs[j]
     The nblk % 4 blocks of a last, partial span read block nblk - 1 in place of the missing ones
-    (their activations, scales and sums are zero). Software-prefetches the next 4 rows."""
+    (their activations, scales and sums are zero). Software-prefetches the next 4 rows.
+    tiled    the 4 rows are a tile of kernels/q56.py `tile_rows` starting at woff (wstride: the row
+             bytes): row r's span s at woff + 16 bpb s + 4 bpb r; whole spans only (nblk % 4 == 0)"""
     ntok = len(qoffs)
     bpb = BLOCK_BYTES[bits]
-    woffs = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)]
+    if tiled:
+        woffs, span_bytes = [builder.add(woff, ir.c64(4 * bpb * r)) for r in range(4)], 16 * bpb
+    else:
+        woffs, span_bytes = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)], 4 * bpb
     soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
     ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))  # the next tile's rows
     accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
@@ -162,17 +167,18 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
     def step(span, full):
         b0 = builder.mul(span, ir.c64(4))
         if full:
-            blocks = [builder.add(b0, ir.c64(c)) for c in range(4)]
             ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(span, ir.c64(16 * bpb))), 16 * bpb)
             _span_scales_full(builder, sptr, soffs, span, log2sub, scale_slot)
             ws = builder.load(scale_slot)
+            at = builder.mul(span, ir.c64(span_bytes))
+            offs = [[builder.add(builder.add(wo, at), ir.c64(c * bpb)) for c in range(4)] for wo in woffs]
         else:  # missing blocks read the last one (in bounds); their activations are zero
             last = builder.sub(nblk, ir.c64(1))
             blocks = [builder.select(builder.icmp_unsigned("<", builder.add(b0, ir.c64(c)), nblk),
                                      builder.add(b0, ir.c64(c)), last) for c in range(4)]
             ws = _span_scales_blocks(builder, sptr, soffs, blocks, log2sub)
-        codes = [span_u8(builder, wptr, [builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks], bits,
-                         full) for wo in woffs]
+            offs = [[builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks] for wo in woffs]
+        codes = [span_u8(builder, wptr, row_offs, bits, full) for row_offs in offs]
         for j in range(ntok):
             q0 = builder.add(qoffs[j], builder.mul(span, ir.c64(SPAN)))
             xlo = ir.load_vec(builder, xqptr, q0, I8x64)
@@ -186,17 +192,19 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
 
     with cgutils.for_range(builder, builder.lshr(nblk, ir.c64(2))) as loop:
         step(loop.index, True)
-    with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
-        step(builder.lshr(nblk, ir.c64(2)), False)
+    if not tiled:
+        with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
+            step(builder.lshr(nblk, ir.c64(2)), False)
     return [builder.load(a) for a in accs]
 
 
 # ---- one token: the decode row dots ------------------------------------------------------------------
 
-def _row_dot(context, builder, sig, args, nrows, bits):
+def _row_dot(context, builder, sig, args, nrows, bits, tiled=False):
     """Rows r .. r + nrows - 1 (nrows 4, or 1: four copies of one row) of W x for ONE token, as the
     int16 row dots of kernels/simd.py take them: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk,
-    log2sub), with xq int8 [128 NS], xd float32 / xs int32 [16 NS] (`act_quant.quantize_spans8`)."""
+    log2sub), with xq int8 [128 NS], xd float32 / xs int32 [16 NS] (`act_quant.quantize_spans8`).
+    tiled: the 4 rows are the tile at woff of a `q56.tile_rows` matrix (`accumulate`)."""
     (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
     wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
     if nrows == 1:  # four copies of the row, as the prefill tiles' tail
@@ -204,7 +212,7 @@ def _row_dot(context, builder, sig, args, nrows, bits):
     acc = accumulate(builder, ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16),
                      ir.data_ptr(context, builder, xqty, xq, I8), ir.data_ptr(context, builder, xdty, xd, F32),
                      ir.data_ptr(context, builder, xsty, xs, I32), woff, wstride, soff, sstride,
-                     [ir.c64(0)], [ir.c64(0)], nblk, log2sub, bits)[0]
+                     [ir.c64(0)], [ir.c64(0)], nblk, log2sub, bits, tiled)[0]
     rows = _chunks_sum(builder, acc)
     return [builder.extract_element(rows, ir.c32(r)) for r in range(nrows)]
 
@@ -215,3 +223,5 @@ def _row_dot(context, builder, sig, args, nrows, bits):
 q4_row1, q4_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=4)) for n in (1, 4))
 q5_row1, q5_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=5)) for n in (1, 4))
 q6_row1, q6_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=6)) for n in (1, 4))
+# The same 4-row dots over a tile of kernels/q56.py `tile_rows` (woff: the tile's first byte).
+q5_tile4, q6_tile4 = (ir.row_dot_intrinsic(4, partial(_row_dot, nrows=4, bits=b, tiled=True)) for b in (5, 6))
