@@ -144,10 +144,11 @@ class PackedLinear:
 
 class TiledHead(PackedLinear):
     """A q5 / q6 matrix read whole by every decoded token, the LM head (q6: 203 MB of the 2.05 GB a
-    token of the 28-layer default recipe, of 0.48 GB at 4 layers): its one-token decode matvec reads a copy of the rows in 4-row tiles
-    (q56.tile_rows: a thread's 4 rows are one sequential stream), ~12 % faster from DRAM than the
-    mapped rows side by side (docs/PERF.md). The copy (anonymous memory, the matrix's size) is made
-    at the first such bind; prefill, the batched decode and row lookups read the mapped matrix."""
+    token of the 28-layer default recipe, of 0.48 GB at 4 layers). Its one-token decode matvec reads
+    a copy of the rows in 4-row tiles (q56.tile_rows: a thread's 4 rows are one sequential stream),
+    ~8 % faster from DRAM than the mapped rows side by side (docs/PERF.md). The copy (anonymous
+    memory, the matrix's size) is made at the first such bind; prefill, the batched decode and row
+    lookups read the mapped matrix."""
 
     def __init__(self, t: QTensor):
         super().__init__(t)
