@@ -159,6 +159,7 @@ class TiledHead(PackedLinear):
             return super().bind_matvec(x, out, s)
         if self.tiles is None:
             self.tiles = q56.tile_rows(self.data, self.nbits)
+            self.tiles.flags.writeable = False  # as the mapped weights: the kernels compiled for those take it
         return q56.bind_matvec(x, self.tiles, self.scales, out, s.act, self.nbits, s.act8, tiled=True)
 
 

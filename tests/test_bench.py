@@ -73,6 +73,7 @@ def test_token_pieces_read_the_heads_tiled_copy(tiny_edge):
     model = ernie_edge.load(tiny_edge)
     embed = model.weights.qtensor("model.embed_tokens.weight")
     model.backend.lm_head.tiles = tiles = np.ones_like(embed.data)  # stands for it: tiny's rows have no tiles
+    tiles.flags.writeable = False
     pieces = _dense_pieces(model)
     assert any(np.shares_memory(p, tiles) for p in pieces)
     assert not any(np.shares_memory(p, embed.data) for p in pieces)
