@@ -114,42 +114,36 @@ def _dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(_dot4, inline="always")
-def _dot4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-    q5, q6 = (dot8.q5_row4, dot8.q6_row4) if xq.dtype == types.int8 else (q5_dot4, q6_dot4)
-
-    def dot4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-        if bits == 5:
-            return q5(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-        return q6(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-    return dot4
-
-
 def _tiled4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
     """`_dot4` of the 4-row tile at byte woff of a `tile_rows` matrix: the same bits."""
     raise NotImplementedError("only callable from numba-compiled code")
 
 
-@overload(_tiled4, inline="always")
-def _tiled4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-    q5, q6 = (dot8.q5_tile4, dot8.q6_tile4) if xq.dtype == types.int8 else (q5_tiled4, q6_tiled4)
+def _by_bits(xq, int8_dots, int16_dots):
+    """The implementation of a row-dot stub: the (int5, int6) pair of intrinsics for xq's type,
+    picked by `bits` at run time."""
+    q5, q6 = int8_dots if xq.dtype == types.int8 else int16_dots
 
-    def tiled4(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    def dot(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
         if bits == 5:
             return q5(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
         return q6(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-    return tiled4
+    return dot
+
+
+@overload(_dot4, inline="always")
+def _dot4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    return _by_bits(xq, (dot8.q5_row4, dot8.q6_row4), (q5_dot4, q6_dot4))
+
+
+@overload(_tiled4, inline="always")
+def _tiled4_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
+    return _by_bits(xq, (dot8.q5_tile4, dot8.q6_tile4), (q5_tiled4, q6_tiled4))
 
 
 @overload(_dot1, inline="always")
 def _dot1_impl(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-    q5, q6 = (dot8.q5_row1, dot8.q6_row1) if xq.dtype == types.int8 else (q5_dot1, q6_dot1)
-
-    def dot1(bits, w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2):
-        if bits == 5:
-            return q5(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-        return q6(w, woff, wstride, s, soff, sstride, xq, xd, xs, nb, l2)
-    return dot1
+    return _by_bits(xq, (dot8.q5_row1, dot8.q6_row1), (q5_dot1, q6_dot1))
 
 
 # ---- decode -----------------------------------------------------------------------------------------
