@@ -45,7 +45,7 @@ from functools import partial
 from numba.core import cgutils
 
 from . import _jit, ir
-from .codes import BLOCK_BYTES, span_u8
+from .codes import BLOCK_BYTES, block_offset, span_u8
 from .dot512 import _chunks_sum, _fold4
 from .ir import F32, F32x16, I8, I8x64, I16, I16x16, I16x32, I32, I32x8, I32x16, I64, VectorType
 
@@ -150,13 +150,9 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
     The nblk % 4 blocks of a last, partial span read block nblk - 1 in place of the missing ones
     (their activations, scales and sums are zero). Software-prefetches the next 4 rows.
     tiled    the 4 rows are a tile of kernels/q56.py `tile_rows` starting at woff (wstride: the row
-             bytes): row r's span s at woff + 16 bpb s + 4 bpb r; whole spans only (nblk % 4 == 0)"""
+             bytes; `codes.block_offset`); whole spans only (nblk % 4 == 0)"""
     ntok = len(qoffs)
     bpb = BLOCK_BYTES[bits]
-    if tiled:
-        woffs, span_bytes = [builder.add(woff, ir.c64(4 * bpb * r)) for r in range(4)], 16 * bpb
-    else:
-        woffs, span_bytes = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)], 4 * bpb
     soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
     ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))  # the next tile's rows
     accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
@@ -167,18 +163,17 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
     def step(span, full):
         b0 = builder.mul(span, ir.c64(4))
         if full:
+            blocks = [builder.add(b0, ir.c64(c)) for c in range(4)]
             ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(span, ir.c64(16 * bpb))), 16 * bpb)
             _span_scales_full(builder, sptr, soffs, span, log2sub, scale_slot)
             ws = builder.load(scale_slot)
-            at = builder.mul(span, ir.c64(span_bytes))
-            offs = [[builder.add(builder.add(wo, at), ir.c64(c * bpb)) for c in range(4)] for wo in woffs]
         else:  # missing blocks read the last one (in bounds); their activations are zero
             last = builder.sub(nblk, ir.c64(1))
             blocks = [builder.select(builder.icmp_unsigned("<", builder.add(b0, ir.c64(c)), nblk),
                                      builder.add(b0, ir.c64(c)), last) for c in range(4)]
             ws = _span_scales_blocks(builder, sptr, soffs, blocks, log2sub)
-            offs = [[builder.add(wo, builder.mul(b, ir.c64(bpb))) for b in blocks] for wo in woffs]
-        codes = [span_u8(builder, wptr, row_offs, bits, full) for row_offs in offs]
+        codes = [span_u8(builder, wptr, [block_offset(builder, woff, wstride, r, b, bits, tiled) for b in blocks],
+                         bits, full) for r in range(4)]
         for j in range(ntok):
             q0 = builder.add(qoffs[j], builder.mul(span, ir.c64(SPAN)))
             xlo = ir.load_vec(builder, xqptr, q0, I8x64)

@@ -43,7 +43,7 @@ from numba.extending import intrinsic, overload
 from . import dot8, ir
 from ._jit import get_threads, njit, pnjit
 from . import q8
-from .codes import block_i16
+from .codes import block_i16, block_offset
 from .act_quant import ACT_BLOCK, act_group, as_u16, check_contig, live, log2_sub, quantize_act
 from .q8 import (ActScratch, _down_sum1, _down_sum4, _gate_up_quad, _gate_up_tail, _next_unit, _quantize_slots,
                  _silu_mul, _units, tiled_matmul)
@@ -59,8 +59,8 @@ def _rows_dot(context, builder, sig, args, nrows, bits, tiled=False):
 
     args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) as kernels/simd.py's
     row dots (w uint8, woff / wstride in bytes; s the uint16 scales; xs not read: the codes are
-    made signed here). tiled: the 4 rows are the tile at woff of a `tile_rows` matrix, where row r's
-    block b sits at woff + 16 bpb (b >> 2) + 4 bpb r + bpb (b & 3)."""
+    made signed here). tiled: the 4 rows are the tile at woff of a `tile_rows` matrix
+    (`codes.block_offset`)."""
     (w, woff, wstride, s, soff, sstride, xq, xd, _, nblk, log2sub) = args
     wty, _, _, sty, _, _, xqty, xdty, _, _, _ = sig.args
     wptr = ir.data_ptr(context, builder, wty, w, I8)
@@ -78,15 +78,9 @@ def _rows_dot(context, builder, sig, args, nrows, bits, tiled=False):
         xhi = ir.load_vec(builder, xqptr, builder.add(x0, ir.c64(16)), I16x16)
         xdi = builder.load(builder.gep(xdptr, [i]))
         g = builder.lshr(i, log2sub)
-        if tiled:
-            in_tile = builder.add(builder.mul(builder.lshr(i, ir.c64(2)), ir.c64(16 * block_bytes)),
-                                  builder.mul(builder.and_(i, ir.c64(3)), ir.c64(block_bytes)))
         for r in range(nrows):
             rr = ir.c64(r)
-            if tiled:
-                wo = builder.add(builder.add(woff, ir.c64(4 * block_bytes * r)), in_tile)
-            else:
-                wo = builder.add(builder.add(woff, builder.mul(rr, wstride)), builder.mul(i, ir.c64(block_bytes)))
+            wo = block_offset(builder, woff, wstride, r, i, bits, tiled)
             srow = builder.add(soff, builder.mul(rr, sstride))
             ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
             wlo, whi = block_i16(builder, wptr, wo, bits)
