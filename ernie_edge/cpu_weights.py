@@ -220,7 +220,7 @@ def linear(t: QTensor):
 def head(t: QTensor):
     """The CPU weight object of the LM head: `linear`, with a tiled decode copy where q5 / q6
     (TiledHead)."""
-    return TiledHead(t) if t.quant in ("q5", "q6") else linear(t)
+    return TiledHead(t) if CPU_KERNELS[t.quant] is PackedLinear else linear(t)
 
 
 def packed_bits(*ws) -> int | None:
