@@ -46,7 +46,7 @@ def test_bench_reports_the_contract_keys(tiny_edge):
 def test_pieces_probe_reads_every_block_of_every_piece():
     from numba.typed import List
     rng = np.random.default_rng(0)
-    pieces = [rng.integers(0, 2**63, n * 64, dtype=np.uint64) for n in (1, 3, 0, 17)]
+    pieces = [rng.integers(0, 2**63, (n, 64), dtype=np.uint64) for n in (1, 3, 0, 17)]
     want = int(sum(int(p.sum(dtype=np.uint64)) for p in pieces) % 2**64)
     for nt in (1, 2, 3):
         assert int(_read_pieces(List(pieces), nt)) == want
