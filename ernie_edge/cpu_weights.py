@@ -42,6 +42,7 @@ from functools import partial
 import numpy as np
 
 from .kernels import moe, norm, q4, q8, q56, qbatch, qbatch8, routed
+from .formats.layout import has_tiles, tile_rows
 from .kernels.act_quant import check_weight
 from .weights import QTensor
 
@@ -85,29 +86,30 @@ class QuantLinear:
 
     def __init__(self, t: QTensor):
         self.shape, self.bits = t.shape, t.format.bits
-        self.data, self.scales = t.data, t.scales
-        self._exact_matmul = q4.q4_matmul if self.bits == 4 else q8.q8_matmul
+        self.data, self.scales, self.tiled = t.data, t.scales, t.tiled
 
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
         """out [O] = W x."""
-        return q8.matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8)
+        return q8.matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8, self.tiled)
 
     def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
-        return q8.bind_matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8)
+        return q8.bind_matvec(x, self.data, self.scales, out, s.act, self.bits, s.act8, self.tiled)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         """out [T, O] = X W^T (int8 activations for q4 when act8)."""
         if act8 and self.bits == 4:
-            return qbatch8.qmatmul8(X, self.data, self.scales, out, 4)
+            return qbatch8.qmatmul8(X, self.data, self.scales, out, 4, self.tiled)
         if len(X) <= QBATCH_MAX_T:
-            return qbatch.qmatmul(X, self.data, self.scales, out, self.bits)
-        return self._exact_matmul(X, self.data, self.scales, out)
+            return qbatch.qmatmul(X, self.data, self.scales, out, self.bits, self.tiled)
+        if self.bits == 4:
+            return q4.q4_matmul(X, self.data, self.scales, out, self.tiled)
+        return q8.q8_matmul(X, self.data, self.scales, out)
 
     def bind_row(self, out: np.ndarray):
         """`row(i)`: out float32 [K] = row i of W, dequantized (exact, as QTensor.rows: decode's
         embedding lookup, compiled instead of numpy's unpacking)."""
         s = check_weight(self.data, self.scales, self.shape[1], self.bits, ndim=2)
-        return _RowCall(q4.DEQUANT_ROWS[self.bits], self.data, s, self.shape[1], out)
+        return _RowCall(q4.DEQUANT_ROWS[self.bits], self.data, s, self.shape[1], out, self.tiled)
 
     def bank(self):
         """(data, scales) as a one-expert bank [1, O, ...], for the fused expert kernels."""
@@ -122,43 +124,44 @@ class PackedLinear:
 
     def __init__(self, t: QTensor):
         self.shape, self.nbits = t.shape, t.format.bits
-        self.data, self.scales = t.data, t.scales
+        self.data, self.scales, self.tiled = t.data, t.scales, t.tiled
 
     def matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch) -> np.ndarray:
-        return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
+        return q56.matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8, self.tiled)
 
     def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
-        return q56.bind_matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8)
+        return q56.bind_matvec(x, self.data, self.scales, out, s.act, self.nbits, s.act8, self.tiled)
 
     def bind_row(self, out: np.ndarray):
         """`row(i)`: out float32 [K] = row i of W, dequantized (exact, as QTensor.rows)."""
         s = q56.check_weight(self.data, self.scales, self.shape[1], self.nbits)
-        return _RowCall(q56.DEQUANT_ROWS[self.nbits], self.data, s, self.shape[1], out)
+        return _RowCall(q56.DEQUANT_ROWS[self.nbits], self.data, s, self.shape[1], out, self.tiled)
 
     def matmul(self, X: np.ndarray, out: np.ndarray, act8: bool = False) -> np.ndarray:
         if act8:
-            return qbatch8.qmatmul8(X, self.data, self.scales, out, self.nbits)
+            return qbatch8.qmatmul8(X, self.data, self.scales, out, self.nbits, self.tiled)
         small = len(X) <= QBATCH_MAX_T
-        return (q56.matmul_small if small else q56.matmul_exact)(X, self.data, self.scales, out, self.nbits)
+        return (q56.matmul_small if small else q56.matmul_exact)(X, self.data, self.scales, out, self.nbits,
+                                                                 self.tiled)
 
 
 class TiledHead(PackedLinear):
-    """A q5 / q6 matrix read whole by every decoded token, the LM head (q6: 203 MB of the 2.05 GB a
-    token of the 28-layer default recipe, of 0.48 GB at 4 layers). Its one-token decode matvec reads
-    a copy of the rows in 4-row tiles (q56.tile_rows: a thread's 4 rows are one sequential stream),
-    ~8 % faster from DRAM than the mapped rows side by side (docs/PERF.md). The copy (anonymous
-    memory, the matrix's size) is made at the first such bind; prefill, the batched decode and row
-    lookups read the mapped matrix."""
+    """The LM head of a folder that stores it by rows (converted before the 4-row tiles of
+    formats/layout.py): a q5 / q6 matrix read whole by every decoded token (q6: 203 MB of the 2.05
+    GB a token of the 28-layer default recipe). Its one-token decode matvec reads a tiled copy (a
+    thread's 4 rows one sequential stream, ~8 % faster from DRAM than the rows side by side,
+    docs/PERF.md), made at the first such bind (anonymous memory, the matrix's size); prefill, the
+    batched decode and row lookups read the mapped matrix. A head stored in tiles needs no copy."""
 
     def __init__(self, t: QTensor):
         super().__init__(t)
         self.tiles: np.ndarray | None = None
 
     def bind_matvec(self, x: np.ndarray, out: np.ndarray, s: Scratch):
-        if not q56.tiles(*self.shape):
+        if self.tiled or not has_tiles(*self.shape):
             return super().bind_matvec(x, out, s)
         if self.tiles is None:
-            self.tiles = q56.tile_rows(self.data, self.nbits)
+            self.tiles = tile_rows(self.data, self.nbits)
             self.tiles.flags.writeable = False  # as the mapped weights: the kernels compiled for those take it
         return q56.bind_matvec(x, self.tiles, self.scales, out, s.act, self.nbits, s.act8, tiled=True)
 
@@ -167,6 +170,7 @@ class FloatLinear:
     """W [O, K] in f16 or f32, multiplied by BLAS as float32 (f16 widened once, here)."""
 
     bits = None
+    tiled = False  # float matrices are stored by rows
 
     def __init__(self, t: QTensor):
         self.shape = t.shape
@@ -188,24 +192,26 @@ class FloatLinear:
         return out
 
 
-def _float_rows(w: np.ndarray, scales: None, r0: int, tile: np.ndarray) -> None:
+def _float_rows(w: np.ndarray, scales: None, r0: int, tile: np.ndarray, tiled: bool) -> None:
     tile[:] = w[r0:r0 + len(tile)]
 
 
 class _RowCall:
     """A bound row lookup: row(i) writes row i of a quantized matrix into `out` through a compiled
-    dequantizer `fn(data, scales, r0, tile)` (or a float copy); i is checked (the kernels do not
-    bounds-check)."""
+    dequantizer `fn(data, scales, r0, tile, tiled)` (or a float copy); i is checked (the kernels do
+    not bounds-check)."""
 
-    def __init__(self, fn, data: np.ndarray, scales: np.ndarray | None, k: int, out: np.ndarray):
+    def __init__(self, fn, data: np.ndarray, scales: np.ndarray | None, k: int, out: np.ndarray,
+                 tiled: bool = False):
         if out.dtype != np.float32 or out.shape != (k,) or not out.flags.c_contiguous:
             raise ValueError(f"row out must be C-contiguous float32 [{k}], got {out.dtype} {out.shape}")
         self.fn, self.data, self.scales, self.tile, self.rows = fn, data, scales, out[None], data.shape[0]
+        self.tiled = tiled
 
     def __call__(self, i: int) -> None:
         if not 0 <= i < self.rows:
             raise IndexError(f"row {i} is outside the matrix's {self.rows} rows")
-        self.fn(self.data, self.scales, i, self.tile)
+        self.fn(self.data, self.scales, i, self.tile, self.tiled)
 
 
 CPU_KERNELS = {"q4": QuantLinear, "q5": PackedLinear, "q6": PackedLinear, "q8": QuantLinear,
@@ -223,6 +229,13 @@ def head(t: QTensor):
     return TiledHead(t) if CPU_KERNELS[t.quant] is PackedLinear else linear(t)
 
 
+def shared_bits(*ws) -> int | None:
+    """The integer format (4 or 8) every one of ws is stored in, or None: the fused kernels take
+    weights of one integer format."""
+    bits = {w.bits for w in ws}
+    return bits.pop() if len(bits) == 1 and None not in bits else None
+
+
 def packed_bits(*ws) -> int | None:
     """The bits (5 or 6) every one of ws is stored in, when all are q5 or all q6 (kernels/q56.py's
     fused kernels), else None."""
@@ -230,11 +243,10 @@ def packed_bits(*ws) -> int | None:
     return bits.pop() if len(bits) == 1 and None not in bits else None
 
 
-def shared_bits(*ws) -> int | None:
-    """The integer format (4 or 8) every one of ws is stored in, or None: the fused kernels take
-    weights of one integer format."""
-    bits = {w.bits for w in ws}
-    return bits.pop() if len(bits) == 1 and None not in bits else None
+def same_layout(*ws) -> bool:
+    """Whether ws are all stored by rows or all in 4-row tiles: the kernels that read several
+    matrices in one loop (q, k and v; gate and up) take one layout flag for them."""
+    return len({w.tiled for w in ws}) == 1
 
 
 # ---- groups of matrices -------------------------------------------------------------------------------
@@ -244,8 +256,9 @@ class QKV:
 
     def __init__(self, q: QTensor, k: QTensor, v: QTensor):
         self.q, self.k, self.v = linear(q), linear(k), linear(v)
-        self.bits = shared_bits(self.q, self.k, self.v)
-        self.packed = packed_bits(self.q, self.k, self.v)
+        fused = same_layout(self.q, self.k, self.v)
+        self.bits = shared_bits(self.q, self.k, self.v) if fused else None
+        self.packed = packed_bits(self.q, self.k, self.v) if fused else None
 
     def bind_matvec(self, x, q_out, k_out, v_out, s: Scratch):
         """The decode matvecs of one token as a bound call: one parallel region for the three when
@@ -253,9 +266,9 @@ class QKV:
         pairs = ((self.q, q_out), (self.k, k_out), (self.v, v_out))
         mats = [(w.data, w.scales, out) for w, out in pairs]
         if self.bits:
-            return q8.bind_matvec3(x, mats, s.act, self.bits, s.act8)
+            return q8.bind_matvec3(x, mats, s.act, self.bits, s.act8, self.q.tiled)
         if self.packed:
-            return q56.bind_matvec3(x, mats, s.act, self.packed, s.act8)
+            return q56.bind_matvec3(x, mats, s.act, self.packed, s.act8, self.q.tiled)
         return in_order(*(w.bind_matvec(x, out, s) for w, out in pairs))
 
     def matmul(self, X, q_out, k_out, v_out, act8: bool = False) -> None:
@@ -269,20 +282,21 @@ class SwiGLU:
     def __init__(self, gate: QTensor, up: QTensor, down: QTensor):
         self.gate, self.up, self.down = linear(gate), linear(up), linear(down)
         self.width = gate.shape[0]
-        self.gate_up_bits = shared_bits(self.gate, self.up)
-        self.bits = shared_bits(self.gate, self.up, self.down)
-        self.gate_up_packed = packed_bits(self.gate, self.up)
-        self.packed = packed_bits(self.gate, self.up, self.down)
+        fused = same_layout(self.gate, self.up)  # (the same shape: always)
+        self.gate_up_bits = shared_bits(self.gate, self.up) if fused else None
+        self.bits = shared_bits(self.gate, self.up, self.down) if fused else None
+        self.gate_up_packed = packed_bits(self.gate, self.up) if fused else None
+        self.packed = packed_bits(self.gate, self.up, self.down) if fused else None
 
     def gate_up_silu(self, x: np.ndarray, s: Scratch) -> np.ndarray:
         """silu(gate x) * up x into s.g[:width]; returns that view."""
         g = s.g[:self.width]
         if self.gate_up_bits:  # gate, up and silu in one parallel region: the MLP as a one-expert bank
             q8.experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
-                                    self.gate_up_bits, s.act8)
+                                    self.gate_up_bits, s.act8, self.gate.tiled)
         elif self.gate_up_packed:
             q56.gate_up_silu(x, self.gate.data, self.gate.scales, self.up.data, self.up.scales, g, s.act,
-                             self.gate_up_packed, s.act8)
+                             self.gate_up_packed, s.act8, self.gate.tiled)
         else:
             u = s.u[:self.width]
             self.gate.matvec(x, g, s)
@@ -299,10 +313,10 @@ class SwiGLU:
         g = s.g[:self.width]
         if self.gate_up_bits:
             return q8.bind_experts_gate_up_silu(x, *self.gate.bank(), *self.up.bank(), s.zero_id, g[None], s.act,
-                                                self.gate_up_bits, s.act8)
+                                                self.gate_up_bits, s.act8, self.gate.tiled)
         if self.gate_up_packed:
             return q56.bind_gate_up_silu(x, self.gate.data, self.gate.scales, self.up.data, self.up.scales, g, s.act,
-                                         self.gate_up_packed, s.act8)
+                                         self.gate_up_packed, s.act8, self.gate.tiled)
         return partial(self.gate_up_silu, x, s)
 
     def bind_decode(self, x: np.ndarray, out: np.ndarray, s: Scratch):
@@ -314,10 +328,12 @@ class SwiGLU:
         T = len(X)
         if act8 and self.bits == 4:  # a one-expert bank, as below
             return qbatch8.qexperts8(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
-                                     *self.gate.bank(), *self.up.bank(), *self.down.bank(), out)
+                                     *self.gate.bank(), *self.up.bank(), *self.down.bank(), out,
+                                     tiled=self.gate.tiled, tiled_down=self.down.tiled)
         if T <= QBATCH_MAX_T and self.bits:  # fused as a one-expert bank with weight 1.0 (exact)
             return qbatch.qexperts(X, np.zeros((T, 1), np.int64), np.ones((T, 1), np.float32),
-                                   *self.gate.bank(), *self.up.bank(), *self.down.bank(), out, self.bits)
+                                   *self.gate.bank(), *self.up.bank(), *self.down.bank(), out, self.bits,
+                                   self.gate.tiled, self.down.tiled)
         g = np.empty((T, self.width), np.float32)
         u = np.empty_like(g)
         self.gate.matmul(X, g, act8)
@@ -333,7 +349,8 @@ class ExpertBank:
         self.banks = (gate, up, down)
         self.width = gate.shape[1]
         fmts = {t.quant for t in self.banks}
-        self.bits = gate.format.bits if len(fmts) == 1 and gate.quant in FUSED else None
+        self.bits = gate.format.bits if len(fmts) == 1 and gate.quant in FUSED and gate.layout == up.layout else None
+        self.tiled, self.tiled_down = gate.tiled, down.tiled  # gate and up share theirs: the same shape
         # Mixed, q5 / q6 or float banks (a width no group size divides) run one expert at a time.
         self._per_expert = None if self.bits else [
             tuple(linear(t.expert(e)) for t in self.banks) for e in range(gate.shape[0])]
@@ -346,7 +363,7 @@ class ExpertBank:
         """out_h [k, I] = silu(G_e x) * U_e x for each chosen expert e = ids[j]."""
         if self.bits:
             return q8.experts_gate_up_silu(x, *self.arrays(0), *self.arrays(1), ids, out_h, s.act, self.bits,
-                                           s.act8)
+                                           s.act8, self.tiled)
         u = s.u[:self.width]
         for j, e in enumerate(ids):
             gate, up, _ = self._per_expert[e]
@@ -358,7 +375,8 @@ class ExpertBank:
     def down_weighted(self, h, ids, weights, out, s: Scratch) -> np.ndarray:
         """out [H] = sum_j weights[j] * D_e h[j], in ascending expert id (docs/ERNIE_SPEC.md P13)."""
         if self.bits:
-            return q8.experts_down_weighted(h, *self.arrays(2), ids, weights, out, s.act, self.bits, s.act8)
+            return q8.experts_down_weighted(h, *self.arrays(2), ids, weights, out, s.act, self.bits, s.act8,
+                                            self.tiled_down)
         out[:] = 0.0
         y = np.empty_like(out)
         for j in np.argsort(ids, kind="stable"):
@@ -370,10 +388,11 @@ class ExpertBank:
                 act8: bool = False) -> np.ndarray:
         """out [T, H] = each token's weighted routed experts; tokens grouped per expert."""
         if act8 and self.bits == 4:
-            return qbatch8.qexperts8(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out)
+            return qbatch8.qexperts8(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out,
+                                     tiled=self.tiled, tiled_down=self.tiled_down)
         if self.bits:
             return qbatch.qexperts(X, idx, weights, *self.arrays(0), *self.arrays(1), *self.arrays(2), out,
-                                   self.bits)
+                                   self.bits, self.tiled, self.tiled_down)
         out[:] = 0.0
         for e in np.unique(idx):  # ascending expert id
             rows, slot = np.nonzero(idx == e)
@@ -443,28 +462,29 @@ class MoE:
         ids, weights = s.idx[0], s.w[0]
         sh, ex = self.shared, self.experts
         gate_up_weights = (*ex.arrays(0), *ex.arrays(1))
-        routed_gate_up = (*gate_up_weights, ids, s.he, ex.bits)
-        routed_down = (s.he, *ex.arrays(2), ids, weights, ex.bits)
+        routed_gate_up = (*gate_up_weights, ids, s.he, ex.bits, ex.tiled)
+        routed_down = (s.he, *ex.arrays(2), ids, weights, ex.bits, ex.tiled_down)
         if self.paired:
             g = s.g[:sh.width][None]  # the shared expert as a one-expert bank [1, S]
-            shared = (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits)
+            shared = (*sh.gate.bank(), *sh.up.bank(), s.zero_id, g, sh.bits, sh.gate.tiled)
             if route is None:
                 gate_up = q8.bind_experts_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
             else:
-                gate_up = routed.bind_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared,
-                                                                s.act, s.act_shared, s.act8)
-            return gate_up, q8.bind_experts_pair_down_weighted(
-                routed_down, (g, *sh.down.bank(), s.zero_id, s.one, sh.bits), out, s.act, s.act_shared, s.act8)
+                gate_up = routed.bind_experts_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits, ex.tiled),
+                                                                shared, s.act, s.act_shared, s.act8)
+            shared_down = (g, *sh.down.bank(), s.zero_id, s.one, sh.bits, sh.down.tiled)
+            return gate_up, q8.bind_experts_pair_down_weighted(routed_down, shared_down, out, s.act, s.act_shared,
+                                                               s.act8)
         if self.paired_packed:
             g = s.g[:sh.width]
-            shared = (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed)
+            shared = (sh.gate.data, sh.gate.scales, sh.up.data, sh.up.scales, g, sh.packed, sh.gate.tiled)
             if route is None:
                 gate_up = q56.bind_pair_gate_up_silu(x, routed_gate_up, shared, s.act, s.act_shared, s.act8)
             else:
-                gate_up = routed.bind_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits), shared, s.act,
-                                                        s.act_shared, s.act8)
-            return gate_up, q56.bind_pair_down_weighted(
-                routed_down, (g, sh.down.data, sh.down.scales, sh.packed), out, s.act, s.act_shared, s.act8)
+                gate_up = routed.bind_pair_gate_up_silu(route, x, (*gate_up_weights, s.he, ex.bits, ex.tiled), shared,
+                                                        s.act, s.act_shared, s.act8)
+            shared_down = (g, sh.down.data, sh.down.scales, sh.packed, sh.down.tiled)
+            return gate_up, q56.bind_pair_down_weighted(routed_down, shared_down, out, s.act, s.act_shared, s.act8)
         return None
 
     def prefill(self, X: np.ndarray, out: np.ndarray, trace=None, act8: bool = False) -> np.ndarray:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from .kernels.cuda import norm_rope, quant_matmul, quant_matvec
+from .formats.layout import untile_rows
 from .weights import QTensor
 
 
@@ -26,12 +27,18 @@ def _to_device(a: np.ndarray):
     return cuda.to_device(np.ascontiguousarray(a))
 
 
+def _rows(t: QTensor) -> np.ndarray:
+    """The codes by rows: the device kernels read one warp per row (codes in 4-row tiles,
+    formats/layout.py, are put back in row order once, on the host, at upload)."""
+    return untile_rows(t.data, t.format.bits) if t.tiled else t.data
+
+
 class DeviceQuant:
-    """A q4 / q8 matrix [O, K] or bank [E, O, K] on the device, in the stored layout."""
+    """A q4 / q8 matrix [O, K] or bank [E, O, K] on the device, its codes by rows."""
 
     def __init__(self, t: QTensor):
         self.shape, self.bits, self.group_size = t.shape, t.format.bits, t.group_size
-        self.codes = _to_device(t.data)  # uint8 [..., O, K/2] or int8 [..., O, K]
+        self.codes = _to_device(_rows(t))  # uint8 [..., O, K/2] or int8 [..., O, K]
         self.words = self.codes.view(np.uint32)  # the same bytes as 32-bit words
         self.scales = _to_device(t.scales.view(np.float16))  # [..., O, K/G]
         self.nbytes = t.nbytes
@@ -80,8 +87,7 @@ class DeviceDequantized(DeviceFloat):
 
     def __init__(self, t: QTensor):
         self.shape = t.shape
-        w = t.format.dequantize(np.asarray(t.data), None if t.scales is None else np.asarray(t.scales), t.group_size)
-        self.w = _to_device(np.ascontiguousarray(w, np.float32).reshape(t.shape))
+        self.w = _to_device(np.ascontiguousarray(t.dequantize(), np.float32))
         self.nbytes = self.w.nbytes
 
 

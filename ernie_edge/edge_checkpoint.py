@@ -150,7 +150,7 @@ class EdgeCheckpoint:
         data_name, scales_name = stored_names(t.name, t.quant)
         data = f.view(data_name)
         scales = None if scales_name is None else f.view(scales_name).view(np.uint16)
-        return QTensor(t.quant, data, scales, t.group_size or 0, t.shape)
+        return QTensor(t.quant, data, scales, t.group_size or 0, t.shape, t.layout)
 
     def expert_bank(self, layer: int, proj: str) -> QTensor:
         """One projection ("gate", "up", "down") of a layer's routed experts: [E, O, ...] views."""

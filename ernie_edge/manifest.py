@@ -8,7 +8,9 @@ must be plain basenames inside the folder, and an unknown format version is refu
 The tensor table is keyed by logical name: an HF name for dense tensors, `layers.LL.experts.PROJ`
 for an expert bank. `shape` is the logical (dequantized) shape, `dtype` the stored dtype of the
 codes (q4 U8, q8 I8) or values (f16 F16, f32 F32); q4/q8 tensors are stored as `NAME.qweight` +
-`NAME.scales` (F16), f16/f32 ones as `NAME`.
+`NAME.scales` (F16), f16/f32 ones as `NAME`. Since format version 2 a q4 / q5 / q6 tensor may say
+`"layout": "tiles4"`: its codes are stored in 4-row tiles (formats/layout.py); without the key, by
+rows. Version 1 folders (all by rows) still load.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from pathlib import Path
 
 from .config import ErnieConfig
 from .errors import CheckpointError, ErnieEdgeError
+from .formats.layout import LAYOUTS, ROWS, TILED_BITS, TILES4, has_tiles
 from .formats.table import FORMATS, GROUP_SIZES, get_format
 from .mmap_store import loads_strict
 
 FORMAT_NAME = "ernie-edge"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tensor layouts (formats/layout.py); 1: every tensor by rows
+READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
 DENSE_FILE = "dense.safetensors"
 PROJECTIONS = ("gate", "up", "down")
@@ -66,6 +70,7 @@ class TensorEntry:
     shape: tuple[int, ...]
     quant: str
     group_size: int | None
+    layout: str = ROWS
 
     @property
     def format(self):
@@ -127,10 +132,10 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
     version = raw.get("format_version")
     if type(version) is not int:
         raise bad("format_version", f"must be an integer, got {_short(version)}")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         newer = "a newer" if version > FORMAT_VERSION else "an older, unsupported"
         raise bad("format_version", f"{version} was written by {newer} ernie-edge; this build reads "
-                                    f"version {FORMAT_VERSION}: upgrade ernie-edge or convert the model again")
+                                    f"versions {READABLE_VERSIONS}: upgrade ernie-edge or convert the model again")
     if missing:
         raise bad("keys", f"missing {missing}")
     for key, typ in (("source", dict), ("config", dict), ("recipe", dict), ("tensors", dict),
@@ -139,7 +144,7 @@ def read_manifest(folder: str | os.PathLike) -> Manifest:
             raise bad(key, f"must be a JSON {typ.__name__.replace('dict', 'object').replace('str', 'string')}")
     files = {name: _file_entry(name, entry, bad) for name, entry in raw["files"].items()}
     _check_case_collisions(files, bad)
-    tensors = {name: _tensor_entry(name, entry, files, bad) for name, entry in raw["tensors"].items()}
+    tensors = {name: _tensor_entry(name, entry, files, bad, version) for name, entry in raw["tensors"].items()}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in raw["skipped"].items()):
         raise bad("skipped", "must map tensor names to reason strings")
     try:
@@ -219,7 +224,7 @@ def _check_case_collisions(files: dict[str, FileEntry], bad) -> None:
         seen[low] = name
 
 
-def _tensor_entry(name, entry, files, bad) -> TensorEntry:
+def _tensor_entry(name, entry, files, bad, version: int = FORMAT_VERSION) -> TensorEntry:
     where = f"tensors[{_short(name)}]"
     if not name or len(name) > 1024 or any(ord(c) < 32 for c in name):
         raise bad(where, "invalid tensor name")
@@ -245,7 +250,16 @@ def _tensor_entry(name, entry, files, bad) -> TensorEntry:
             raise bad(where + ".shape", f"input dimension {shape[-1]} is not a multiple of group_size {group}")
     elif group is not None:
         raise bad(where + ".group_size", f"must be null for {quant}, got {_short(group)}")
-    return TensorEntry(name, file, dtype, tuple(shape), quant, group)
+    layout = entry.get("layout", ROWS)
+    if layout != ROWS:
+        if version < 2:
+            raise bad(where + ".layout", f"format version {version} has no layouts, got {_short(layout)}")
+        if layout not in LAYOUTS:
+            raise bad(where + ".layout", f"{_short(layout)} is not one of {list(LAYOUTS)}")
+        if fmt.bits not in TILED_BITS or len(shape) < 2 or not has_tiles(shape[-2], shape[-1]):
+            raise bad(where + ".layout", f"{quant} {shape} cannot be stored in {TILES4} (int4 / int5 / int6 "
+                                         "with rows % 4 == 0 and inputs % 128 == 0)")
+    return TensorEntry(name, file, dtype, tuple(shape), quant, group, layout)
 
 
 def _check_recipe(recipe: dict) -> None:

@@ -11,6 +11,8 @@ float16 arrays). The layout is the format table's (ernie_edge/formats/table.py),
   f32    float32 [...]               None
 
 For an expert bank the leading axis is the expert: [E, O, ...], one expert one contiguous slice.
+Packed codes (q4 / q5 / q6) may be stored in 4-row tiles (`layout` "tiles4", formats/layout.py):
+the same shape, rows reordered within each group of 4; `rows()` and `dequantize()` undo it.
 """
 
 from __future__ import annotations
@@ -19,18 +21,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .formats.layout import ROWS, TILES4, tiled_rows, untile_rows
 from .formats.table import FORMATS, Format, get_format
 
 
 @dataclass(frozen=True)
 class QTensor:
-    """One stored weight. `shape` is the logical (dequantized) shape; group_size is 0 for f16/f32."""
+    """One stored weight. `shape` is the logical (dequantized) shape; group_size is 0 for f16/f32;
+    layout "rows" or "tiles4" (formats/layout.py)."""
 
     quant: str
     data: np.ndarray
     scales: np.ndarray | None
     group_size: int
     shape: tuple[int, ...]
+    layout: str = ROWS
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the codes are stored in 4-row tiles (the kernels' `tiled` flag)."""
+        return self.layout == TILES4
 
     @property
     def format(self) -> Format:
@@ -52,15 +62,17 @@ class QTensor:
         if len(self.shape) != 3:
             raise ValueError(f"expert() needs a bank [E, O, K]; this tensor has shape {self.shape}")
         scales = None if self.scales is None else self.scales[e]
-        return QTensor(self.quant, self.data[e], scales, self.group_size, self.shape[1:])
+        return QTensor(self.quant, self.data[e], scales, self.group_size, self.shape[1:], self.layout)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """Rows `ids` of a matrix [R, K], dequantized: float32 [len(ids), K] (embedding lookups)."""
         scales = None if self.scales is None else self.scales[ids]
-        return self.format.dequantize(self.data[ids], scales, self.group_size or None).reshape(len(ids), -1)
+        data = tiled_rows(self.data, self.format.bits, ids) if self.tiled else self.data[ids]
+        return self.format.dequantize(data, scales, self.group_size or None).reshape(len(ids), -1)
 
     def dequantize(self) -> np.ndarray:
         """The weight as a new float32 array of `shape` (ernie_edge/formats/quant.py is the spec)."""
         if self.quant not in FORMATS:
             raise ValueError(f"unknown quant {self.quant!r} (known: {', '.join(FORMATS)})")
-        return self.format.dequantize(self.data, self.scales, self.group_size or None).reshape(self.shape)
+        data = untile_rows(self.data, self.format.bits) if self.tiled else self.data
+        return self.format.dequantize(data, self.scales, self.group_size or None).reshape(self.shape)

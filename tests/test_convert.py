@@ -28,6 +28,7 @@ from ernie_edge.quant import synthetic
 from ernie_edge.quant.convert import ConvertError, ConvertSettings, convert
 from ernie_edge.formats.quant import (dequantize_q4, dequantize_q8, dequantize_qn, quantize_q4, quantize_q8,
                                       quantize_qn)
+from ernie_edge.formats.layout import ROWS, TILED_BITS, TILES4, has_tiles, tile_rows
 from ernie_edge.formats.recipe import Recipe
 from ernie_edge.formats.table import choose_storage
 from ernie_edge.quant.safetensors_writer import PlannedTensor, StreamingWriter
@@ -122,6 +123,33 @@ def test_round_trip_logits(source, tmp_path, recipe):
     # and the quantized model is close to, but not the same as, the bf16 source
     orig = ernie_edge.load(source).logits(ids)
     assert 0 < np.abs(got - orig).max() < 0.5 * np.abs(orig).max()
+
+
+def test_packed_matrices_are_stored_in_tiles(tmp_path, monkeypatch):
+    """int4 / int5 / int6 matrices with whole 4-row tiles and 128-code spans go in 4-row tiles
+    (formats/layout.py, format version 2), the rest by rows; the same model converted by rows (as
+    before layouts) holds the same codes in row order and runs to the same bits."""
+    src = make_source(tmp_path / "src", hidden_size=128)  # K = 128: some matrices tile, some do not
+    tiled = run(src, tmp_path / "tiled")
+    m = read_manifest(tiled)
+    assert m.format_version == 2
+    for t in m.tensors.values():
+        has = t.format.bits in TILED_BITS and len(t.shape) >= 2 and has_tiles(*t.shape[-2:])
+        assert t.layout == (TILES4 if has else ROWS), t.name
+    assert {t.layout for t in m.tensors.values()} == {ROWS, TILES4}
+    monkeypatch.setattr(convert_mod, "storage_layout", lambda bits, shape: ROWS)
+    rows = run(src, tmp_path / "rows")
+    a, b = EdgeCheckpoint(tiled), EdgeCheckpoint(rows)
+    for name, t in m.tensors.items():
+        qa, qb = a.qtensor(name), b.qtensor(name)
+        want = tile_rows(qb.data, t.format.bits) if t.layout == TILES4 else qb.data
+        np.testing.assert_array_equal(qa.data, want)
+        np.testing.assert_array_equal(qa.dequantize(), qb.dequantize())
+    prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+    fa, fb = ernie_edge.load(tiled), ernie_edge.load(rows)
+    ca, cb = fa.new_cache(), fb.new_cache()
+    np.testing.assert_array_equal(fa.prefill(prompt, ca), fb.prefill(prompt, cb))
+    np.testing.assert_array_equal(fa.decode(7, ca), fb.decode(7, cb))
 
 
 def test_folder_layout(reference_out, source):

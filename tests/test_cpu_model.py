@@ -353,22 +353,65 @@ def test_bound_decode_is_the_checked_decode(pair, decode_acts):
 
 
 @pytest.mark.parametrize("decode_acts", ["i16", "i8"], indirect=True)
-def test_tiled_head_is_the_mapped_head(pair, decode_acts):
-    """A q5 / q6 LM head decodes through its copy in 4-row tiles (cpu_weights.TiledHead) with the
-    bits the mapped matrix's matvec gives; a head in another format is that format's weight object."""
+def test_lm_head_decodes_from_tiles_with_the_rows_bits(pair, decode_acts):
+    """The LM head's decode matvec reads 4-row tiles: as stored (formats/layout.py), or a copy of a
+    head stored by rows (cpu_weights.TiledHead); either way the bits of the matvec over its rows."""
     from ernie_edge.cpu_weights import PackedLinear, TiledHead
+    from ernie_edge.formats.layout import untile_rows
+    from ernie_edge.kernels import q8, q56
     fast, _ = pair
     backend = fast.backend
     head, b, s = backend.lm_head, backend.buf, backend.buf.scratch
     assert isinstance(head, TiledHead) == (backend.embed.quant in ("q5", "q6"))
     plan = backend._decode_plan()
+    if isinstance(head, TiledHead):  # stored in tiles, or a copy of its rows in tiles
+        assert head.tiled != (head.tiles is not None)
+    rows = untile_rows(head.data, backend.embed.format.bits) if head.tiled else head.data
     for seed in (1, 2):
         b.head_in[:] = np.random.default_rng(seed).standard_normal(b.head_in.shape)
         plan.lm_head()
         want = np.empty_like(b.logits)
-        (PackedLinear if isinstance(head, TiledHead) else type(head)).matvec(head, b.head_in, want, s)
+        if isinstance(head, PackedLinear):
+            q56.matvec(b.head_in, rows, head.scales, want, s.act, head.nbits, s.act8)
+        else:
+            q8.matvec(b.head_in, rows, head.scales, want, s.act, head.bits, s.act8)
         np.testing.assert_array_equal(b.logits, want)
-    assert not isinstance(head, TiledHead) or not head.tiles.flags.writeable  # the mapped weights' array type
+
+
+@pytest.fixture(scope="module")
+def rows_edge(small_edge):
+    """small_edge as an ernie-edge before tensor layouts wrote it: every tensor by rows, format
+    version 1 (the converter with its layout choice patched to rows, then the version set back)."""
+    import json
+    from ernie_edge.formats.layout import ROWS
+    from ernie_edge.quant import convert as convert_module
+    dst = small_edge.parent / "edge-rows"
+    recipe = Recipe.from_dict(json.loads((small_edge / "manifest.json").read_text())["recipe"])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(convert_module, "storage_layout", lambda bits, shape: ROWS)
+        convert(ConvertSettings(source=str(small_edge.parent / "src"), dest=dst, progress=False, recipe=recipe))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return dst
+
+
+@pytest.mark.parametrize("acts", ["i8", "i16"])
+def test_a_folder_by_rows_runs_as_the_tiled_one_bit_for_bit(small_edge, rows_edge, acts):
+    """The same weights stored in 4-row tiles (this converter) and by rows (an older one): prefill,
+    decode and the batched decode give the same bits, and so do the embedding rows."""
+    tiled = ernie_edge.load(small_edge, prefill_acts=acts, decode_acts=acts)
+    rows = ernie_edge.load(rows_edge, prefill_acts=acts, decode_acts=acts)
+    layouts = [{t.layout for t in m.weights.manifest.tensors.values()} for m in (tiled, rows)]
+    assert layouts == [{"rows", "tiles4"}, {"rows"}]
+    prompt = [3, 141, 59, 26, 535, 89, 79, 323, 84, 62, 643, 383, 279, 502, 88, 41, 97, 169]
+    caches = [m.new_cache() for m in (tiled, rows)]
+    np.testing.assert_array_equal(*(m.prefill(prompt, c) for m, c in zip((tiled, rows), caches)))
+    for tok in (5, 17, 3):
+        np.testing.assert_array_equal(*(m.decode(tok, c) for m, c in zip((tiled, rows), caches)))
+    np.testing.assert_array_equal(*(m.decode_batch([7, 7], [m.new_cache(), c]) for m, c in zip((tiled, rows), caches)))
+    embed = [m.weights.qtensor("model.embed_tokens.weight").rows(np.array([0, 5, 4095])) for m in (tiled, rows)]
+    np.testing.assert_array_equal(*embed)
 
 
 def test_decode_batch_checks_its_arguments(pair):

@@ -189,10 +189,31 @@ def test_garbage_manifest(folder, content, match):
 
 
 def test_unknown_format_version(folder):
-    edit_manifest(folder, lambda m: m.update(format_version=2))
-    refused(folder, "format_version: 2 was written by a newer ernie-edge.*upgrade")
+    edit_manifest(folder, lambda m: m.update(format_version=3))
+    refused(folder, "format_version: 3 was written by a newer ernie-edge.*upgrade")
+    edit_manifest(folder, lambda m: m.update(format_version=0))
+    refused(folder, "format_version: 0 was written by an older, unsupported ernie-edge")
     edit_manifest(folder, lambda m: m.update(format_version="1"))
     refused(folder, "format_version: must be an integer")
+
+
+def test_version_1_folders_load(folder):
+    """Folders written before tensor layouts (format version 1: every tensor by rows) still load."""
+    edit_manifest(folder, lambda m: m.update(format_version=1))
+    ckpt = EdgeCheckpoint(folder)
+    assert ckpt.manifest.format_version == 1
+    assert all(t.layout == "rows" for t in ckpt.manifest.tensors.values())
+
+
+@pytest.mark.parametrize("layout, version, match", [
+    ("tiles8", 2, r"layout: 'tiles8' is not one of \['rows', 'tiles4'\]"),
+    ("tiles4", 2, r"layout: q8 \[320, 64\] cannot be stored in tiles4"),
+    ("tiles4", 1, "layout: format version 1 has no layouts"),
+])
+def test_bad_layouts_are_refused(folder, layout, version, match):
+    name = "model.layers.0.self_attn.q_proj.weight"
+    edit_manifest(folder, lambda m: (m["tensors"][name].update(layout=layout), m.update(format_version=version)))
+    refused(folder, match)
 
 
 def test_duplicate_keys(folder):

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from ernie_edge.formats.layout import tile_rows
 from ernie_edge.formats.quant import FP16_MAX, dequantize_qn, pack_qn
 from ernie_edge.kernels import _jit, q8, q56
 from ernie_edge.kernels.q8 import ActScratch
@@ -167,36 +168,15 @@ def test_bound_matvec_reads_its_buffers_each_call():
 @pytest.mark.parametrize("gs", [32, 64, 128])
 @pytest.mark.parametrize("act8", [True, False])
 def test_tiled_matvec_is_the_matvec(bits, gs, act8):
-    """A `tile_rows` copy read by the tiled matvec: the same integer lanes summed in the same order,
-    so bit for bit the matvec of the matrix as stored, with int8 and with int16 activations."""
+    """The matrix in 4-row tiles (formats/layout.py) read by the tiled matvec: the same integer lanes
+    summed in the same order, so bit for bit the matvec of the rows, with int8 and int16 activations
+    (tests/test_kernels_tiles.py: every other kernel)."""
     codes, packed, scales = random_qn(12, 384, gs, bits)
     x = RNG.standard_normal(384).astype(np.float32)
     want, got = np.empty(12, np.float32), np.empty(12, np.float32)
     q56.matvec(x, packed, scales, want, ActScratch(384), bits, act8=act8)
-    q56.bind_matvec(x, q56.tile_rows(packed, bits), scales, got, ActScratch(384), bits, act8=act8, tiled=True)()
+    q56.bind_matvec(x, tile_rows(packed, bits), scales, got, ActScratch(384), bits, act8=act8, tiled=True)()
     np.testing.assert_array_equal(got, want)
-
-
-@pytest.mark.parametrize("bits", BITS)
-def test_tile_rows_layout(bits):
-    """Tile t holds rows 4t .. 4t + 3 span by span: span s of row 4t + i at byte 16b (4s + i)."""
-    _, packed, _ = random_qn(8, 256, 32, bits)
-    flat, kw, span = q56.tile_rows(packed, bits).reshape(-1), packed.shape[1], 16 * bits
-    for r in range(8):
-        for sp in range(kw // span):
-            at = (r // 4) * 4 * kw + span * (4 * sp + r % 4)
-            np.testing.assert_array_equal(flat[at:at + span], packed[r, sp * span:(sp + 1) * span])
-
-
-def test_tiled_matvec_refuses_what_has_no_tiles():
-    """Rows not a multiple of 4 or an input not a multiple of 128: no tiled form."""
-    for o, k in ((6, 256), (8, 224)):
-        _, packed, scales = random_qn(o, k, 32, 6)
-        with pytest.raises(ValueError, match="no 4-row tiles"):
-            q56.tile_rows(packed, 6)
-        with pytest.raises(ValueError, match="O % 4 == 0 and K % 128 == 0"):
-            q56.bind_matvec(np.zeros(k, np.float32), packed, scales, np.empty(o, np.float32), ActScratch(k), 6,
-                            act8=True, tiled=True)
 
 
 # ---- the other SIMD paths ---------------------------------------------------------------------
@@ -207,6 +187,7 @@ import numpy as np
 from ernie_edge.kernels import _jit, q8, q56
 from ernie_edge.kernels.q8 import ActScratch
 from ernie_edge.formats.quant import dequantize_qn, pack_qn
+from ernie_edge.formats.layout import tile_rows
 assert _jit.SIMD == sys.argv[1], _jit.SIMD
 rng = np.random.default_rng(0)
 for bits in (5, 6):
@@ -226,7 +207,7 @@ for bits in (5, 6):
         for act8 in (True, False):
             want, got = np.empty(4, np.float32), np.empty(4, np.float32)
             q56.matvec(x, p4, s4, want, ActScratch(256), bits, act8=act8)
-            q56.bind_matvec(x, q56.tile_rows(p4, bits), s4, got, ActScratch(256), bits, act8=act8, tiled=True)()
+            q56.bind_matvec(x, tile_rows(p4, bits), s4, got, ActScratch(256), bits, act8=act8, tiled=True)()
             np.testing.assert_array_equal(got, want)
         X = rng.standard_normal((3, 256)).astype(np.float32)
         y = np.empty((3, 7), np.float32)

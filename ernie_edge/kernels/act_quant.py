@@ -159,6 +159,14 @@ def live(a: np.ndarray, dtype, name: str) -> np.ndarray:
     return a
 
 
+def check_tiles(w: np.ndarray, k: int, tiled: bool, what: str = "weight") -> None:
+    """A weight said to be stored in 4-row tiles (ernie_edge/formats/layout.py) must have them: its
+    output rows (w.shape[-2]) a multiple of 4 and its input length k a multiple of 128."""
+    if tiled and (w.shape[-2] % 4 or k % 128):
+        raise ValueError(f"{what}: {w.shape} with inputs of length {k} has no 4-row tiles "
+                         f"(rows % 4 == 0 and K % 128 == 0)")
+
+
 def check_weight(w: np.ndarray, s: np.ndarray, k: int, bits: int, what: str = "weight",
                  ndim: int | None = None) -> np.ndarray:
     """Check that w [.., O, K*bits/8] (uint8 packed int4 or int8 codes; `ndim` dimensions when given)

@@ -14,28 +14,32 @@ A block of 32 codes takes 4b bytes of a row (BLOCK_BYTES):
 `block_i16` returns (codes 0..15, codes 16..31) as <16 x i16>, the halves that multiply the
 activations x[32b : 32b + 16] and x[32b + 16 : 32b + 32] (in the quantizer's block order);
 `pair_i16` two blocks at once in 512-bit vectors; `span_u8` four blocks as unsigned bytes (the
-int8-activation prefill tiles). `block_offset` is where a row's block starts, in a matrix as stored
-or in its copy in 4-row tiles (kernels/q56.py `tile_rows`), for the decode row dots of both.
+int8-activation prefill tiles). `block_offset` is where a row's block starts, in a matrix stored by
+rows or in 4-row tiles (formats/layout.py), for every row dot and register tile.
 """
 
 from __future__ import annotations
 
 from . import _jit, ir
-from .ir import I8, I8x16, I8x64, I16, I16x16, I16x32, VectorType
+from .ir import I1, I8, I8x16, I8x64, I16, I16x16, I16x32, VectorType
 
 BLOCK_BYTES = {4: 16, 5: 20, 6: 24, 8: 32}
 
 
-def block_offset(builder, woff, wstride, r, b, bits, tiled=False):
-    """Byte offset of block b (i64) of row r (an int) of the rows at woff, wstride bytes apart; or,
-    `tiled`, of the 4-row tile at woff of a kernels/q56.py `tile_rows` matrix, where row r's block b
-    sits at woff + 16 bpb (b >> 2) + 4 bpb r + bpb (b & 3) (bpb = BLOCK_BYTES[bits])."""
+def block_offset(builder, woff, wstride, r, b, bits, tiled):
+    """Byte offset of block b (i64) of row r (an int) of a 4-row group at woff: in a matrix stored by
+    rows (rows wstride bytes apart), or, where `tiled` (an i1 value, or a Python bool), in 4-row
+    tiles (formats/layout.py: row r's block b at woff + 16 bpb (b >> 2) + 4 bpb r + bpb (b & 3),
+    bpb = BLOCK_BYTES[bits]). One formula for both: rows are `pitch` apart and a row's spans
+    (4 blocks) `span` apart, (wstride, 4 bpb) by rows and (4 bpb, 16 bpb) in tiles."""
     bpb = BLOCK_BYTES[bits]
-    if tiled:
-        span = builder.mul(builder.lshr(b, ir.c64(2)), ir.c64(16 * bpb))
-        in_span = builder.mul(builder.and_(b, ir.c64(3)), ir.c64(bpb))
-        return builder.add(builder.add(woff, ir.c64(4 * bpb * r)), builder.add(span, in_span))
-    return builder.add(builder.add(woff, builder.mul(ir.c64(r), wstride)), builder.mul(b, ir.c64(bpb)))
+    if isinstance(tiled, bool):
+        tiled = ir.Constant(I1, int(tiled))
+    pitch = builder.select(tiled, ir.c64(4 * bpb), wstride)
+    span = builder.select(tiled, ir.c64(16 * bpb), ir.c64(4 * bpb))
+    in_span = builder.mul(builder.and_(b, ir.c64(3)), ir.c64(bpb))
+    return builder.add(builder.add(woff, builder.mul(ir.c64(r), pitch)),
+                       builder.add(builder.mul(builder.lshr(b, ir.c64(2)), span), in_span))
 
 
 def high_bits(builder, wptr, wo, bits):

@@ -32,7 +32,7 @@ from __future__ import annotations
 from numba.core import cgutils
 
 from . import _jit, ir
-from .codes import BLOCK_BYTES, block_i16, pair_i16
+from .codes import BLOCK_BYTES, block_i16, block_offset, pair_i16
 from .ir import F32, F32x16, I8, I8x16, I8x32, I8x64, I16, I16x16, I16x32, I32, I32x16, I64
 
 F32x2 = ir.VectorType(F32, 2)
@@ -179,25 +179,20 @@ def _chunks_sum(builder, v):
     return builder.fadd(builder.fadd(q[0], q[1]), builder.fadd(q[2], q[3]))
 
 
-def _offsets(builder, woff, wstride, soff, sstride):
-    return ([builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(4)],
-            [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)])
-
-
 def tile4(context, builder, sig, args, ntok, bits):
     """qbatch's register tile for four weight rows x ntok tokens (the arguments of qbatch._tile_body):
     each step widens the four rows' two blocks once and dots them with every token of the tile;
     res[4 j + r] = the dot of row r with token j. Codes are made signed (int4: nibble - 8) once per
     step, so no offset term is needed."""
-    (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res) = args
-    wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty = sig.args
+    (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, tiled) = args
+    wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty, _ = sig.args
     wptr, sptr = ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16)
     xqptr, xdptr = ir.data_ptr(context, builder, xqty, xq, I16), ir.data_ptr(context, builder, xdty, xd, F32)
     tptr, rptr = ir.data_ptr(context, builder, tty, toks, I64), ir.data_ptr(context, builder, rty, res, F32)
     rows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
     xoffs = [builder.mul(row, builder.mul(nblk, ir.c64(32))) for row in rows]
     doffs = [builder.mul(row, nblk) for row in rows]
-    woffs, soffs = _offsets(builder, woff, wstride, soff, sstride)
+    soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
     bpb = BLOCK_BYTES[bits]
     ahead = builder.add(woff, builder.mul(ir.c64(4), wstride))
     accs = [cgutils.alloca_once_value(builder, ir.Constant(F32x16, [0.0] * 16)) for _ in range(ntok)]
@@ -206,8 +201,8 @@ def tile4(context, builder, sig, args, ntok, bits):
     def step(b0, index, g32, single):
         if index is not None:
             ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(index, ir.c64(8 * bpb))), 8 * bpb)
-        wv = [_pair_weights(builder, wptr, builder.add(wrow, builder.mul(b0, ir.c64(bpb))), bits, single)
-              for wrow in woffs]
+        wv = [_pair_weights(builder, wptr, block_offset(builder, woff, wstride, r, b0, bits, tiled), bits, single)
+              for r in range(4)]
         ws = _pair_scales(builder, sptr, soffs, b0, log2sub, g32, single)
         for j in range(ntok):
             first, second = _pair_x(builder, xqptr, builder.add(xoffs[j], builder.mul(b0, ir.c64(32))), single)

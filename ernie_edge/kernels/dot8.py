@@ -139,7 +139,7 @@ def _span_scales_blocks(builder, sptr, soffs, blocks, log2sub):
 # ---- 4 rows x n tokens ---------------------------------------------------------------------------------
 
 def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, sstride, qoffs, doffs, nblk,
-               log2sub, bits, tiled=False):
+               log2sub, bits, tiled):
     """The <16 x float> accumulators (lanes (c, r), module doc) of 4 weight rows x len(qoffs) tokens.
 
     wptr     packed uint8 weights (kernels/codes.py layouts), row r at byte woff + r * wstride
@@ -149,8 +149,8 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
              the block scales and block sums spread to the lanes, token j's at doffs[j]
     The nblk % 4 blocks of a last, partial span read block nblk - 1 in place of the missing ones
     (their activations, scales and sums are zero). Software-prefetches the next 4 rows.
-    tiled    the 4 rows are a tile of kernels/q56.py `tile_rows` starting at woff (wstride: the row
-             bytes; `codes.block_offset`); whole spans only (nblk % 4 == 0)"""
+    tiled    (an i1 value) the 4 rows are the 4-row tile at woff (wstride: the row bytes;
+             `codes.block_offset`); tiles have whole spans only (nblk % 4 == 0)"""
     ntok = len(qoffs)
     bpb = BLOCK_BYTES[bits]
     soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(4)]
@@ -187,21 +187,20 @@ def accumulate(builder, wptr, sptr, xqptr, xdptr, xsptr, woff, wstride, soff, ss
 
     with cgutils.for_range(builder, builder.lshr(nblk, ir.c64(2))) as loop:
         step(loop.index, True)
-    if not tiled:
-        with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
-            step(builder.lshr(nblk, ir.c64(2)), False)
+    with builder.if_then(builder.icmp_unsigned("!=", builder.and_(nblk, ir.c64(3)), ir.c64(0))):
+        step(builder.lshr(nblk, ir.c64(2)), False)
     return [builder.load(a) for a in accs]
 
 
 # ---- one token: the decode row dots ------------------------------------------------------------------
 
-def _row_dot(context, builder, sig, args, nrows, bits, tiled=False):
+def _row_dot(context, builder, sig, args, nrows, bits):
     """Rows r .. r + nrows - 1 (nrows 4, or 1: four copies of one row) of W x for ONE token, as the
     int16 row dots of kernels/simd.py take them: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk,
-    log2sub), with xq int8 [128 NS], xd float32 / xs int32 [16 NS] (`act_quant.quantize_spans8`).
-    tiled: the 4 rows are the tile at woff of a `q56.tile_rows` matrix (`accumulate`)."""
-    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
-    wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
+    log2sub, tiled), with xq int8 [128 NS], xd float32 / xs int32 [16 NS] (`act_quant.quantize_spans8`);
+    tiled: the 4 rows are the 4-row tile at woff (`accumulate`)."""
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled) = args
+    wty, _, _, sty, _, _, xqty, xdty, xsty, _, _, _ = sig.args
     if nrows == 1:  # four copies of the row, as the prefill tiles' tail
         wstride = sstride = ir.c64(0)
     acc = accumulate(builder, ir.data_ptr(context, builder, wty, w, I8), ir.data_ptr(context, builder, sty, s, I16),
@@ -212,11 +211,9 @@ def _row_dot(context, builder, sig, args, nrows, bits, tiled=False):
     return [builder.extract_element(rows, ir.c32(r)) for r in range(nrows)]
 
 
-# (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) of one token: row1 -> float32,
+# (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled) of one token: row1 -> float32,
 # row4 -> the 4-tuple of rows r .. r + 3; the int8-activation twins of simd.q4_dot1 / q4_dot4 and
 # q56's q5 / q6 row dots.
 q4_row1, q4_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=4)) for n in (1, 4))
 q5_row1, q5_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=5)) for n in (1, 4))
 q6_row1, q6_row4 = (ir.row_dot_intrinsic(n, partial(_row_dot, nrows=n, bits=6)) for n in (1, 4))
-# The same 4-row dots over a tile of kernels/q56.py `tile_rows` (woff: the tile's first byte).
-q5_tile4, q6_tile4 = (ir.row_dot_intrinsic(4, partial(_row_dot, nrows=4, bits=b, tiled=True)) for b in (5, 6))

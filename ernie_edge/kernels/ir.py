@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from . import _jit
 
-I8, I16, I32, I64 = IntType(8), IntType(16), IntType(32), IntType(64)
+I1, I8, I16, I32, I64 = IntType(1), IntType(8), IntType(16), IntType(32), IntType(64)
 F32 = FloatType()
 I8x16, I8x32, I8x64 = VectorType(I8, 16), VectorType(I8, 32), VectorType(I8, 64)
 I16x16, I16x32 = VectorType(I16, 16), VectorType(I16, 32)
@@ -176,12 +176,14 @@ def prefetch_lines(builder, ptr, offset, nbytes):
 
 def row_dot_intrinsic(nrows, body):
     """A numba intrinsic with the quantized row dots' signature (kernels/simd.py, q56.py, dot8.py):
-    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) -> float32 for one row, or the
-    tuple of nrows float32 of rows r .. r + nrows - 1. body(context, builder, sig, args) returns the
-    nrows values."""
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled) -> float32 for one row,
+    or the tuple of nrows float32 of rows r .. r + nrows - 1; tiled (a bool): w is stored in 4-row
+    tiles (kernels/codes.py `block_offset`). body(context, builder, sig, args) returns the nrows
+    values."""
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled):
         ret = types.float32 if nrows == 1 else types.UniTuple(types.float32, nrows)
-        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp)
+        sig = ret(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, types.intp, types.intp,
+                  types.boolean)
 
         def codegen(context, builder, signature, args):
             vals = body(context, builder, signature, args)

@@ -40,8 +40,8 @@ from numba.extending import intrinsic
 
 from . import _jit, dot512, ir
 from ._jit import njit, pnjit
-from .act_quant import act_group, check_weight, log2_sub, quantize_blocks
-from .codes import BLOCK_BYTES, block_i16
+from .act_quant import act_group, check_tiles, check_weight, log2_sub, quantize_blocks
+from .codes import BLOCK_BYTES, block_i16, block_offset
 from .ir import F32, F32x4, F32x8, I8, I16, I16x16, I32x8, I32x16, I64
 
 TILE_ROWS = 4  # R
@@ -90,17 +90,18 @@ def _hadd(builder, a, b):
 def _tile_body(context, builder, sig, args, nrows, ntok, bits):
     """res[j * nrows + r] = dot(weight row r, activation row toks[t0 + j]) for r < nrows, j < ntok.
 
-    args: (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res)
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, tiled)
       w      weights (uint8 packed int4 / int5 / int6 or int8 codes, any shape, C-contiguous;
              `bits` per code, layouts in kernels/codes.py); row r of the tile starts at flat
-             element woff + r * wstride
+             element woff + r * wstride, or, `tiled`, the rows are the 4-row tile at woff
+             (`codes.block_offset`)
       s      uint16 fp16 scales; row r's first at soff + r * sstride; block b uses group b >> log2sub
       xq/xd  int16 [*, 32 * nblk] quantized activations and float32 [*, nblk] block scales
       toks   int64 row numbers of xq/xd; the tile's tokens are toks[t0 .. t0 + ntok)
       res    float32 output, at least nrows * ntok
     """
-    (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res) = args
-    wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty = sig.args
+    (w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, tiled) = args
+    wty, _, _, sty, _, _, xqty, xdty, tty, _, _, _, rty, _ = sig.args
     wptr = ir.data_ptr(context, builder, wty, w, I8)
     sptr = ir.data_ptr(context, builder, sty, s, I16)
     xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
@@ -112,7 +113,6 @@ def _tile_body(context, builder, sig, args, nrows, ntok, bits):
     xrows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
     xoffs = [builder.mul(row, kq) for row in xrows]
     doffs = [builder.mul(row, nblk) for row in xrows]
-    woffs = [builder.add(woff, builder.mul(ir.c64(r), wstride)) for r in range(nrows)]
     soffs = [builder.add(soff, builder.mul(ir.c64(r), sstride)) for r in range(nrows)]
     ahead = builder.add(woff, builder.mul(ir.c64(nrows), wstride))  # the next tile's rows
     zero = ir.Constant(F32x8, [0.0] * 8)
@@ -121,7 +121,8 @@ def _tile_body(context, builder, sig, args, nrows, ntok, bits):
         i = loop.index
         ir.prefetch_lines(builder, wptr, builder.add(ahead, builder.mul(i, ir.c64(nrows * bpb))), nrows * bpb)
         g = builder.lshr(i, log2sub)
-        wv = [block_i16(builder, wptr, builder.add(wo, builder.mul(i, ir.c64(bpb))), bits) for wo in woffs]
+        wv = [block_i16(builder, wptr, block_offset(builder, woff, wstride, r, i, bits, tiled), bits)
+              for r in range(nrows)]
         ws = [ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(so, g)]))) for so in soffs]
         if nrows == 4:
             wsv = ir.Constant(F32x8, ir.Undefined)
@@ -159,9 +160,9 @@ def make_tile(nrows, bits=None):
     run time as the last argument (one unrolled body per nt, chosen by a switch); the other
     arguments are `_tile_body`'s. bits 5 / 6 for int5 / int6 weights, None for int4 (uint8) or
     int8 (int8) by the weights' dtype."""
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, nt):
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, log2sub, res, tiled, nt):
         sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, toks, types.intp,
-                         types.intp, types.intp, res, types.intp)
+                         types.intp, types.intp, res, types.boolean, types.intp)
         b = bits or (4 if w.dtype == types.uint8 else 8)
 
         def codegen(context, builder, signature, args):
@@ -185,12 +186,13 @@ _tile4, _tile1 = make_tile(4), make_tile(1)
 
 
 @njit(inline="always")
-def _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res):
-    """One register tile: nrows (4 or 1) weight rows x nt (1..4) tokens -> res[j * nrows + r]."""
+def _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, tiled):
+    """One register tile: nrows (4 or 1) weight rows x nt (1..4) tokens -> res[j * nrows + r];
+    tiled: the 4 rows are a 4-row tile."""
     if nrows == 4:
-        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
+        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, tiled, nt)
     else:
-        _tile1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, nt)
+        _tile1(w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, False, nt)
 
 
 # ---- activation quantization ------------------------------------------------------------------------
@@ -219,19 +221,20 @@ def quantize_rows(x: np.ndarray, gs: int = 32) -> tuple[np.ndarray, np.ndarray]:
 
 @njit(inline="always")
 def _rows_all_tokens(nrows, w, woff, wstride, s, soff, sstride, xq, xd, toks, ntoks, nblk, l2, res,
-                     out, r):
+                     out, r, tiled):
     """out[toks[t], r .. r + nrows) for all ntoks tokens, a register tile of tokens at a time."""
     for t0 in range(0, ntoks, TILE_TOKENS):
         nt = min(TILE_TOKENS, ntoks - t0)
-        _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res)
+        _tile(nrows, nt, w, woff, wstride, s, soff, sstride, xq, xd, toks, t0, nblk, l2, res, tiled)
         for j in range(nt):
             for q in range(nrows):
                 out[toks[t0 + j], r + q] = res[j * nrows + q]
 
 
 @pnjit()
-def _qmatmul(x, w, s, out, xq, xd, xs, toks, gs):
-    """out [T, O] = X W^T: quantize X (serial), then one parallel region over row chunks."""
+def _qmatmul(x, w, s, out, xq, xd, xs, toks, gs, tiled):
+    """out [T, O] = X W^T: quantize X (serial), then one parallel region over row chunks (of whole
+    tiles: CHUNK_ROWS % 4 == 0)."""
     O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
     T, nblk = xd.shape
     l2 = log2_sub(nblk, nsg)
@@ -241,26 +244,28 @@ def _qmatmul(x, w, s, out, xq, xd, xs, toks, gs):
         res = np.empty(TILE_ROWS * TILE_TOKENS, np.float32)
         r, r1 = c * CHUNK_ROWS, min(O, (c + 1) * CHUNK_ROWS)
         while r + TILE_ROWS <= r1:
-            _rows_all_tokens(TILE_ROWS, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
+            _rows_all_tokens(TILE_ROWS, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r, tiled)
             r += TILE_ROWS
-        while r < r1:
-            _rows_all_tokens(1, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r)
+        while r < r1:  # stored by rows (tiles have none)
+            _rows_all_tokens(1, w, r * kw, kw, s, r * nsg, nsg, xq, xd, toks, T, nblk, l2, res, out, r, False)
             r += 1
 
 
-def qmatmul(X, w, scales, out, bits: int) -> np.ndarray:
+def qmatmul(X, w, scales, out, bits: int, tiled: bool = False) -> np.ndarray:
     """out float32 [T, O] = X W^T with X quantized to int16 per block of 32 (error bound above).
 
     X float32 [T, K]; w packed uint8 [O, K/2] (bits=4) or int8 codes [O, K] (bits=8); scales
     fp16 (or its uint16 view) [O, K/G], G in 32/64/128. One parallel region over output rows;
     each weight block is unpacked once per tile of 4 tokens. Faster than q4_matmul / q8_matmul
-    for small T (see benchmarks/qbatch.py for the crossover); overwrites out.
+    for small T (see benchmarks/qbatch.py for the crossover); overwrites out. tiled: w is stored
+    in 4-row tiles.
     """
     X = np.ascontiguousarray(X, np.float32)
     if X.ndim != 2:
         raise ValueError(f"X must be float32 [T, K], got {X.shape}")
     T, K = X.shape
     s = check_weight(w, scales, K, bits, "weight", ndim=2)
+    check_tiles(w, K, tiled)
     if out.shape != (T, w.shape[0]) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
     if T == 0:
@@ -268,7 +273,7 @@ def qmatmul(X, w, scales, out, bits: int) -> np.ndarray:
     xq = np.empty((T, K), np.int16)  # [T, K]
     xd = np.empty((T, K // 32), np.float32)  # [T, B]
     xs = np.empty((T, K // 32), np.int32)  # [T, B] (the quantizer's int4 offset term; unused here)
-    _qmatmul(X, w, s, out, xq, xd, xs, np.arange(T, dtype=np.int64), act_group(K, s, bits))
+    _qmatmul(X, w, s, out, xq, xd, xs, np.arange(T, dtype=np.int64), act_group(K, s, bits), tiled)
     return out
 
 
@@ -303,7 +308,7 @@ def _silu(g):
 
 
 @pnjit()
-def _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh):
+def _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsx, gsh, tiled):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
     hq / hd. One parallel region over (row chunk, expert) items, chunk-major so that a static
     split gives every thread the same mix of busy and idle experts."""
@@ -324,8 +329,10 @@ def _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h,
             row = e * inter + r
             for t0 in range(0, ns, TILE_TOKENS):
                 nt = min(TILE_TOKENS, ns - t0)
-                _tile(nrows, nt, gate, row * kw, kw, gs_, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, gres)
-                _tile(nrows, nt, up, row * kw, kw, us, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, ures)
+                _tile(nrows, nt, gate, row * kw, kw, gs_, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, gres,
+                      tiled)
+                _tile(nrows, nt, up, row * kw, kw, us, row * nsg, nsg, xq, xd, slot_tok, s0 + t0, nblk, l2, ures,
+                      tiled)
                 for j in range(nt):
                     for q in range(nrows):
                         h[s0 + t0 + j, r + q] = _silu(gres[j * nrows + q]) * ures[j * nrows + q]
@@ -336,7 +343,7 @@ def _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h,
 
 
 @pnjit()
-def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out):
+def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, tiled):
     """out[t] = sum over t's slots in ascending expert id of w * D_e h[slot], starting from 0.
     One parallel region over chunks of output rows; each item walks the experts in ascending id."""
     hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
@@ -358,7 +365,8 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
                 row = e * hid + r
                 for t0 in range(0, ns, TILE_TOKENS):
                     nt = min(TILE_TOKENS, ns - t0)
-                    _tile(nrows, nt, down, row * kw, kw, ds, row * nsg, nsg, hq, hd, slot_ids, s0 + t0, nblk, l2, res)
+                    _tile(nrows, nt, down, row * kw, kw, ds, row * nsg, nsg, hq, hd, slot_ids, s0 + t0, nblk, l2, res,
+                          tiled)
                     for j in range(nt):
                         p = s0 + t0 + j
                         for q in range(nrows):
@@ -366,7 +374,8 @@ def _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out
                 r += nrows
 
 
-def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int):
+def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int, tiled: bool = False,
+                  tiled_down: bool = False):
     """The checks of qexperts' (and qbatch8.qexperts8's) arguments: (x float32 contiguous, idx
     int64, weights float32, (gate, up, down scales as uint16))."""
     x = np.ascontiguousarray(x, np.float32)
@@ -378,6 +387,8 @@ def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bi
     us = check_weight(up, up_s, H, bits, "up bank", ndim=3)
     E, inter = gate.shape[0], gate.shape[1]
     ds = check_weight(down, down_s, inter, bits, "down bank", ndim=3)
+    check_tiles(gate, H, tiled, "gate bank")
+    check_tiles(down, inter, tiled_down, "down bank")
     if up.shape != gate.shape or us.shape != gs_.shape or down.shape[:2] != (E, H):
         raise ValueError(f"banks disagree: gate {gate.shape} / scales {gs_.shape}, up {up.shape} / "
                          f"{us.shape}, down {down.shape} (want [E, H, I'] for E={E}, H={H})")
@@ -390,10 +401,12 @@ def check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bi
     return x, idx, weights, (gs_, us, ds)
 
 
-def experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int):
+def experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int, tiled: bool = False,
+                 tiled_down: bool = False):
     """What qexperts (and qbatch8.qexperts8) start from: (x, (gate, up, down scales), the slots of
     `group_slots`) after `check_experts`; None, with out zeroed, when there is no token or slot."""
-    x, idx, weights, scales = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    x, idx, weights, scales = check_experts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits, tiled,
+                                            tiled_down)
     if x.shape[0] == 0 or idx.shape[1] == 0:
         out[...] = 0.0
         return None
@@ -413,21 +426,24 @@ def group_slots(idx: np.ndarray, weights: np.ndarray, n_experts: int):
     return slot_ids, slot_tok, slot_w, starts, hit
 
 
-def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int) -> np.ndarray:
+def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int, tiled: bool = False,
+             tiled_down: bool | None = None) -> np.ndarray:
     """Routed experts of a batch with int16-quantized activations; overwrites out.
 
     out[t] = sum over t's k slots, in ascending expert id starting from 0 (docs/ERNIE_SPEC.md P13), of
     weights[t, j] * D_e(silu(G_e x[t]) * U_e x[t]),  e = idx[t, j].
     x float32 [T, H]; idx int [T, k] (distinct experts per token); weights float32 [T, k];
     gate / up banks [E, I, H/2] uint8 (bits=4) or [E, I, H] int8 (bits=8), down bank [E, H, I/2] or
-    [E, H, I], each with fp16 scales [E, rows, K/G]; out float32 [T, H].
+    [E, H, I], each with fp16 scales [E, rows, K/G]; each expert of gate and up in 4-row tiles
+    where `tiled`, of down where `tiled_down` (None: as `tiled`); out float32 [T, H].
 
     Tokens are grouped by expert, so each hit expert's weights are unpacked once per tile of 4 of
     its tokens. Two parallel regions: gate/up/silu over (row chunk, expert) items, then down over
     chunks of hidden rows. Both x and the SwiGLU output h are quantized (error bound in the module
     doc, applied to each of the two stages).
     """
-    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    tiled_down = tiled if tiled_down is None else tiled_down
+    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits, tiled, tiled_down)
     if plan is None:
         return out
     x, (gs_, us, ds), (slot_ids, slot_tok, slot_w, starts, hit) = plan
@@ -444,6 +460,6 @@ def qexperts(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: i
     if EXPERT_CHUNK % gsh:
         raise AssertionError("EXPERT_CHUNK must be a multiple of every group size")
     _experts_gate_up(x, xq, xd, xs, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, act_group(H, gs_, bits),
-                     gsh)
-    _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out)
+                     gsh, tiled)
+    _experts_down(hq, hd, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, tiled_down)
     return out

@@ -25,7 +25,7 @@ from numba.extending import intrinsic
 
 from . import _jit, ir, q56
 from ._jit import njit, pnjit
-from .act_quant import act_group, check_contig, check_weight, log2_sub, quantize_spans8
+from .act_quant import act_group, check_contig, check_tiles, check_weight, log2_sub, quantize_spans8
 from .dot512 import _chunks_sum
 from .dot8 import LANES, SPAN, accumulate
 from .ir import F32, I8, I16, I32, I64, VectorType
@@ -45,13 +45,14 @@ F32x4 = VectorType(F32, 4)
 def tile8(context, builder, sig, args, ntok, bits):
     """res[4 j + r] = the dot of weight row r with token toks[t0 + j], for 4 rows x ntok tokens.
 
-    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res)
-      w, s   as dot8.accumulate takes them (row r at woff + r * wstride, scales at soff + r * sstride)
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res, tiled)
+      w, s   as dot8.accumulate takes them (row r at woff + r * wstride, or the 4-row tile at woff
+             where `tiled`; scales at soff + r * sstride)
       xq     int8 [*, 128 NS] activations in the span order; xd float32 / xs int32 [*, 16 NS]: the
              block scales and block sums of xq, lane 4c + r of a span holding block c's
       toks   int64 rows of xq / xd / xs; the tile's tokens are toks[t0 .. t0 + ntok)"""
-    (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res) = args
-    wty, _, _, sty, _, _, xqty, xdty, xsty, tty, _, _, _, rty = sig.args
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res, tiled) = args
+    wty, _, _, sty, _, _, xqty, xdty, xsty, tty, _, _, _, rty, _ = sig.args
     tptr, rptr = ir.data_ptr(context, builder, tty, toks, I64), ir.data_ptr(context, builder, rty, res, F32)
     nspan = builder.lshr(builder.add(nblk, ir.c64(3)), ir.c64(2))
     rows = [builder.load(builder.gep(tptr, [builder.add(t0, ir.c64(j))])) for j in range(ntok)]
@@ -59,7 +60,8 @@ def tile8(context, builder, sig, args, ntok, bits):
                       ir.data_ptr(context, builder, xqty, xq, I8), ir.data_ptr(context, builder, xdty, xd, F32),
                       ir.data_ptr(context, builder, xsty, xs, I32), woff, wstride, soff, sstride,
                       [builder.mul(row, builder.mul(nspan, ir.c64(SPAN))) for row in rows],
-                      [builder.mul(row, builder.mul(nspan, ir.c64(LANES))) for row in rows], nblk, log2sub, bits)
+                      [builder.mul(row, builder.mul(nspan, ir.c64(LANES))) for row in rows], nblk, log2sub, bits,
+                      tiled)
     for j, acc in enumerate(accs):
         dst = builder.bitcast(builder.gep(rptr, [ir.c64(4 * j)]), F32x4.as_pointer())
         builder.store(_chunks_sum(builder, acc), dst, align=4)
@@ -70,9 +72,9 @@ def make_tile8(bits):
     """The int8-activation register tile intrinsic of 4 weight rows (int4 / int5 / int6) x nt tokens,
     nt in TILE_SIZES given at run time as the last argument (one unrolled body per size, chosen by a
     switch); the other arguments are `tile8`'s."""
-    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res, nt):
+    def typer(typingctx, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, log2sub, res, tiled, nt):
         sig = types.void(w, types.intp, types.intp, s, types.intp, types.intp, xq, xd, xs, toks, types.intp,
-                         types.intp, types.intp, res, types.intp)
+                         types.intp, types.intp, res, types.boolean, types.intp)
 
         def codegen(context, builder, signature, args):
             body_sig = types.void(*signature.args[:-1])
@@ -97,13 +99,13 @@ def _tile_tokens(n):
 
 
 @njit(inline="always")
-def _tile(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res):
+def _tile(bits, nt, w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, tiled):
     if bits == 4:
-        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+        _tile4(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, tiled, nt)
     elif bits == 5:
-        _tile5(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+        _tile5(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, tiled, nt)
     else:
-        _tile6(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, nt)
+        _tile6(w, woff, wstride, s, soff, sstride, xq, xd, xs, toks, t0, nblk, l2, res, tiled, nt)
 
 
 # ---- activations ------------------------------------------------------------------------------------
@@ -147,12 +149,13 @@ def _row_tile(r, r1, kw, nsg):
 
 
 @njit(inline="always")
-def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, res, out, nrows, wstride, sstride):
+def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, res, out, nrows, wstride, sstride,
+                     tiled):
     """out[toks[t], r .. r + nrows) for all ntoks tokens (the tile of `_row_tile`)."""
     t0 = 0
     while t0 < ntoks:
         nt = _tile_tokens(ntoks - t0)
-        _tile(bits, nt, w, r * kw, wstride, s, r * nsg, sstride, xq, xd, xs, toks, t0, nblk, l2, res)
+        _tile(bits, nt, w, r * kw, wstride, s, r * nsg, sstride, xq, xd, xs, toks, t0, nblk, l2, res, tiled)
         for j in range(nt):
             for q in range(nrows):
                 out[toks[t0 + j], r + q] = res[4 * j + q]
@@ -160,9 +163,10 @@ def _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, ntoks, nblk, l2, 
 
 
 @njit(inline="always")
-def _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, bits):
+def _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, tiled, bits):
     """out[toks] = X[toks] W^T for one block of tokens: one parallel region over chunks of rows;
-    each row quad passes over all the block's tokens (kept in L2) while its weights stay in L1."""
+    each row quad passes over all the block's tokens (kept in L2) while its weights stay in L1.
+    tiled: w in 4-row tiles (whole tiles: CHUNK_ROWS % 4 == 0 and O % 4 == 0)."""
     O, kw, nsg = w.shape[0], w.shape[1], s.shape[1]
     T = toks.shape[0]
     l2 = log2_sub(nblk, nsg)
@@ -172,24 +176,25 @@ def _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, bits):
         r, r1 = c * CHUNK_ROWS, min(O, (c + 1) * CHUNK_ROWS)
         while r < r1:
             nrows, wstride, sstride = _row_tile(r, r1, kw, nsg)
-            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, nrows, wstride, sstride)
+            _rows_all_tokens(bits, w, r, kw, s, nsg, xq, xd, xs, toks, T, nblk, l2, res, out, nrows, wstride, sstride,
+                             tiled)
             r += nrows
 
 
 # One kernel per format, each with its bits a constant: only the tile a model's formats use is compiled.
 @pnjit()
-def _qmatmul8_q4(w, s, out, xq, xd, xs, toks, nblk):
-    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 4)
+def _qmatmul8_q4(w, s, out, xq, xd, xs, toks, nblk, tiled):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, tiled, 4)
 
 
 @pnjit()
-def _qmatmul8_q5(w, s, out, xq, xd, xs, toks, nblk):
-    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 5)
+def _qmatmul8_q5(w, s, out, xq, xd, xs, toks, nblk, tiled):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, tiled, 5)
 
 
 @pnjit()
-def _qmatmul8_q6(w, s, out, xq, xd, xs, toks, nblk):
-    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, 6)
+def _qmatmul8_q6(w, s, out, xq, xd, xs, toks, nblk, tiled):
+    _qmatmul8_body(w, s, out, xq, xd, xs, toks, nblk, tiled, 6)
 
 
 _QMATMUL8 = {4: _qmatmul8_q4, 5: _qmatmul8_q5, 6: _qmatmul8_q6}
@@ -206,16 +211,17 @@ def _check_matrix(w: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.nd
     return q56.check_weight(w, scales, k, bits)
 
 
-def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
+def qmatmul8(X, w, scales, out, bits: int, tiled: bool = False) -> np.ndarray:
     """out float32 [T, O] = X W^T with X quantized to int8 per block of 32 (error bound above).
 
     X float32 [T, K]; w packed uint8 [O, K*b/8] for b = bits in 4, 5, 6; scales fp16 (or its uint16
-    view) [O, K/G]. One parallel region over output rows; overwrites out."""
+    view) [O, K/G], in 4-row tiles where `tiled`. One parallel region over output rows; overwrites out."""
     X = np.ascontiguousarray(X, np.float32)
     if X.ndim != 2:
         raise ValueError(f"X must be float32 [T, K], got {X.shape}")
     T, K = X.shape
     s = _check_matrix(w, scales, K, bits)
+    check_tiles(w, K, tiled)
     if out.shape != (T, w.shape[0]) or out.dtype != np.float32:
         raise ValueError(f"out must be C-contiguous float32 [{T}, {w.shape[0]}], got {out.dtype} {out.shape}")
     check_contig(out=out)
@@ -225,14 +231,14 @@ def qmatmul8(X, w, scales, out, bits: int) -> np.ndarray:
     _quantize_rows8(X, xq, xd, xs, act_group(K, s, bits))
     toks = np.arange(T, dtype=np.int64)
     for t0 in range(0, T, TOKEN_BLOCK):  # one block of activations at a time in each core's L2
-        _QMATMUL8[bits](w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32)
+        _QMATMUL8[bits](w, s, out, xq, xd, xs, toks[t0:t0 + TOKEN_BLOCK], K // 32, tiled)
     return out
 
 
 # ---- routed experts -----------------------------------------------------------------------------------
 
 @pnjit()
-def _experts_gate_up8(xq, xd, xs, nblk, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh):
+def _experts_gate_up8(xq, xd, xs, nblk, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh, tiled):
     """h[slot] = silu(G_e x[t]) * (U_e x[t]) for every slot (sorted by expert), quantized into
     hq / hd / hs; x is given quantized (xq / xd / xs, nblk blocks). One parallel region over (row
     chunk, expert) items, chunk-major. int4 banks."""
@@ -253,9 +259,9 @@ def _experts_gate_up8(xq, xd, xs, nblk, gate, gs_, up, us, hit, starts, slot_tok
             while t0 < ns:
                 nt = _tile_tokens(ns - t0)
                 _tile(4, nt, gate, row * kw, wstride, gs_, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
-                      nblk, l2, gres)
+                      nblk, l2, gres, tiled)
                 _tile(4, nt, up, row * kw, wstride, us, row * nsg, sstride, xq, xd, xs, slot_tok, s0 + t0,
-                      nblk, l2, ures)
+                      nblk, l2, ures, tiled)
                 for j in range(nt):
                     for q in range(nrows):
                         h[s0 + t0 + j, r + q] = _silu(gres[4 * j + q]) * ures[4 * j + q]
@@ -267,7 +273,7 @@ def _experts_gate_up8(xq, xd, xs, nblk, gate, gs_, up, us, hit, starts, slot_tok
 
 
 @pnjit()
-def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, nblk):
+def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, nblk, tiled):
     """out[t] = sum over t's slots in ascending expert id of w * D_e h[slot], starting from 0."""
     hid, kw, nsg = down.shape[1], down.shape[2], ds.shape[2]
     l2 = log2_sub(nblk, nsg)
@@ -289,7 +295,7 @@ def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w
                 while t0 < ns:
                     nt = _tile_tokens(ns - t0)
                     _tile(4, nt, down, row * kw, wstride, ds, row * nsg, sstride, hq, hd, hs, slot_ids, s0 + t0,
-                          nblk, l2, res)
+                          nblk, l2, res, tiled)
                     for j in range(nt):
                         p = s0 + t0 + j
                         for q in range(nrows):
@@ -298,13 +304,16 @@ def _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w
                 r += nrows
 
 
-def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int = 4) -> np.ndarray:
+def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: int = 4,
+              tiled: bool = False, tiled_down: bool | None = None) -> np.ndarray:
     """Routed experts of a batch with int8-quantized activations; overwrites out. Arguments and result
-    as qbatch.qexperts (int4 banks: gate / up [E, I, H/2], down [E, H, I/2] uint8); both x and the
-    SwiGLU output h are quantized to int8 per block of 32 (error bound above, per stage)."""
+    as qbatch.qexperts (int4 banks: gate / up [E, I, H/2], down [E, H, I/2] uint8; layouts `tiled`,
+    `tiled_down`); both x and the SwiGLU output h are quantized to int8 per block of 32 (error bound
+    above, per stage)."""
     if bits != 4:
         raise ValueError(f"qexperts8 takes int4 banks, not int{bits}")
-    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits)
+    tiled_down = tiled if tiled_down is None else tiled_down
+    plan = experts_plan(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits, tiled, tiled_down)
     if plan is None:
         return out
     x, (gs_, us, ds), (slot_ids, slot_tok, slot_w, starts, hit) = plan
@@ -317,6 +326,6 @@ def qexperts8(x, idx, weights, gate, gate_s, up, up_s, down, down_s, out, bits: 
     if EXPERT_CHUNK % SPAN:
         raise AssertionError("EXPERT_CHUNK must be a multiple of a span")
     _quantize_rows8(x, xq, xd, xs, act_group(H, gs_, bits))
-    _experts_gate_up8(xq, xd, xs, H // 32, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh)
-    _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32)
+    _experts_gate_up8(xq, xd, xs, H // 32, gate, gs_, up, us, hit, starts, slot_tok, h, hq, hd, hs, gsh, tiled)
+    _experts_down8(hq, hd, hs, down, ds, hit, starts, slot_ids, slot_tok, slot_w, out, inter // 32, tiled_down)
     return out

@@ -43,7 +43,7 @@ def _phases(claims, n_experts, shared_quads, routed_quads):
 
 
 @njit(inline="always")
-def _routed_phase(claims, c2, n2, uq2, t, nt, wg, sg, wu, su, ids, out, xq, xd, xs, nb, l2):
+def _routed_phase(claims, c2, n2, uq2, t, nt, wg, sg, wu, su, ids, out, xq, xd, xs, nb, l2, tiled):
     """Phase 2 for thread t: wait for the experts, then the routed bank's units."""
     moe.wait_routed(claims)
     nq = wg.shape[1] // 4
@@ -51,14 +51,14 @@ def _routed_phase(claims, c2, n2, uq2, t, nt, wg, sg, wu, su, ids, out, xq, xd, 
     u, k, pos = _next_unit(c2, t, nt, n2, 0, t * n2 // nt)
     while u >= 0:
         for q in range(u * uq2, min(total, (u + 1) * uq2)):
-            _gate_up_quad(wg, sg, wu, su, ids, out, q, nq, xq, xd, xs, nb, l2)
+            _gate_up_quad(wg, sg, wu, su, ids, out, q, nq, xq, xd, xs, nb, l2, tiled)
         u, k, pos = _next_unit(c2, t, nt, n2, k, pos)
 
 
 @pnjit()
 def _routed_experts2_gate_up_silu(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p,
-                                  x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
-                                  wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, quantize_b, claims, nt):
+                                  x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa, tiled_a,
+                                  wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, gsb, tiled_b, quantize_b, claims, nt):
     """moe's router of token x, then q8's `_experts2_gate_up_silu` with the experts it selects for
     bank a (idsa is idx[0]); bank b is the q4 / q8 shared expert as a one-expert bank."""
     nb, l2a, l2b = q8._quantize_two(x, sga, xqa, xda, xsa, gsa, sgb, xqb, xdb, xsb, gsb, quantize_b)
@@ -72,17 +72,17 @@ def _routed_experts2_gate_up_silu(xr, wr, bias, use_bias, kr, norm_min, idx, w, 
                 moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
             else:
                 for q in range((u - nr) * uq1, min(tb, (u - nr + 1) * uq1)):
-                    _gate_up_quad(wgb, sgb, wub, sub, idsb, outb, q, nqb, xqb, xdb, xsb, nb, l2b)
+                    _gate_up_quad(wgb, sgb, wub, sub, idsb, outb, q, nqb, xqb, xdb, xsb, nb, l2b, tiled_b)
             u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
-        _routed_phase(claims, c2, n2, uq2, t, nt, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
+        _routed_phase(claims, c2, n2, uq2, t, nt, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a, tiled_a)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
     _gate_up_tail(wgb, sgb, wub, sub, idsb, outb, xqb, xdb, xsb, nb, l2b)
 
 
 @pnjit()
 def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p,
-                         x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa,
-                         wgb, sgb, wub, sub, outb, xqb, xdb, xsb, bits, claims, nt):
+                         x, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, gsa, tiled_a,
+                         wgb, sgb, wub, sub, outb, xqb, xdb, xsb, bits, tiled_b, claims, nt):
     """moe's router of token x, then q56's `_pair_gate_up` with the experts it selects for the
     routed bank a (idsa is idx[0]); b is the q5 / q6 shared expert."""
     nb, l2a, lgb, lub = q56._quantize_pair(x, sga, xqa, xda, xsa, gsa, sgb, sub, xqb, xdb, xsb)
@@ -95,9 +95,9 @@ def _routed_pair_gate_up(xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p
                 moe.router_unit(u, xr, wr, bias, use_bias, kr, norm_min, idx, w, logits, p, claims)
             else:
                 for q in range((u - nr) * uq1, min(nsh, (u - nr + 1) * uq1)):
-                    q56._gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub)
+                    q56._gate_up_rows(bits, wgb, sgb, wub, sub, outb, 4 * q, xqb, xdb, xsb, nb, lgb, lub, tiled_b)
             u, k, pos = _next_unit(c1, t, nt, n1, k, pos)
-        _routed_phase(claims, c2, n2, uq2, t, nt, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
+        _routed_phase(claims, c2, n2, uq2, t, nt, wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a, tiled_a)
     _gate_up_tail(wga, sga, wua, sua, idsa, outa, xqa, xda, xsa, nb, l2a)
 
 

@@ -39,6 +39,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from . import _jit, dot8, ir
+from .codes import block_offset
 from .ir import F32, F32x8, F32x16, I8, I8x16, I8x32, I16, I16x16, I32, I32x8, I32x16, I64
 
 
@@ -81,9 +82,10 @@ def _dot_i16(builder, wlo, whi, xlo, xhi, init):
 def _rows_dot(context, builder, sig, args, nrows, unpack):
     """Shared body of the q4 / q8 row-dot intrinsics for `nrows` rows at once.
 
-    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
+    args: (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled)
       w       weight array (u8 packed nibbles or i8 codes), woff flat offset of row 0's start,
-              wstride elements between consecutive rows
+              wstride elements between consecutive rows; tiled: the rows are the 4-row tile at
+              woff (codes.block_offset)
       s       uint16 fp16 scales, soff offset of row 0's first scale, sstride scales per row
       xq/xd/xs  quantized activation (int16 [K]), block scales (f32 [B]), int4 offset term
               (int32 [B], 8 * sum of the block's xq; unused for int8 weights)
@@ -92,8 +94,8 @@ def _rows_dot(context, builder, sig, args, nrows, unpack):
     Per block: the exact integer sum_j code_j * xq_j (for int4: nibble * xq minus the offset term,
     still in integers), converted to float and multiplied by ws * xd once.
     """
-    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub) = args
-    wty, _, _, sty, _, _, xqty, xdty, xsty, _, _ = sig.args
+    (w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled) = args
+    wty, _, _, sty, _, _, xqty, xdty, xsty, _, _, _ = sig.args
     wptr = ir.data_ptr(context, builder, wty, w, I8)
     sptr = ir.data_ptr(context, builder, sty, s, I16)
     xqptr = ir.data_ptr(context, builder, xqty, xq, I16)
@@ -117,8 +119,7 @@ def _rows_dot(context, builder, sig, args, nrows, unpack):
         g = builder.lshr(i, log2sub)
         for r in range(nrows):
             rr = ir.c64(r)
-            wrow = builder.add(woff, builder.mul(rr, wstride))
-            wo = builder.add(wrow, builder.mul(i, ir.c64(bytes_per_block)))
+            wo = block_offset(builder, woff, wstride, r, i, 4 if unpack else 8, tiled)
             srow = builder.add(soff, builder.mul(rr, sstride))
             ws = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(srow, g)])))
             if unpack:
@@ -144,35 +145,35 @@ q8_dot1 = ir.row_dot_intrinsic(1, partial(_rows_dot, nrows=1, unpack=False))
 q8_dot4 = ir.row_dot_intrinsic(4, partial(_rows_dot, nrows=4, unpack=False))
 
 
-def rows_dot4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+def rows_dot4(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled):
     """Four consecutive rows' quantized dots; picks q4 (w uint8) or q8 (w int8) at compile time, and
     kernels/dot8.py's int4 row dot when the activations are int8 (xq int8 in the span order)."""
     raise NotImplementedError("rows_dot4 is only callable from numba-compiled code")
 
 
-def rows_dot1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+def rows_dot1(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled):
     """One row's quantized dot; picks q4 (w uint8) or q8 (w int8) at compile time."""
     raise NotImplementedError("rows_dot1 is only callable from numba-compiled code")
 
 
 @overload(rows_dot4, inline="always")
-def _rows_dot4_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+def _rows_dot4_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled):
     if xq.dtype == types.int8:  # int8 activations (act_quant.quantize_row8): int4 weights only
         dot = dot8.q4_row4
     else:
         dot = q4_dot4 if w.dtype == types.uint8 else q8_dot4
-    return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub: dot(
-        w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
+    return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled: dot(
+        w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled)
 
 
 @overload(rows_dot1, inline="always")
-def _rows_dot1_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub):
+def _rows_dot1_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled):
     if xq.dtype == types.int8:
         dot = dot8.q4_row1
     else:
         dot = q4_dot1 if w.dtype == types.uint8 else q8_dot1
-    return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub: dot(
-        w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub)
+    return lambda w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled: dot(
+        w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2sub, tiled)
 
 
 # ---- dequantization of whole rows (prefill tiles) ----------------------------------------------
@@ -180,12 +181,14 @@ def _rows_dot1_impl(w, woff, wstride, s, soff, sstride, xq, xd, xs, nblk, log2su
 def _dequant_row(context, builder, sig, args, unpack):
     """out[ooff + j] = float(code[j]) * scale[group(j)] for one row of K values, as vector ops.
 
-    args: (w, woff, s, soff, gs, out, ooff, k). For int4, 32-block b = (group g, chunk c) takes
-    bytes woff + g*gs/2 + 16c .. +16 whose low nibbles are values g*gs + 16c + (0..15) and high
-    nibbles the same + gs/2 (the Q4_0 order of ernie_edge/formats/quant.py).
+    args: (w, woff, s, soff, gs, out, ooff, k, tiled). For int4, 32-block b = (group g, chunk c)
+    takes the 16 bytes at block b's offset (woff + 16 b by rows; in 4-row tiles, woff being the row's
+    first block, `codes.block_offset`), whose low nibbles are values g*gs + 16c + (0..15) and high
+    nibbles the same + gs/2 (the Q4_0 order of ernie_edge/formats/quant.py). int8 rows are never
+    tiled.
     """
-    (w, woff, s, soff, gs, out, ooff, k) = args
-    wty, _, sty, _, _, oty, _, _ = sig.args
+    (w, woff, s, soff, gs, out, ooff, k, tiled) = args
+    wty, _, sty, _, _, oty, _, _, _ = sig.args
     wptr = ir.data_ptr(context, builder, wty, w, I8)
     sptr = ir.data_ptr(context, builder, sty, s, I16)
     optr = ir.data_ptr(context, builder, oty, out, F32)
@@ -205,8 +208,7 @@ def _dequant_row(context, builder, sig, args, unpack):
         scale = ir.f16_to_f32(builder, builder.load(builder.gep(sptr, [builder.add(soff, g)])))
         obase = builder.add(ooff, builder.add(builder.mul(g, gs), builder.mul(c, ir.c64(16))))
         if unpack:
-            wb = builder.add(woff, builder.add(builder.mul(g, half), builder.mul(c, ir.c64(16))))
-            raw = ir.load_vec(builder, wptr, wb, I8x16)
+            raw = ir.load_vec(builder, wptr, block_offset(builder, woff, ir.c64(0), 0, b, 4, tiled), I8x16)
             eight = ir.Constant(I8x16, [8] * 16)
             lo = builder.sub(builder.and_(raw, ir.Constant(I8x16, [15] * 16)), eight)
             hi = builder.sub(builder.lshr(raw, ir.Constant(I8x16, [4] * 16)), eight)
@@ -221,8 +223,8 @@ def _dequant_row(context, builder, sig, args, unpack):
 
 
 def _make_dequant_row(unpack):
-    def typer(typingctx, w, woff, s, soff, gs, out, ooff, k):
-        sig = types.void(w, types.intp, s, types.intp, types.intp, out, types.intp, types.intp)
+    def typer(typingctx, w, woff, s, soff, gs, out, ooff, k, tiled):
+        sig = types.void(w, types.intp, s, types.intp, types.intp, out, types.intp, types.intp, types.boolean)
 
         def codegen(context, builder, signature, args):
             return _dequant_row(context, builder, signature, args, unpack)
@@ -232,7 +234,7 @@ def _make_dequant_row(unpack):
     return intrinsic(typer)
 
 
-# (w, woff, s, soff, gs, out, ooff, k): one row of K weights -> float32 out[ooff : ooff + K]
+# (w, woff, s, soff, gs, out, ooff, k, tiled): one row of K weights -> float32 out[ooff : ooff + K]
 q4_dequant_row = _make_dequant_row(unpack=True)
 q8_dequant_row = _make_dequant_row(unpack=False)
 

@@ -39,6 +39,7 @@ from ernie_edge.mmap_store import to_f32
 from ernie_edge.model_dir import resolve
 from ernie_edge.paths import models_dir, share_file
 
+from ..formats.layout import ROWS, TILE_ROWS, TILES4, storage_layout, tile_rows
 from ..formats.quant import FP16_MAX, QuantizationError
 from ..formats.budget import recipe_storage
 from ..formats.table import get_format
@@ -117,6 +118,7 @@ class OutTensor:
     shape: tuple[int, ...]
     group_size: int | None
     jobs: list[Job]
+    layout: str = ROWS
 
     def planned(self) -> list[PlannedTensor]:
         fmt = get_format(self.quant)
@@ -128,8 +130,9 @@ class OutTensor:
         return out
 
     def entry(self, file: str) -> dict:
-        return {"file": file, "dtype": get_format(self.quant).dtype, "shape": list(self.shape),
-                "quant": self.quant, "group_size": self.group_size}
+        entry = {"file": file, "dtype": get_format(self.quant).dtype, "shape": list(self.shape),
+                 "quant": self.quant, "group_size": self.group_size}
+        return entry if self.layout == ROWS else {**entry, "layout": self.layout}
 
 
 @dataclass
@@ -150,10 +153,12 @@ class OutFile:
 
 
 def _row_jobs(name: str, shape: tuple[int, ...]) -> list[Job]:
+    """Jobs of whole 4-row tiles (formats/layout.py) of about CHUNK_ELEMENTS each."""
     rows = shape[0] if len(shape) > 1 else 1
     row_size = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else shape[0]
-    step = max(1, CHUNK_ELEMENTS // max(1, row_size))
+    step = max(TILE_ROWS, CHUNK_ELEMENTS // max(1, row_size) // TILE_ROWS * TILE_ROWS)
     return [Job(name, r, min(r + step, rows), False) for r in range(0, rows, step)]
+
 
 
 def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
@@ -165,15 +170,16 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
     cfg = ckpt.config
     nbytes = {name: info.nbytes for name, (_, info) in ckpt.tensors.items()}
 
-    def storage(spec) -> tuple[str, int | None]:
-        return recipe_storage(recipe, spec)
+    def storage(spec) -> tuple[str, int | None, str]:  # format, group size, layout (formats/layout.py)
+        quant, group = recipe_storage(recipe, spec)
+        return quant, group, storage_layout(get_format(quant).bits, spec.shape)
 
     dense = OutFile(DENSE_FILE)
     for name, spec in ckpt.specs.items():
         if spec.role == "expert":
             continue
-        quant, group = storage(spec)
-        dense.tensors.append(OutTensor(name, quant, spec.shape, group, _row_jobs(name, spec.shape)))
+        quant, group, layout = storage(spec)
+        dense.tensors.append(OutTensor(name, quant, spec.shape, group, _row_jobs(name, spec.shape), layout))
         dense.source_bytes += nbytes[name]
     files = [dense]
     for layer in cfg.moe_layers:
@@ -181,9 +187,9 @@ def plan_files(ckpt: HFCheckpoint, recipe: Recipe) -> list[OutFile]:
         for proj in PROJECTIONS:
             names = [f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight" for e in range(cfg.moe_num_experts)]
             spec = ckpt.specs[names[0]]
-            quant, group = storage(spec)
+            quant, group, layout = storage(spec)
             jobs = [Job(n, 0, spec.shape[0], True) for n in names]
-            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), group, jobs))
+            out.tensors.append(OutTensor(bank_name(layer, proj), quant, (len(names), *spec.shape), group, jobs, layout))
             out.source_bytes += sum(nbytes[n] for n in names)
         files.append(out)
     return files
@@ -547,6 +553,8 @@ class _Conversion:
         if raw.ndim > 1:
             raw = raw[job.row0:job.row1]
         enc = encode(to_f32(raw, dtype), t.quant, t.group_size, job.hf_name, job.row0, self.s.allow_nonfinite)
+        if t.layout == TILES4:  # a job is whole tiles (`_row_jobs`, or a whole expert)
+            enc.data = tile_rows(enc.data, get_format(t.quant).bits)
         if job.expert_axis:  # one expert of a bank: [1, O, ...]
             enc.data = enc.data[None]
             enc.scales = None if enc.scales is None else enc.scales[None]
@@ -680,13 +688,8 @@ def _fsync_file(path: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     """Make a rename or a new file in `path` durable (POSIX; Windows has no directory fsync)."""
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    if os.name != "nt":
+        _fsync_file(path)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):
