@@ -21,20 +21,18 @@ rows or in 4-row tiles (formats/layout.py), for every row dot and register tile.
 from __future__ import annotations
 
 from . import _jit, ir
-from .ir import I1, I8, I8x16, I8x64, I16, I16x16, I16x32, VectorType
+from .ir import I8, I8x16, I8x64, I16, I16x16, I16x32, VectorType
 
 BLOCK_BYTES = {4: 16, 5: 20, 6: 24, 8: 32}
 
 
 def block_offset(builder, woff, wstride, r, b, bits, tiled):
     """Byte offset of block b (i64) of row r (an int) of a 4-row group at woff: in a matrix stored by
-    rows (rows wstride bytes apart), or, where `tiled` (an i1 value, or a Python bool), in 4-row
+    rows (rows wstride bytes apart), or, where `tiled` (an i1 value), in 4-row
     tiles (formats/layout.py: row r's block b at woff + 16 bpb (b >> 2) + 4 bpb r + bpb (b & 3),
     bpb = BLOCK_BYTES[bits]). One formula for both: rows are `pitch` apart and a row's spans
     (4 blocks) `span` apart, (wstride, 4 bpb) by rows and (4 bpb, 16 bpb) in tiles."""
     bpb = BLOCK_BYTES[bits]
-    if isinstance(tiled, bool):
-        tiled = ir.Constant(I1, int(tiled))
     pitch = builder.select(tiled, ir.c64(4 * bpb), wstride)
     span = builder.select(tiled, ir.c64(16 * bpb), ir.c64(4 * bpb))
     in_span = builder.mul(builder.and_(b, ir.c64(3)), ir.c64(bpb))

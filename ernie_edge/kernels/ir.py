@@ -19,7 +19,7 @@ from numba.extending import intrinsic
 
 from . import _jit
 
-I1, I8, I16, I32, I64 = IntType(1), IntType(8), IntType(16), IntType(32), IntType(64)
+I8, I16, I32, I64 = IntType(8), IntType(16), IntType(32), IntType(64)
 F32 = FloatType()
 I8x16, I8x32, I8x64 = VectorType(I8, 16), VectorType(I8, 32), VectorType(I8, 64)
 I16x16, I16x32 = VectorType(I16, 16), VectorType(I16, 32)
